@@ -45,6 +45,10 @@ const (
 	KeyState_KEY_STATE_DESTROYED KeyState = 5
 	// Unpublished and unusable at once.
 	KeyState_KEY_STATE_REVOKED KeyState = 6
+	// The metadata says the key exists but the backend no longer has it (a
+	// wiped token, a cleared TPM). Signing with it fails with DATA_LOSS; keyd
+	// never replaces it silently.
+	KeyState_KEY_STATE_LOST KeyState = 7
 )
 
 // Enum value maps for KeyState.
@@ -57,6 +61,7 @@ var (
 		4: "KEY_STATE_RETIRED",
 		5: "KEY_STATE_DESTROYED",
 		6: "KEY_STATE_REVOKED",
+		7: "KEY_STATE_LOST",
 	}
 	KeyState_value = map[string]int32{
 		"KEY_STATE_UNSPECIFIED": 0,
@@ -66,6 +71,7 @@ var (
 		"KEY_STATE_RETIRED":     4,
 		"KEY_STATE_DESTROYED":   5,
 		"KEY_STATE_REVOKED":     6,
+		"KEY_STATE_LOST":        7,
 	}
 )
 
@@ -171,7 +177,12 @@ type SignRequest struct {
 	// by go-jose through the client's OpaqueSigner. The daemon validates the
 	// header (alg and kid or jwk must match the key) and the claims like any
 	// other request, fills nothing in, and signs exactly these bytes.
-	SigningInput  []byte `protobuf:"bytes,5,opt,name=signing_input,json=signingInput,proto3" json:"signing_input,omitempty"`
+	SigningInput []byte `protobuf:"bytes,5,opt,name=signing_input,json=signingInput,proto3" json:"signing_input,omitempty"`
+	// Optional: the purpose the caller is building for (dpop,
+	// client_assertion or jwt). When set and the key set has another purpose,
+	// the request fails with INVALID_ARGUMENT naming both, instead of a
+	// confusing claim error.
+	Purpose       string `protobuf:"bytes,6,opt,name=purpose,proto3" json:"purpose,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -239,6 +250,13 @@ func (x *SignRequest) GetSigningInput() []byte {
 		return x.SigningInput
 	}
 	return nil
+}
+
+func (x *SignRequest) GetPurpose() string {
+	if x != nil {
+		return x.Purpose
+	}
+	return ""
 }
 
 type SignResponse struct {
@@ -912,13 +930,14 @@ var File_keyd_v1_keyd_proto protoreflect.FileDescriptor
 
 const file_keyd_v1_keyd_proto_rawDesc = "" +
 	"\n" +
-	"\x12keyd/v1/keyd.proto\x12\akeyd.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8c\x01\n" +
+	"\x12keyd/v1/keyd.proto\x12\akeyd.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa6\x01\n" +
 	"\vSignRequest\x12\x16\n" +
 	"\x06keyset\x18\x01 \x01(\tR\x06keyset\x12\x10\n" +
 	"\x03kid\x18\x02 \x01(\tR\x03kid\x12\x16\n" +
 	"\x06claims\x18\x03 \x01(\fR\x06claims\x12\x16\n" +
 	"\x06header\x18\x04 \x01(\fR\x06header\x12#\n" +
-	"\rsigning_input\x18\x05 \x01(\fR\fsigningInput\"D\n" +
+	"\rsigning_input\x18\x05 \x01(\fR\fsigningInput\x12\x18\n" +
+	"\apurpose\x18\x06 \x01(\tR\apurpose\"D\n" +
 	"\fSignResponse\x12\x10\n" +
 	"\x03jwt\x18\x01 \x01(\tR\x03jwt\x12\x10\n" +
 	"\x03kid\x18\x02 \x01(\tR\x03kid\x12\x10\n" +
@@ -965,7 +984,7 @@ const file_keyd_v1_keyd_proto_rawDesc = "" +
 	"\x03kid\x18\x01 \x01(\tR\x03kid\x12\x16\n" +
 	"\x06keyset\x18\x02 \x01(\tR\x06keyset\"7\n" +
 	"\x0eRevokeResponse\x12%\n" +
-	"\x03key\x18\x01 \x01(\v2\x13.keyd.v1.KeyVersionR\x03key*\xae\x01\n" +
+	"\x03key\x18\x01 \x01(\v2\x13.keyd.v1.KeyVersionR\x03key*\xc2\x01\n" +
 	"\bKeyState\x12\x19\n" +
 	"\x15KEY_STATE_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0eKEY_STATE_NEXT\x10\x01\x12\x14\n" +
@@ -973,7 +992,8 @@ const file_keyd_v1_keyd_proto_rawDesc = "" +
 	"\x12KEY_STATE_DRAINING\x10\x03\x12\x15\n" +
 	"\x11KEY_STATE_RETIRED\x10\x04\x12\x17\n" +
 	"\x13KEY_STATE_DESTROYED\x10\x05\x12\x15\n" +
-	"\x11KEY_STATE_REVOKED\x10\x062\x86\x02\n" +
+	"\x11KEY_STATE_REVOKED\x10\x06\x12\x12\n" +
+	"\x0eKEY_STATE_LOST\x10\a2\x86\x02\n" +
 	"\n" +
 	"KeyService\x123\n" +
 	"\x04Sign\x12\x14.keyd.v1.SignRequest\x1a\x15.keyd.v1.SignResponse\x12<\n" +

@@ -1,0 +1,274 @@
+// Package client is the Go client of keyd: it dials the daemon, asks it for
+// signatures and public keys, and builds what OAuth clients need from them —
+// DPoP proofs (RFC 9449), private_key_jwt client assertions (RFC 7523) and a
+// go-jose OpaqueSigner for other JWTs — without ever holding a private key.
+//
+// Errors returned by the daemon match this package's sentinels with
+// errors.Is, e.g. errors.Is(err, client.ErrPermissionDenied).
+package client
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"iter"
+	"strings"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	keydv1 "github.com/keyd-dev/keyd/proto/keyd/v1"
+)
+
+// Client talks to one keyd daemon. It is safe for concurrent use.
+type Client struct {
+	conn  *grpc.ClientConn
+	keys  keydv1.KeyServiceClient
+	admin keydv1.KeyAdminServiceClient
+}
+
+type options struct {
+	dial []grpc.DialOption
+}
+
+// Option configures Dial.
+type Option func(*options)
+
+// WithDialOptions adds gRPC dial options (interceptors, for example).
+func WithDialOptions(opts ...grpc.DialOption) Option {
+	return func(o *options) { o.dial = append(o.dial, opts...) }
+}
+
+// Dial returns a client of the daemon at target: a Unix socket path
+// ("/run/keyd/keyd.sock") or a gRPC target ("unix:///run/keyd/keyd.sock").
+// The connection is made lazily, on the first call.
+func Dial(target string, opts ...Option) (*Client, error) {
+	var o options
+	for _, opt := range opts {
+		opt(&o)
+	}
+	if strings.HasPrefix(target, "/") {
+		target = "unix://" + target
+	}
+	if target == "" {
+		return nil, fmt.Errorf("%w: no daemon address", ErrInvalidArgument)
+	}
+	// The Unix socket itself is the security boundary: the daemon
+	// identifies the caller by its peer credentials.
+	dial := append([]grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials())}, o.dial...)
+	conn, err := grpc.NewClient(target, dial...)
+	if err != nil {
+		return nil, fmt.Errorf("dial keyd at %s: %w", target, err)
+	}
+	return &Client{conn: conn, keys: keydv1.NewKeyServiceClient(conn), admin: keydv1.NewKeyAdminServiceClient(conn)}, nil
+}
+
+// Close closes the connection.
+func (c *Client) Close() error { return c.conn.Close() }
+
+// Conn returns the underlying connection (for the health service, say).
+func (c *Client) Conn() *grpc.ClientConn { return c.conn }
+
+// SignRequest asks for a JWT signed by a key of KeySet.
+type SignRequest struct {
+	KeySet string
+	// Kid names a draining key version to keep proving with; empty means
+	// the active key.
+	Kid string
+	// Claims of the JWT. The daemon fills jti and iat when absent, and for
+	// client assertions iss, sub, aud and exp.
+	Claims map[string]any
+	// Purpose, when set, is the purpose the caller builds for (dpop,
+	// client_assertion, jwt); the daemon refuses a key set of another
+	// purpose with a message that says so.
+	Purpose string
+	// Header holds extra JOSE header parameters the key set's policy allows
+	// (typ for the jwt purpose); nil for none.
+	Header map[string]any
+}
+
+// Signed is a JWT the daemon signed.
+type Signed struct {
+	JWT string
+	Kid string
+	Alg string
+}
+
+// Sign asks the daemon to sign a JWT.
+func (c *Client) Sign(ctx context.Context, req SignRequest) (Signed, error) {
+	pr := &keydv1.SignRequest{Keyset: req.KeySet, Kid: req.Kid, Purpose: req.Purpose}
+	var err error
+	if req.Claims != nil {
+		if pr.Claims, err = json.Marshal(req.Claims); err != nil {
+			return Signed{}, fmt.Errorf("%w: claims: %v", ErrInvalidArgument, err)
+		}
+	}
+	if req.Header != nil {
+		if pr.Header, err = json.Marshal(req.Header); err != nil {
+			return Signed{}, fmt.Errorf("%w: header: %v", ErrInvalidArgument, err)
+		}
+	}
+	return c.sign(ctx, pr)
+}
+
+// SignInput asks the daemon to sign a complete JWS signing input
+// (BASE64URL(header) "." BASE64URL(claims)) built elsewhere. The daemon
+// checks it against the key set's policy and fills nothing in.
+func (c *Client) SignInput(ctx context.Context, keyset, kid string, signingInput []byte) (Signed, error) {
+	return c.sign(ctx, &keydv1.SignRequest{Keyset: keyset, Kid: kid, SigningInput: signingInput})
+}
+
+func (c *Client) sign(ctx context.Context, req *keydv1.SignRequest) (Signed, error) {
+	resp, err := c.keys.Sign(ctx, req)
+	if err != nil {
+		return Signed{}, fromStatus(err)
+	}
+	return Signed{JWT: resp.Jwt, Kid: resp.Kid, Alg: resp.Alg}, nil
+}
+
+// JWKS returns the JWK Set ({"keys":[...]}) of the named key sets, or of
+// every key set the caller may use when none are named.
+func (c *Client) JWKS(ctx context.Context, keysets ...string) ([]byte, error) {
+	resp, err := c.keys.GetJWKS(ctx, &keydv1.GetJWKSRequest{Keysets: keysets})
+	if err != nil {
+		return nil, fromStatus(err)
+	}
+	return resp.Jwks, nil
+}
+
+// Key is one key version.
+type Key struct {
+	KeySet      string
+	Kid         string
+	Alg         string
+	Purpose     string
+	State       string // next, active, draining, retired, destroyed, revoked, lost
+	CreatedAt   time.Time
+	ActivatedAt time.Time // zero if never active
+	RetireAt    time.Time // zero if not scheduled
+	JWK         json.RawMessage
+	Backend     string
+}
+
+func keyFromProto(k *keydv1.KeyVersion) Key {
+	if k == nil {
+		return Key{}
+	}
+	out := Key{
+		KeySet:  k.Keyset,
+		Kid:     k.Kid,
+		Alg:     k.Alg,
+		Purpose: k.Purpose,
+		State:   stateName(k.State),
+		JWK:     k.Jwk,
+		Backend: k.Backend,
+	}
+	if k.CreatedAt != nil {
+		out.CreatedAt = k.CreatedAt.AsTime()
+	}
+	if k.ActivatedAt != nil {
+		out.ActivatedAt = k.ActivatedAt.AsTime()
+	}
+	if k.RetireAt != nil {
+		out.RetireAt = k.RetireAt.AsTime()
+	}
+	return out
+}
+
+func stateName(s keydv1.KeyState) string {
+	n := keydv1.KeyState_name[int32(s)]
+	if n == "" {
+		return "unknown"
+	}
+	return strings.ToLower(strings.TrimPrefix(n, "KEY_STATE_"))
+}
+
+// ListKeys returns the key versions of the named key sets (every key set the
+// caller may use when none are named).
+func (c *Client) ListKeys(ctx context.Context, keysets ...string) ([]Key, error) {
+	resp, err := c.keys.ListKeys(ctx, &keydv1.ListKeysRequest{Keysets: keysets})
+	if err != nil {
+		return nil, fromStatus(err)
+	}
+	out := make([]Key, 0, len(resp.Keys))
+	for _, k := range resp.Keys {
+		out = append(out, keyFromProto(k))
+	}
+	return out, nil
+}
+
+// ActiveKey returns the active key version of keyset.
+func (c *Client) ActiveKey(ctx context.Context, keyset string) (Key, error) {
+	keys, err := c.ListKeys(ctx, keyset)
+	if err != nil {
+		return Key{}, err
+	}
+	for _, k := range keys {
+		if k.State == "active" {
+			return k, nil
+		}
+	}
+	return Key{}, fmt.Errorf("key set %q: %w: no active key", keyset, ErrFailedPrecondition)
+}
+
+// KeyEvent is a lifecycle event from Watch.
+type KeyEvent struct {
+	// Type is "snapshot" (a version as it was when the watch started),
+	// "synced" (the snapshot is complete) or "changed".
+	Type string
+	Key  Key
+	// Previous is the state before a change ("" for a new version).
+	Previous string
+}
+
+// Watch streams the lifecycle events of the named key sets until ctx ends
+// or the stream fails; the iteration yields the error last.
+func (c *Client) Watch(ctx context.Context, keysets ...string) iter.Seq2[KeyEvent, error] {
+	return func(yield func(KeyEvent, error) bool) {
+		stream, err := c.keys.WatchKeys(ctx, &keydv1.WatchKeysRequest{Keysets: keysets})
+		if err != nil {
+			yield(KeyEvent{}, fromStatus(err))
+			return
+		}
+		for {
+			ev, err := stream.Recv()
+			if err != nil {
+				if ctx.Err() == nil {
+					yield(KeyEvent{}, fromStatus(err))
+				}
+				return
+			}
+			ke := KeyEvent{
+				Type: strings.ToLower(strings.TrimPrefix(ev.Type.String(), "TYPE_")),
+				Key:  keyFromProto(ev.Key),
+			}
+			if ev.PreviousState != keydv1.KeyState_KEY_STATE_UNSPECIFIED {
+				ke.Previous = stateName(ev.PreviousState)
+			}
+			if !yield(ke, nil) {
+				return
+			}
+		}
+	}
+}
+
+// Rotate makes a new active key for keyset (admin only) and returns it with
+// the version that became draining.
+func (c *Client) Rotate(ctx context.Context, keyset string) (active, previous Key, err error) {
+	resp, err := c.admin.Rotate(ctx, &keydv1.RotateRequest{Keyset: keyset})
+	if err != nil {
+		return Key{}, Key{}, fromStatus(err)
+	}
+	return keyFromProto(resp.Active), keyFromProto(resp.Previous), nil
+}
+
+// Revoke unpublishes and disables the key version kid at once (admin only).
+// keyset, when not empty, must be the version's key set.
+func (c *Client) Revoke(ctx context.Context, kid, keyset string) (Key, error) {
+	resp, err := c.admin.Revoke(ctx, &keydv1.RevokeRequest{Kid: kid, Keyset: keyset})
+	if err != nil {
+		return Key{}, fromStatus(err)
+	}
+	return keyFromProto(resp.Key), nil
+}

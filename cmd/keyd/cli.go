@@ -1,0 +1,494 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"text/tabwriter"
+	"time"
+
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+
+	"github.com/keyd-dev/keyd/client"
+	"github.com/keyd-dev/keyd/internal/authz"
+	"github.com/keyd-dev/keyd/internal/config"
+	"github.com/keyd-dev/keyd/internal/daemon"
+)
+
+type cli struct {
+	stdout, stderr io.Writer
+}
+
+// errUsage marks errors that the usage text should follow.
+var errUsage = errors.New("usage")
+
+const usage = `keyd — hardware-backed signing keys for DPoP and private_key_jwt
+
+Daemon:
+  keyd serve [--config FILE]        run the daemon (the embedded default: soft keystore, key set "dpop")
+  keyd check-config --config FILE   validate a configuration and report every problem
+
+Client (find the daemon with --socket PATH or $KEYD_SOCKET):
+  keyd health [--wait DURATION]                     is the daemon serving?
+  keyd jwks [--keyset NAME]...                      print the public JWK Set
+  keyd keys list [--json] [--keyset NAME]...        list key versions and their states
+  keyd keys rotate NAME                             make a new active key (admin)
+  keyd keys revoke KID [--keyset NAME]              unpublish and disable a key at once (admin)
+  keyd proof --keyset NAME --htm METHOD --htu URL [--access-token T] [--nonce V] [--kid KID]
+                                                    print a DPoP proof (RFC 9449)
+  keyd assertion --keyset NAME                      print a private_key_jwt client assertion (RFC 7523)
+`
+
+func (c *cli) run(args []string) int {
+	if len(args) == 0 {
+		fmt.Fprint(c.stderr, usage)
+		return 2
+	}
+	var err error
+	switch cmd, rest := args[0], args[1:]; cmd {
+	case "serve":
+		err = c.serve(rest)
+	case "check-config":
+		err = c.checkConfig(rest)
+	case "health":
+		err = c.health(rest)
+	case "jwks":
+		err = c.jwks(rest)
+	case "keys":
+		err = c.keys(rest)
+	case "proof":
+		err = c.proof(rest)
+	case "assertion":
+		err = c.assertion(rest)
+	case "help", "-h", "--help":
+		fmt.Fprint(c.stdout, usage)
+		return 0
+	default:
+		err = fmt.Errorf("%w: unknown command %q", errUsage, cmd)
+	}
+	if err == nil {
+		return 0
+	}
+	if errors.Is(err, flag.ErrHelp) {
+		return 0
+	}
+	fmt.Fprintf(c.stderr, "keyd: %s\n", oneLine(err))
+	if errors.Is(err, errUsage) {
+		fmt.Fprint(c.stderr, "run 'keyd help' for usage\n")
+		return 2
+	}
+	return 1
+}
+
+func oneLine(err error) string {
+	var ke *client.Error
+	if errors.As(err, &ke) {
+		return strings.Join(strings.Fields(ke.Message), " ")
+	}
+	return strings.Join(strings.Fields(strings.TrimPrefix(err.Error(), errUsage.Error()+": ")), " ")
+}
+
+func (c *cli) flags(name string) *flag.FlagSet {
+	fs := flag.NewFlagSet("keyd "+name, flag.ContinueOnError)
+	fs.SetOutput(c.stderr)
+	return fs
+}
+
+func parse(fs *flag.FlagSet, args []string, positional int) ([]string, error) {
+	// Accept flags after positional arguments too: keyd keys revoke KID --keyset x.
+	var pos []string
+	for {
+		if err := fs.Parse(args); err != nil {
+			if errors.Is(err, flag.ErrHelp) {
+				return nil, err
+			}
+			return nil, fmt.Errorf("%w: %v", errUsage, err)
+		}
+		if fs.NArg() == 0 {
+			break
+		}
+		pos = append(pos, fs.Arg(0))
+		args = fs.Args()[1:]
+	}
+	if len(pos) != positional {
+		return nil, fmt.Errorf("%w: %s takes %d argument(s), got %d", errUsage, fs.Name(), positional, len(pos))
+	}
+	return pos, nil
+}
+
+// --- daemon ---
+
+func (c *cli) serve(args []string) error {
+	fs := c.flags("serve")
+	path := fs.String("config", "", "configuration file (default: the embedded default)")
+	if _, err := parse(fs, args, 0); err != nil {
+		return err
+	}
+	cfg, err := loadConfig(*path)
+	if err != nil {
+		return err
+	}
+	level := new(slog.LevelVar)
+	_ = level.UnmarshalText([]byte(cfg.LogLevel))
+	log := slog.New(slog.NewTextHandler(c.stderr, &slog.HandlerOptions{Level: level}))
+
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	d, err := daemon.New(ctx, cfg, daemon.Options{
+		Logger:    log,
+		Failpoint: failpoint(),
+		Ready: func(socket string) {
+			if *path == "" {
+				fmt.Fprintf(c.stdout, "keyd is serving on %s (embedded default: soft keystore, key set \"dpop\", ES256)\n", socket)
+				fmt.Fprintf(c.stdout, "get a DPoP proof from another shell:\n  keyd proof --socket %s --keyset dpop --htm GET --htu https://api.example.com/resource\n", socket)
+			}
+		},
+	})
+	if err != nil {
+		return err
+	}
+	return d.Serve(ctx)
+}
+
+func loadConfig(path string) (*config.Config, error) {
+	if path == "" {
+		return config.Default()
+	}
+	return config.Load(path)
+}
+
+func (c *cli) checkConfig(args []string) error {
+	fs := c.flags("check-config")
+	path := fs.String("config", "", "configuration file")
+	if _, err := parse(fs, args, 0); err != nil {
+		return err
+	}
+	if *path == "" {
+		return fmt.Errorf("%w: --config FILE is required", errUsage)
+	}
+	cfg, err := config.Load(*path)
+	if err != nil {
+		fmt.Fprintln(c.stderr, err)
+		return errors.New("the configuration has problems (listed above)")
+	}
+	// The names in allow lists must resolve on this host.
+	var problems []string
+	for _, ks := range cfg.KeySets {
+		if _, err := authz.NewList(authz.Spec(ks.Allow), nil); err != nil {
+			problems = append(problems, fmt.Sprintf("keysets (%s).allow: %v", ks.Name, err))
+		}
+	}
+	if cfg.Admins != nil {
+		if _, err := authz.NewList(authz.Spec(*cfg.Admins), nil); err != nil {
+			problems = append(problems, fmt.Sprintf("admins: %v", err))
+		}
+	}
+	if len(problems) > 0 {
+		fmt.Fprintln(c.stderr, strings.Join(problems, "\n"))
+		return errors.New("the configuration has problems (listed above)")
+	}
+	fmt.Fprintf(c.stdout, "%s: OK (%d key sets, socket %s)\n", *path, len(cfg.KeySets), cfg.Socket)
+	return nil
+}
+
+// --- client commands ---
+
+type clientFlags struct {
+	socket  *string
+	timeout *time.Duration
+}
+
+func addClientFlags(fs *flag.FlagSet) clientFlags {
+	return clientFlags{
+		socket:  fs.String("socket", "", "daemon socket (default $KEYD_SOCKET, else "+config.DefaultSocket()+")"),
+		timeout: fs.Duration("timeout", 10*time.Second, "give up after this long"),
+	}
+}
+
+func (f clientFlags) path() string {
+	if *f.socket != "" {
+		return *f.socket
+	}
+	if s := os.Getenv("KEYD_SOCKET"); s != "" {
+		return s
+	}
+	return config.DefaultSocket()
+}
+
+// dial connects and returns a context bounded by --timeout.
+func (f clientFlags) dial() (*client.Client, context.Context, context.CancelFunc, error) {
+	path := f.path()
+	if _, err := os.Stat(path); err != nil {
+		return nil, nil, nil, fmt.Errorf("no keyd socket at %s: is 'keyd serve' running? (choose the socket with --socket or KEYD_SOCKET)", path)
+	}
+	cl, err := client.Dial(path)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), *f.timeout)
+	return cl, ctx, func() { cancel(); cl.Close() }, nil
+}
+
+func (c *cli) health(args []string) error {
+	fs := c.flags("health")
+	cf := addClientFlags(fs)
+	wait := fs.Duration("wait", 0, "keep asking until the daemon serves, for at most this long")
+	if _, err := parse(fs, args, 0); err != nil {
+		return err
+	}
+	deadline := time.Now().Add(*wait)
+	for {
+		err := c.healthOnce(cf)
+		if err == nil {
+			fmt.Fprintln(c.stdout, "SERVING")
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return err
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func (c *cli) healthOnce(cf clientFlags) error {
+	cl, ctx, done, err := cf.dial()
+	if err != nil {
+		return err
+	}
+	defer done()
+	resp, err := healthpb.NewHealthClient(cl.Conn()).Check(ctx, &healthpb.HealthCheckRequest{})
+	if err != nil {
+		return fmt.Errorf("keyd at %s does not answer: %w", cf.path(), err)
+	}
+	if resp.Status != healthpb.HealthCheckResponse_SERVING {
+		return fmt.Errorf("keyd at %s is %s", cf.path(), resp.Status)
+	}
+	return nil
+}
+
+type stringList []string
+
+func (s *stringList) String() string     { return strings.Join(*s, ",") }
+func (s *stringList) Set(v string) error { *s = append(*s, v); return nil }
+
+func (c *cli) jwks(args []string) error {
+	fs := c.flags("jwks")
+	cf := addClientFlags(fs)
+	var sets stringList
+	fs.Var(&sets, "keyset", "key set to include (repeatable; default: all you may use)")
+	if _, err := parse(fs, args, 0); err != nil {
+		return err
+	}
+	cl, ctx, done, err := cf.dial()
+	if err != nil {
+		return err
+	}
+	defer done()
+	b, err := cl.JWKS(ctx, sets...)
+	if err != nil {
+		return err
+	}
+	var v any
+	if err := json.Unmarshal(b, &v); err != nil {
+		return err
+	}
+	return printJSON(c.stdout, v)
+}
+
+func printJSON(w io.Writer, v any) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+func (c *cli) keys(args []string) error {
+	if len(args) == 0 {
+		return fmt.Errorf("%w: keys needs a subcommand: list, rotate or revoke", errUsage)
+	}
+	switch args[0] {
+	case "list":
+		return c.keysList(args[1:])
+	case "rotate":
+		return c.keysRotate(args[1:])
+	case "revoke":
+		return c.keysRevoke(args[1:])
+	}
+	return fmt.Errorf("%w: unknown keys subcommand %q (want list, rotate or revoke)", errUsage, args[0])
+}
+
+type keyJSON struct {
+	KeySet      string          `json:"keyset"`
+	Kid         string          `json:"kid"`
+	State       string          `json:"state"`
+	Alg         string          `json:"alg"`
+	Purpose     string          `json:"purpose"`
+	Backend     string          `json:"backend"`
+	CreatedAt   time.Time       `json:"created_at"`
+	ActivatedAt *time.Time      `json:"activated_at,omitempty"`
+	RetireAt    *time.Time      `json:"retire_at,omitempty"`
+	JWK         json.RawMessage `json:"jwk,omitempty"`
+}
+
+func toJSON(k client.Key) keyJSON {
+	j := keyJSON{KeySet: k.KeySet, Kid: k.Kid, State: k.State, Alg: k.Alg, Purpose: k.Purpose, Backend: k.Backend, CreatedAt: k.CreatedAt.UTC(), JWK: k.JWK}
+	if !k.ActivatedAt.IsZero() {
+		t := k.ActivatedAt.UTC()
+		j.ActivatedAt = &t
+	}
+	if !k.RetireAt.IsZero() {
+		t := k.RetireAt.UTC()
+		j.RetireAt = &t
+	}
+	return j
+}
+
+func (c *cli) keysList(args []string) error {
+	fs := c.flags("keys list")
+	cf := addClientFlags(fs)
+	asJSON := fs.Bool("json", false, "print JSON")
+	var sets stringList
+	fs.Var(&sets, "keyset", "key set to list (repeatable; default: all you may use)")
+	if _, err := parse(fs, args, 0); err != nil {
+		return err
+	}
+	cl, ctx, done, err := cf.dial()
+	if err != nil {
+		return err
+	}
+	defer done()
+	keys, err := cl.ListKeys(ctx, sets...)
+	if err != nil {
+		return err
+	}
+	if *asJSON {
+		out := make([]keyJSON, 0, len(keys))
+		for _, k := range keys {
+			out = append(out, toJSON(k))
+		}
+		return printJSON(c.stdout, out)
+	}
+	tw := tabwriter.NewWriter(c.stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "KEYSET\tKID\tSTATE\tALG\tCREATED\tACTIVATED\tRETIRE AT")
+	for _, k := range keys {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", k.KeySet, k.Kid, k.State, k.Alg, stamp(k.CreatedAt), stamp(k.ActivatedAt), stamp(k.RetireAt))
+	}
+	return tw.Flush()
+}
+
+func stamp(t time.Time) string {
+	if t.IsZero() {
+		return "-"
+	}
+	return t.UTC().Format(time.RFC3339)
+}
+
+func (c *cli) keysRotate(args []string) error {
+	fs := c.flags("keys rotate")
+	cf := addClientFlags(fs)
+	pos, err := parse(fs, args, 1)
+	if err != nil {
+		return err
+	}
+	cl, ctx, done, err := cf.dial()
+	if err != nil {
+		return err
+	}
+	defer done()
+	active, prev, err := cl.Rotate(ctx, pos[0])
+	if err != nil {
+		return err
+	}
+	if prev.Kid != "" {
+		fmt.Fprintf(c.stdout, "%s: active key %s; %s is %s\n", pos[0], active.Kid, prev.Kid, prev.State)
+	} else {
+		fmt.Fprintf(c.stdout, "%s: active key %s\n", pos[0], active.Kid)
+	}
+	return nil
+}
+
+func (c *cli) keysRevoke(args []string) error {
+	fs := c.flags("keys revoke")
+	cf := addClientFlags(fs)
+	keyset := fs.String("keyset", "", "the key set the kid must belong to")
+	pos, err := parse(fs, args, 1)
+	if err != nil {
+		return err
+	}
+	cl, ctx, done, err := cf.dial()
+	if err != nil {
+		return err
+	}
+	defer done()
+	k, err := cl.Revoke(ctx, pos[0], *keyset)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(c.stdout, "%s: %s is %s\n", k.KeySet, k.Kid, k.State)
+	return nil
+}
+
+func (c *cli) proof(args []string) error {
+	fs := c.flags("proof")
+	cf := addClientFlags(fs)
+	keyset := fs.String("keyset", "", "dpop key set (required)")
+	htm := fs.String("htm", "", "HTTP method of the request (required)")
+	htu := fs.String("htu", "", "URL of the request; the proof carries it without query and fragment (required)")
+	token := fs.String("access-token", "", "access token to bind with ath (empty: none)")
+	nonce := fs.String("nonce", "", "server-provided DPoP nonce (empty: none)")
+	kid := fs.String("kid", "", "prove with this (draining) key version instead of the active key")
+	if _, err := parse(fs, args, 0); err != nil {
+		return err
+	}
+	var missing []string
+	for name, v := range map[string]string{"--keyset": *keyset, "--htm": *htm, "--htu": *htu} {
+		if v == "" {
+			missing = append(missing, name)
+		}
+	}
+	if len(missing) > 0 {
+		return fmt.Errorf("%w: proof needs --keyset, --htm and --htu", errUsage)
+	}
+	cl, ctx, done, err := cf.dial()
+	if err != nil {
+		return err
+	}
+	defer done()
+	p, err := cl.DPoP(*keyset).Proof(ctx, *htm, *htu,
+		client.WithAccessToken(*token), client.WithNonce(*nonce), client.WithKid(*kid))
+	if err != nil {
+		return err
+	}
+	fmt.Fprintln(c.stdout, p.JWT)
+	return nil
+}
+
+func (c *cli) assertion(args []string) error {
+	fs := c.flags("assertion")
+	cf := addClientFlags(fs)
+	keyset := fs.String("keyset", "", "client_assertion key set (required)")
+	if _, err := parse(fs, args, 0); err != nil {
+		return err
+	}
+	if *keyset == "" {
+		return fmt.Errorf("%w: assertion needs --keyset", errUsage)
+	}
+	cl, ctx, done, err := cf.dial()
+	if err != nil {
+		return err
+	}
+	defer done()
+	jwt, err := cl.ClientAssertion(ctx, *keyset)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintln(c.stdout, jwt)
+	return nil
+}

@@ -1,0 +1,358 @@
+// Package config reads and validates keyd's YAML configuration.
+//
+// Decoding is strict: an unknown field is an error, so a typo never silently
+// turns a setting off. Validate reports every problem at once, each prefixed
+// with where it is ("keysets[1].audience: ..."), and is what `keyd
+// check-config` runs.
+package config
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"go.yaml.in/yaml/v3"
+
+	"github.com/keyd-dev/keyd/internal/policy"
+	"github.com/keyd-dev/keyd/keystore"
+)
+
+// Config is the whole configuration file.
+type Config struct {
+	// Socket is the path of the Unix socket the gRPC API listens on.
+	Socket string `yaml:"socket"`
+	// SocketMode is the socket's permission bits, an octal string ("0660").
+	SocketMode string `yaml:"socket_mode"`
+	// SocketGroup optionally names the group that owns the socket.
+	SocketGroup string `yaml:"socket_group"`
+	// StateDir holds the key metadata (and the soft keystore's keys).
+	StateDir string `yaml:"state_dir"`
+	// AuditLog is the file every sign decision is appended to, one JSON line each.
+	AuditLog string `yaml:"audit_log"`
+	// Admins may call KeyAdminService (rotate, revoke). Default: root and
+	// the daemon's own uid.
+	Admins *Allow `yaml:"admins"`
+	// LogLevel is debug, info (default), warn or error.
+	LogLevel string `yaml:"log_level"`
+	// Backend says where keys live: exactly one of its members is set.
+	Backend Backend `yaml:"backend"`
+	// KeySets are the named, rotating series of keys callers sign with.
+	KeySets []KeySet `yaml:"keysets"`
+}
+
+// Allow is an allow list of local callers, matched against the peer
+// credentials of the socket connection.
+type Allow struct {
+	UIDs   []int    `yaml:"uids"`
+	GIDs   []int    `yaml:"gids"`
+	Users  []string `yaml:"users"`
+	Groups []string `yaml:"groups"`
+}
+
+// Empty reports whether the list allows nobody.
+func (a Allow) Empty() bool {
+	return len(a.UIDs) == 0 && len(a.GIDs) == 0 && len(a.Users) == 0 && len(a.Groups) == 0
+}
+
+// Backend selects the key store.
+type Backend struct {
+	// Soft keeps keys in files under StateDir/keys. For development only.
+	Soft *SoftBackend `yaml:"soft"`
+}
+
+// SoftBackend configures the software keystore.
+type SoftBackend struct {
+	// Dir overrides the key directory (default StateDir/keys).
+	Dir string `yaml:"dir"`
+}
+
+// KeySet declares one key set.
+type KeySet struct {
+	Name    string `yaml:"name"`
+	Purpose string `yaml:"purpose"`
+	Alg     string `yaml:"alg"`
+	// RSABits is 2048 (default) or 3072, for RS256 and PS256.
+	RSABits int   `yaml:"rsa_bits"`
+	Allow   Allow `yaml:"allow"`
+
+	// ClientID is iss and sub of client assertions.
+	ClientID string `yaml:"client_id"`
+	// Audience is the only aud of client assertions: the authorization
+	// server's issuer, or its token endpoint for servers that demand that.
+	Audience string `yaml:"audience"`
+	// Typ is the typ header of client assertions (default
+	// client-authentication+jwt; "" sends none).
+	Typ *string `yaml:"typ"`
+	// MaxLifetime bounds exp - now for client assertions and JWTs (default 5m).
+	MaxLifetime Duration `yaml:"max_lifetime"`
+	// Issuers are the iss values a jwt key set may sign.
+	Issuers []string `yaml:"issuers"`
+	// IatSkew is the accepted distance of a caller-supplied iat from now
+	// (default 60s).
+	IatSkew Duration `yaml:"iat_skew"`
+}
+
+// Duration is a time.Duration written as a Go duration string ("5m").
+type Duration time.Duration
+
+// UnmarshalYAML implements yaml.Unmarshaler.
+func (d *Duration) UnmarshalYAML(n *yaml.Node) error {
+	var s string
+	if err := n.Decode(&s); err != nil {
+		return fmt.Errorf("line %d: want a duration such as 5m or 90s", n.Line)
+	}
+	v, err := time.ParseDuration(s)
+	if err != nil {
+		return fmt.Errorf("line %d: %q is not a duration such as 5m or 90s", n.Line, s)
+	}
+	*d = Duration(v)
+	return nil
+}
+
+// MarshalYAML implements yaml.Marshaler.
+func (d Duration) MarshalYAML() (any, error) { return time.Duration(d).String(), nil }
+
+// Load reads and validates the configuration file at path.
+func Load(path string) (*Config, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("read config: %w", err)
+	}
+	return Parse(b, path)
+}
+
+// Parse decodes and validates a configuration. name is used in messages.
+func Parse(b []byte, name string) (*Config, error) {
+	var c Config
+	dec := yaml.NewDecoder(bytes.NewReader(b))
+	dec.KnownFields(true)
+	if err := dec.Decode(&c); err != nil {
+		if errors.Is(err, io.EOF) {
+			return nil, fmt.Errorf("%s: the configuration is empty", name)
+		}
+		return nil, fmt.Errorf("%s: %w", name, err)
+	}
+	c.applyDefaults()
+	if err := c.Validate(); err != nil {
+		return nil, fmt.Errorf("%s: invalid configuration:\n%w", name, err)
+	}
+	return &c, nil
+}
+
+func (c *Config) applyDefaults() {
+	if c.SocketMode == "" {
+		c.SocketMode = "0660"
+	}
+	if c.AuditLog == "" && c.StateDir != "" {
+		c.AuditLog = filepath.Join(c.StateDir, "audit.jsonl")
+	}
+	if c.LogLevel == "" {
+		c.LogLevel = "info"
+	}
+}
+
+// Validate checks the configuration and returns every problem at once,
+// joined with errors.Join.
+func (c *Config) Validate() error {
+	var errs []error
+	add := func(where, format string, args ...any) {
+		errs = append(errs, fmt.Errorf("%s: %s", where, fmt.Sprintf(format, args...)))
+	}
+	switch {
+	case c.Socket == "":
+		add("socket", "required: the path of the Unix socket to listen on")
+	case strings.HasPrefix(c.Socket, "@") || strings.ContainsRune(c.Socket, 0):
+		add("socket", "abstract sockets are not allowed: they have no file permissions")
+	case !filepath.IsAbs(c.Socket):
+		add("socket", "%q must be an absolute path", c.Socket)
+	case len(c.Socket) > 107:
+		add("socket", "path is %d bytes; Unix socket paths are limited to 107", len(c.Socket))
+	}
+	if _, err := c.Mode(); err != nil {
+		add("socket_mode", "%v", err)
+	}
+	if c.StateDir == "" {
+		add("state_dir", "required: the directory for key metadata")
+	} else if !filepath.IsAbs(c.StateDir) {
+		add("state_dir", "%q must be an absolute path", c.StateDir)
+	}
+	if c.AuditLog != "" && !filepath.IsAbs(c.AuditLog) {
+		add("audit_log", "%q must be an absolute path", c.AuditLog)
+	}
+	switch c.LogLevel {
+	case "debug", "info", "warn", "error":
+	default:
+		add("log_level", "%q: want debug, info, warn or error", c.LogLevel)
+	}
+	if c.Admins != nil {
+		for _, e := range c.Admins.validate() {
+			add("admins", "%v", e)
+		}
+	}
+	if c.Backend.Soft == nil {
+		add("backend", "choose a backend: soft: {}")
+	} else if d := c.Backend.Soft.Dir; d != "" && !filepath.IsAbs(d) {
+		add("backend.soft.dir", "%q must be an absolute path", d)
+	}
+	if len(c.KeySets) == 0 {
+		add("keysets", "declare at least one key set")
+	}
+	seen := map[string]int{}
+	for i, ks := range c.KeySets {
+		where := fmt.Sprintf("keysets[%d]", i)
+		if ks.Name != "" {
+			where = fmt.Sprintf("keysets[%d] (%s)", i, ks.Name)
+		}
+		if err := ValidKeySetName(ks.Name); err != nil {
+			add(where+".name", "%v", err)
+		} else if j, dup := seen[ks.Name]; dup {
+			add(where+".name", "%q is already declared by keysets[%d]", ks.Name, j)
+		} else {
+			seen[ks.Name] = i
+		}
+		for _, e := range ks.validate() {
+			add(where, "%v", e)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// ValidKeySetName reports whether name may name a key set: 1 to 40
+// characters from [a-z0-9_-], starting with a letter or digit.
+func ValidKeySetName(name string) error {
+	if name == "" {
+		return errors.New("required")
+	}
+	if len(name) > 40 {
+		return fmt.Errorf("%q is longer than 40 characters", name)
+	}
+	for i, r := range name {
+		ok := r >= 'a' && r <= 'z' || r >= '0' && r <= '9' || (i > 0 && (r == '-' || r == '_'))
+		if !ok {
+			return fmt.Errorf("%q: use lower-case letters, digits, '-' and '_', starting with a letter or digit", name)
+		}
+	}
+	return nil
+}
+
+func (a Allow) validate() []error {
+	var errs []error
+	for _, u := range a.UIDs {
+		if u < 0 {
+			errs = append(errs, fmt.Errorf("uids: %d is negative", u))
+		}
+	}
+	for _, g := range a.GIDs {
+		if g < 0 {
+			errs = append(errs, fmt.Errorf("gids: %d is negative", g))
+		}
+	}
+	for _, n := range append(append([]string(nil), a.Users...), a.Groups...) {
+		if n == "" {
+			errs = append(errs, errors.New("users/groups: empty name"))
+		}
+	}
+	return errs
+}
+
+func (ks KeySet) validate() []error {
+	var errs []error
+	add := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
+	spec, err := ks.KeySpec()
+	if err != nil {
+		add("alg: %v", err)
+	}
+	_ = spec
+	if ks.RSABits != 0 && !keystore.Algorithm(ks.Alg).IsRSA() {
+		add("rsa_bits: only for RS256 and PS256")
+	}
+	p, err := ks.Policy()
+	if err != nil {
+		add("purpose: %v", err)
+	} else if err := p.Validate(); err != nil {
+		add("%v", err)
+	}
+	if p.Purpose != policy.ClientAssertion {
+		if ks.ClientID != "" {
+			add("client_id: only for purpose client_assertion")
+		}
+		if ks.Audience != "" {
+			add("audience: only for purpose client_assertion")
+		}
+		if ks.Typ != nil {
+			add("typ: only for purpose client_assertion")
+		}
+	}
+	if p.Purpose != policy.JWT && len(ks.Issuers) > 0 {
+		add("issuers: only for purpose jwt")
+	}
+	if p.Purpose == policy.DPoP && ks.MaxLifetime != 0 {
+		add("max_lifetime: not for purpose dpop (proofs are bounded by iat_skew)")
+	}
+	for _, e := range ks.Allow.validate() {
+		add("allow: %v", e)
+	}
+	if ks.Allow.Empty() {
+		add("allow: list the uids, gids, users or groups that may sign with this key set")
+	}
+	return errs
+}
+
+// KeySpec returns the key the set generates.
+func (ks KeySet) KeySpec() (keystore.KeySpec, error) {
+	if ks.Alg == "" {
+		return keystore.KeySpec{}, errors.New("required (ES256, ES384, RS256, PS256 or EdDSA)")
+	}
+	alg, err := keystore.ParseAlgorithm(ks.Alg)
+	if err != nil {
+		return keystore.KeySpec{}, err
+	}
+	s := keystore.KeySpec{Algorithm: alg, RSABits: ks.RSABits}
+	return s, s.Validate()
+}
+
+// Policy returns the key set's signing policy.
+func (ks KeySet) Policy() (policy.Policy, error) {
+	if ks.Purpose == "" {
+		return policy.Policy{}, errors.New("required (dpop, client_assertion or jwt)")
+	}
+	pu, err := policy.ParsePurpose(ks.Purpose)
+	if err != nil {
+		return policy.Policy{}, err
+	}
+	return policy.Policy{
+		Purpose:     pu,
+		Skew:        time.Duration(ks.IatSkew),
+		ClientID:    ks.ClientID,
+		Audience:    ks.Audience,
+		Typ:         ks.Typ,
+		MaxLifetime: time.Duration(ks.MaxLifetime),
+		Issuers:     ks.Issuers,
+	}, nil
+}
+
+// Mode returns the socket mode.
+func (c *Config) Mode() (os.FileMode, error) {
+	v, err := strconv.ParseUint(c.SocketMode, 8, 32)
+	if err != nil || v > 0o777 {
+		return 0, fmt.Errorf("%q is not an octal permission such as \"0660\"", c.SocketMode)
+	}
+	if v&0o007 != 0 {
+		return 0, fmt.Errorf("%q gives access to every user on the host; use 0660 or stricter", c.SocketMode)
+	}
+	return os.FileMode(v), nil
+}
+
+// SoftDir is the soft keystore's directory.
+func (c *Config) SoftDir() string {
+	if c.Backend.Soft != nil && c.Backend.Soft.Dir != "" {
+		return c.Backend.Soft.Dir
+	}
+	return filepath.Join(c.StateDir, "keys")
+}

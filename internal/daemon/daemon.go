@@ -1,0 +1,279 @@
+// Package daemon assembles a running keyd from its configuration: the
+// backend, the lifecycle manager, the audit log, the gRPC server and its
+// socket. Backends are listed explicitly here; there is no registration
+// magic.
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"os/user"
+	"runtime/debug"
+	"strconv"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/keepalive"
+	"google.golang.org/grpc/reflection"
+	"google.golang.org/grpc/status"
+
+	"github.com/keyd-dev/keyd/internal/audit"
+	"github.com/keyd-dev/keyd/internal/authz"
+	"github.com/keyd-dev/keyd/internal/config"
+	"github.com/keyd-dev/keyd/internal/listener"
+	"github.com/keyd-dev/keyd/internal/server"
+	"github.com/keyd-dev/keyd/keystore"
+	"github.com/keyd-dev/keyd/keystore/soft"
+	keydv1 "github.com/keyd-dev/keyd/proto/keyd/v1"
+	"github.com/keyd-dev/keyd/rotation"
+)
+
+// Options are the parts of a daemon that are not in the config file.
+type Options struct {
+	Logger *slog.Logger
+	// Failpoint is handed to the lifecycle manager (crash tests).
+	Failpoint func(string)
+	// Ready, when set, is called once the socket accepts connections.
+	Ready func(socket string)
+}
+
+// Daemon is an assembled keyd.
+type Daemon struct {
+	cfg     *config.Config
+	log     *slog.Logger
+	backend keystore.Backend
+	store   *rotation.Store
+	mgr     *rotation.Manager
+	audit   *audit.Log
+	grpc    *grpc.Server
+	health  *health.Server
+	lis     net.Listener
+	ready   func(string)
+}
+
+// New builds a daemon: it locks the state directory, opens the backend,
+// reconciles keys, opens the audit log and listens on the socket.
+func New(ctx context.Context, cfg *config.Config, opts Options) (d *Daemon, err error) {
+	log := opts.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	d = &Daemon{cfg: cfg, log: log, ready: opts.Ready}
+	defer func() {
+		if err != nil {
+			d.close()
+		}
+	}()
+
+	if d.store, err = rotation.OpenStore(cfg.StateDir); err != nil {
+		return nil, err
+	}
+	if d.backend, err = openBackend(cfg, log); err != nil {
+		return nil, err
+	}
+	var sets []rotation.KeySet
+	policies := map[string]server.KeySet{}
+	groups := &authz.GroupCache{}
+	for _, ks := range cfg.KeySets {
+		spec, err := ks.KeySpec()
+		if err != nil {
+			return nil, fmt.Errorf("key set %q: %w", ks.Name, err)
+		}
+		if !supports(d.backend, spec.Algorithm) {
+			return nil, fmt.Errorf("key set %q: %w: the %s backend cannot make %s keys", ks.Name, keystore.ErrUnsupportedAlgorithm, d.backend.Name(), spec.Algorithm)
+		}
+		p, err := ks.Policy()
+		if err != nil {
+			return nil, fmt.Errorf("key set %q: %w", ks.Name, err)
+		}
+		allow, err := authz.NewList(authz.Spec(ks.Allow), groups)
+		if err != nil {
+			return nil, fmt.Errorf("key set %q: allow: %w", ks.Name, err)
+		}
+		sets = append(sets, rotation.KeySet{Name: ks.Name, Purpose: ks.Purpose, Spec: spec})
+		policies[ks.Name] = server.KeySet{Allow: allow, Policy: p}
+	}
+	adminSpec := authz.Spec{UIDs: []int{0, os.Geteuid()}}
+	if cfg.Admins != nil {
+		adminSpec = authz.Spec(*cfg.Admins)
+	}
+	admins, err := authz.NewList(adminSpec, groups)
+	if err != nil {
+		return nil, fmt.Errorf("admins: %w", err)
+	}
+
+	if d.mgr, err = rotation.New(ctx, rotation.Config{
+		Backend: d.backend, Store: d.store, KeySets: sets, Logger: log, Failpoint: opts.Failpoint,
+	}); err != nil {
+		return nil, err
+	}
+	if d.audit, err = audit.Open(cfg.AuditLog); err != nil {
+		return nil, err
+	}
+	srv, err := server.New(server.Config{Manager: d.mgr, KeySets: policies, Admins: admins, Audit: d.audit, Logger: log})
+	if err != nil {
+		return nil, err
+	}
+
+	d.grpc = grpc.NewServer(
+		grpc.Creds(authz.PeerCredentials()),
+		grpc.MaxRecvMsgSize(64<<10),
+		grpc.MaxConcurrentStreams(64),
+		grpc.ConnectionTimeout(5*time.Second),
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 30 * time.Second, PermitWithoutStream: true}),
+		grpc.KeepaliveParams(keepalive.ServerParameters{MaxConnectionIdle: 15 * time.Minute}),
+		grpc.ChainUnaryInterceptor(d.unaryInterceptor),
+		grpc.ChainStreamInterceptor(d.streamInterceptor),
+	)
+	srv.Register(d.grpc)
+	d.health = health.NewServer()
+	healthpb.RegisterHealthServer(d.grpc, d.health)
+	d.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
+	d.health.SetServingStatus(keydv1.KeyService_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)
+	reflection.Register(d.grpc)
+
+	mode, err := cfg.Mode()
+	if err != nil {
+		return nil, err
+	}
+	gid := -1
+	if cfg.SocketGroup != "" {
+		g, err := user.LookupGroup(cfg.SocketGroup)
+		if err != nil {
+			return nil, fmt.Errorf("socket_group: %w", err)
+		}
+		if gid, err = strconv.Atoi(g.Gid); err != nil {
+			return nil, fmt.Errorf("socket_group %q: %w", cfg.SocketGroup, err)
+		}
+	}
+	if d.lis, err = listener.Unix(cfg.Socket, mode, gid); err != nil {
+		return nil, err
+	}
+	return d, nil
+}
+
+func supports(b keystore.Backend, a keystore.Algorithm) bool {
+	for _, x := range b.Algorithms() {
+		if x == a {
+			return true
+		}
+	}
+	return false
+}
+
+// openBackend is the explicit list of backends.
+func openBackend(cfg *config.Config, log *slog.Logger) (keystore.Backend, error) {
+	switch {
+	case cfg.Backend.Soft != nil:
+		log.Warn("using the soft keystore: keys are files protected only by permissions; use pkcs11 or tpm in production", "dir", cfg.SoftDir())
+		return soft.New(soft.Config{Dir: cfg.SoftDir(), Logger: log})
+	}
+	return nil, errors.New("no backend configured")
+}
+
+// Manager returns the lifecycle manager (for tests and the HTTP listener).
+func (d *Daemon) Manager() *rotation.Manager { return d.mgr }
+
+// Serve serves until ctx is done, then stops gracefully (in-flight calls
+// finish, for at most 10 s) and releases everything.
+func (d *Daemon) Serve(ctx context.Context) error {
+	errc := make(chan error, 1)
+	go func() { errc <- d.grpc.Serve(d.lis) }()
+	d.log.Info("keyd serving", "socket", d.cfg.Socket, "backend", d.backend.Name(), "keysets", len(d.cfg.KeySets))
+	if d.ready != nil {
+		d.ready(d.cfg.Socket)
+	}
+	var err error
+	select {
+	case <-ctx.Done():
+		d.health.Shutdown()
+		stopped := make(chan struct{})
+		go func() { d.grpc.GracefulStop(); close(stopped) }()
+		select {
+		case <-stopped:
+		case <-time.After(10 * time.Second):
+			d.grpc.Stop()
+		}
+		err = <-errc
+		if errors.Is(err, grpc.ErrServerStopped) {
+			err = nil
+		}
+	case err = <-errc:
+	}
+	d.close()
+	d.log.Info("keyd stopped")
+	return err
+}
+
+func (d *Daemon) close() {
+	if d.lis != nil {
+		d.lis.Close()
+	}
+	if d.audit != nil {
+		d.audit.Close()
+	}
+	if d.backend != nil {
+		d.backend.Close()
+	}
+	if d.store != nil {
+		d.store.Close()
+	}
+}
+
+// defaultTimeout bounds calls whose client set no deadline.
+const defaultTimeout = 30 * time.Second
+
+func (d *Daemon) unaryInterceptor(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (resp any, err error) {
+	start := time.Now()
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, defaultTimeout)
+		defer cancel()
+	}
+	defer func() {
+		if r := recover(); r != nil {
+			d.log.LogAttrs(ctx, slog.LevelError, "panic in handler", slog.String("method", info.FullMethod), slog.Any("panic", r), slog.String("stack", string(debug.Stack())))
+			err = status.Error(codes.Internal, "internal error; the daemon log has the details")
+		}
+		d.logRPC(ctx, info.FullMethod, start, err)
+	}()
+	return handler(ctx, req)
+}
+
+func (d *Daemon) streamInterceptor(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) (err error) {
+	start := time.Now()
+	defer func() {
+		if r := recover(); r != nil {
+			d.log.LogAttrs(ss.Context(), slog.LevelError, "panic in handler", slog.String("method", info.FullMethod), slog.Any("panic", r), slog.String("stack", string(debug.Stack())))
+			err = status.Error(codes.Internal, "internal error; the daemon log has the details")
+		}
+		d.logRPC(ss.Context(), info.FullMethod, start, err)
+	}()
+	return handler(srv, ss)
+}
+
+// logRPC writes one line per RPC: at debug level when it succeeded (the
+// audit log already has every signature), at info level otherwise.
+func (d *Daemon) logRPC(ctx context.Context, method string, start time.Time, err error) {
+	level := slog.LevelDebug
+	if err != nil {
+		level = slog.LevelInfo
+	}
+	if !d.log.Enabled(ctx, level) {
+		return
+	}
+	c, _ := authz.FromContext(ctx)
+	st := status.Convert(err)
+	d.log.LogAttrs(ctx, level, "rpc",
+		slog.String("method", method),
+		slog.Uint64("uid", uint64(c.UID)), slog.Int64("pid", int64(c.PID)),
+		slog.String("code", st.Code().String()),
+		slog.Duration("took", time.Since(start)))
+}

@@ -1,0 +1,102 @@
+// Package listener creates the Unix socket keyd serves on, with its
+// permissions in place before any client can connect.
+package listener
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// ErrInUse means the socket path is taken: by a live server, or by something
+// that is not a socket.
+var ErrInUse = errors.New("socket path in use")
+
+// Unix listens on path with the given mode and, when gid >= 0, group.
+//
+// The order closes the window other daemons leave open between bind and
+// chmod: socket, bind, chmod and chown of the path, and only then listen, so
+// a connection attempt before the permissions are set is refused by the
+// kernel rather than accepted. The parent directory is created 0750 (or 0755
+// when mode grants others nothing and the directory is shared). An existing
+// path is removed only when it is a socket nobody listens on; anything else is
+// ErrInUse. Abstract socket names ("@...") are refused: they have no
+// permissions at all.
+func Unix(path string, mode os.FileMode, gid int) (net.Listener, error) {
+	if strings.HasPrefix(path, "@") || strings.ContainsRune(path, 0) {
+		return nil, fmt.Errorf("socket %q: abstract sockets are not allowed", path)
+	}
+	if !filepath.IsAbs(path) {
+		return nil, fmt.Errorf("socket %q: not an absolute path", path)
+	}
+	dir := filepath.Dir(path)
+	if err := os.MkdirAll(dir, 0o750); err != nil {
+		return nil, fmt.Errorf("socket directory: %w", err)
+	}
+	if err := removeStale(path); err != nil {
+		return nil, err
+	}
+
+	fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("socket: %w", err)
+	}
+	f := os.NewFile(uintptr(fd), path)
+	defer f.Close() // net.FileListener dups the descriptor
+	if err := unix.Bind(fd, &unix.SockaddrUnix{Name: path}); err != nil {
+		return nil, fmt.Errorf("bind %s: %w", path, err)
+	}
+	cleanup := func(err error) (net.Listener, error) {
+		os.Remove(path)
+		return nil, err
+	}
+	if err := unix.Fchmodat(unix.AT_FDCWD, path, uint32(mode.Perm()), 0); err != nil {
+		return cleanup(fmt.Errorf("chmod %s: %w", path, err))
+	}
+	if gid >= 0 {
+		if err := unix.Lchown(path, -1, gid); err != nil {
+			return cleanup(fmt.Errorf("chown %s to gid %d: %w", path, gid, err))
+		}
+	}
+	if err := unix.Listen(fd, 1024); err != nil {
+		return cleanup(fmt.Errorf("listen %s: %w", path, err))
+	}
+	l, err := net.FileListener(f)
+	if err != nil {
+		return cleanup(fmt.Errorf("listener %s: %w", path, err))
+	}
+	ul := l.(*net.UnixListener)
+	ul.SetUnlinkOnClose(true)
+	return ul, nil
+}
+
+func removeStale(path string) error {
+	fi, err := os.Lstat(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("socket %s: %w", path, err)
+	}
+	if fi.Mode()&os.ModeSocket == 0 {
+		return fmt.Errorf("socket %s: %w: it exists and is not a socket; remove it or choose another path", path, ErrInUse)
+	}
+	c, err := net.DialTimeout("unix", path, time.Second)
+	if err == nil {
+		c.Close()
+		return fmt.Errorf("socket %s: %w: another server is listening on it", path, ErrInUse)
+	}
+	if !errors.Is(err, unix.ECONNREFUSED) {
+		return fmt.Errorf("socket %s: %w: cannot tell whether it is stale: %v", path, ErrInUse, err)
+	}
+	if err := os.Remove(path); err != nil {
+		return fmt.Errorf("remove stale socket %s: %w", path, err)
+	}
+	return nil
+}

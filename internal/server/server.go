@@ -1,0 +1,478 @@
+// Package server is keyd's gRPC adapter: it authenticates the caller,
+// authorizes the key set, applies the key set's policy, signs through the
+// lifecycle manager, audits the decision and maps errors to gRPC codes once.
+package server
+
+import (
+	"context"
+	"crypto"
+	"crypto/rand"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"sync"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"github.com/keyd-dev/keyd/internal/audit"
+	"github.com/keyd-dev/keyd/internal/authz"
+	"github.com/keyd-dev/keyd/internal/jws"
+	"github.com/keyd-dev/keyd/internal/policy"
+	keydv1 "github.com/keyd-dev/keyd/proto/keyd/v1"
+	"github.com/keyd-dev/keyd/rotation"
+)
+
+// Auditor records sign decisions. An error means the record was not
+// written, and the signature must not be released.
+type Auditor interface {
+	Record(audit.Record) error
+}
+
+// KeySet is a key set's access rules and policy.
+type KeySet struct {
+	Allow  *authz.List
+	Policy policy.Policy
+}
+
+// Config wires a Server.
+type Config struct {
+	Manager *rotation.Manager
+	KeySets map[string]KeySet
+	Admins  *authz.List
+	Audit   Auditor
+	Logger  *slog.Logger
+	// Now is the clock; nil means time.Now.
+	Now func() time.Time
+	// Rand fills jti; nil means crypto/rand.
+	Rand io.Reader
+}
+
+// Server implements keyd.v1.KeyService and keyd.v1.KeyAdminService.
+type Server struct {
+	keydv1.UnimplementedKeyServiceServer
+	keydv1.UnimplementedKeyAdminServiceServer
+
+	mgr    *rotation.Manager
+	sets   map[string]KeySet
+	admins *authz.List
+	audit  Auditor
+	log    *slog.Logger
+	now    func() time.Time
+	rand   io.Reader
+	keys   keyCache
+}
+
+// New returns a Server.
+func New(cfg Config) (*Server, error) {
+	if cfg.Manager == nil || cfg.Audit == nil {
+		return nil, errors.New("server: Manager and Audit are required")
+	}
+	s := &Server{mgr: cfg.Manager, sets: cfg.KeySets, admins: cfg.Admins, audit: cfg.Audit, log: cfg.Logger, now: cfg.Now, rand: cfg.Rand}
+	if s.log == nil {
+		s.log = slog.New(slog.DiscardHandler)
+	}
+	if s.now == nil {
+		s.now = time.Now
+	}
+	if s.rand == nil {
+		s.rand = rand.Reader
+	}
+	for name := range s.sets {
+		if _, ok := cfg.Manager.KeySet(name); !ok {
+			return nil, fmt.Errorf("server: key set %q has no lifecycle", name)
+		}
+	}
+	return s, nil
+}
+
+// Register registers both services on g.
+func (s *Server) Register(g *grpc.Server) {
+	keydv1.RegisterKeyServiceServer(g, s)
+	keydv1.RegisterKeyAdminServiceServer(g, s)
+}
+
+// Field caps: far above any legitimate request, far below anything abusive.
+const (
+	maxNameLen         = 64
+	maxKidLen          = 128
+	maxJSONLen         = 16 << 10
+	maxSigningInputLen = 48 << 10
+)
+
+func (s *Server) caller(ctx context.Context) (authz.Caller, error) {
+	c, err := authz.FromContext(ctx)
+	if err != nil {
+		return authz.Caller{}, fmt.Errorf("%w: connect over keyd's Unix socket (%v)", errUnauthenticated, err)
+	}
+	return c, nil
+}
+
+// authorize returns the key set if c may use it. An unknown key set and a
+// forbidden one get the same answer, so callers cannot enumerate key sets.
+func (s *Server) authorize(c authz.Caller, name string) (KeySet, error) {
+	ks, ok := s.sets[name]
+	if !ok || !ks.Allow.Permits(c) {
+		return KeySet{}, fmt.Errorf("key set %q: %w for uid %d (the key set does not exist or this caller is not on its allow list)", name, errDenied, c.UID)
+	}
+	return ks, nil
+}
+
+// Sign implements keyd.v1.KeyService.
+func (s *Server) Sign(ctx context.Context, req *keydv1.SignRequest) (*keydv1.SignResponse, error) {
+	c, err := s.caller(ctx)
+	if err != nil {
+		return nil, s.toStatus(ctx, "sign", err)
+	}
+	rec := audit.Record{Event: "sign", UID: c.UID, GID: c.GID, PID: c.PID, KeySet: req.GetKeyset()}
+	resp, err := s.sign(ctx, c, req, &rec)
+	rec.Time = s.now().UTC()
+	if err != nil {
+		st := s.toStatus(ctx, "sign", err)
+		rec.Outcome = codeOf(err).String()
+		rec.Reason = status.Convert(st).Message()
+		if aerr := s.audit.Record(rec); aerr != nil {
+			s.log.LogAttrs(ctx, slog.LevelError, "audit write failed", slog.String("err", aerr.Error()))
+		}
+		return nil, st
+	}
+	rec.Outcome = "ok"
+	if err := s.audit.Record(rec); err != nil {
+		s.log.LogAttrs(ctx, slog.LevelError, "audit write failed; refusing the signature", slog.String("err", err.Error()))
+		return nil, status.Error(codes.Unavailable, "sign: the audit log cannot be written, so no signature is released; fix the audit log and retry")
+	}
+	return resp, nil
+}
+
+func (s *Server) sign(ctx context.Context, c authz.Caller, req *keydv1.SignRequest, rec *audit.Record) (*keydv1.SignResponse, error) {
+	if err := checkSignRequest(req); err != nil {
+		return nil, err
+	}
+	ks, err := s.authorize(c, req.Keyset)
+	if err != nil {
+		return nil, err
+	}
+	rec.Purpose = string(ks.Policy.Purpose)
+	if req.Purpose != "" && req.Purpose != rec.Purpose {
+		return nil, fmt.Errorf("%w: key set %q has purpose %s; it cannot sign a %s token", errBadRequest, req.Keyset, rec.Purpose, req.Purpose)
+	}
+	lease, err := s.mgr.Acquire(req.Keyset, req.Kid)
+	if err != nil {
+		return nil, err
+	}
+	defer lease.Release()
+	v := lease.Version
+	rec.Kid = v.Kid
+	pk, err := s.keys.get(v)
+	if err != nil {
+		return nil, err
+	}
+	key := policy.Key{Alg: string(v.Alg), Kid: v.Kid, JWK: pk.bare}
+
+	now := s.now()
+	var input []byte
+	var sum policy.Summary
+	if len(req.SigningInput) > 0 {
+		h, cl, err := jws.SplitSigningInput(req.SigningInput)
+		if err != nil {
+			return nil, fmt.Errorf("%w: signing_input: %v", errBadRequest, err)
+		}
+		if sum, err = ks.Policy.CheckPrebuilt(now, key, h, cl); err != nil {
+			return nil, err
+		}
+		input = req.SigningInput
+	} else {
+		tok, err := ks.Policy.Prepare(now, key, req.Header, req.Claims, s.rand)
+		if err != nil {
+			return nil, err
+		}
+		sum = tok.Summary
+		input = jws.SigningInput(tok.Header, tok.Claims)
+	}
+	fillAudit(rec, sum)
+
+	digest, err := jws.Digest(v.Alg, input)
+	if err != nil {
+		return nil, err
+	}
+	der, err := lease.Sign(ctx, digest, v.Alg.SignerOpts())
+	if err != nil {
+		return nil, fmt.Errorf("sign with kid %s: %w", v.Kid, err)
+	}
+	if !lease.Valid() {
+		return nil, fmt.Errorf("kid %s was revoked while signing: %w", v.Kid, rotation.ErrNotSignable)
+	}
+	sig, err := jws.EncodeSignature(v.Alg, pk.pub, der)
+	if err != nil {
+		return nil, err
+	}
+	return &keydv1.SignResponse{Jwt: jws.Compact(input, sig), Kid: v.Kid, Alg: string(v.Alg)}, nil
+}
+
+func fillAudit(rec *audit.Record, sum policy.Summary) {
+	rec.Htm, rec.Htu, rec.Ath = sum.Htm, sum.Htu, sum.Ath
+	rec.Iss, rec.Sub, rec.Aud = sum.Iss, sum.Sub, sum.Aud
+	rec.Jti, rec.Exp = sum.Jti, sum.Exp
+}
+
+func checkSignRequest(req *keydv1.SignRequest) error {
+	switch {
+	case req.Keyset == "":
+		return fmt.Errorf("%w: keyset is required", errBadRequest)
+	case len(req.Keyset) > maxNameLen:
+		return fmt.Errorf("%w: keyset is longer than %d bytes", errBadRequest, maxNameLen)
+	case len(req.Kid) > maxKidLen:
+		return fmt.Errorf("%w: kid is longer than %d bytes", errBadRequest, maxKidLen)
+	case len(req.Claims) > maxJSONLen:
+		return fmt.Errorf("%w: claims are larger than %d bytes", errBadRequest, maxJSONLen)
+	case len(req.Header) > maxJSONLen:
+		return fmt.Errorf("%w: header is larger than %d bytes", errBadRequest, maxJSONLen)
+	case len(req.SigningInput) > maxSigningInputLen:
+		return fmt.Errorf("%w: signing_input is larger than %d bytes", errBadRequest, maxSigningInputLen)
+	case len(req.Purpose) > maxNameLen:
+		return fmt.Errorf("%w: purpose is longer than %d bytes", errBadRequest, maxNameLen)
+	case len(req.SigningInput) > 0 && (len(req.Claims) > 0 || len(req.Header) > 0):
+		return fmt.Errorf("%w: send either signing_input or claims and header, not both", errBadRequest)
+	}
+	return nil
+}
+
+// GetJWKS implements keyd.v1.KeyService.
+func (s *Server) GetJWKS(ctx context.Context, req *keydv1.GetJWKSRequest) (*keydv1.GetJWKSResponse, error) {
+	names, err := s.visible(ctx, req.Keysets)
+	if err != nil {
+		return nil, s.toStatus(ctx, "jwks", err)
+	}
+	b, err := JWKS(s.mgr.Versions(names...))
+	if err != nil {
+		return nil, s.toStatus(ctx, "jwks", err)
+	}
+	return &keydv1.GetJWKSResponse{Jwks: b}, nil
+}
+
+// JWKS encodes the published versions among vs as an RFC 7517 JWK Set.
+func JWKS(vs []rotation.Version) ([]byte, error) {
+	keys := []json.RawMessage{}
+	for _, v := range vs {
+		if v.State.Published() && len(v.JWK) > 0 {
+			keys = append(keys, v.JWK)
+		}
+	}
+	return json.Marshal(struct {
+		Keys []json.RawMessage `json:"keys"`
+	}{keys})
+}
+
+// ListKeys implements keyd.v1.KeyService.
+func (s *Server) ListKeys(ctx context.Context, req *keydv1.ListKeysRequest) (*keydv1.ListKeysResponse, error) {
+	names, err := s.visible(ctx, req.Keysets)
+	if err != nil {
+		return nil, s.toStatus(ctx, "list keys", err)
+	}
+	resp := &keydv1.ListKeysResponse{}
+	for _, v := range s.mgr.Versions(names...) {
+		resp.Keys = append(resp.Keys, ToProto(v))
+	}
+	return resp, nil
+}
+
+// WatchKeys implements keyd.v1.KeyService.
+func (s *Server) WatchKeys(req *keydv1.WatchKeysRequest, stream grpc.ServerStreamingServer[keydv1.WatchKeysResponse]) error {
+	ctx := stream.Context()
+	names, err := s.visible(ctx, req.Keysets)
+	if err != nil {
+		return s.toStatus(ctx, "watch keys", err)
+	}
+	if len(names) == 0 {
+		<-ctx.Done()
+		return nil
+	}
+	snap, events, cancel := s.mgr.Watch(names...)
+	defer cancel()
+	for _, v := range snap {
+		if err := stream.Send(&keydv1.WatchKeysResponse{Type: keydv1.WatchKeysResponse_TYPE_SNAPSHOT, Key: ToProto(v)}); err != nil {
+			return err
+		}
+	}
+	if err := stream.Send(&keydv1.WatchKeysResponse{Type: keydv1.WatchKeysResponse_TYPE_SYNCED}); err != nil {
+		return err
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case ev, ok := <-events:
+			if !ok {
+				return status.Error(codes.Unavailable, "watch keys: this watcher fell behind; watch again for a fresh snapshot")
+			}
+			prev := stateToProto(ev.Previous)
+			if ev.Previous == rotation.Pending {
+				prev = keydv1.KeyState_KEY_STATE_UNSPECIFIED
+			}
+			if err := stream.Send(&keydv1.WatchKeysResponse{Type: keydv1.WatchKeysResponse_TYPE_CHANGED, Key: ToProto(ev.Version), PreviousState: prev}); err != nil {
+				return err
+			}
+		}
+	}
+}
+
+// visible returns the requested key sets if the caller may use every one of
+// them, or, when none are requested, every key set the caller may use.
+func (s *Server) visible(ctx context.Context, requested []string) ([]string, error) {
+	c, err := s.caller(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if len(requested) > 0 {
+		if len(requested) > 256 {
+			return nil, fmt.Errorf("%w: more than 256 key sets requested", errBadRequest)
+		}
+		for _, n := range requested {
+			if _, err := s.authorize(c, n); err != nil {
+				return nil, err
+			}
+		}
+		return requested, nil
+	}
+	var out []string
+	for _, ks := range s.mgr.KeySets() {
+		if set, ok := s.sets[ks.Name]; ok && set.Allow.Permits(c) {
+			out = append(out, ks.Name)
+		}
+	}
+	return out, nil
+}
+
+func (s *Server) admin(ctx context.Context) (authz.Caller, error) {
+	c, err := s.caller(ctx)
+	if err != nil {
+		return c, err
+	}
+	if !s.admins.Permits(c) {
+		return c, fmt.Errorf("%w: uid %d is not on the admin allow list", errDenied, c.UID)
+	}
+	return c, nil
+}
+
+// Rotate implements keyd.v1.KeyAdminService.
+func (s *Server) Rotate(ctx context.Context, req *keydv1.RotateRequest) (*keydv1.RotateResponse, error) {
+	c, err := s.admin(ctx)
+	if err != nil {
+		return nil, s.toStatus(ctx, "rotate", err)
+	}
+	if _, ok := s.sets[req.Keyset]; !ok {
+		return nil, s.toStatus(ctx, "rotate", fmt.Errorf("key set %q: %w", req.Keyset, rotation.ErrUnknownKeySet))
+	}
+	active, prev, err := s.mgr.Rotate(ctx, req.Keyset)
+	if err != nil {
+		return nil, s.toStatus(ctx, "rotate", err)
+	}
+	s.log.LogAttrs(ctx, slog.LevelInfo, "rotated by admin", slog.String("keyset", req.Keyset), slog.String("caller", c.String()), slog.String("kid", active.Kid))
+	resp := &keydv1.RotateResponse{Active: ToProto(active)}
+	if prev.Kid != "" {
+		resp.Previous = ToProto(prev)
+	}
+	return resp, nil
+}
+
+// Revoke implements keyd.v1.KeyAdminService.
+func (s *Server) Revoke(ctx context.Context, req *keydv1.RevokeRequest) (*keydv1.RevokeResponse, error) {
+	c, err := s.admin(ctx)
+	if err != nil {
+		return nil, s.toStatus(ctx, "revoke", err)
+	}
+	if req.Kid == "" || len(req.Kid) > maxKidLen {
+		return nil, s.toStatus(ctx, "revoke", fmt.Errorf("%w: kid is required (at most %d bytes)", errBadRequest, maxKidLen))
+	}
+	v, err := s.mgr.Revoke(ctx, req.Kid, req.Keyset)
+	if err != nil && v.Kid == "" {
+		return nil, s.toStatus(ctx, "revoke", err)
+	}
+	s.log.LogAttrs(ctx, slog.LevelWarn, "revoked by admin", slog.String("kid", req.Kid), slog.String("caller", c.String()))
+	if err != nil {
+		return nil, s.toStatus(ctx, "revoke", err)
+	}
+	return &keydv1.RevokeResponse{Key: ToProto(v)}, nil
+}
+
+// ToProto converts a version for the wire.
+func ToProto(v rotation.Version) *keydv1.KeyVersion {
+	kv := &keydv1.KeyVersion{
+		Keyset:    v.KeySet,
+		Kid:       v.Kid,
+		Alg:       string(v.Alg),
+		Purpose:   v.Purpose,
+		State:     stateToProto(v.State),
+		CreatedAt: ts(v.CreatedAt),
+		Backend:   v.Backend,
+	}
+	if !v.ActivatedAt.IsZero() {
+		kv.ActivatedAt = ts(v.ActivatedAt)
+	}
+	if !v.RetireAt.IsZero() {
+		kv.RetireAt = ts(v.RetireAt)
+	}
+	if v.State.Published() {
+		kv.Jwk = v.JWK
+	}
+	return kv
+}
+
+func ts(t time.Time) *timestamppb.Timestamp { return timestamppb.New(t) }
+
+func stateToProto(s rotation.State) keydv1.KeyState {
+	switch s {
+	case rotation.Next:
+		return keydv1.KeyState_KEY_STATE_NEXT
+	case rotation.Active:
+		return keydv1.KeyState_KEY_STATE_ACTIVE
+	case rotation.Draining:
+		return keydv1.KeyState_KEY_STATE_DRAINING
+	case rotation.Retired:
+		return keydv1.KeyState_KEY_STATE_RETIRED
+	case rotation.Destroyed:
+		return keydv1.KeyState_KEY_STATE_DESTROYED
+	case rotation.Revoked:
+		return keydv1.KeyState_KEY_STATE_REVOKED
+	case rotation.Lost:
+		return keydv1.KeyState_KEY_STATE_LOST
+	}
+	return keydv1.KeyState_KEY_STATE_UNSPECIFIED
+}
+
+// keyCache keeps, per kid, the parsed public key and the bare JWK (public
+// members only, no kid/alg/use) that goes into DPoP headers. A kid is a
+// thumbprint, so an entry never goes stale.
+type keyCache struct{ m sync.Map }
+
+type publicKey struct {
+	pub  crypto.PublicKey
+	bare []byte
+}
+
+func (c *keyCache) get(v rotation.Version) (publicKey, error) {
+	if pk, ok := c.m.Load(v.Kid); ok {
+		return pk.(publicKey), nil
+	}
+	var k jws.JWK
+	if err := json.Unmarshal(v.JWK, &k); err != nil {
+		return publicKey{}, fmt.Errorf("recorded JWK of kid %s: %w", v.Kid, err)
+	}
+	pub, err := k.PublicKey()
+	if err != nil {
+		return publicKey{}, fmt.Errorf("recorded JWK of kid %s: %w", v.Kid, err)
+	}
+	k.Kid, k.Alg, k.Use = "", "", ""
+	bare, err := json.Marshal(k)
+	if err != nil {
+		return publicKey{}, err
+	}
+	pk := publicKey{pub: pub, bare: bare}
+	c.m.Store(v.Kid, pk)
+	return pk, nil
+}

@@ -1,0 +1,571 @@
+package rotation
+
+import (
+	"context"
+	"crypto"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/keyd-dev/keyd/internal/jws"
+	"github.com/keyd-dev/keyd/keystore"
+)
+
+// KeySet is a configured key set as the lifecycle sees it.
+type KeySet struct {
+	Name    string
+	Purpose string
+	Spec    keystore.KeySpec
+}
+
+// Config wires a Manager.
+type Config struct {
+	Backend keystore.Backend
+	Store   *Store
+	KeySets []KeySet
+	// Now is the clock; nil means time.Now.
+	Now func() time.Time
+	// Rand makes key IDs; nil means crypto/rand.
+	Rand   io.Reader
+	Logger *slog.Logger
+	// Failpoint, when set, is called at named points of every lifecycle
+	// change ("rotate.after_intent", "rotate.after_generate",
+	// "rotate.after_commit"), so crash tests can kill the process there.
+	Failpoint func(name string)
+}
+
+// Event is one lifecycle transition.
+type Event struct {
+	Version  Version
+	Previous State // the state before, or Pending for a new version
+}
+
+// Manager executes the lifecycle of every configured key set. It is safe for
+// concurrent use: signs take a read lock and a lease; lifecycle changes are
+// serialized among themselves and persisted before they become visible.
+type Manager struct {
+	backend   keystore.Backend
+	store     *Store
+	now       func() time.Time
+	rand      io.Reader
+	log       *slog.Logger
+	failpoint func(string)
+
+	opMu sync.Mutex // serializes lifecycle changes and store writes
+
+	mu    sync.RWMutex
+	sets  map[string]*setState
+	order []string
+	all   []*entry // every version, in creation order, as persisted
+	subs  map[*subscriber]struct{}
+}
+
+type setState struct {
+	cfg    KeySet
+	active *entry
+	byKid  map[string]*entry
+}
+
+type entry struct {
+	v     Version      // guarded by Manager.mu
+	state atomic.Int32 // mirrors v.State for lock-free checks
+	refs  atomic.Int64 // leases in flight; destroy waits for zero
+}
+
+// New loads the store, reconciles it with what the backend holds, and makes
+// sure every configured key set has an active key (generating the first one
+// on a first start). A version whose key the backend no longer has is marked
+// Lost and never replaced silently.
+func New(ctx context.Context, cfg Config) (*Manager, error) {
+	if cfg.Backend == nil || cfg.Store == nil {
+		return nil, errors.New("rotation: Backend and Store are required")
+	}
+	m := &Manager{
+		backend:   cfg.Backend,
+		store:     cfg.Store,
+		now:       cfg.Now,
+		rand:      cfg.Rand,
+		log:       cfg.Logger,
+		failpoint: cfg.Failpoint,
+		sets:      map[string]*setState{},
+		subs:      map[*subscriber]struct{}{},
+	}
+	if m.now == nil {
+		m.now = time.Now
+	}
+	if m.rand == nil {
+		m.rand = rand.Reader
+	}
+	if m.log == nil {
+		m.log = slog.New(slog.DiscardHandler)
+	}
+	if m.failpoint == nil {
+		m.failpoint = func(string) {}
+	}
+	for _, ks := range cfg.KeySets {
+		if _, dup := m.sets[ks.Name]; dup {
+			return nil, fmt.Errorf("rotation: key set %q declared twice", ks.Name)
+		}
+		m.sets[ks.Name] = &setState{cfg: ks, byKid: map[string]*entry{}}
+		m.order = append(m.order, ks.Name)
+	}
+	m.opMu.Lock()
+	defer m.opMu.Unlock()
+	if err := m.reconcile(ctx); err != nil {
+		return nil, err
+	}
+	for _, name := range m.order {
+		s := m.sets[name]
+		if s.active != nil {
+			if s.active.v.Alg != s.cfg.Spec.Algorithm || (s.cfg.Spec.Algorithm.IsRSA() && s.active.v.Spec().Bits() != s.cfg.Spec.Bits()) {
+				m.log.Warn("key set algorithm changed in the configuration; it takes effect at the next rotation",
+					"keyset", name, "active", s.active.v.Spec().String(), "configured", s.cfg.Spec.String())
+			}
+			continue
+		}
+		if m.hasLost(name) {
+			m.log.Error("key set has lost its active key; not generating a replacement: rotate it explicitly once the cause is understood", "keyset", name)
+			continue
+		}
+		if _, _, err := m.rotateLocked(ctx, s, Draining); err != nil {
+			return nil, fmt.Errorf("create the first key of key set %q: %w", name, err)
+		}
+	}
+	return m, nil
+}
+
+func (m *Manager) hasLost(keyset string) bool {
+	for _, e := range m.all {
+		if e.v.KeySet == keyset && e.v.State == Lost {
+			return true
+		}
+	}
+	return false
+}
+
+// reconcile loads the store and compares it with the backend.
+func (m *Manager) reconcile(ctx context.Context) error {
+	stored, err := m.store.Load()
+	if err != nil {
+		return err
+	}
+	held, err := m.backend.List(ctx)
+	if err != nil {
+		return fmt.Errorf("list backend keys: %w", err)
+	}
+	inBackend := map[string]bool{}
+	for _, id := range held {
+		inBackend[id] = true
+	}
+	known := map[string]bool{}
+	changed := false
+	for _, v := range stored {
+		known[v.ID] = true
+		switch {
+		case v.State == Pending:
+			// An interrupted generation: never published. Remove whatever
+			// the backend made of it.
+			if inBackend[v.ID] {
+				if err := m.backend.Destroy(ctx, v.ID); err != nil && !errors.Is(err, keystore.ErrNotFound) {
+					return fmt.Errorf("clean up interrupted generation of %s: %w", v.ID, err)
+				}
+			}
+			m.log.Warn("cleaned up an interrupted key generation", "keyset", v.KeySet, "id", v.ID, "in_backend", inBackend[v.ID])
+			changed = true
+			continue
+		case v.State == Destroyed || v.State == Lost:
+		case !inBackend[v.ID]:
+			m.log.Error("key missing from the backend; marking it lost (DATA_LOSS), not replacing it",
+				"keyset", v.KeySet, "kid", v.Kid, "id", v.ID, "state", v.State.String())
+			v.State = Lost
+			v.ChangedAt = m.now()
+			changed = true
+		default:
+			pub, err := m.backend.Public(ctx, v.ID)
+			if err != nil {
+				return fmt.Errorf("read public key %s: %w", v.ID, err)
+			}
+			kid, err := jws.Thumbprint(pub)
+			if err != nil {
+				return fmt.Errorf("public key %s: %w", v.ID, err)
+			}
+			if kid != v.Kid {
+				m.log.Error("backend key differs from the recorded one; marking it lost (DATA_LOSS)",
+					"keyset", v.KeySet, "kid", v.Kid, "backend_kid", kid, "id", v.ID)
+				v.State = Lost
+				v.ChangedAt = m.now()
+				changed = true
+			}
+		}
+		e := &entry{v: v}
+		e.state.Store(int32(v.State))
+		m.all = append(m.all, e)
+		if s := m.sets[v.KeySet]; s != nil {
+			if v.Kid != "" {
+				s.byKid[v.Kid] = e
+			}
+			if v.State == Active {
+				s.active = e
+			}
+		}
+	}
+	for _, id := range held {
+		if !known[id] {
+			m.log.Warn("backend holds a key keyd has no record of; leaving it alone", "id", id)
+		}
+	}
+	if changed {
+		return m.persist()
+	}
+	return nil
+}
+
+// persist writes every version. Callers hold opMu.
+func (m *Manager) persist() error {
+	m.mu.RLock()
+	vs := make([]Version, 0, len(m.all))
+	for _, e := range m.all {
+		vs = append(vs, e.v)
+	}
+	m.mu.RUnlock()
+	return m.store.Save(vs)
+}
+
+// persistWith writes every version plus the changes, without making the
+// changes visible. Callers hold opMu.
+func (m *Manager) persistWith(changes map[*entry]Version, added ...Version) error {
+	m.mu.RLock()
+	vs := make([]Version, 0, len(m.all)+len(added))
+	for _, e := range m.all {
+		if v, ok := changes[e]; ok {
+			vs = append(vs, v)
+		} else {
+			vs = append(vs, e.v)
+		}
+	}
+	m.mu.RUnlock()
+	return m.store.Save(append(vs, added...))
+}
+
+func (m *Manager) newID(keyset string) (string, error) {
+	var b [8]byte
+	if _, err := io.ReadFull(m.rand, b[:]); err != nil {
+		return "", fmt.Errorf("key id: %w", err)
+	}
+	return keyset + "." + hex.EncodeToString(b[:]), nil
+}
+
+// Rotate makes a new active key for keyset; the previous active version
+// becomes Draining: still published, and still signing for callers that name
+// its kid. It returns the new and the previous version (zero when there was
+// none). A backend failure leaves the active key unchanged.
+func (m *Manager) Rotate(ctx context.Context, keyset string) (active, previous Version, err error) {
+	m.opMu.Lock()
+	defer m.opMu.Unlock()
+	s, ok := m.sets[keyset]
+	if !ok {
+		return Version{}, Version{}, fmt.Errorf("rotate %q: %w", keyset, ErrUnknownKeySet)
+	}
+	return m.rotateLocked(ctx, s, Draining)
+}
+
+// rotateLocked generates a new active version for s in the crash-safe order
+// intent → backend → record, and moves the old active version to oldState.
+func (m *Manager) rotateLocked(ctx context.Context, s *setState, oldState State) (Version, Version, error) {
+	id, err := m.newID(s.cfg.Name)
+	if err != nil {
+		return Version{}, Version{}, err
+	}
+	now := m.now()
+	intent := Version{
+		KeySet:    s.cfg.Name,
+		ID:        id,
+		Alg:       s.cfg.Spec.Algorithm,
+		Purpose:   s.cfg.Purpose,
+		Backend:   m.backend.Name(),
+		State:     Pending,
+		CreatedAt: now,
+		ChangedAt: now,
+	}
+	if s.cfg.Spec.Algorithm.IsRSA() {
+		intent.RSABits = s.cfg.Spec.Bits()
+	}
+	if err := m.persistWith(nil, intent); err != nil {
+		return Version{}, Version{}, fmt.Errorf("record intent: %w", err)
+	}
+	m.failpoint("rotate.after_intent")
+
+	pub, err := m.backend.Generate(ctx, id, s.cfg.Spec)
+	if err != nil {
+		if perr := m.persist(); perr != nil { // drop the intent
+			m.log.Error("could not drop the intent record of a failed generation; it is cleaned up at next start", "id", id, "err", perr)
+		}
+		return Version{}, Version{}, fmt.Errorf("generate %s key for key set %q: %w", s.cfg.Spec, s.cfg.Name, err)
+	}
+	m.failpoint("rotate.after_generate")
+
+	jwk, err := jws.PublicJWK(pub)
+	if err == nil {
+		intent.Kid, err = jwk.Thumbprint()
+	}
+	if err == nil {
+		jwk.Kid, jwk.Alg, jwk.Use = intent.Kid, string(intent.Alg), "sig"
+		intent.JWK, err = json.Marshal(jwk)
+	}
+	if err != nil {
+		m.destroyQuietly(ctx, id)
+		return Version{}, Version{}, fmt.Errorf("public key of new key %s: %w", id, err)
+	}
+	now = m.now()
+	nv := intent
+	nv.State, nv.ActivatedAt, nv.ChangedAt = Active, now, now
+
+	changes := map[*entry]Version{}
+	var prev Version
+	if old := s.active; old != nil {
+		prev = old.v
+		prev.State, prev.ChangedAt = oldState, now
+		changes[old] = prev
+	}
+	if err := m.persistWith(changes, nv); err != nil {
+		m.destroyQuietly(ctx, id)
+		return Version{}, Version{}, fmt.Errorf("record new key: %w", err)
+	}
+
+	ne := &entry{v: nv}
+	ne.state.Store(int32(Active))
+	m.mu.Lock()
+	m.all = append(m.all, ne)
+	s.byKid[nv.Kid] = ne
+	var events []Event
+	if old := s.active; old != nil {
+		old.v = prev
+		old.state.Store(int32(prev.State))
+		events = append(events, Event{Version: prev, Previous: Active})
+	}
+	s.active = ne
+	events = append(events, Event{Version: nv, Previous: Pending})
+	m.publishLocked(events)
+	m.mu.Unlock()
+	m.failpoint("rotate.after_commit")
+
+	m.log.Info("key activated", "keyset", s.cfg.Name, "kid", nv.Kid, "alg", nv.Alg, "previous_kid", prev.Kid, "previous_state", prev.State.String())
+	return nv, prev, nil
+}
+
+func (m *Manager) destroyQuietly(ctx context.Context, id string) {
+	if err := m.backend.Destroy(ctx, id); err != nil {
+		m.log.Error("could not remove an unrecorded key; it is reported as an orphan at next start", "id", id, "err", err)
+	}
+}
+
+// Revoke unpublishes the version with kid and makes it unusable at once. A
+// signature in flight with it is discarded (see Lease.Valid). When the
+// revoked version was the active one, a new active key is generated so the
+// key set keeps working. keyset, when not empty, must be the version's key
+// set.
+func (m *Manager) Revoke(ctx context.Context, kid, keyset string) (Version, error) {
+	m.opMu.Lock()
+	defer m.opMu.Unlock()
+	var s *setState
+	var e *entry
+	m.mu.RLock()
+	for _, name := range m.order {
+		if keyset != "" && name != keyset {
+			continue
+		}
+		if x, ok := m.sets[name].byKid[kid]; ok {
+			s, e = m.sets[name], x
+			break
+		}
+	}
+	m.mu.RUnlock()
+	if e == nil {
+		return Version{}, fmt.Errorf("revoke %s: %w", kid, ErrUnknownKid)
+	}
+	if e.v.State == Revoked || e.v.State == Destroyed {
+		return e.v, nil
+	}
+	now := m.now()
+	v := e.v
+	prevState := v.State
+	v.State, v.ChangedAt = Revoked, now
+	if err := m.persistWith(map[*entry]Version{e: v}); err != nil {
+		return Version{}, fmt.Errorf("record revocation: %w", err)
+	}
+	m.mu.Lock()
+	e.v = v
+	e.state.Store(int32(Revoked))
+	wasActive := s.active == e
+	if wasActive {
+		s.active = nil
+	}
+	m.publishLocked([]Event{{Version: v, Previous: prevState}})
+	m.mu.Unlock()
+	m.log.Warn("key revoked", "keyset", s.cfg.Name, "kid", kid, "previous_state", prevState.String())
+	if wasActive {
+		if _, _, err := m.rotateLocked(ctx, s, Revoked); err != nil {
+			return v, fmt.Errorf("revoked %s, but generating its replacement failed (rotate %q to retry): %w", kid, s.cfg.Name, err)
+		}
+	}
+	return v, nil
+}
+
+// Lease is a hold on a version for one signature.
+type Lease struct {
+	m *Manager
+	e *entry
+	// Version is the version as it was when the lease was taken.
+	Version Version
+}
+
+// Acquire returns a lease on the version of keyset that should sign: the
+// active one, or, when kid is not empty, the version with that kid if it is
+// active or draining. Release the lease when the signature is made.
+func (m *Manager) Acquire(keyset, kid string) (*Lease, error) {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	s, ok := m.sets[keyset]
+	if !ok {
+		return nil, fmt.Errorf("key set %q: %w", keyset, ErrUnknownKeySet)
+	}
+	var e *entry
+	if kid == "" {
+		e = s.active
+		if e == nil {
+			if m.hasLost(keyset) {
+				return nil, fmt.Errorf("key set %q: %w: its active key is gone from the %s backend", keyset, ErrKeyLost, m.backend.Name())
+			}
+			return nil, fmt.Errorf("key set %q: %w", keyset, ErrNoActiveKey)
+		}
+	} else {
+		e = s.byKid[kid]
+		if e == nil {
+			return nil, fmt.Errorf("kid %s: %w: not a key of key set %q", kid, ErrNotSignable, keyset)
+		}
+	}
+	switch st := State(e.state.Load()); st {
+	case Active, Draining:
+	case Lost:
+		return nil, fmt.Errorf("kid %s of key set %q: %w", e.v.Kid, keyset, ErrKeyLost)
+	default:
+		return nil, fmt.Errorf("kid %s of key set %q is %s: %w", e.v.Kid, keyset, st, ErrNotSignable)
+	}
+	e.refs.Add(1)
+	return &Lease{m: m, e: e, Version: e.v}, nil
+}
+
+// Sign signs with the leased key. A backend that no longer has a key it
+// should have marks the version Lost and returns ErrKeyLost.
+func (l *Lease) Sign(ctx context.Context, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
+	sig, err := l.m.backend.Sign(ctx, l.Version.ID, digest, opts)
+	if err != nil {
+		if errors.Is(err, keystore.ErrNotFound) || errors.Is(err, keystore.ErrKeyLost) {
+			l.m.markLost(l.e)
+			return nil, fmt.Errorf("kid %s: %w: %w", l.Version.Kid, ErrKeyLost, err)
+		}
+		return nil, err
+	}
+	return sig, nil
+}
+
+// Public returns the leased key's public key from the backend.
+func (l *Lease) Public(ctx context.Context) (crypto.PublicKey, error) {
+	return l.m.backend.Public(ctx, l.Version.ID)
+}
+
+// Valid reports whether the version may still sign: false once it was
+// revoked (or lost) while the signature was being made.
+func (l *Lease) Valid() bool {
+	st := State(l.e.state.Load())
+	return st == Active || st == Draining
+}
+
+// Release ends the lease. It must be called exactly once.
+func (l *Lease) Release() { l.e.refs.Add(-1) }
+
+// InFlight returns the number of leases held on the version with kid.
+func (m *Manager) InFlight(kid string) int64 {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	for _, s := range m.sets {
+		if e, ok := s.byKid[kid]; ok {
+			return e.refs.Load()
+		}
+	}
+	return 0
+}
+
+func (m *Manager) markLost(e *entry) {
+	m.opMu.Lock()
+	defer m.opMu.Unlock()
+	if State(e.state.Load()) == Lost {
+		return
+	}
+	v := e.v
+	prev := v.State
+	v.State, v.ChangedAt = Lost, m.now()
+	if err := m.persistWith(map[*entry]Version{e: v}); err != nil {
+		m.log.Error("could not record a lost key", "kid", v.Kid, "err", err)
+	}
+	m.mu.Lock()
+	e.v = v
+	e.state.Store(int32(Lost))
+	if s := m.sets[v.KeySet]; s != nil && s.active == e {
+		s.active = nil
+	}
+	m.publishLocked([]Event{{Version: v, Previous: prev}})
+	m.mu.Unlock()
+	m.log.Error("key lost from the backend (DATA_LOSS); not replacing it", "keyset", v.KeySet, "kid", v.Kid, "id", v.ID)
+}
+
+// Versions returns the versions of the named key sets (all configured ones
+// when names is empty), in creation order, pending intents left out.
+func (m *Manager) Versions(names ...string) []Version {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	return m.versionsLocked(names)
+}
+
+func (m *Manager) versionsLocked(names []string) []Version {
+	var out []Version
+	for _, e := range m.all {
+		if e.v.State == Pending {
+			continue
+		}
+		if _, configured := m.sets[e.v.KeySet]; !configured {
+			continue
+		}
+		if len(names) > 0 && !slices.Contains(names, e.v.KeySet) {
+			continue
+		}
+		out = append(out, e.v)
+	}
+	return out
+}
+
+// KeySets returns the configured key sets in configuration order.
+func (m *Manager) KeySets() []KeySet {
+	out := make([]KeySet, 0, len(m.order))
+	for _, n := range m.order {
+		out = append(out, m.sets[n].cfg)
+	}
+	return out
+}
+
+// KeySet returns the configured key set name.
+func (m *Manager) KeySet(name string) (KeySet, bool) {
+	s, ok := m.sets[name]
+	if !ok {
+		return KeySet{}, false
+	}
+	return s.cfg, true
+}

@@ -1,0 +1,134 @@
+package rotation
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+
+	"golang.org/x/sys/unix"
+)
+
+// Store persists the versions of every key set in one small JSON file,
+// replaced atomically on every change: written to a temporary file, fsynced,
+// renamed over the old one, and the directory fsynced. The state is tens of
+// records and changes a few times a day, so rewriting it whole is cheap and
+// leaves no journal to replay; a crash at any point leaves either the old or
+// the new file, never a mix. (An embedded database such as bbolt would bring
+// a dependency and a file format for no gain at this size.)
+//
+// The store also holds an exclusive flock on the state directory for the
+// life of the process, so a second keyd on the same directory refuses to
+// start instead of corrupting it.
+type Store struct {
+	dir  string
+	path string
+	lock *os.File
+}
+
+const stateFile = "keys.json"
+
+type stateDoc struct {
+	Format   int       `json:"format"`
+	Versions []Version `json:"versions"`
+}
+
+// OpenStore opens (creating 0700 when missing) the state directory dir and
+// takes its lock. It fails with ErrLocked when another process holds it.
+func OpenStore(dir string) (*Store, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("state directory: %w", err)
+	}
+	fi, err := os.Lstat(dir)
+	if err != nil {
+		return nil, fmt.Errorf("state directory: %w", err)
+	}
+	if !fi.IsDir() {
+		return nil, fmt.Errorf("state directory %s: not a directory", dir)
+	}
+	if fi.Mode().Perm()&0o022 != 0 {
+		return nil, fmt.Errorf("state directory %s: mode %v lets others write; use 0700", dir, fi.Mode().Perm())
+	}
+	lf, err := os.OpenFile(filepath.Join(dir, "keyd.lock"), os.O_RDWR|os.O_CREATE|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("state lock: %w", err)
+	}
+	if err := unix.Flock(int(lf.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		lf.Close()
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			return nil, fmt.Errorf("%s: %w", dir, ErrLocked)
+		}
+		return nil, fmt.Errorf("state lock: %w", err)
+	}
+	return &Store{dir: dir, path: filepath.Join(dir, stateFile), lock: lf}, nil
+}
+
+// Load returns the stored versions (none when the file does not exist yet).
+func (s *Store) Load() ([]Version, error) {
+	b, err := os.ReadFile(s.path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read key metadata: %w", err)
+	}
+	var doc stateDoc
+	if err := json.Unmarshal(b, &doc); err != nil {
+		return nil, fmt.Errorf("%s: %w: %v", s.path, ErrCorruptState, err)
+	}
+	if doc.Format != 1 {
+		return nil, fmt.Errorf("%s: %w: format %d, this keyd reads format 1", s.path, ErrCorruptState, doc.Format)
+	}
+	return doc.Versions, nil
+}
+
+// Save replaces the stored versions with vs, atomically and durably.
+func (s *Store) Save(vs []Version) error {
+	b, err := json.MarshalIndent(stateDoc{Format: 1, Versions: vs}, "", "  ")
+	if err != nil {
+		return fmt.Errorf("encode key metadata: %w", err)
+	}
+	tmp, err := os.CreateTemp(s.dir, ".keys.json.tmp-*")
+	if err != nil {
+		return fmt.Errorf("write key metadata: %w", err)
+	}
+	ok := false
+	defer func() {
+		if !ok {
+			tmp.Close()
+			os.Remove(tmp.Name())
+		}
+	}()
+	if err := tmp.Chmod(0o600); err != nil {
+		return fmt.Errorf("write key metadata: %w", err)
+	}
+	if _, err := tmp.Write(append(b, '\n')); err != nil {
+		return fmt.Errorf("write key metadata: %w", err)
+	}
+	if err := tmp.Sync(); err != nil {
+		return fmt.Errorf("write key metadata: %w", err)
+	}
+	if err := tmp.Close(); err != nil {
+		return fmt.Errorf("write key metadata: %w", err)
+	}
+	if err := os.Rename(tmp.Name(), s.path); err != nil {
+		return fmt.Errorf("write key metadata: %w", err)
+	}
+	ok = true
+	d, err := os.Open(s.dir)
+	if err != nil {
+		return fmt.Errorf("sync state directory: %w", err)
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil {
+		return fmt.Errorf("sync state directory: %w", err)
+	}
+	return nil
+}
+
+// Dir is the state directory.
+func (s *Store) Dir() string { return s.dir }
+
+// Close releases the lock.
+func (s *Store) Close() error { return s.lock.Close() }

@@ -1,0 +1,116 @@
+// Package rotation owns the lifecycle of keyd's key versions: which key of a
+// key set is active, which are published, draining or gone, and the
+// crash-safe order in which those facts change.
+//
+//	next ──▶ active ──▶ draining ──▶ retired ──▶ destroyed
+//	any state ──revoke──▶ revoked
+//
+// The Manager keeps the versions in memory, persists every transition in a
+// Store before it is visible, and hands out Leases: a signature holds a lease
+// on its version for as long as it is being made, so a version is never
+// destroyed under a signature in flight, and a signature finished after its
+// version was revoked is thrown away.
+package rotation
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/keyd-dev/keyd/keystore"
+)
+
+// State is a key version's lifecycle state.
+type State int
+
+// The states. Pending is the intent record written before the backend
+// generates a key: it is never published, and a pending version found at
+// start is an interrupted generation that reconciliation cleans up.
+const (
+	Pending State = iota
+	Next
+	Active
+	Draining
+	Retired
+	Destroyed
+	Revoked
+	// Lost is a version the metadata says exists but whose key the backend
+	// no longer has (a wiped token, a cleared TPM). It is never replaced
+	// silently: signing with it is ErrKeyLost until an operator acts.
+	Lost
+)
+
+var stateNames = [...]string{"pending", "next", "active", "draining", "retired", "destroyed", "revoked", "lost"}
+
+func (s State) String() string {
+	if s >= 0 && int(s) < len(stateNames) {
+		return stateNames[s]
+	}
+	return fmt.Sprintf("State(%d)", int(s))
+}
+
+// MarshalText implements encoding.TextMarshaler.
+func (s State) MarshalText() ([]byte, error) { return []byte(s.String()), nil }
+
+// UnmarshalText implements encoding.TextUnmarshaler.
+func (s *State) UnmarshalText(b []byte) error {
+	for i, n := range stateNames {
+		if n == string(b) {
+			*s = State(i)
+			return nil
+		}
+	}
+	return fmt.Errorf("unknown key state %q", b)
+}
+
+// Published reports whether versions in this state appear in the JWKS.
+func (s State) Published() bool { return s == Next || s == Active || s == Draining }
+
+// Version is one key of a key set.
+type Version struct {
+	KeySet string `json:"keyset"`
+	// ID names the key in the backend; never reused.
+	ID string `json:"id"`
+	// Kid is the RFC 7638 SHA-256 thumbprint of the public key.
+	Kid       string             `json:"kid,omitempty"`
+	Alg       keystore.Algorithm `json:"alg"`
+	RSABits   int                `json:"rsa_bits,omitempty"`
+	Purpose   string             `json:"purpose"`
+	Backend   string             `json:"backend"`
+	State     State              `json:"state"`
+	CreatedAt time.Time          `json:"created_at"`
+	// ActivatedAt is when the version became active (zero before).
+	ActivatedAt time.Time `json:"activated_at,omitzero"`
+	// RetireAt is when the version leaves its current published state, when
+	// a schedule says so (zero: not scheduled).
+	RetireAt time.Time `json:"retire_at,omitzero"`
+	// ChangedAt is the time of the last transition.
+	ChangedAt time.Time `json:"changed_at"`
+	// JWK is the public key as an RFC 7517 JWK (public members only).
+	JWK json.RawMessage `json:"jwk,omitempty"`
+}
+
+// Spec is the key the version holds.
+func (v Version) Spec() keystore.KeySpec {
+	return keystore.KeySpec{Algorithm: v.Alg, RSABits: v.RSABits}
+}
+
+// Errors of the lifecycle.
+var (
+	// ErrUnknownKeySet: no key set of that name is configured.
+	ErrUnknownKeySet = errors.New("unknown key set")
+	// ErrNotSignable: the version exists but may not sign (next, retired,
+	// revoked, destroyed), or the kid is not a version of the key set.
+	ErrNotSignable = errors.New("key version is not signable")
+	// ErrNoActiveKey: the key set has no active version.
+	ErrNoActiveKey = errors.New("key set has no active key")
+	// ErrKeyLost: the metadata says the key exists but the backend lost it.
+	ErrKeyLost = errors.New("key lost from the backend")
+	// ErrUnknownKid: no version has that kid.
+	ErrUnknownKid = errors.New("unknown kid")
+	// ErrLocked: another keyd owns the state directory.
+	ErrLocked = errors.New("state directory in use by another keyd")
+	// ErrCorruptState: the metadata file cannot be read as keyd wrote it.
+	ErrCorruptState = errors.New("key metadata is corrupt")
+)
