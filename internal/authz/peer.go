@@ -83,7 +83,7 @@ func (peerCreds) Info() credentials.ProtocolInfo {
 	return credentials.ProtocolInfo{SecurityProtocol: "unix-peercred"}
 }
 func (p peerCreds) Clone() credentials.TransportCredentials { return p }
-func (peerCreds) OverrideServerName(string) error          { return nil }
+func (peerCreds) OverrideServerName(string) error           { return nil }
 
 // ReadPeerCred returns the SO_PEERCRED credentials of a Unix socket
 // connection.
@@ -99,6 +99,17 @@ func ReadPeerCred(c net.Conn) (Caller, error) {
 	var cred *unix.Ucred
 	var credErr error
 	if err := raw.Control(func(fd uintptr) {
+		// SO_PEERCRED answers on other socket families too, with
+		// meaningless ids: insist on AF_UNIX first.
+		domain, err := unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_DOMAIN)
+		if err != nil {
+			credErr = err
+			return
+		}
+		if domain != unix.AF_UNIX {
+			credErr = fmt.Errorf("socket family %d is not AF_UNIX", domain)
+			return
+		}
 		cred, credErr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
 	}); err != nil {
 		return Caller{}, fmt.Errorf("%w: %v", ErrNoCredentials, err)

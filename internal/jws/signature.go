@@ -1,0 +1,175 @@
+package jws
+
+import (
+	"bytes"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/ed25519"
+	"crypto/rsa"
+	"encoding/asn1"
+	"fmt"
+	"math/big"
+
+	"github.com/keyd-dev/keyd/keystore"
+)
+
+// keyFor checks that pub is a valid key of the kind alg signs with and
+// returns alg's parameters. An unknown alg wraps
+// keystore.ErrUnsupportedAlgorithm; a key of the wrong kind, curve or size
+// wraps ErrUnsupportedKey.
+func keyFor(alg keystore.Algorithm, pub crypto.PublicKey) (params, error) {
+	p, err := paramsFor(alg)
+	if err != nil {
+		return params{}, err
+	}
+	info, err := inspect(pub)
+	if err != nil {
+		return params{}, fmt.Errorf("%s: %w", alg, err)
+	}
+	if info.kty != p.kty || (p.kty == ktyEC && info.curve != p.curve) {
+		return params{}, fmt.Errorf("%s with a %s %s key: %w", alg, info.kty, info.crv, ErrUnsupportedKey)
+	}
+	return p, nil
+}
+
+// ecdsaSignature is the ASN.1 form of an ECDSA signature (RFC 3279 §2.2.3,
+// SEC 1 §C.8): SEQUENCE { r INTEGER, s INTEGER }.
+type ecdsaSignature struct {
+	R, S *big.Int
+}
+
+// EncodeSignature turns sig, a signature that a keystore.Backend (or any
+// crypto.Signer) made with pub for alg over Digest(alg, signingInput), into
+// the JWS signature of RFC 7518 and RFC 8037:
+//
+//   - ES256, ES384: sig must be exactly the DER encoding of an ECDSA-Sig-Value
+//     SEQUENCE { r INTEGER, s INTEGER } with nothing before, after or inside
+//     it beyond the two integers, each minimally encoded, and 1 ≤ r, s < n
+//     where n is the order of the curve. The result is r ‖ s with each
+//     left-padded with zeros to the curve size: always 64 bytes for ES256
+//     and 96 for ES384. A signature that is already in that raw form is
+//     refused: backends return DER, and accepting two forms would hide a
+//     backend that does not.
+//   - RS256, PS256: sig must be exactly as long as the modulus of pub.
+//   - EdDSA: sig must be exactly 64 bytes.
+//
+// The result never aliases sig. EncodeSignature does not verify the
+// signature; Verify does. A signature of the wrong form wraps
+// ErrBadSignature, a key that does not fit alg wraps ErrUnsupportedKey, an
+// unknown alg wraps keystore.ErrUnsupportedAlgorithm.
+func EncodeSignature(alg keystore.Algorithm, pub crypto.PublicKey, sig []byte) ([]byte, error) {
+	p, err := keyFor(alg, pub)
+	if err != nil {
+		return nil, err
+	}
+	switch p.kty {
+	case ktyEC:
+		return encodeECDSA(alg, p, sig)
+	case ktyRSA:
+		if size := pub.(*rsa.PublicKey).Size(); len(sig) != size {
+			return nil, fmt.Errorf("%s signature of %d bytes, want %d: %w", alg, len(sig), size, ErrBadSignature)
+		}
+	case ktyOKP:
+		if len(sig) != ed25519.SignatureSize {
+			return nil, fmt.Errorf("%s signature of %d bytes, want %d: %w", alg, len(sig), ed25519.SignatureSize, ErrBadSignature)
+		}
+	}
+	return bytes.Clone(sig), nil
+}
+
+// encodeECDSA converts a DER ECDSA signature to fixed-width r ‖ s.
+func encodeECDSA(alg keystore.Algorithm, p params, der []byte) ([]byte, error) {
+	// The longest canonical DER: a 2-byte SEQUENCE header (the content never
+	// reaches 128 bytes for P-256 or P-384) and two INTEGERs of a 2-byte
+	// header, a 0x00 sign byte and size bytes each.
+	if maxLen := 2 + 2*(3+p.size); len(der) > maxLen {
+		return nil, fmt.Errorf("%s DER signature of %d bytes, at most %d: %w", alg, len(der), maxLen, ErrBadSignature)
+	}
+	var v ecdsaSignature
+	rest, err := asn1.Unmarshal(der, &v)
+	if err != nil {
+		return nil, fmt.Errorf("%s DER signature: %w: %w", alg, ErrBadSignature, err)
+	}
+	if len(rest) != 0 {
+		return nil, fmt.Errorf("%s DER signature: %d bytes of trailing data: %w", alg, len(rest), ErrBadSignature)
+	}
+	// encoding/asn1 tolerates extra elements at the end of a SEQUENCE and is
+	// lenient in places DER is not; re-encoding and comparing guarantees der
+	// was the one canonical encoding of (r, s).
+	canon, err := asn1.Marshal(v)
+	if err != nil || !bytes.Equal(canon, der) {
+		return nil, fmt.Errorf("%s DER signature is not canonical DER: %w", alg, ErrBadSignature)
+	}
+	order := p.curve.Params().N
+	for _, x := range []struct {
+		name string
+		v    *big.Int
+	}{{"r", v.R}, {"s", v.S}} {
+		if x.v.Sign() <= 0 || x.v.Cmp(order) >= 0 {
+			return nil, fmt.Errorf("%s signature %s out of range [1, n-1]: %w", alg, x.name, ErrBadSignature)
+		}
+	}
+	out := make([]byte, 2*p.size)
+	v.R.FillBytes(out[:p.size])
+	v.S.FillBytes(out[p.size:])
+	return out, nil
+}
+
+// Verify checks jwsSig, a signature in JWS form (as EncodeSignature returns
+// it, or as found in a compact JWS), over signingInput with pub for alg, using
+// the standard library only:
+//
+//   - ES256, ES384: jwsSig must be exactly 2×size bytes (64, 96), split into
+//     r and s and checked with ecdsa.Verify over the hash of signingInput.
+//   - RS256: rsa.VerifyPKCS1v15 with SHA-256.
+//   - PS256: rsa.VerifyPSS with SHA-256, MGF1-SHA-256 and a salt of exactly
+//     32 bytes (rsa.PSSSaltLengthEqualsHash), as RFC 7518 §3.5 requires; a
+//     signature with any other salt length fails, even one that verifiers
+//     which auto-detect the salt would accept.
+//   - EdDSA: ed25519.Verify over signingInput itself.
+//
+// A signature that does not verify, or has the wrong length, wraps
+// ErrBadSignature; a key that does not fit alg wraps ErrUnsupportedKey; an
+// unknown alg wraps keystore.ErrUnsupportedAlgorithm.
+func Verify(alg keystore.Algorithm, pub crypto.PublicKey, signingInput, jwsSig []byte) error {
+	p, err := keyFor(alg, pub)
+	if err != nil {
+		return err
+	}
+	digest, err := Digest(alg, signingInput)
+	if err != nil {
+		return err
+	}
+	switch p.kty {
+	case ktyEC:
+		if len(jwsSig) != 2*p.size {
+			return fmt.Errorf("%s signature of %d bytes, want %d: %w", alg, len(jwsSig), 2*p.size, ErrBadSignature)
+		}
+		r := new(big.Int).SetBytes(jwsSig[:p.size])
+		s := new(big.Int).SetBytes(jwsSig[p.size:])
+		if !ecdsa.Verify(pub.(*ecdsa.PublicKey), digest, r, s) {
+			return fmt.Errorf("%s: %w", alg, ErrBadSignature)
+		}
+	case ktyRSA:
+		k := pub.(*rsa.PublicKey)
+		if len(jwsSig) != k.Size() {
+			return fmt.Errorf("%s signature of %d bytes, want %d: %w", alg, len(jwsSig), k.Size(), ErrBadSignature)
+		}
+		if alg == keystore.PS256 {
+			err = rsa.VerifyPSS(k, crypto.SHA256, digest, jwsSig, &rsa.PSSOptions{SaltLength: rsa.PSSSaltLengthEqualsHash, Hash: crypto.SHA256})
+		} else {
+			err = rsa.VerifyPKCS1v15(k, crypto.SHA256, digest, jwsSig)
+		}
+		if err != nil {
+			return fmt.Errorf("%s: %w: %w", alg, ErrBadSignature, err)
+		}
+	case ktyOKP:
+		if len(jwsSig) != ed25519.SignatureSize {
+			return fmt.Errorf("%s signature of %d bytes, want %d: %w", alg, len(jwsSig), ed25519.SignatureSize, ErrBadSignature)
+		}
+		if !ed25519.Verify(pub.(ed25519.PublicKey), signingInput, jwsSig) {
+			return fmt.Errorf("%s: %w", alg, ErrBadSignature)
+		}
+	}
+	return nil
+}
