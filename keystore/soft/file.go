@@ -1,0 +1,249 @@
+package soft
+
+import (
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/ed25519"
+	"crypto/elliptic"
+	"crypto/rsa"
+	"crypto/x509"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"syscall"
+
+	"github.com/keyd-dev/keyd/keystore"
+)
+
+const (
+	pemType = "PRIVATE KEY"
+	// maxKeyFile bounds what loadKey reads; an RSA-3072 PKCS #8 PEM is
+	// about 2.5 KB.
+	maxKeyFile = 64 << 10
+	noFollow   = syscall.O_NOFOLLOW
+)
+
+// checkDir refuses a key directory that is a symlink, not a directory,
+// writable by group or others, or owned by another user.
+func checkDir(dir string) error {
+	fi, err := os.Lstat(dir)
+	if err != nil {
+		return fmt.Errorf("key directory: %w", err)
+	}
+	switch {
+	case fi.Mode()&fs.ModeSymlink != 0:
+		return fmt.Errorf("key directory %s is a symlink; configure the real path: %w", dir, keystore.ErrInsecureStorage)
+	case !fi.IsDir():
+		return fmt.Errorf("key directory %s is not a directory (%v)", dir, fi.Mode().Type())
+	case fi.Mode().Perm()&0o022 != 0:
+		return fmt.Errorf("key directory %s has mode %04o, writable by group or others; chmod 700 it: %w", dir, fi.Mode().Perm(), keystore.ErrInsecureStorage)
+	}
+	if uid, ok := owner(fi); ok && uid != os.Geteuid() {
+		return fmt.Errorf("key directory %s is owned by uid %d, not by this process's uid %d: %w", dir, uid, os.Geteuid(), keystore.ErrInsecureStorage)
+	}
+	return nil
+}
+
+// checkFile checks the key file at path without following a symlink. It fails
+// with ErrNotFound if there is none and ErrInsecureStorage if it is unsafe.
+func checkFile(path string) (fs.FileInfo, error) {
+	fi, err := os.Lstat(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, keystore.ErrNotFound
+	}
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", keystore.ErrUnavailable, err)
+	}
+	return fi, checkInfo(path, fi)
+}
+
+// checkInfo refuses a key file that is a symlink, not a regular file, has any
+// group or other permission bit or is owned by another user.
+func checkInfo(path string, fi fs.FileInfo) error {
+	switch {
+	case fi.Mode()&fs.ModeSymlink != 0:
+		return fmt.Errorf("key file %s is a symlink: %w", path, keystore.ErrInsecureStorage)
+	case !fi.Mode().IsRegular():
+		return fmt.Errorf("key file %s is not a regular file (%v): %w", path, fi.Mode().Type(), keystore.ErrInsecureStorage)
+	case fi.Mode().Perm()&0o077 != 0:
+		return fmt.Errorf("key file %s has mode %04o, open to group or others; chmod 600 it: %w", path, fi.Mode().Perm(), keystore.ErrInsecureStorage)
+	}
+	if uid, ok := owner(fi); ok && uid != os.Geteuid() {
+		return fmt.Errorf("key file %s is owned by uid %d, not by this process's uid %d: %w", path, uid, os.Geteuid(), keystore.ErrInsecureStorage)
+	}
+	return nil
+}
+
+func owner(fi fs.FileInfo) (int, bool) {
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	if !ok {
+		return 0, false
+	}
+	return int(st.Uid), true
+}
+
+// loadKey reads and parses the key file at path after checking it. It fails
+// with ErrNotFound, ErrInsecureStorage, ErrKeyLost (the file is unreadable as
+// a key) or ErrUnsupportedAlgorithm (a key keyd does not sign with).
+func loadKey(path string) (crypto.Signer, error) {
+	fi, err := checkFile(path)
+	if err != nil {
+		return nil, err
+	}
+	// O_NOFOLLOW and O_NONBLOCK: a symlink or FIFO swapped in after the
+	// Lstat neither gets followed nor blocks the open.
+	f, err := os.OpenFile(path, os.O_RDONLY|noFollow|syscall.O_NONBLOCK, 0)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return nil, keystore.ErrNotFound
+	case errors.Is(err, syscall.ELOOP):
+		return nil, fmt.Errorf("key file %s is a symlink: %w", path, keystore.ErrInsecureStorage)
+	case err != nil:
+		return nil, fmt.Errorf("%w: %v", keystore.ErrUnavailable, err)
+	}
+	defer f.Close()
+	ofi, err := f.Stat()
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", keystore.ErrUnavailable, err)
+	}
+	if err := checkInfo(path, ofi); err != nil {
+		return nil, err
+	}
+	if !os.SameFile(fi, ofi) {
+		return nil, fmt.Errorf("key file %s was replaced while being opened: %w", path, keystore.ErrInsecureStorage)
+	}
+	data, err := io.ReadAll(io.LimitReader(f, maxKeyFile+1))
+	defer clear(data)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", keystore.ErrUnavailable, err)
+	}
+	if len(data) > maxKeyFile {
+		return nil, fmt.Errorf("key file %s is larger than %d bytes: %w", path, maxKeyFile, keystore.ErrKeyLost)
+	}
+	block, _ := pem.Decode(data)
+	if block == nil || block.Type != pemType {
+		return nil, fmt.Errorf("key file %s has no PEM %q block: %w", path, pemType, keystore.ErrKeyLost)
+	}
+	defer clear(block.Bytes)
+	key, err := x509.ParsePKCS8PrivateKey(block.Bytes)
+	if err != nil {
+		return nil, fmt.Errorf("key file %s: %v: %w", path, err, keystore.ErrKeyLost)
+	}
+	switch k := key.(type) {
+	case *ecdsa.PrivateKey:
+		if k.Curve == elliptic.P256() || k.Curve == elliptic.P384() {
+			return k, nil
+		}
+	case *rsa.PrivateKey:
+		if n := k.N.BitLen(); n == 2048 || n == 3072 {
+			return k, nil
+		}
+	case ed25519.PrivateKey:
+		return k, nil
+	}
+	return nil, fmt.Errorf("key file %s holds a %s: %w", path, describe(key), keystore.ErrUnsupportedAlgorithm)
+}
+
+func describe(key any) string {
+	switch k := key.(type) {
+	case *ecdsa.PrivateKey:
+		return "ECDSA " + k.Curve.Params().Name + " key"
+	case *rsa.PrivateKey:
+		return fmt.Sprintf("%d-bit RSA key", k.N.BitLen())
+	}
+	return fmt.Sprintf("%T", key)
+}
+
+// writeKey writes key to <id>.key atomically and without replacing an existing
+// file: a temporary file (O_EXCL, 0600) is written and synced, hard-linked to
+// the final name (which fails if it exists: ErrAlreadyExists), removed, and the
+// directory synced. The caller holds b.wmu.
+func (b *Backend) writeKey(id string, key crypto.Signer) (err error) {
+	der, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		return fmt.Errorf("encode key: %w", err)
+	}
+	defer clear(der)
+	data := pem.EncodeToMemory(&pem.Block{Type: pemType, Bytes: der})
+	defer clear(data)
+
+	f, err := os.CreateTemp(b.dir, id+tempInfix+"*")
+	if err != nil {
+		return fmt.Errorf("%w: create key file: %v", keystore.ErrUnavailable, err)
+	}
+	tmp := f.Name()
+	defer func() {
+		if f != nil {
+			f.Close()
+		}
+		if rerr := os.Remove(tmp); rerr != nil && !errors.Is(rerr, fs.ErrNotExist) {
+			b.log.Error("cannot remove temporary key file", "path", tmp, "err", rerr)
+		}
+	}()
+	if err := f.Chmod(0o600); err != nil {
+		return fmt.Errorf("%w: %v", keystore.ErrUnavailable, err)
+	}
+	if _, err := f.Write(data); err != nil {
+		return fmt.Errorf("%w: write %s: %v", keystore.ErrUnavailable, tmp, err)
+	}
+	if err := b.fail("written", tmp); err != nil {
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		return fmt.Errorf("%w: sync %s: %v", keystore.ErrUnavailable, tmp, err)
+	}
+	err = f.Close()
+	f = nil
+	if err != nil {
+		return fmt.Errorf("%w: close %s: %v", keystore.ErrUnavailable, tmp, err)
+	}
+	if err := b.fail("synced", tmp); err != nil {
+		return err
+	}
+	final := b.keyPath(id)
+	if err := os.Link(tmp, final); errors.Is(err, fs.ErrExist) {
+		return keystore.ErrAlreadyExists
+	} else if err != nil {
+		return fmt.Errorf("%w: link %s: %v", keystore.ErrUnavailable, final, err)
+	}
+	if err := b.fail("linked", tmp); err != nil {
+		return err
+	}
+	if err := os.Remove(tmp); err != nil {
+		b.log.Error("cannot remove temporary key file", "path", tmp, "err", err)
+	}
+	// Only now is the new name durable. If this fails the key file may or
+	// may not survive a crash; a retried Generate then sees ErrAlreadyExists
+	// or generates afresh, and never overwrites.
+	if err := syncDir(b.dir); err != nil {
+		return fmt.Errorf("%w: %v", keystore.ErrUnavailable, err)
+	}
+	return nil
+}
+
+func (b *Backend) fail(stage, tmp string) error {
+	if b.failpoint == nil {
+		return nil
+	}
+	return b.failpoint(stage, tmp)
+}
+
+// syncDir makes the directory entries of dir durable.
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return fmt.Errorf("sync key directory: %w", err)
+	}
+	err = d.Sync()
+	if cerr := d.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return fmt.Errorf("sync key directory %s: %w", filepath.Clean(dir), err)
+	}
+	return nil
+}
