@@ -12,6 +12,8 @@ require (
 )
 
 require (
+	github.com/google/go-tpm v0.9.8 // indirect
+	github.com/miekg/pkcs11 v1.1.2 // indirect
 	golang.org/x/net v0.60.0 // indirect
 	golang.org/x/text v0.42.0 // indirect
 	golang.org/x/tools v0.49.0 // indirect

@@ -76,7 +76,7 @@ func (p *DPoP) Proof(ctx context.Context, method, rawURL string, opts ...ProofOp
 	}
 	htu, err := policy.NormalizeHTU(rawURL)
 	if err != nil {
-		return Proof{}, fmt.Errorf("%w: htu: %v", ErrInvalidArgument, err)
+		return Proof{}, fmt.Errorf("%w: %v", ErrInvalidArgument, err)
 	}
 	if method == "" {
 		return Proof{}, fmt.Errorf("%w: htm: the HTTP method is required", ErrInvalidArgument)

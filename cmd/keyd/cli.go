@@ -10,11 +10,13 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"slices"
 	"strings"
 	"syscall"
 	"text/tabwriter"
 	"time"
 
+	"google.golang.org/grpc/codes"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	"github.com/keyd-dev/keyd/client"
@@ -91,37 +93,79 @@ func (c *cli) run(args []string) int {
 func oneLine(err error) string {
 	var ke *client.Error
 	if errors.As(err, &ke) {
-		return strings.Join(strings.Fields(ke.Message), " ")
+		msg := strings.Join(strings.Fields(ke.Message), " ")
+		if ke.Code == codes.Unavailable && strings.Contains(msg, "connect:") {
+			msg = "cannot connect to keyd (" + msg + "): is 'keyd serve' running, and may this user open its socket?"
+		}
+		return msg
 	}
 	return strings.Join(strings.Fields(strings.TrimPrefix(err.Error(), errUsage.Error()+": ")), " ")
 }
 
 func (c *cli) flags(name string) *flag.FlagSet {
 	fs := flag.NewFlagSet("keyd "+name, flag.ContinueOnError)
-	fs.SetOutput(c.stderr)
+	// Errors are reported in one line by run; the flag list only on -h.
+	fs.SetOutput(io.Discard)
+	fs.Usage = func() {
+		fmt.Fprintf(c.stderr, "Usage of %s:\n", fs.Name())
+		fs.SetOutput(c.stderr)
+		fs.PrintDefaults()
+		fs.SetOutput(io.Discard)
+	}
 	return fs
 }
 
+// parse parses flags anywhere on the command line (keyd keys revoke KID
+// --keyset x) and returns exactly positional positional arguments. An
+// argument that starts with '-' but names no flag of fs is positional, so a
+// kid such as "-Abc…" (base64url) needs no "--"; "--" still ends the flags.
 func parse(fs *flag.FlagSet, args []string, positional int) ([]string, error) {
-	// Accept flags after positional arguments too: keyd keys revoke KID --keyset x.
-	var pos []string
-	for {
-		if err := fs.Parse(args); err != nil {
-			if errors.Is(err, flag.ErrHelp) {
-				return nil, err
-			}
-			return nil, fmt.Errorf("%w: %v", errUsage, err)
-		}
-		if fs.NArg() == 0 {
+	var flags, pos []string
+	for i := 0; i < len(args); i++ {
+		a := args[i]
+		if a == "--" {
+			pos = append(pos, args[i+1:]...)
 			break
 		}
-		pos = append(pos, fs.Arg(0))
-		args = fs.Args()[1:]
+		if !strings.HasPrefix(a, "-") || a == "-" {
+			pos = append(pos, a)
+			continue
+		}
+		name, _, inline := strings.Cut(strings.TrimPrefix(strings.TrimPrefix(a, "-"), "-"), "=")
+		f := fs.Lookup(name)
+		if f == nil && name != "h" && name != "help" {
+			pos = append(pos, a)
+			continue
+		}
+		flags = append(flags, a)
+		if f != nil && !inline && !isBool(f) && i+1 < len(args) {
+			flags = append(flags, args[i+1])
+			i++
+		}
+	}
+	if err := fs.Parse(flags); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return nil, err
+		}
+		return nil, fmt.Errorf("%w: %v", errUsage, err)
 	}
 	if len(pos) != positional {
+		for _, a := range pos {
+			if strings.HasPrefix(a, "-") && len(pos) > positional {
+				return nil, fmt.Errorf("%w: flag provided but not defined: %s", errUsage, a)
+			}
+		}
+		if positional == 0 {
+			return nil, fmt.Errorf("%w: %s takes no arguments, got %q", errUsage, fs.Name(), strings.Join(pos, " "))
+		}
 		return nil, fmt.Errorf("%w: %s takes %d argument(s), got %d", errUsage, fs.Name(), positional, len(pos))
 	}
 	return pos, nil
+}
+
+func isBool(f *flag.Flag) bool {
+	b, ok := f.Value.(interface{ IsBoolFlag() bool })
+	return ok && b.IsBoolFlag()
 }
 
 // --- daemon ---
@@ -454,7 +498,8 @@ func (c *cli) proof(args []string) error {
 		}
 	}
 	if len(missing) > 0 {
-		return fmt.Errorf("%w: proof needs --keyset, --htm and --htu", errUsage)
+		slices.Sort(missing)
+		return fmt.Errorf("%w: proof needs --keyset, --htm and --htu (missing %s)", errUsage, strings.Join(missing, ", "))
 	}
 	cl, ctx, done, err := cf.dial()
 	if err != nil {

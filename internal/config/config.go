@@ -132,15 +132,28 @@ func Parse(b []byte, name string) (*Config, error) {
 	var c Config
 	dec := yaml.NewDecoder(bytes.NewReader(b))
 	dec.KnownFields(true)
+	var problems []error
 	if err := dec.Decode(&c); err != nil {
-		if errors.Is(err, io.EOF) {
+		var te *yaml.TypeError
+		switch {
+		case errors.Is(err, io.EOF):
 			return nil, fmt.Errorf("%s: the configuration is empty", name)
+		case errors.As(err, &te):
+			// Unknown fields and type mismatches: yaml.v3 decodes the rest,
+			// so report these together with everything Validate finds.
+			for _, e := range te.Errors {
+				problems = append(problems, errors.New(strings.TrimPrefix(e, "yaml: ")))
+			}
+		default:
+			return nil, fmt.Errorf("%s: %w", name, err)
 		}
-		return nil, fmt.Errorf("%s: %w", name, err)
 	}
 	c.applyDefaults()
 	if err := c.Validate(); err != nil {
-		return nil, fmt.Errorf("%s: invalid configuration:\n%w", name, err)
+		problems = append(problems, err)
+	}
+	if len(problems) > 0 {
+		return nil, fmt.Errorf("%s: invalid configuration:\n%w", name, errors.Join(problems...))
 	}
 	return &c, nil
 }

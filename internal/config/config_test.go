@@ -134,3 +134,11 @@ func TestDefault(t *testing.T) {
 		t.Error("client default socket differs from the daemon's")
 	}
 }
+
+func TestUnknownFieldReportedWithOtherProblems(t *testing.T) {
+	bad := strings.Replace(good, "socket_mode: \"0660\"", "socket_mod: \"0660\"\nsocket_mode: \"0666\"", 1)
+	_, err := Parse([]byte(bad), "k.yaml")
+	if err == nil || !strings.Contains(err.Error(), "socket_mod not found") || !strings.Contains(err.Error(), "every user") {
+		t.Fatalf("err = %v", err)
+	}
+}

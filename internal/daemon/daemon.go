@@ -60,12 +60,12 @@ type Daemon struct {
 
 // New builds a daemon: it locks the state directory, opens the backend,
 // reconciles keys, opens the audit log and listens on the socket.
-func New(ctx context.Context, cfg *config.Config, opts Options) (d *Daemon, err error) {
+func New(ctx context.Context, cfg *config.Config, opts Options) (_ *Daemon, err error) {
 	log := opts.Logger
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	d = &Daemon{cfg: cfg, log: log, ready: opts.Ready}
+	d := &Daemon{cfg: cfg, log: log, ready: opts.Ready}
 	defer func() {
 		if err != nil {
 			d.close()

@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 
 	"google.golang.org/grpc/codes"
@@ -59,6 +60,17 @@ func (s *Server) toStatus(ctx context.Context, op string, err error) error {
 		msg = op + ": " + msg + "; the key is gone from the backend and keyd will not replace it silently: an operator must rotate or restore it"
 	}
 	return status.Error(c, msg)
+}
+
+// badRequest is a malformed request; it matches errBadRequest and reads as
+// its message alone.
+type badRequest struct{ msg string }
+
+func (e *badRequest) Error() string        { return e.msg }
+func (e *badRequest) Is(target error) bool { return target == errBadRequest }
+
+func invalid(format string, args ...any) error {
+	return &badRequest{msg: fmt.Sprintf(format, args...)}
 }
 
 var (

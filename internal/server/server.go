@@ -159,7 +159,7 @@ func (s *Server) sign(ctx context.Context, c authz.Caller, req *keydv1.SignReque
 	}
 	rec.Purpose = string(ks.Policy.Purpose)
 	if req.Purpose != "" && req.Purpose != rec.Purpose {
-		return nil, fmt.Errorf("%w: key set %q has purpose %s; it cannot sign a %s token", errBadRequest, req.Keyset, rec.Purpose, req.Purpose)
+		return nil, invalid("key set %q has purpose %s; it cannot sign a %s token", req.Keyset, rec.Purpose, req.Purpose)
 	}
 	lease, err := s.mgr.Acquire(req.Keyset, req.Kid)
 	if err != nil {
@@ -180,7 +180,7 @@ func (s *Server) sign(ctx context.Context, c authz.Caller, req *keydv1.SignReque
 	if len(req.SigningInput) > 0 {
 		h, cl, err := jws.SplitSigningInput(req.SigningInput)
 		if err != nil {
-			return nil, fmt.Errorf("%w: signing_input: %v", errBadRequest, err)
+			return nil, invalid("signing_input: %v", err)
 		}
 		if sum, err = ks.Policy.CheckPrebuilt(now, key, h, cl); err != nil {
 			return nil, err
@@ -223,21 +223,21 @@ func fillAudit(rec *audit.Record, sum policy.Summary) {
 func checkSignRequest(req *keydv1.SignRequest) error {
 	switch {
 	case req.Keyset == "":
-		return fmt.Errorf("%w: keyset is required", errBadRequest)
+		return invalid("keyset is required")
 	case len(req.Keyset) > maxNameLen:
-		return fmt.Errorf("%w: keyset is longer than %d bytes", errBadRequest, maxNameLen)
+		return invalid("keyset is longer than %d bytes", maxNameLen)
 	case len(req.Kid) > maxKidLen:
-		return fmt.Errorf("%w: kid is longer than %d bytes", errBadRequest, maxKidLen)
+		return invalid("kid is longer than %d bytes", maxKidLen)
 	case len(req.Claims) > maxJSONLen:
-		return fmt.Errorf("%w: claims are larger than %d bytes", errBadRequest, maxJSONLen)
+		return invalid("claims are larger than %d bytes", maxJSONLen)
 	case len(req.Header) > maxJSONLen:
-		return fmt.Errorf("%w: header is larger than %d bytes", errBadRequest, maxJSONLen)
+		return invalid("header is larger than %d bytes", maxJSONLen)
 	case len(req.SigningInput) > maxSigningInputLen:
-		return fmt.Errorf("%w: signing_input is larger than %d bytes", errBadRequest, maxSigningInputLen)
+		return invalid("signing_input is larger than %d bytes", maxSigningInputLen)
 	case len(req.Purpose) > maxNameLen:
-		return fmt.Errorf("%w: purpose is longer than %d bytes", errBadRequest, maxNameLen)
+		return invalid("purpose is longer than %d bytes", maxNameLen)
 	case len(req.SigningInput) > 0 && (len(req.Claims) > 0 || len(req.Header) > 0):
-		return fmt.Errorf("%w: send either signing_input or claims and header, not both", errBadRequest)
+		return invalid("send either signing_input or claims and header, not both")
 	}
 	return nil
 }
@@ -330,7 +330,7 @@ func (s *Server) visible(ctx context.Context, requested []string) ([]string, err
 	}
 	if len(requested) > 0 {
 		if len(requested) > 256 {
-			return nil, fmt.Errorf("%w: more than 256 key sets requested", errBadRequest)
+			return nil, invalid("more than 256 key sets requested")
 		}
 		for _, n := range requested {
 			if _, err := s.authorize(c, n); err != nil {
@@ -387,7 +387,7 @@ func (s *Server) Revoke(ctx context.Context, req *keydv1.RevokeRequest) (*keydv1
 		return nil, s.toStatus(ctx, "revoke", err)
 	}
 	if req.Kid == "" || len(req.Kid) > maxKidLen {
-		return nil, s.toStatus(ctx, "revoke", fmt.Errorf("%w: kid is required (at most %d bytes)", errBadRequest, maxKidLen))
+		return nil, s.toStatus(ctx, "revoke", invalid("kid is required (at most %d bytes)", maxKidLen))
 	}
 	v, err := s.mgr.Revoke(ctx, req.Kid, req.Keyset)
 	if err != nil && v.Kid == "" {
