@@ -1,0 +1,81 @@
+package main
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/keyd-dev/keyd/keystore"
+)
+
+func TestPercentile(t *testing.T) {
+	var s []time.Duration
+	for i := 1; i <= 100; i++ {
+		s = append(s, time.Duration(i))
+	}
+	for _, c := range []struct {
+		q    float64
+		want time.Duration
+	}{{0.5, 50}, {0.99, 99}, {1, 100}, {0, 1}} {
+		if got := percentile(s, c.q); got != c.want {
+			t.Errorf("percentile(1..100, %v) = %v, want %v", c.q, got, c.want)
+		}
+	}
+	if got := percentile([]time.Duration{7}, 0.99); got != 7 {
+		t.Errorf("percentile of one = %v", got)
+	}
+}
+
+func TestParseLists(t *testing.T) {
+	c, err := parseCallers("1, 4,16,4")
+	if err != nil || len(c) != 3 || c[0] != 1 || c[1] != 4 || c[2] != 16 {
+		t.Errorf("parseCallers = %v, %v", c, err)
+	}
+	for _, bad := range []string{"", "0", "x", "1,,2", "-1"} {
+		if _, err := parseCallers(bad); err == nil {
+			t.Errorf("parseCallers(%q) succeeded", bad)
+		}
+	}
+	a, err := parseAlgs("ES256,RS256")
+	if err != nil || len(a) != 2 || a[1] != keystore.RS256 {
+		t.Errorf("parseAlgs = %v, %v", a, err)
+	}
+	if _, err := parseAlgs("HS256"); err == nil {
+		t.Error("parseAlgs(HS256) succeeded")
+	}
+}
+
+// TestConfig checks that keyd accepts the configuration the bench writes.
+func TestConfig(t *testing.T) {
+	w := &workDir{
+		keydSocket: "/tmp/kb1/keyd.sock", stateDir: "/tmp/kb1/state", auditLog: "/tmp/kb1/audit.jsonl",
+	}
+	algs := []keystore.Algorithm{keystore.ES256, keystore.RS256}
+	cfg, err := parseConfig(keydConfig(w, algs, 1000), "bench.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(cfg.KeySets) != 2 || cfg.KeySets[0].Name != "b-es256" || cfg.KeySets[1].Name != "b-rs256" {
+		t.Fatalf("key sets %+v", cfg.KeySets)
+	}
+	if cfg.LogLevel != "warn" || cfg.Backend.Soft == nil || cfg.AuditLog != w.auditLog {
+		t.Fatalf("config %+v", cfg)
+	}
+	if cfg.KeySets[0].Allow.UIDs[0] != 1000 {
+		t.Fatalf("allow %+v", cfg.KeySets[0].Allow)
+	}
+}
+
+func TestMeasure(t *testing.T) {
+	r := newRecorder([]int{1, 3}, 50*time.Millisecond, 1000)
+	st, err := r.measure(context.Background(), 3, 10*time.Millisecond, 50*time.Millisecond, func(context.Context) error {
+		time.Sleep(time.Millisecond)
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.ops < 30 || st.p50 < time.Millisecond || st.p99 < st.p50 || st.elapsed < 50*time.Millisecond {
+		t.Fatalf("stats %+v", st)
+	}
+}
