@@ -13,7 +13,8 @@ FUZZ_TARGETS := \
 	./internal/jws:FuzzEncodeSignature \
 	./internal/jws:FuzzSplitSigningInput \
 	./internal/jws:FuzzJWKUnmarshal \
-	./internal/server:FuzzSign
+	./internal/server:FuzzSign \
+	./internal/audit:FuzzAppendString
 FUZZ_LONG ?= 60s
 
 .PHONY: all build run test unit fuzz-short fuzz bench generate lint check-generated clean

@@ -28,10 +28,11 @@ const (
 	modeBare      = "bare sign"  // backend.Sign alone, in-process
 	modeInproc    = "in-process" // a whole DPoP proof in-process with the same key
 	modeEchoProof = "echo+proof" // diagnostic: the echo child makes the in-process proof in its handler
-	modeKeyd      = "keyd"       // a DPoP proof through keyd
+	modeKeydUnary = "keyd unary" // a DPoP proof through keyd, one unary Sign call each
+	modeKeyd      = "keyd"       // a DPoP proof through keyd over the client's SignStream (the default)
 )
 
-var modes = []string{modeEcho, modeBare, modeInproc, modeEchoProof, modeKeyd}
+var modes = []string{modeEcho, modeBare, modeInproc, modeEchoProof, modeKeydUnary, modeKeyd}
 
 // benchmark sets everything up, measures, and tears everything down (on
 // error and interruption too).
@@ -101,6 +102,11 @@ func benchmark(ctx context.Context, o options) (_ *report, err error) {
 		return nil, err
 	}
 	defer kc.Close()
+	uc, err := client.Dial(w.keydSocket, client.WithUnarySign())
+	if err != nil {
+		return nil, err
+	}
+	defer uc.Close()
 	ec, err := client.Dial(w.echoSocket)
 	if err != nil {
 		return nil, err
@@ -125,6 +131,7 @@ func benchmark(ctx context.Context, o options) (_ *report, err error) {
 		alg keystore.Algorithm
 		in  *inproc
 		dp  *client.DPoP
+		udp *client.DPoP
 	}
 	var setups []algSetup
 	for i, alg := range o.algs {
@@ -148,7 +155,7 @@ func benchmark(ctx context.Context, o options) (_ *report, err error) {
 		if err := validateEchoProof(ctx, ec, alg, htu); err != nil {
 			return nil, fmt.Errorf("%s: %w", alg, err)
 		}
-		setups = append(setups, algSetup{alg: alg, in: in, dp: dp})
+		setups = append(setups, algSetup{alg: alg, in: in, dp: dp, udp: uc.DPoP(name)})
 	}
 	progress("validated keyd's, the in-process and the echo+proof proofs with go-jose (%d algorithms)", len(setups))
 
@@ -199,6 +206,10 @@ func benchmark(ctx context.Context, o options) (_ *report, err error) {
 			modeEchoProof: func(ctx context.Context) error {
 				return echoProof(ctx, ec, s.alg, new(wrapperspb.StringValue))
 			},
+			modeKeydUnary: func(ctx context.Context) error {
+				_, err := s.udp.Proof(ctx, proofMethod, proofURL)
+				return err
+			},
 			modeKeyd: func(ctx context.Context) error {
 				_, err := s.dp.Proof(ctx, proofMethod, proofURL)
 				return err
@@ -207,11 +218,11 @@ func benchmark(ctx context.Context, o options) (_ *report, err error) {
 		for _, n := range o.callers {
 			for _, m := range modes {
 				progress("%s %s %d caller%s…", s.alg, m, n, plural(n))
-				if m == modeKeyd {
+				if m == modeKeyd || m == modeKeydUnary {
 					keydLoad.Store(true)
 				}
 				st, err := rec.measure(ctx, n, o.warmup, o.duration, ops[m])
-				if m == modeKeyd {
+				if m == modeKeyd || m == modeKeydUnary {
 					sample()
 					keydLoad.Store(false)
 				}

@@ -143,7 +143,8 @@ func (r *report) print(w io.Writer) {
        in-process  the whole proof in-process with keyd's key: NormalizeHTU, claims JSON, policy.Prepare,
                     SigningInput, Digest, backend.Sign, EncodeSignature, Compact
        echo+proof  diagnostic: the echo server makes the in-process proof in its handler (own soft key)
-       keyd        client.DPoP(keyset).Proof through keyd, one connection shared by the callers
+       keyd unary  client.DPoP(keyset).Proof through keyd, one unary Sign call per proof
+       keyd        the same over the client's SignStream (the default): one stream shared by the callers
 The machine is shared and noisy: compare ratios within one run, not absolute times across runs.
 With more callers than cores, in-process p50 is the bare service time (CPU-bound goroutines run in
 10 ms slices and the wait shows up in p99 and the mean); compare ops/s there.

@@ -10,6 +10,7 @@ package client
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"iter"
 	"strings"
@@ -23,13 +24,22 @@ import (
 
 // Client talks to one keyd daemon. It is safe for concurrent use.
 type Client struct {
-	conn  *grpc.ClientConn
-	keys  keydv1.KeyServiceClient
-	admin keydv1.KeyAdminServiceClient
+	conn   *grpc.ClientConn
+	keys   keydv1.KeyServiceClient
+	admin  keydv1.KeyAdminServiceClient
+	stream *streamSigner // nil: unary Sign only
 }
 
 type options struct {
-	dial []grpc.DialOption
+	dial  []grpc.DialOption
+	unary bool
+}
+
+// WithUnarySign makes every signature its own unary Sign call instead of a
+// message on the client's shared SignStream (the default, which costs less
+// per signature). The answers are the same either way.
+func WithUnarySign() Option {
+	return func(o *options) { o.unary = true }
 }
 
 // Option configures Dial.
@@ -61,11 +71,20 @@ func Dial(target string, opts ...Option) (*Client, error) {
 	if err != nil {
 		return nil, fmt.Errorf("dial keyd at %s: %w", target, err)
 	}
-	return &Client{conn: conn, keys: keydv1.NewKeyServiceClient(conn), admin: keydv1.NewKeyAdminServiceClient(conn)}, nil
+	c := &Client{conn: conn, keys: keydv1.NewKeyServiceClient(conn), admin: keydv1.NewKeyAdminServiceClient(conn)}
+	if !o.unary {
+		c.stream = newStreamSigner(c.keys)
+	}
+	return c, nil
 }
 
 // Close closes the connection.
-func (c *Client) Close() error { return c.conn.Close() }
+func (c *Client) Close() error {
+	if c.stream != nil {
+		c.stream.close()
+	}
+	return c.conn.Close()
+}
 
 // Conn returns the underlying connection (for the health service, say).
 func (c *Client) Conn() *grpc.ClientConn { return c.conn }
@@ -120,6 +139,15 @@ func (c *Client) SignInput(ctx context.Context, keyset, kid string, signingInput
 }
 
 func (c *Client) sign(ctx context.Context, req *keydv1.SignRequest) (Signed, error) {
+	if c.stream != nil {
+		resp, err := c.stream.sign(ctx, req)
+		if err == nil {
+			return Signed{JWT: resp.Jwt, Kid: resp.Kid, Alg: resp.Alg}, nil
+		}
+		if !errors.Is(err, errFallback) {
+			return Signed{}, err
+		}
+	}
 	resp, err := c.keys.Sign(ctx, req)
 	if err != nil {
 		return Signed{}, fromStatus(err)

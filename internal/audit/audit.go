@@ -7,7 +7,6 @@
 package audit
 
 import (
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -67,13 +66,9 @@ func New(w io.Writer) *Log { return &Log{w: w} }
 // Record writes r. An error wraps ErrWrite; the caller must then not release
 // whatever the record accounts for.
 func (l *Log) Record(r Record) error {
-	b, err := json.Marshal(r)
-	if err != nil {
-		return fmt.Errorf("%w: %v", ErrWrite, err)
-	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	l.buf = append(append(l.buf[:0], b...), '\n')
+	l.buf = append(appendJSON(l.buf[:0], &r), '\n')
 	n, err := l.w.Write(l.buf)
 	if err == nil && n < len(l.buf) {
 		err = io.ErrShortWrite

@@ -237,7 +237,8 @@ type Summary struct {
 	Exp      int64    `json:"exp,omitempty"`
 }
 
-// Token is a complete header and claims set, ready to be signed.
+// Token is a complete header and claims set, ready to be signed. Header may
+// be shared between tokens of the same key: do not modify it.
 type Token struct {
 	Header, Claims []byte // compact JSON objects
 	Summary        Summary
@@ -251,10 +252,58 @@ type Token struct {
 // *Violation (errors.Is(err, ErrViolation)); an invalid policy or key, or a
 // failing rand, another error.
 func (p Policy) Prepare(now time.Time, k Key, header, claims []byte, rand io.Reader) (Token, error) {
-	jwk, err := p.check(k)
+	b, err := p.Bind(k)
 	if err != nil {
 		return Token{}, err
 	}
+	return b.Prepare(now, header, claims, rand)
+}
+
+// CheckPrebuilt validates a header and claims someone else built (keyd's
+// signing_input mode) for key k at time now. Nothing is filled in: the header
+// must hold exactly the parameters Prepare would write (alg = k.Alg; kid =
+// k.Kid for client_assertion and jwt; for dpop typ "dpop+jwt" and a jwk with
+// the members of k.JWK; typ as the policy demands), in any order, and the
+// claims must be complete (jti and iat always; iss, sub, aud and exp for a
+// client assertion) and pass every rule Prepare applies.
+func (p Policy) CheckPrebuilt(now time.Time, k Key, header, claims []byte) (Summary, error) {
+	b, err := p.Bind(k)
+	if err != nil {
+		return Summary{}, err
+	}
+	return b.CheckPrebuilt(now, header, claims)
+}
+
+// Bound is a policy bound to one key, both validated once, so that signing
+// with the same key set and key pays for neither again. It is immutable and
+// safe for concurrent use.
+type Bound struct {
+	p   Policy
+	k   Key
+	jwk *object
+	// fixed is the header Prepare writes when the caller cannot change it
+	// (dpop and client_assertion); nil for jwt.
+	fixed []byte
+}
+
+// Bind validates p and k and returns them bound. It fails with an error
+// wrapping ErrInvalidKey for a key that cannot serve the policy, and another
+// error for an invalid policy.
+func (p Policy) Bind(k Key) (*Bound, error) {
+	jwk, err := p.check(k)
+	if err != nil {
+		return nil, err
+	}
+	b := &Bound{p: p, k: k, jwk: jwk}
+	if p.Purpose != JWT {
+		b.fixed = p.header(k, jwk, "")
+	}
+	return b, nil
+}
+
+// Prepare is Policy.Prepare for the bound key.
+func (b *Bound) Prepare(now time.Time, header, claims []byte, rand io.Reader) (Token, error) {
+	p := b.p
 	h, v := parseObject(header, "header")
 	if v != nil {
 		return Token{}, v
@@ -278,33 +327,27 @@ func (p Policy) Prepare(now time.Time, k Key, header, claims []byte, rand io.Rea
 	if len(out) > MaxJSONSize {
 		return Token{}, violation("claims", "are %d bytes once completed; at most %d are allowed", len(out), MaxJSONSize)
 	}
-	return Token{Header: p.header(k, jwk, typ), Claims: out, Summary: cc.sum}, nil
+	hdr := b.fixed
+	if hdr == nil {
+		hdr = p.header(b.k, b.jwk, typ)
+	}
+	return Token{Header: hdr, Claims: out, Summary: cc.sum}, nil
 }
 
-// CheckPrebuilt validates a header and claims someone else built (keyd's
-// signing_input mode) for key k at time now. Nothing is filled in: the header
-// must hold exactly the parameters Prepare would write (alg = k.Alg; kid =
-// k.Kid for client_assertion and jwt; for dpop typ "dpop+jwt" and a jwk with
-// the members of k.JWK; typ as the policy demands), in any order, and the
-// claims must be complete (jti and iat always; iss, sub, aud and exp for a
-// client assertion) and pass every rule Prepare applies.
-func (p Policy) CheckPrebuilt(now time.Time, k Key, header, claims []byte) (Summary, error) {
-	jwk, err := p.check(k)
-	if err != nil {
-		return Summary{}, err
-	}
+// CheckPrebuilt is Policy.CheckPrebuilt for the bound key.
+func (b *Bound) CheckPrebuilt(now time.Time, header, claims []byte) (Summary, error) {
 	h, v := parseObject(header, "header")
 	if v != nil {
 		return Summary{}, v
 	}
-	if v := p.prebuiltHeader(h, k, jwk); v != nil {
+	if v := b.p.prebuiltHeader(h, b.k, b.jwk); v != nil {
 		return Summary{}, v
 	}
 	c, v := parseObject(claims, "claims")
 	if v != nil {
 		return Summary{}, v
 	}
-	cc := claimsCheck{p: p, now: now.Unix(), c: c}
+	cc := claimsCheck{p: b.p, now: now.Unix(), c: c}
 	if err := cc.run(); err != nil {
 		return Summary{}, err
 	}

@@ -168,11 +168,10 @@ func (s *Server) sign(ctx context.Context, c authz.Caller, req *keydv1.SignReque
 	defer lease.Release()
 	v := lease.Version
 	rec.Kid = v.Kid
-	pk, err := s.keys.get(v)
+	pk, err := s.keys.get(v, ks.Policy)
 	if err != nil {
 		return nil, err
 	}
-	key := policy.Key{Alg: string(v.Alg), Kid: v.Kid, JWK: pk.bare}
 
 	now := s.now()
 	var input []byte
@@ -182,12 +181,12 @@ func (s *Server) sign(ctx context.Context, c authz.Caller, req *keydv1.SignReque
 		if err != nil {
 			return nil, invalid("signing_input: %v", err)
 		}
-		if sum, err = ks.Policy.CheckPrebuilt(now, key, h, cl); err != nil {
+		if sum, err = pk.policy.CheckPrebuilt(now, h, cl); err != nil {
 			return nil, err
 		}
 		input = req.SigningInput
 	} else {
-		tok, err := ks.Policy.Prepare(now, key, req.Header, req.Claims, s.rand)
+		tok, err := pk.policy.Prepare(now, req.Header, req.Claims, s.rand)
 		if err != nil {
 			return nil, err
 		}
@@ -445,17 +444,17 @@ func stateToProto(s rotation.State) keydv1.KeyState {
 	return keydv1.KeyState_KEY_STATE_UNSPECIFIED
 }
 
-// keyCache keeps, per kid, the parsed public key and the bare JWK (public
-// members only, no kid/alg/use) that goes into DPoP headers. A kid is a
-// thumbprint, so an entry never goes stale.
+// keyCache keeps, per kid, the parsed public key and the key set's policy
+// bound to it (validated once, with the DPoP header precomputed). A kid is a
+// thumbprint of one key of one key set, so an entry never goes stale.
 type keyCache struct{ m sync.Map }
 
 type publicKey struct {
-	pub  crypto.PublicKey
-	bare []byte
+	pub    crypto.PublicKey
+	policy *policy.Bound
 }
 
-func (c *keyCache) get(v rotation.Version) (publicKey, error) {
+func (c *keyCache) get(v rotation.Version, p policy.Policy) (publicKey, error) {
 	if pk, ok := c.m.Load(v.Kid); ok {
 		return pk.(publicKey), nil
 	}
@@ -472,7 +471,11 @@ func (c *keyCache) get(v rotation.Version) (publicKey, error) {
 	if err != nil {
 		return publicKey{}, err
 	}
-	pk := publicKey{pub: pub, bare: bare}
+	bound, err := p.Bind(policy.Key{Alg: string(v.Alg), Kid: v.Kid, JWK: bare})
+	if err != nil {
+		return publicKey{}, err
+	}
+	pk := publicKey{pub: pub, policy: bound}
 	c.m.Store(v.Kid, pk)
 	return pk, nil
 }

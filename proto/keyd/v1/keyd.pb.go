@@ -154,7 +154,7 @@ func (x WatchKeysResponse_Type) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use WatchKeysResponse_Type.Descriptor instead.
 func (WatchKeysResponse_Type) EnumDescriptor() ([]byte, []int) {
-	return file_keyd_v1_keyd_proto_rawDescGZIP(), []int{8, 0}
+	return file_keyd_v1_keyd_proto_rawDescGZIP(), []int{10, 0}
 }
 
 type SignRequest struct {
@@ -322,6 +322,139 @@ func (x *SignResponse) GetAlg() string {
 	return ""
 }
 
+type SignStreamRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Chosen by the caller to match the response; unique among the caller's
+	// requests in flight on this stream.
+	Id      uint64       `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	Request *SignRequest `protobuf:"bytes,2,opt,name=request,proto3" json:"request,omitempty"`
+	// How long the caller waits, in milliseconds (0: the daemon's default).
+	TimeoutMs     uint32 `protobuf:"varint,3,opt,name=timeout_ms,json=timeoutMs,proto3" json:"timeout_ms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SignStreamRequest) Reset() {
+	*x = SignStreamRequest{}
+	mi := &file_keyd_v1_keyd_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SignStreamRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SignStreamRequest) ProtoMessage() {}
+
+func (x *SignStreamRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_keyd_v1_keyd_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SignStreamRequest.ProtoReflect.Descriptor instead.
+func (*SignStreamRequest) Descriptor() ([]byte, []int) {
+	return file_keyd_v1_keyd_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *SignStreamRequest) GetId() uint64 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
+func (x *SignStreamRequest) GetRequest() *SignRequest {
+	if x != nil {
+		return x.Request
+	}
+	return nil
+}
+
+func (x *SignStreamRequest) GetTimeoutMs() uint32 {
+	if x != nil {
+		return x.TimeoutMs
+	}
+	return 0
+}
+
+type SignStreamResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Id    uint64                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	// Set when the request succeeded.
+	Response *SignResponse `protobuf:"bytes,2,opt,name=response,proto3" json:"response,omitempty"`
+	// Otherwise the gRPC status code and message Sign would have returned.
+	Code          int32  `protobuf:"varint,3,opt,name=code,proto3" json:"code,omitempty"`
+	Message       string `protobuf:"bytes,4,opt,name=message,proto3" json:"message,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SignStreamResponse) Reset() {
+	*x = SignStreamResponse{}
+	mi := &file_keyd_v1_keyd_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SignStreamResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SignStreamResponse) ProtoMessage() {}
+
+func (x *SignStreamResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_keyd_v1_keyd_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SignStreamResponse.ProtoReflect.Descriptor instead.
+func (*SignStreamResponse) Descriptor() ([]byte, []int) {
+	return file_keyd_v1_keyd_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *SignStreamResponse) GetId() uint64 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
+func (x *SignStreamResponse) GetResponse() *SignResponse {
+	if x != nil {
+		return x.Response
+	}
+	return nil
+}
+
+func (x *SignStreamResponse) GetCode() int32 {
+	if x != nil {
+		return x.Code
+	}
+	return 0
+}
+
+func (x *SignStreamResponse) GetMessage() string {
+	if x != nil {
+		return x.Message
+	}
+	return ""
+}
+
 type GetJWKSRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Key sets to include; empty means every key set the caller may use.
@@ -332,7 +465,7 @@ type GetJWKSRequest struct {
 
 func (x *GetJWKSRequest) Reset() {
 	*x = GetJWKSRequest{}
-	mi := &file_keyd_v1_keyd_proto_msgTypes[2]
+	mi := &file_keyd_v1_keyd_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -344,7 +477,7 @@ func (x *GetJWKSRequest) String() string {
 func (*GetJWKSRequest) ProtoMessage() {}
 
 func (x *GetJWKSRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keyd_v1_keyd_proto_msgTypes[2]
+	mi := &file_keyd_v1_keyd_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -357,7 +490,7 @@ func (x *GetJWKSRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetJWKSRequest.ProtoReflect.Descriptor instead.
 func (*GetJWKSRequest) Descriptor() ([]byte, []int) {
-	return file_keyd_v1_keyd_proto_rawDescGZIP(), []int{2}
+	return file_keyd_v1_keyd_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *GetJWKSRequest) GetKeysets() []string {
@@ -378,7 +511,7 @@ type GetJWKSResponse struct {
 
 func (x *GetJWKSResponse) Reset() {
 	*x = GetJWKSResponse{}
-	mi := &file_keyd_v1_keyd_proto_msgTypes[3]
+	mi := &file_keyd_v1_keyd_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -390,7 +523,7 @@ func (x *GetJWKSResponse) String() string {
 func (*GetJWKSResponse) ProtoMessage() {}
 
 func (x *GetJWKSResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keyd_v1_keyd_proto_msgTypes[3]
+	mi := &file_keyd_v1_keyd_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -403,7 +536,7 @@ func (x *GetJWKSResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetJWKSResponse.ProtoReflect.Descriptor instead.
 func (*GetJWKSResponse) Descriptor() ([]byte, []int) {
-	return file_keyd_v1_keyd_proto_rawDescGZIP(), []int{3}
+	return file_keyd_v1_keyd_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *GetJWKSResponse) GetJwks() []byte {
@@ -423,7 +556,7 @@ type ListKeysRequest struct {
 
 func (x *ListKeysRequest) Reset() {
 	*x = ListKeysRequest{}
-	mi := &file_keyd_v1_keyd_proto_msgTypes[4]
+	mi := &file_keyd_v1_keyd_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -435,7 +568,7 @@ func (x *ListKeysRequest) String() string {
 func (*ListKeysRequest) ProtoMessage() {}
 
 func (x *ListKeysRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keyd_v1_keyd_proto_msgTypes[4]
+	mi := &file_keyd_v1_keyd_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -448,7 +581,7 @@ func (x *ListKeysRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListKeysRequest.ProtoReflect.Descriptor instead.
 func (*ListKeysRequest) Descriptor() ([]byte, []int) {
-	return file_keyd_v1_keyd_proto_rawDescGZIP(), []int{4}
+	return file_keyd_v1_keyd_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *ListKeysRequest) GetKeysets() []string {
@@ -467,7 +600,7 @@ type ListKeysResponse struct {
 
 func (x *ListKeysResponse) Reset() {
 	*x = ListKeysResponse{}
-	mi := &file_keyd_v1_keyd_proto_msgTypes[5]
+	mi := &file_keyd_v1_keyd_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -479,7 +612,7 @@ func (x *ListKeysResponse) String() string {
 func (*ListKeysResponse) ProtoMessage() {}
 
 func (x *ListKeysResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keyd_v1_keyd_proto_msgTypes[5]
+	mi := &file_keyd_v1_keyd_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -492,7 +625,7 @@ func (x *ListKeysResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListKeysResponse.ProtoReflect.Descriptor instead.
 func (*ListKeysResponse) Descriptor() ([]byte, []int) {
-	return file_keyd_v1_keyd_proto_rawDescGZIP(), []int{5}
+	return file_keyd_v1_keyd_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *ListKeysResponse) GetKeys() []*KeyVersion {
@@ -524,7 +657,7 @@ type KeyVersion struct {
 
 func (x *KeyVersion) Reset() {
 	*x = KeyVersion{}
-	mi := &file_keyd_v1_keyd_proto_msgTypes[6]
+	mi := &file_keyd_v1_keyd_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -536,7 +669,7 @@ func (x *KeyVersion) String() string {
 func (*KeyVersion) ProtoMessage() {}
 
 func (x *KeyVersion) ProtoReflect() protoreflect.Message {
-	mi := &file_keyd_v1_keyd_proto_msgTypes[6]
+	mi := &file_keyd_v1_keyd_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -549,7 +682,7 @@ func (x *KeyVersion) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeyVersion.ProtoReflect.Descriptor instead.
 func (*KeyVersion) Descriptor() ([]byte, []int) {
-	return file_keyd_v1_keyd_proto_rawDescGZIP(), []int{6}
+	return file_keyd_v1_keyd_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *KeyVersion) GetKeyset() string {
@@ -632,7 +765,7 @@ type WatchKeysRequest struct {
 
 func (x *WatchKeysRequest) Reset() {
 	*x = WatchKeysRequest{}
-	mi := &file_keyd_v1_keyd_proto_msgTypes[7]
+	mi := &file_keyd_v1_keyd_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -644,7 +777,7 @@ func (x *WatchKeysRequest) String() string {
 func (*WatchKeysRequest) ProtoMessage() {}
 
 func (x *WatchKeysRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keyd_v1_keyd_proto_msgTypes[7]
+	mi := &file_keyd_v1_keyd_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -657,7 +790,7 @@ func (x *WatchKeysRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchKeysRequest.ProtoReflect.Descriptor instead.
 func (*WatchKeysRequest) Descriptor() ([]byte, []int) {
-	return file_keyd_v1_keyd_proto_rawDescGZIP(), []int{7}
+	return file_keyd_v1_keyd_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *WatchKeysRequest) GetKeysets() []string {
@@ -681,7 +814,7 @@ type WatchKeysResponse struct {
 
 func (x *WatchKeysResponse) Reset() {
 	*x = WatchKeysResponse{}
-	mi := &file_keyd_v1_keyd_proto_msgTypes[8]
+	mi := &file_keyd_v1_keyd_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -693,7 +826,7 @@ func (x *WatchKeysResponse) String() string {
 func (*WatchKeysResponse) ProtoMessage() {}
 
 func (x *WatchKeysResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keyd_v1_keyd_proto_msgTypes[8]
+	mi := &file_keyd_v1_keyd_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -706,7 +839,7 @@ func (x *WatchKeysResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchKeysResponse.ProtoReflect.Descriptor instead.
 func (*WatchKeysResponse) Descriptor() ([]byte, []int) {
-	return file_keyd_v1_keyd_proto_rawDescGZIP(), []int{8}
+	return file_keyd_v1_keyd_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *WatchKeysResponse) GetType() WatchKeysResponse_Type {
@@ -739,7 +872,7 @@ type RotateRequest struct {
 
 func (x *RotateRequest) Reset() {
 	*x = RotateRequest{}
-	mi := &file_keyd_v1_keyd_proto_msgTypes[9]
+	mi := &file_keyd_v1_keyd_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -751,7 +884,7 @@ func (x *RotateRequest) String() string {
 func (*RotateRequest) ProtoMessage() {}
 
 func (x *RotateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keyd_v1_keyd_proto_msgTypes[9]
+	mi := &file_keyd_v1_keyd_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -764,7 +897,7 @@ func (x *RotateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateRequest.ProtoReflect.Descriptor instead.
 func (*RotateRequest) Descriptor() ([]byte, []int) {
-	return file_keyd_v1_keyd_proto_rawDescGZIP(), []int{9}
+	return file_keyd_v1_keyd_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *RotateRequest) GetKeyset() string {
@@ -786,7 +919,7 @@ type RotateResponse struct {
 
 func (x *RotateResponse) Reset() {
 	*x = RotateResponse{}
-	mi := &file_keyd_v1_keyd_proto_msgTypes[10]
+	mi := &file_keyd_v1_keyd_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -798,7 +931,7 @@ func (x *RotateResponse) String() string {
 func (*RotateResponse) ProtoMessage() {}
 
 func (x *RotateResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keyd_v1_keyd_proto_msgTypes[10]
+	mi := &file_keyd_v1_keyd_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -811,7 +944,7 @@ func (x *RotateResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateResponse.ProtoReflect.Descriptor instead.
 func (*RotateResponse) Descriptor() ([]byte, []int) {
-	return file_keyd_v1_keyd_proto_rawDescGZIP(), []int{10}
+	return file_keyd_v1_keyd_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *RotateResponse) GetActive() *KeyVersion {
@@ -840,7 +973,7 @@ type RevokeRequest struct {
 
 func (x *RevokeRequest) Reset() {
 	*x = RevokeRequest{}
-	mi := &file_keyd_v1_keyd_proto_msgTypes[11]
+	mi := &file_keyd_v1_keyd_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -852,7 +985,7 @@ func (x *RevokeRequest) String() string {
 func (*RevokeRequest) ProtoMessage() {}
 
 func (x *RevokeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keyd_v1_keyd_proto_msgTypes[11]
+	mi := &file_keyd_v1_keyd_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -865,7 +998,7 @@ func (x *RevokeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeRequest.ProtoReflect.Descriptor instead.
 func (*RevokeRequest) Descriptor() ([]byte, []int) {
-	return file_keyd_v1_keyd_proto_rawDescGZIP(), []int{11}
+	return file_keyd_v1_keyd_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *RevokeRequest) GetKid() string {
@@ -891,7 +1024,7 @@ type RevokeResponse struct {
 
 func (x *RevokeResponse) Reset() {
 	*x = RevokeResponse{}
-	mi := &file_keyd_v1_keyd_proto_msgTypes[12]
+	mi := &file_keyd_v1_keyd_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -903,7 +1036,7 @@ func (x *RevokeResponse) String() string {
 func (*RevokeResponse) ProtoMessage() {}
 
 func (x *RevokeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keyd_v1_keyd_proto_msgTypes[12]
+	mi := &file_keyd_v1_keyd_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -916,7 +1049,7 @@ func (x *RevokeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeResponse.ProtoReflect.Descriptor instead.
 func (*RevokeResponse) Descriptor() ([]byte, []int) {
-	return file_keyd_v1_keyd_proto_rawDescGZIP(), []int{12}
+	return file_keyd_v1_keyd_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *RevokeResponse) GetKey() *KeyVersion {
@@ -941,7 +1074,17 @@ const file_keyd_v1_keyd_proto_rawDesc = "" +
 	"\fSignResponse\x12\x10\n" +
 	"\x03jwt\x18\x01 \x01(\tR\x03jwt\x12\x10\n" +
 	"\x03kid\x18\x02 \x01(\tR\x03kid\x12\x10\n" +
-	"\x03alg\x18\x03 \x01(\tR\x03alg\"*\n" +
+	"\x03alg\x18\x03 \x01(\tR\x03alg\"r\n" +
+	"\x11SignStreamRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\x04R\x02id\x12.\n" +
+	"\arequest\x18\x02 \x01(\v2\x14.keyd.v1.SignRequestR\arequest\x12\x1d\n" +
+	"\n" +
+	"timeout_ms\x18\x03 \x01(\rR\ttimeoutMs\"\x85\x01\n" +
+	"\x12SignStreamResponse\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\x04R\x02id\x121\n" +
+	"\bresponse\x18\x02 \x01(\v2\x15.keyd.v1.SignResponseR\bresponse\x12\x12\n" +
+	"\x04code\x18\x03 \x01(\x05R\x04code\x12\x18\n" +
+	"\amessage\x18\x04 \x01(\tR\amessage\"*\n" +
 	"\x0eGetJWKSRequest\x12\x18\n" +
 	"\akeysets\x18\x01 \x03(\tR\akeysets\"%\n" +
 	"\x0fGetJWKSResponse\x12\x12\n" +
@@ -993,10 +1136,12 @@ const file_keyd_v1_keyd_proto_rawDesc = "" +
 	"\x11KEY_STATE_RETIRED\x10\x04\x12\x17\n" +
 	"\x13KEY_STATE_DESTROYED\x10\x05\x12\x15\n" +
 	"\x11KEY_STATE_REVOKED\x10\x06\x12\x12\n" +
-	"\x0eKEY_STATE_LOST\x10\a2\x86\x02\n" +
+	"\x0eKEY_STATE_LOST\x10\a2\xd1\x02\n" +
 	"\n" +
 	"KeyService\x123\n" +
-	"\x04Sign\x12\x14.keyd.v1.SignRequest\x1a\x15.keyd.v1.SignResponse\x12<\n" +
+	"\x04Sign\x12\x14.keyd.v1.SignRequest\x1a\x15.keyd.v1.SignResponse\x12I\n" +
+	"\n" +
+	"SignStream\x12\x1a.keyd.v1.SignStreamRequest\x1a\x1b.keyd.v1.SignStreamResponse(\x010\x01\x12<\n" +
 	"\aGetJWKS\x12\x17.keyd.v1.GetJWKSRequest\x1a\x18.keyd.v1.GetJWKSResponse\x12?\n" +
 	"\bListKeys\x12\x18.keyd.v1.ListKeysRequest\x1a\x19.keyd.v1.ListKeysResponse\x12D\n" +
 	"\tWatchKeys\x12\x19.keyd.v1.WatchKeysRequest\x1a\x1a.keyd.v1.WatchKeysResponse0\x012\x87\x01\n" +
@@ -1017,54 +1162,60 @@ func file_keyd_v1_keyd_proto_rawDescGZIP() []byte {
 }
 
 var file_keyd_v1_keyd_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_keyd_v1_keyd_proto_msgTypes = make([]protoimpl.MessageInfo, 13)
+var file_keyd_v1_keyd_proto_msgTypes = make([]protoimpl.MessageInfo, 15)
 var file_keyd_v1_keyd_proto_goTypes = []any{
 	(KeyState)(0),                 // 0: keyd.v1.KeyState
 	(WatchKeysResponse_Type)(0),   // 1: keyd.v1.WatchKeysResponse.Type
 	(*SignRequest)(nil),           // 2: keyd.v1.SignRequest
 	(*SignResponse)(nil),          // 3: keyd.v1.SignResponse
-	(*GetJWKSRequest)(nil),        // 4: keyd.v1.GetJWKSRequest
-	(*GetJWKSResponse)(nil),       // 5: keyd.v1.GetJWKSResponse
-	(*ListKeysRequest)(nil),       // 6: keyd.v1.ListKeysRequest
-	(*ListKeysResponse)(nil),      // 7: keyd.v1.ListKeysResponse
-	(*KeyVersion)(nil),            // 8: keyd.v1.KeyVersion
-	(*WatchKeysRequest)(nil),      // 9: keyd.v1.WatchKeysRequest
-	(*WatchKeysResponse)(nil),     // 10: keyd.v1.WatchKeysResponse
-	(*RotateRequest)(nil),         // 11: keyd.v1.RotateRequest
-	(*RotateResponse)(nil),        // 12: keyd.v1.RotateResponse
-	(*RevokeRequest)(nil),         // 13: keyd.v1.RevokeRequest
-	(*RevokeResponse)(nil),        // 14: keyd.v1.RevokeResponse
-	(*timestamppb.Timestamp)(nil), // 15: google.protobuf.Timestamp
+	(*SignStreamRequest)(nil),     // 4: keyd.v1.SignStreamRequest
+	(*SignStreamResponse)(nil),    // 5: keyd.v1.SignStreamResponse
+	(*GetJWKSRequest)(nil),        // 6: keyd.v1.GetJWKSRequest
+	(*GetJWKSResponse)(nil),       // 7: keyd.v1.GetJWKSResponse
+	(*ListKeysRequest)(nil),       // 8: keyd.v1.ListKeysRequest
+	(*ListKeysResponse)(nil),      // 9: keyd.v1.ListKeysResponse
+	(*KeyVersion)(nil),            // 10: keyd.v1.KeyVersion
+	(*WatchKeysRequest)(nil),      // 11: keyd.v1.WatchKeysRequest
+	(*WatchKeysResponse)(nil),     // 12: keyd.v1.WatchKeysResponse
+	(*RotateRequest)(nil),         // 13: keyd.v1.RotateRequest
+	(*RotateResponse)(nil),        // 14: keyd.v1.RotateResponse
+	(*RevokeRequest)(nil),         // 15: keyd.v1.RevokeRequest
+	(*RevokeResponse)(nil),        // 16: keyd.v1.RevokeResponse
+	(*timestamppb.Timestamp)(nil), // 17: google.protobuf.Timestamp
 }
 var file_keyd_v1_keyd_proto_depIdxs = []int32{
-	8,  // 0: keyd.v1.ListKeysResponse.keys:type_name -> keyd.v1.KeyVersion
-	0,  // 1: keyd.v1.KeyVersion.state:type_name -> keyd.v1.KeyState
-	15, // 2: keyd.v1.KeyVersion.created_at:type_name -> google.protobuf.Timestamp
-	15, // 3: keyd.v1.KeyVersion.activated_at:type_name -> google.protobuf.Timestamp
-	15, // 4: keyd.v1.KeyVersion.retire_at:type_name -> google.protobuf.Timestamp
-	1,  // 5: keyd.v1.WatchKeysResponse.type:type_name -> keyd.v1.WatchKeysResponse.Type
-	8,  // 6: keyd.v1.WatchKeysResponse.key:type_name -> keyd.v1.KeyVersion
-	0,  // 7: keyd.v1.WatchKeysResponse.previous_state:type_name -> keyd.v1.KeyState
-	8,  // 8: keyd.v1.RotateResponse.active:type_name -> keyd.v1.KeyVersion
-	8,  // 9: keyd.v1.RotateResponse.previous:type_name -> keyd.v1.KeyVersion
-	8,  // 10: keyd.v1.RevokeResponse.key:type_name -> keyd.v1.KeyVersion
-	2,  // 11: keyd.v1.KeyService.Sign:input_type -> keyd.v1.SignRequest
-	4,  // 12: keyd.v1.KeyService.GetJWKS:input_type -> keyd.v1.GetJWKSRequest
-	6,  // 13: keyd.v1.KeyService.ListKeys:input_type -> keyd.v1.ListKeysRequest
-	9,  // 14: keyd.v1.KeyService.WatchKeys:input_type -> keyd.v1.WatchKeysRequest
-	11, // 15: keyd.v1.KeyAdminService.Rotate:input_type -> keyd.v1.RotateRequest
-	13, // 16: keyd.v1.KeyAdminService.Revoke:input_type -> keyd.v1.RevokeRequest
-	3,  // 17: keyd.v1.KeyService.Sign:output_type -> keyd.v1.SignResponse
-	5,  // 18: keyd.v1.KeyService.GetJWKS:output_type -> keyd.v1.GetJWKSResponse
-	7,  // 19: keyd.v1.KeyService.ListKeys:output_type -> keyd.v1.ListKeysResponse
-	10, // 20: keyd.v1.KeyService.WatchKeys:output_type -> keyd.v1.WatchKeysResponse
-	12, // 21: keyd.v1.KeyAdminService.Rotate:output_type -> keyd.v1.RotateResponse
-	14, // 22: keyd.v1.KeyAdminService.Revoke:output_type -> keyd.v1.RevokeResponse
-	17, // [17:23] is the sub-list for method output_type
-	11, // [11:17] is the sub-list for method input_type
-	11, // [11:11] is the sub-list for extension type_name
-	11, // [11:11] is the sub-list for extension extendee
-	0,  // [0:11] is the sub-list for field type_name
+	2,  // 0: keyd.v1.SignStreamRequest.request:type_name -> keyd.v1.SignRequest
+	3,  // 1: keyd.v1.SignStreamResponse.response:type_name -> keyd.v1.SignResponse
+	10, // 2: keyd.v1.ListKeysResponse.keys:type_name -> keyd.v1.KeyVersion
+	0,  // 3: keyd.v1.KeyVersion.state:type_name -> keyd.v1.KeyState
+	17, // 4: keyd.v1.KeyVersion.created_at:type_name -> google.protobuf.Timestamp
+	17, // 5: keyd.v1.KeyVersion.activated_at:type_name -> google.protobuf.Timestamp
+	17, // 6: keyd.v1.KeyVersion.retire_at:type_name -> google.protobuf.Timestamp
+	1,  // 7: keyd.v1.WatchKeysResponse.type:type_name -> keyd.v1.WatchKeysResponse.Type
+	10, // 8: keyd.v1.WatchKeysResponse.key:type_name -> keyd.v1.KeyVersion
+	0,  // 9: keyd.v1.WatchKeysResponse.previous_state:type_name -> keyd.v1.KeyState
+	10, // 10: keyd.v1.RotateResponse.active:type_name -> keyd.v1.KeyVersion
+	10, // 11: keyd.v1.RotateResponse.previous:type_name -> keyd.v1.KeyVersion
+	10, // 12: keyd.v1.RevokeResponse.key:type_name -> keyd.v1.KeyVersion
+	2,  // 13: keyd.v1.KeyService.Sign:input_type -> keyd.v1.SignRequest
+	4,  // 14: keyd.v1.KeyService.SignStream:input_type -> keyd.v1.SignStreamRequest
+	6,  // 15: keyd.v1.KeyService.GetJWKS:input_type -> keyd.v1.GetJWKSRequest
+	8,  // 16: keyd.v1.KeyService.ListKeys:input_type -> keyd.v1.ListKeysRequest
+	11, // 17: keyd.v1.KeyService.WatchKeys:input_type -> keyd.v1.WatchKeysRequest
+	13, // 18: keyd.v1.KeyAdminService.Rotate:input_type -> keyd.v1.RotateRequest
+	15, // 19: keyd.v1.KeyAdminService.Revoke:input_type -> keyd.v1.RevokeRequest
+	3,  // 20: keyd.v1.KeyService.Sign:output_type -> keyd.v1.SignResponse
+	5,  // 21: keyd.v1.KeyService.SignStream:output_type -> keyd.v1.SignStreamResponse
+	7,  // 22: keyd.v1.KeyService.GetJWKS:output_type -> keyd.v1.GetJWKSResponse
+	9,  // 23: keyd.v1.KeyService.ListKeys:output_type -> keyd.v1.ListKeysResponse
+	12, // 24: keyd.v1.KeyService.WatchKeys:output_type -> keyd.v1.WatchKeysResponse
+	14, // 25: keyd.v1.KeyAdminService.Rotate:output_type -> keyd.v1.RotateResponse
+	16, // 26: keyd.v1.KeyAdminService.Revoke:output_type -> keyd.v1.RevokeResponse
+	20, // [20:27] is the sub-list for method output_type
+	13, // [13:20] is the sub-list for method input_type
+	13, // [13:13] is the sub-list for extension type_name
+	13, // [13:13] is the sub-list for extension extendee
+	0,  // [0:13] is the sub-list for field type_name
 }
 
 func init() { file_keyd_v1_keyd_proto_init() }
@@ -1078,7 +1229,7 @@ func file_keyd_v1_keyd_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_keyd_v1_keyd_proto_rawDesc), len(file_keyd_v1_keyd_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   13,
+			NumMessages:   15,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

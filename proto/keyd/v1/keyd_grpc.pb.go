@@ -25,10 +25,11 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	KeyService_Sign_FullMethodName      = "/keyd.v1.KeyService/Sign"
-	KeyService_GetJWKS_FullMethodName   = "/keyd.v1.KeyService/GetJWKS"
-	KeyService_ListKeys_FullMethodName  = "/keyd.v1.KeyService/ListKeys"
-	KeyService_WatchKeys_FullMethodName = "/keyd.v1.KeyService/WatchKeys"
+	KeyService_Sign_FullMethodName       = "/keyd.v1.KeyService/Sign"
+	KeyService_SignStream_FullMethodName = "/keyd.v1.KeyService/SignStream"
+	KeyService_GetJWKS_FullMethodName    = "/keyd.v1.KeyService/GetJWKS"
+	KeyService_ListKeys_FullMethodName   = "/keyd.v1.KeyService/ListKeys"
+	KeyService_WatchKeys_FullMethodName  = "/keyd.v1.KeyService/WatchKeys"
 )
 
 // KeyServiceClient is the client API for KeyService service.
@@ -46,6 +47,12 @@ type KeyServiceClient interface {
 	// kid is not signable), UNAVAILABLE (the backend or the audit log failed;
 	// retry), DATA_LOSS (the key is gone from the backend).
 	Sign(ctx context.Context, in *SignRequest, opts ...grpc.CallOption) (*SignResponse, error)
+	// SignStream is Sign for callers that sign often: many requests over one
+	// long-lived stream, each answered by id, in any order. A message on an
+	// open stream costs far less than a unary call. Every request is
+	// authorized, checked and audited exactly as by Sign; an error ends only
+	// that request (its response carries the code), not the stream.
+	SignStream(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[SignStreamRequest, SignStreamResponse], error)
 	// GetJWKS returns the public keys of the key sets the caller may use.
 	GetJWKS(ctx context.Context, in *GetJWKSRequest, opts ...grpc.CallOption) (*GetJWKSResponse, error)
 	// ListKeys returns every key version of the key sets the caller may use,
@@ -75,6 +82,19 @@ func (c *keyServiceClient) Sign(ctx context.Context, in *SignRequest, opts ...gr
 	return out, nil
 }
 
+func (c *keyServiceClient) SignStream(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[SignStreamRequest, SignStreamResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &KeyService_ServiceDesc.Streams[0], KeyService_SignStream_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[SignStreamRequest, SignStreamResponse]{ClientStream: stream}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type KeyService_SignStreamClient = grpc.BidiStreamingClient[SignStreamRequest, SignStreamResponse]
+
 func (c *keyServiceClient) GetJWKS(ctx context.Context, in *GetJWKSRequest, opts ...grpc.CallOption) (*GetJWKSResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(GetJWKSResponse)
@@ -97,7 +117,7 @@ func (c *keyServiceClient) ListKeys(ctx context.Context, in *ListKeysRequest, op
 
 func (c *keyServiceClient) WatchKeys(ctx context.Context, in *WatchKeysRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchKeysResponse], error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
-	stream, err := c.cc.NewStream(ctx, &KeyService_ServiceDesc.Streams[0], KeyService_WatchKeys_FullMethodName, cOpts...)
+	stream, err := c.cc.NewStream(ctx, &KeyService_ServiceDesc.Streams[1], KeyService_WatchKeys_FullMethodName, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -129,6 +149,12 @@ type KeyServiceServer interface {
 	// kid is not signable), UNAVAILABLE (the backend or the audit log failed;
 	// retry), DATA_LOSS (the key is gone from the backend).
 	Sign(context.Context, *SignRequest) (*SignResponse, error)
+	// SignStream is Sign for callers that sign often: many requests over one
+	// long-lived stream, each answered by id, in any order. A message on an
+	// open stream costs far less than a unary call. Every request is
+	// authorized, checked and audited exactly as by Sign; an error ends only
+	// that request (its response carries the code), not the stream.
+	SignStream(grpc.BidiStreamingServer[SignStreamRequest, SignStreamResponse]) error
 	// GetJWKS returns the public keys of the key sets the caller may use.
 	GetJWKS(context.Context, *GetJWKSRequest) (*GetJWKSResponse, error)
 	// ListKeys returns every key version of the key sets the caller may use,
@@ -150,6 +176,9 @@ type UnimplementedKeyServiceServer struct{}
 
 func (UnimplementedKeyServiceServer) Sign(context.Context, *SignRequest) (*SignResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Sign not implemented")
+}
+func (UnimplementedKeyServiceServer) SignStream(grpc.BidiStreamingServer[SignStreamRequest, SignStreamResponse]) error {
+	return status.Error(codes.Unimplemented, "method SignStream not implemented")
 }
 func (UnimplementedKeyServiceServer) GetJWKS(context.Context, *GetJWKSRequest) (*GetJWKSResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetJWKS not implemented")
@@ -198,6 +227,13 @@ func _KeyService_Sign_Handler(srv interface{}, ctx context.Context, dec func(int
 	}
 	return interceptor(ctx, in, info, handler)
 }
+
+func _KeyService_SignStream_Handler(srv interface{}, stream grpc.ServerStream) error {
+	return srv.(KeyServiceServer).SignStream(&grpc.GenericServerStream[SignStreamRequest, SignStreamResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type KeyService_SignStreamServer = grpc.BidiStreamingServer[SignStreamRequest, SignStreamResponse]
 
 func _KeyService_GetJWKS_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(GetJWKSRequest)
@@ -267,6 +303,12 @@ var KeyService_ServiceDesc = grpc.ServiceDesc{
 		},
 	},
 	Streams: []grpc.StreamDesc{
+		{
+			StreamName:    "SignStream",
+			Handler:       _KeyService_SignStream_Handler,
+			ServerStreams: true,
+			ClientStreams: true,
+		},
 		{
 			StreamName:    "WatchKeys",
 			Handler:       _KeyService_WatchKeys_Handler,

@@ -1,0 +1,91 @@
+package audit
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+)
+
+func sample() Record {
+	return Record{
+		Time: time.Date(2026, 11, 22, 12, 0, 0, 123456789, time.UTC), Event: "sign",
+		UID: 1001, GID: 1002, PID: 4242, KeySet: "billing-dpop", Kid: "k1", Purpose: "dpop",
+		Htm: "POST", Htu: "https://as.example.com/token", Ath: "abc", Iss: "i", Sub: "s",
+		Aud: []string{"a1", "a2"}, Jti: "j", Exp: 1795000000, Outcome: "ok", Reason: "r",
+	}
+}
+
+// The hand-written encoder writes what encoding/json would.
+func TestEncoderMatchesEncodingJSON(t *testing.T) {
+	for _, r := range []Record{sample(), {Time: time.Unix(0, 0).UTC(), Event: "sign", Outcome: "PermissionDenied"}} {
+		want, err := json.Marshal(r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := appendJSON(nil, &r); !bytes.Equal(got, want) {
+			t.Errorf("got  %s\nwant %s", got, want)
+		}
+	}
+}
+
+func FuzzAppendString(f *testing.F) {
+	for _, s := range []string{"", "plain", "quote\"back\\slash", "\x00\x1f\n\t\r", "<>&", "\u2028\u2029", "\xff\xfe", "é日本"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		want, _ := json.Marshal(s)
+		if got := appendString(nil, s); !bytes.Equal(got, want) {
+			t.Fatalf("appendString(%q) = %s, want %s", s, got, want)
+		}
+	})
+}
+
+func TestRecordLines(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "audit.jsonl")
+	l, err := Open(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := sample()
+	if err := l.Record(r); err != nil {
+		t.Fatal(err)
+	}
+	r.Reason = "line\nbreak"
+	if err := l.Record(r); err != nil {
+		t.Fatal(err)
+	}
+	l.Close()
+	fi, _ := os.Stat(p)
+	if fi.Mode().Perm() != 0o600 {
+		t.Errorf("mode %v", fi.Mode().Perm())
+	}
+	b, _ := os.ReadFile(p)
+	lines := strings.Split(strings.TrimSuffix(string(b), "\n"), "\n")
+	if len(lines) != 2 {
+		t.Fatalf("%d lines: %q", len(lines), b)
+	}
+	var back Record
+	if err := json.Unmarshal([]byte(lines[1]), &back); err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(back, r) {
+		t.Errorf("round trip: %+v", back)
+	}
+}
+
+func TestWriteFailureIsReported(t *testing.T) {
+	l, err := Open("/dev/full")
+	if err != nil {
+		t.Skip("no /dev/full")
+	}
+	defer l.Close()
+	if err := l.Record(sample()); !errors.Is(err, ErrWrite) {
+		t.Fatalf("err = %v, want ErrWrite", err)
+	}
+}
