@@ -72,6 +72,10 @@ func (s *streamSigner) sign(ctx context.Context, req *keydv1.SignRequest) (*keyd
 	}
 	select {
 	case resp := <-ch:
+		if codes.Code(resp.Code) == codes.Unimplemented {
+			// The daemon has no SignStream (Sign never answers this).
+			return nil, errFallback
+		}
 		if resp.Code != int32(codes.OK) || resp.Response == nil {
 			if resp.Code == int32(codes.OK) {
 				return nil, &Error{Code: codes.Internal, Message: "sign stream: empty response"}

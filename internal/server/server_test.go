@@ -45,6 +45,8 @@ type testKeySet struct {
 }
 
 type env struct {
+	socket  string
+	grpc    *grpc.Server
 	srv     *server.Server
 	mgr     *rotation.Manager
 	cl      *client.Client
@@ -155,20 +157,29 @@ func newEnv(t testing.TB, sets []testKeySet, opts envOpts) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	lis, err := listener.Unix(filepath.Join(dir, "k.sock"), 0o600, -1)
-	if err != nil {
-		t.Fatal(err)
-	}
-	g := grpc.NewServer(grpc.Creds(authz.PeerCredentials()))
-	srv.Register(g)
-	go g.Serve(lis)
-	t.Cleanup(g.Stop)
-	cl, err := client.Dial(filepath.Join(dir, "k.sock"))
+	e := &env{socket: filepath.Join(dir, "k.sock"), srv: srv, mgr: mgr, audit: aud, backend: backend}
+	e.serve(t)
+	cl, err := client.Dial(e.socket)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { cl.Close() })
-	return &env{srv: srv, mgr: mgr, cl: cl, audit: aud, backend: backend}
+	e.cl = cl
+	return e
+}
+
+// serve starts (or restarts) the gRPC server on the env's socket.
+func (e *env) serve(t testing.TB) {
+	t.Helper()
+	lis, err := listener.Unix(e.socket, 0o600, -1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := grpc.NewServer(grpc.Creds(authz.PeerCredentials()))
+	e.srv.Register(g)
+	go g.Serve(lis)
+	t.Cleanup(g.Stop)
+	e.grpc = g
 }
 
 func ctx(t testing.TB) context.Context {
