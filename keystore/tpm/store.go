@@ -1,0 +1,410 @@
+package tpm
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"encoding/asn1"
+	"encoding/binary"
+	"encoding/hex"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+
+	"github.com/google/go-tpm/tpm2"
+
+	"github.com/keyd-dev/keyd/keystore"
+)
+
+const (
+	keySuffix  = ".tpmkey"
+	tombSuffix = ".destroyed"
+	tempInfix  = ".tmp-"
+	pinFile    = "srk.name"
+	lockFile   = "lock"
+
+	// maxFile bounds what is read from the state directory; an RSA-3072
+	// key file is about 1.3 KB.
+	maxFile  = 64 << 10
+	noFollow = syscall.O_NOFOLLOW
+
+	pemType = "TSS2 PRIVATE KEY"
+)
+
+// oidLoadableKey is id-loadablekey (2.23.133.10.1.3) of the TSS2 key format.
+var oidLoadableKey = asn1.ObjectIdentifier{2, 23, 133, 10, 1, 3}
+
+// tssKey is the ASN.1 body of a "TSS2 PRIVATE KEY" PEM block, the key file
+// format of tpm2-tss-engine and tpm2-openssl, restricted to what keyd
+// writes: a loadable key with an empty auth, no policy and no import secret,
+// whose parent is the owner hierarchy's storage root key (0x40000001).
+type tssKey struct {
+	Type      asn1.ObjectIdentifier
+	EmptyAuth bool `asn1:"optional,explicit,tag:0"`
+	Parent    int64
+	Pubkey    []byte // TPM2B_PUBLIC, size included
+	Privkey   []byte // TPM2B_PRIVATE, size included
+}
+
+// keyBlob is a key as stored: the TPM2B_PUBLIC and TPM2B_PRIVATE contents
+// TPM2_Create returned, and what checkPublic made of the public area.
+type keyBlob struct {
+	pub  []byte // TPMT_PUBLIC, as the TPM marshalled it
+	priv []byte // the TPM-encrypted private area
+	kind keyKind
+	key  any // *ecdsa.PublicKey or *rsa.PublicKey
+}
+
+// newBlob checks and wraps the public and private areas.
+func newBlob(pub, priv []byte) (*keyBlob, error) {
+	p, err := tpm2.Unmarshal[tpm2.TPMTPublic](pub)
+	if err != nil {
+		return nil, fmt.Errorf("public area: %v", err)
+	}
+	if len(priv) == 0 {
+		return nil, errors.New("empty private area")
+	}
+	kind, key, err := checkPublic(p)
+	if err != nil {
+		return nil, err
+	}
+	return &keyBlob{pub: pub, priv: priv, kind: kind, key: key}, nil
+}
+
+// name returns the key's TPM Name: its name algorithm (SHA-256, as
+// checkPublic requires) and the SHA-256 of its public area.
+func (k *keyBlob) name() tpm2.TPM2BName {
+	h := sha256.Sum256(k.pub)
+	return tpm2.TPM2BName{Buffer: append([]byte{0x00, byte(tpm2.TPMAlgSHA256)}, h[:]...)}
+}
+
+func sized(b []byte) []byte {
+	out := make([]byte, 2+len(b))
+	binary.BigEndian.PutUint16(out, uint16(len(b)))
+	copy(out[2:], b)
+	return out
+}
+
+func unsized(b []byte) ([]byte, bool) {
+	if len(b) < 2 || int(binary.BigEndian.Uint16(b)) != len(b)-2 {
+		return nil, false
+	}
+	return b[2:], true
+}
+
+// encodeKey returns the key file for blob.
+func encodeKey(blob *keyBlob) ([]byte, error) {
+	der, err := asn1.Marshal(tssKey{
+		Type:      oidLoadableKey,
+		EmptyAuth: true,
+		Parent:    int64(tpm2.TPMRHOwner),
+		Pubkey:    sized(blob.pub),
+		Privkey:   sized(blob.priv),
+	})
+	if err != nil {
+		return nil, err
+	}
+	return pem.EncodeToMemory(&pem.Block{Type: pemType, Bytes: der}), nil
+}
+
+// decodeKey parses a key file. It fails with ErrKeyLost if the file is not a
+// key keyd wrote, and with ErrInsecureStorage or ErrUnsupportedAlgorithm
+// from checkPublic.
+func decodeKey(data []byte) (*keyBlob, error) {
+	block, rest := pem.Decode(data)
+	if block == nil || block.Type != pemType || len(bytes.TrimSpace(rest)) != 0 {
+		return nil, fmt.Errorf("no PEM %q block: %w", pemType, keystore.ErrKeyLost)
+	}
+	var k tssKey
+	if tail, err := asn1.Unmarshal(block.Bytes, &k); err != nil || len(tail) != 0 {
+		return nil, fmt.Errorf("TSS2 key: %v: %w", err, keystore.ErrKeyLost)
+	}
+	if !k.Type.Equal(oidLoadableKey) || !k.EmptyAuth || k.Parent != int64(tpm2.TPMRHOwner) {
+		return nil, fmt.Errorf("TSS2 key of type %v, parent %#x: not a key keyd wrote: %w", k.Type, k.Parent, keystore.ErrKeyLost)
+	}
+	pub, ok1 := unsized(k.Pubkey)
+	priv, ok2 := unsized(k.Privkey)
+	if !ok1 || !ok2 {
+		return nil, fmt.Errorf("TSS2 key: bad TPM2B size: %w", keystore.ErrKeyLost)
+	}
+	blob, err := newBlob(pub, priv)
+	if err != nil {
+		if errors.Is(err, keystore.ErrInsecureStorage) || errors.Is(err, keystore.ErrUnsupportedAlgorithm) {
+			return nil, err
+		}
+		return nil, fmt.Errorf("%v: %w", err, keystore.ErrKeyLost)
+	}
+	return blob, nil
+}
+
+// pin is the storage root key's identity as recorded in srk.name.
+type pin struct {
+	template string
+	name     []byte
+}
+
+func (p pin) encode() []byte {
+	return fmt.Appendf(nil, "# keyd TPM storage root key. Do not edit: a TPM whose SRK has another name\n"+
+		"# (cleared, replaced, or a different template) cannot load keyd's keys.\n"+
+		"template=%s\nname=%s\n", p.template, hex.EncodeToString(p.name))
+}
+
+func decodePin(data []byte) (pin, error) {
+	var p pin
+	for line := range strings.Lines(string(data)) {
+		line = strings.TrimSpace(line)
+		if line == "" || line[0] == '#' {
+			continue
+		}
+		k, v, ok := strings.Cut(line, "=")
+		if !ok {
+			return pin{}, fmt.Errorf("bad line %q", line)
+		}
+		switch k {
+		case "template":
+			p.template = v
+		case "name":
+			n, err := hex.DecodeString(v)
+			if err != nil {
+				return pin{}, fmt.Errorf("name: %v", err)
+			}
+			p.name = n
+		default:
+			return pin{}, fmt.Errorf("unknown key %q", k)
+		}
+	}
+	if p.template == "" || len(p.name) == 0 {
+		return pin{}, errors.New("template or name missing")
+	}
+	return p, nil
+}
+
+// keyID returns the ID of a key file name "<id>.tpmkey".
+func keyID(name string) (string, bool) {
+	id, ok := strings.CutSuffix(name, keySuffix)
+	return id, ok && keystore.ValidID(id) == nil
+}
+
+// isTemp reports whether name is a temporary file "<name>.tmp-<digits>"
+// (os.CreateTemp's random part is decimal).
+func isTemp(name string) bool {
+	i := strings.LastIndex(name, tempInfix)
+	if i <= 0 {
+		return false
+	}
+	rnd := name[i+len(tempInfix):]
+	base := name[:i]
+	return rnd != "" && strings.Trim(rnd, "0123456789") == "" &&
+		(base == pinFile || strings.HasSuffix(base, keySuffix))
+}
+
+// checkDir refuses a state directory that is a symlink, not a directory,
+// writable by group or others, or owned by another user.
+func checkDir(dir string) error {
+	fi, err := os.Lstat(dir)
+	if err != nil {
+		return fmt.Errorf("state directory: %w", err)
+	}
+	switch {
+	case fi.Mode()&fs.ModeSymlink != 0:
+		return fmt.Errorf("state directory %s is a symlink; configure the real path: %w", dir, keystore.ErrInsecureStorage)
+	case !fi.IsDir():
+		return fmt.Errorf("state directory %s is not a directory (%v)", dir, fi.Mode().Type())
+	case fi.Mode().Perm()&0o022 != 0:
+		return fmt.Errorf("state directory %s has mode %04o, writable by group or others; chmod 700 it: %w", dir, fi.Mode().Perm(), keystore.ErrInsecureStorage)
+	}
+	if uid, ok := owner(fi); ok && uid != os.Geteuid() {
+		return fmt.Errorf("state directory %s is owned by uid %d, not by this process's uid %d: %w", dir, uid, os.Geteuid(), keystore.ErrInsecureStorage)
+	}
+	return nil
+}
+
+// fileRule says which files readChecked accepts: no permission bit in mask,
+// owned by this process's user (or also by root, if rootOK).
+type fileRule struct {
+	mask   fs.FileMode
+	rootOK bool
+}
+
+var (
+	keyFileRule = fileRule{mask: 0o077}
+	pinRule     = fileRule{mask: 0o022}
+	// The owner auth file may be root's, readable by keyd's group.
+	authFileRule = fileRule{mask: 0o007, rootOK: true}
+)
+
+// checkInfo refuses a file that is a symlink or not a regular file, or
+// breaks rule.
+func checkInfo(path string, fi fs.FileInfo, rule fileRule) error {
+	switch {
+	case fi.Mode()&fs.ModeSymlink != 0:
+		return fmt.Errorf("%s is a symlink: %w", path, keystore.ErrInsecureStorage)
+	case !fi.Mode().IsRegular():
+		return fmt.Errorf("%s is not a regular file (%v): %w", path, fi.Mode().Type(), keystore.ErrInsecureStorage)
+	case fi.Mode().Perm()&rule.mask != 0:
+		return fmt.Errorf("%s has mode %04o, open to group or others; chmod 600 it: %w", path, fi.Mode().Perm(), keystore.ErrInsecureStorage)
+	}
+	if uid, ok := owner(fi); ok && uid != os.Geteuid() && !(rule.rootOK && uid == 0) {
+		return fmt.Errorf("%s is owned by uid %d, not by this process's uid %d: %w", path, uid, os.Geteuid(), keystore.ErrInsecureStorage)
+	}
+	return nil
+}
+
+func owner(fi fs.FileInfo) (int, bool) {
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	if !ok {
+		return 0, false
+	}
+	return int(st.Uid), true
+}
+
+// readChecked reads the file at path after checking it with checkInfo,
+// without following a symlink or blocking on a FIFO. A missing file is
+// ErrNotFound.
+func readChecked(path string, rule fileRule) ([]byte, error) {
+	fi, err := os.Lstat(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, keystore.ErrNotFound
+	}
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", keystore.ErrUnavailable, err)
+	}
+	if err := checkInfo(path, fi, rule); err != nil {
+		return nil, err
+	}
+	f, err := os.OpenFile(path, os.O_RDONLY|noFollow|syscall.O_NONBLOCK, 0)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return nil, keystore.ErrNotFound
+	case errors.Is(err, syscall.ELOOP):
+		return nil, fmt.Errorf("%s is a symlink: %w", path, keystore.ErrInsecureStorage)
+	case err != nil:
+		return nil, fmt.Errorf("%w: %v", keystore.ErrUnavailable, err)
+	}
+	defer f.Close()
+	ofi, err := f.Stat()
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", keystore.ErrUnavailable, err)
+	}
+	if err := checkInfo(path, ofi, rule); err != nil {
+		return nil, err
+	}
+	if !os.SameFile(fi, ofi) {
+		return nil, fmt.Errorf("%s was replaced while being opened: %w", path, keystore.ErrInsecureStorage)
+	}
+	data, err := io.ReadAll(io.LimitReader(f, maxFile+1))
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", keystore.ErrUnavailable, err)
+	}
+	if len(data) > maxFile {
+		return nil, fmt.Errorf("%s is larger than %d bytes: %w", path, maxFile, keystore.ErrKeyLost)
+	}
+	return data, nil
+}
+
+// writeNew writes data to dir/name atomically and without replacing an
+// existing file: a temporary file (O_EXCL, 0600) is written and synced,
+// hard-linked to the final name (which fails if it exists:
+// ErrAlreadyExists), removed, and the directory synced. A crash leaves no
+// file or a complete one, plus perhaps a temporary file that New removes.
+func writeNew(dir, name string, data []byte, fail func(stage string) error) (err error) {
+	f, err := os.CreateTemp(dir, name+tempInfix+"*")
+	if err != nil {
+		return fmt.Errorf("%w: create %s: %v", keystore.ErrUnavailable, name, err)
+	}
+	tmp := f.Name()
+	defer func() {
+		if f != nil {
+			f.Close()
+		}
+		if rerr := os.Remove(tmp); rerr != nil && !errors.Is(rerr, fs.ErrNotExist) && err == nil {
+			err = fmt.Errorf("%w: remove %s: %v", keystore.ErrUnavailable, tmp, rerr)
+		}
+	}()
+	if err := f.Chmod(0o600); err != nil {
+		return fmt.Errorf("%w: %v", keystore.ErrUnavailable, err)
+	}
+	if _, err := f.Write(data); err != nil {
+		return fmt.Errorf("%w: write %s: %v", keystore.ErrUnavailable, tmp, err)
+	}
+	if err := fail("written"); err != nil {
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		return fmt.Errorf("%w: sync %s: %v", keystore.ErrUnavailable, tmp, err)
+	}
+	err = f.Close()
+	f = nil
+	if err != nil {
+		return fmt.Errorf("%w: close %s: %v", keystore.ErrUnavailable, tmp, err)
+	}
+	final := filepath.Join(dir, name)
+	if err := os.Link(tmp, final); errors.Is(err, fs.ErrExist) {
+		return keystore.ErrAlreadyExists
+	} else if err != nil {
+		return fmt.Errorf("%w: link %s: %v", keystore.ErrUnavailable, final, err)
+	}
+	if err := fail("linked"); err != nil {
+		return err
+	}
+	if err := syncDir(dir); err != nil {
+		return fmt.Errorf("%w: %v", keystore.ErrUnavailable, err)
+	}
+	return nil
+}
+
+// writeTombstone creates the empty file dir/name (if missing) and makes it
+// durable.
+func writeTombstone(dir, name string) error {
+	f, err := os.OpenFile(filepath.Join(dir, name), os.O_WRONLY|os.O_CREATE|noFollow, 0o600)
+	if err != nil {
+		return err
+	}
+	err = f.Sync()
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = syncDir(dir)
+	}
+	return err
+}
+
+// syncDir makes the directory entries of dir durable.
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return fmt.Errorf("sync state directory: %w", err)
+	}
+	err = d.Sync()
+	if cerr := d.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return fmt.Errorf("sync state directory %s: %w", dir, err)
+	}
+	return nil
+}
+
+// lockDir takes an exclusive lock on dir/lock, held until the file is
+// closed, so two processes never share a state directory.
+func lockDir(dir string) (*os.File, error) {
+	path := filepath.Join(dir, lockFile)
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|noFollow|syscall.O_CLOEXEC, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("lock state directory: %w", err)
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		f.Close()
+		if errors.Is(err, syscall.EWOULDBLOCK) {
+			return nil, fmt.Errorf("state directory %s is in use by another keyd (or another tpm backend in this process)", dir)
+		}
+		return nil, fmt.Errorf("lock %s: %w", path, err)
+	}
+	return f, nil
+}

@@ -1,0 +1,907 @@
+// Package tpm is the TPM 2.0 key store: signing keys generated inside a TPM
+// that can be used only by that TPM.
+//
+// # Keys
+//
+// Each key is created by TPM2_Create under the owner hierarchy's storage
+// root key (SRK) with the attributes fixedTPM, fixedParent,
+// sensitiveDataOrigin, userWithAuth, noDA and sign (and not decrypt,
+// restricted or adminWithPolicy), an empty authValue and no policy: the
+// private key never exists outside the TPM and cannot be duplicated to
+// another one, keyd alone holds the (empty) authorization, no caller ever
+// supplies TPM authorization, and no request can count towards the TPM's
+// dictionary-attack lockout. ECDSA keys carry their scheme (ECDSA with
+// SHA-256 on P-256, SHA-384 on P-384); RSA keys have the NULL scheme and each
+// signature chooses RSASSA (RS256) or RSAPSS (PS256) with SHA-256.
+//
+// Only the key's TPM2B_PUBLIC and its TPM-encrypted TPM2B_PRIVATE are stored,
+// in <StateDir>/<id>.tpmkey (mode 0600) as a PEM "TSS2 PRIVATE KEY" (the
+// ASN.1 key format of tpm2-tss-engine and tpm2-openssl: a loadable key with
+// an empty auth whose parent is 0x40000001, the owner hierarchy's SRK). The
+// private blob is useless without this TPM. Saved contexts (TPM2_ContextSave)
+// are never stored: they die with a TPM reset. Destroy removes the file;
+// since the TPM holds nothing persistent for the key, the key is gone once
+// every copy of the file (backups included) is.
+//
+// Files are written as in the soft backend: a temporary file (O_EXCL, 0600)
+// is written, synced, hard-linked to its final name (so an existing key is
+// never replaced) and the directory synced; Destroy writes a tombstone
+// <id>.destroyed first, and Generate refuses an ID with a tombstone, so IDs
+// are never reused. New refuses a state directory that is a symlink,
+// writable by group or others or owned by another user; loading refuses a
+// key file that is a symlink, not regular, has any group or other permission
+// bit or another owner (ErrInsecureStorage). New takes an exclusive lock on
+// <StateDir>/lock, so two processes never share a state directory.
+//
+// # Storage root key
+//
+// The SRK is never made persistent: New, and every reconnection or TPM
+// reset after it, re-creates it with TPM2_CreatePrimary from the TCG ECC
+// NIST P-256 SRK template (see srkTemplate), which yields the same key as
+// long as the owner seed is unchanged. Its Name (a hash of its public area)
+// is pinned in <StateDir>/srk.name at the first start and checked at every
+// re-creation. A different Name means the TPM was cleared (TPM2_Clear makes
+// a new owner seed), is another TPM, or the template changed: keys cannot
+// load, and New, Generate, Sign and Health fail with ErrKeyLost from then on
+// (keyd never quietly makes new keys). A missing srk.name next to existing
+// key files is ErrKeyLost too. The owner hierarchy's authorization, when it
+// has one, is read from Config.OwnerAuthFile; the hierarchy's authorization
+// is not subject to dictionary-attack lockout, and a wrong one fails with
+// ErrLocked.
+//
+// # Algorithms
+//
+// ES256 needs ECC NIST P-256 and ECDSA; ES384 also needs P-384; RS256 needs
+// RSA and RSASSA; RSA-3072 keys need TPM2_TestParms to accept 3072 bits.
+// PS256 needs RSAPSS and a start-up self-test: the TPM signs with a
+// throwaway key (a software key loaded with TPM2_LoadExternal, or if the TPM
+// refuses that, a TPM-generated one) and the signature must verify with a
+// salt as long as the hash, as RFC 7518 requires. swtpm passes; many
+// hardware TPMs use the maximum salt, which JWS verifiers reject, and then
+// PS256 is refused with ErrUnsupportedAlgorithm and a message saying why.
+// EdDSA is never available: TPM 2.0 has no Ed25519. Algorithms lists what
+// the probe found.
+//
+// Sign returns ASN.1 DER for ECDSA (the TPM's r and s as INTEGERs, however
+// short the TPM returns them) and the modulus-sized signature for RSA, and
+// verifies every signature against the stored public key before returning
+// it: a signature that does not verify makes the backend re-initialise the
+// TPM and sign again once.
+//
+// # The TPM connection
+//
+// The TPM is serial, and a TPM without a resource manager (swtpm) serves one
+// connection: every command goes through one connection owned by whoever
+// holds the backend's token. The caller's context bounds both the wait for
+// the token and the wait for the result: a command in flight when the
+// context ends finishes (or times out) in the background and its result is
+// dropped, since abandoning it half-way would break the connection. Each
+// command has a deadline (Config.CommandTimeout; TPM2_Create of
+// an RSA key, Config.KeygenTimeout), so a stopped TPM fails the call with
+// ErrUnavailable instead of hanging keyd; after a timeout or a failed
+// connection attempt, calls fail fast with ErrUnavailable for up to a second
+// before the next attempt. TPM_RC_RETRY, TPM_RC_YIELDED and TPM_RC_TESTING
+// are retried up to three times with a short backoff, then ErrUnavailable.
+//
+// After a broken connection keyd reconnects on the next call. After
+// reconnecting, or a TPM_RC_INITIALIZE (the TPM was reset), it sends
+// TPM2_Startup(CLEAR) if the TPM needs it, flushes every transient object
+// still in the TPM (on a TPM without a resource manager keyd must be the
+// TPM's only user; /dev/tpmrm0 shows each connection only its own objects),
+// re-creates and checks the SRK and reloads key blobs as they are used. A
+// call that hit a reset, a connection broken at once (swtpm restarted) or a
+// stale handle is run a second time after this; a timeout is not retried.
+//
+// Keys are loaded when used and kept loaded one at a time: a signature by
+// the key loaded last costs one TPM2_Sign; another key is loaded after the
+// previous one is flushed; Destroy and Close flush too. So keyd holds at
+// most two transient objects (the SRK and one key), within the three slots
+// swtpm and many firmware TPMs have.
+//
+// # Errors
+//
+//	ErrUnavailable  connection refused or broken, command timeout, TPM
+//	                warnings after retries (TPM_RC_RETRY, _YIELDED,
+//	                _TESTING, _OBJECT_MEMORY, _LOCKOUT…), TPM_RC_FAILURE
+//	ErrKeyLost      SRK name differs from the pinned one (TPM cleared or
+//	                replaced, template changed); srk.name missing beside
+//	                keys; a key blob the TPM refuses under the right SRK
+//	                (TPM_RC_INTEGRITY…) or a key file keyd cannot parse
+//	ErrLocked       owner hierarchy authorization refused
+//	                (TPM_RC_BAD_AUTH, TPM_RC_AUTH_FAIL) or hierarchy disabled
+//	ErrInsecureStorage  unsafe state directory or key file; a key file
+//	                whose key is not noDA/fixedTPM/fixedParent
+//	ErrUnsupportedAlgorithm  EdDSA, algorithms the TPM lacks, PS256 that
+//	                failed the self-test, signer options that do not fit the key
+//
+// The TPM's own code is kept in the error's text.
+package tpm
+
+import (
+	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/rsa"
+	"crypto/x509"
+	"encoding/asn1"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"math/big"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/google/go-tpm/tpm2"
+
+	"github.com/keyd-dev/keyd/keystore"
+)
+
+// Defaults for Config.
+const (
+	DefaultDevice         = "/dev/tpmrm0"
+	DefaultCommandTimeout = 5 * time.Second
+	DefaultKeygenTimeout  = 2 * time.Minute
+)
+
+// Config configures a TPM Backend.
+type Config struct {
+	// Device is the TPM character device; with neither Device nor Address
+	// set it is /dev/tpmrm0, the kernel's resource manager (use it rather
+	// than /dev/tpm0, which allows one user and no isolation).
+	Device string
+
+	// Address is a TPM simulator's command port instead of a device:
+	// "tcp://127.0.0.1:2321" (swtpm --server type=tcp) or
+	// "unix:///run/swtpm/sock" (type=unixio). The raw TPM command stream is
+	// spoken; swtpm's control port is not used.
+	Address string
+
+	// OwnerAuthFile names a file holding the owner hierarchy's
+	// authorization value (a trailing newline is ignored); empty means the
+	// hierarchy has no authorization, as on most machines. The file must be
+	// a regular file owned by keyd's user or root with no permission for
+	// others (0600, or 0640 root:keyd); anything else is ErrInsecureStorage.
+	OwnerAuthFile string
+
+	// StateDir is where key blobs live: <StateDir>/<id>.tpmkey, the
+	// tombstones <id>.destroyed, the pinned SRK name srk.name and a lock
+	// file. It is created, mode 0700, if missing. Required.
+	StateDir string
+
+	// CommandTimeout bounds each TPM command (and each connection attempt);
+	// zero means DefaultCommandTimeout (5 s).
+	CommandTimeout time.Duration
+
+	// KeygenTimeout bounds TPM2_Create of an RSA key, which takes seconds
+	// on hardware TPMs; zero means DefaultKeygenTimeout (2 min). It is
+	// never shorter than CommandTimeout.
+	KeygenTimeout time.Duration
+
+	// Logger receives lifecycle and fault messages; nil discards them.
+	Logger *slog.Logger
+}
+
+// Validate reports every problem with cfg that can be seen without the TPM
+// or the files (for keyd check-config): a missing StateDir, both Device and
+// Address, a malformed Address, negative timeouts.
+func (cfg Config) Validate() error {
+	var errs []error
+	if cfg.StateDir == "" {
+		errs = append(errs, errors.New("state_dir is required"))
+	}
+	if _, err := parseEndpoint(cfg.Device, cfg.Address); err != nil {
+		errs = append(errs, err)
+	}
+	if cfg.CommandTimeout < 0 {
+		errs = append(errs, fmt.Errorf("command_timeout %v is negative", cfg.CommandTimeout))
+	}
+	if cfg.KeygenTimeout < 0 {
+		errs = append(errs, fmt.Errorf("keygen_timeout %v is negative", cfg.KeygenTimeout))
+	}
+	return errors.Join(errs...)
+}
+
+// Backend is the TPM keystore.Backend. It is safe for concurrent use.
+type Backend struct {
+	dir           string
+	ep            endpoint
+	log           *slog.Logger
+	ownerAuth     []byte
+	cmdTimeout    time.Duration
+	keygenTimeout time.Duration
+	cooldown      time.Duration
+	pinned        *pin
+	lock          *os.File
+
+	// Set by New's probe, read-only afterwards.
+	algs     []keystore.Algorithm
+	refused  map[keystore.Algorithm]string // why an algorithm is not offered
+	rsa3072  bool
+	pss      bool
+	pssProbe string // how the PS256 self-test ran, for logs and tests
+
+	// tok is the TPM's owner token: whoever holds it may use st.
+	tok chan struct{}
+	st  tpmState
+	// hook, set by tests before use, may answer a command instead of the
+	// TPM (ok true).
+	hook func(cmd []byte) (rsp []byte, ok bool, err error)
+
+	// wmu serializes changes to the state directory.
+	wmu sync.Mutex
+
+	mu     sync.RWMutex
+	closed bool
+	blobs  map[string]*keyBlob // loaded key files
+	gone   map[string]struct{} // destroyed by this process
+
+	failpoint func(stage string) error // tests: abort writing a file
+}
+
+var _ keystore.Backend = (*Backend)(nil)
+
+// New opens the key store in cfg.StateDir on the TPM cfg names, re-creates
+// and checks the storage root key (pinning its name at the first start) and
+// probes the algorithms. It fails with ErrUnavailable if the TPM cannot be
+// reached, ErrKeyLost if the SRK is not the pinned one, ErrLocked if the
+// owner authorization is refused and ErrInsecureStorage for an unsafe state
+// directory or owner auth file.
+func New(ctx context.Context, cfg Config) (*Backend, error) {
+	return newBackend(ctx, cfg, nil)
+}
+
+// newBackend is New with a hook that may answer TPM commands, for tests.
+func newBackend(ctx context.Context, cfg Config, hook func(cmd []byte) ([]byte, bool, error)) (*Backend, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, fmt.Errorf("tpm: %w", err)
+	}
+	ep, _ := parseEndpoint(cfg.Device, cfg.Address)
+	cmdTimeout := cfg.CommandTimeout
+	if cmdTimeout == 0 {
+		cmdTimeout = DefaultCommandTimeout
+	}
+	keygenTimeout := cfg.KeygenTimeout
+	if keygenTimeout == 0 {
+		keygenTimeout = DefaultKeygenTimeout
+	}
+	keygenTimeout = max(keygenTimeout, cmdTimeout)
+	log := cfg.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	dir := filepath.Clean(cfg.StateDir)
+	if _, err := os.Lstat(dir); errors.Is(err, fs.ErrNotExist) {
+		if err := os.MkdirAll(dir, 0o700); err != nil {
+			return nil, fmt.Errorf("tpm: create state directory: %w", err)
+		}
+	}
+	if err := checkDir(dir); err != nil {
+		return nil, fmt.Errorf("tpm: %w", err)
+	}
+	var auth []byte
+	if cfg.OwnerAuthFile != "" {
+		data, err := readChecked(cfg.OwnerAuthFile, authFileRule)
+		if err != nil {
+			if errors.Is(err, keystore.ErrNotFound) {
+				err = fs.ErrNotExist
+			}
+			return nil, fmt.Errorf("tpm: owner auth file %s: %w", cfg.OwnerAuthFile, err)
+		}
+		auth = []byte(strings.TrimSuffix(strings.TrimSuffix(string(data), "\n"), "\r"))
+	}
+	lock, err := lockDir(dir)
+	if err != nil {
+		return nil, fmt.Errorf("tpm: %w", err)
+	}
+	b := &Backend{
+		dir:           dir,
+		ep:            ep,
+		log:           log.With("backend", "tpm", "dir", dir),
+		ownerAuth:     auth,
+		cmdTimeout:    cmdTimeout,
+		keygenTimeout: keygenTimeout,
+		cooldown:      min(cmdTimeout, time.Second),
+		lock:          lock,
+		refused:       map[keystore.Algorithm]string{},
+		tok:           make(chan struct{}, 1),
+		blobs:         map[string]*keyBlob{},
+		gone:          map[string]struct{}{},
+		hook:          hook,
+	}
+	if err := b.open(ctx); err != nil {
+		b.Close()
+		return nil, fmt.Errorf("tpm: %w", err)
+	}
+	b.log.Info("TPM key store opened", "tpm", ep.String(), "algorithms", fmt.Sprint(b.algs), "rsa3072", b.rsa3072, "ps256_selftest", b.pssProbe)
+	return b, nil
+}
+
+// open checks the state directory, connects, checks or pins the SRK and
+// probes the algorithms.
+func (b *Backend) open(ctx context.Context) error {
+	n, err := b.scan()
+	if err != nil {
+		return err
+	}
+	data, err := readChecked(b.pinPath(), pinRule)
+	switch {
+	case errors.Is(err, keystore.ErrNotFound):
+		if n > 0 {
+			return fmt.Errorf("%w: %s is missing but %d key files exist: restore it from a backup (keyd will not re-pin a storage root key its keys may not belong to)", keystore.ErrKeyLost, b.pinPath(), n)
+		}
+	case err != nil:
+		return err
+	default:
+		p, err := decodePin(data)
+		if err != nil {
+			return fmt.Errorf("%w: %s: %v", keystore.ErrKeyLost, b.pinPath(), err)
+		}
+		if p.template != srkTemplateID {
+			return fmt.Errorf("%w: %s pins an SRK made from template %q, but this keyd uses %q", keystore.ErrKeyLost, b.pinPath(), p.template, srkTemplateID)
+		}
+		b.pinned = &p
+	}
+
+	var name []byte
+	err = b.do(ctx, b.cmdTimeout, func(o *op) error {
+		name = slices.Clone(b.st.srk.Name.Buffer)
+		return b.probe(o)
+	})
+	if err != nil {
+		return b.mapErr(err)
+	}
+	if b.pinned == nil {
+		p := pin{template: srkTemplateID, name: name}
+		b.wmu.Lock()
+		err := writeNew(b.dir, pinFile, p.encode(), b.fail)
+		b.wmu.Unlock()
+		if err != nil {
+			return fmt.Errorf("pin the storage root key: %w", err)
+		}
+		b.pinned = &p
+		b.log.Info("storage root key pinned", "name", fmt.Sprintf("%x", name), "path", b.pinPath())
+	}
+	return nil
+}
+
+// scan removes temporary files left by a crash and checks each key file,
+// logging those that loading would refuse. It returns the number of keys.
+func (b *Backend) scan() (int, error) {
+	entries, err := os.ReadDir(b.dir)
+	if err != nil {
+		return 0, fmt.Errorf("read state directory: %w", err)
+	}
+	n := 0
+	for _, e := range entries {
+		name := e.Name()
+		path := filepath.Join(b.dir, name)
+		if isTemp(name) {
+			if err := os.Remove(path); err != nil {
+				b.log.Error("cannot remove leftover temporary file", "path", path, "err", err)
+				continue
+			}
+			b.log.Warn("removed leftover temporary file from an interrupted write", "path", path)
+			continue
+		}
+		id, ok := keyID(name)
+		if !ok {
+			continue
+		}
+		n++
+		if _, err := readChecked(path, keyFileRule); err != nil {
+			b.log.Error("key file refused; Public and Sign of this key will fail", "id", id, "err", err)
+		}
+	}
+	return n, nil
+}
+
+// Name returns "tpm".
+func (b *Backend) Name() string { return "tpm" }
+
+// Algorithms returns the algorithms the TPM supports, as probed by New.
+func (b *Backend) Algorithms() []keystore.Algorithm { return slices.Clone(b.algs) }
+
+// supported reports whether spec can be generated, or why not.
+func (b *Backend) supported(spec keystore.KeySpec) error {
+	if !slices.Contains(b.algs, spec.Algorithm) {
+		why := b.refused[spec.Algorithm]
+		if why == "" {
+			why = "not offered by this TPM"
+		}
+		return fmt.Errorf("%s: %w (%s)", spec.Algorithm, keystore.ErrUnsupportedAlgorithm, why)
+	}
+	if spec.Algorithm.IsRSA() && spec.Bits() == 3072 && !b.rsa3072 {
+		return fmt.Errorf("%v: %w (this TPM does not accept RSA-3072 keys; use 2048 bits)", spec, keystore.ErrUnsupportedAlgorithm)
+	}
+	return nil
+}
+
+// Generate creates a key under id with TPM2_Create and stores its blobs. It
+// fails with ErrAlreadyExists if id has a key file or a tombstone,
+// ErrInvalidID, ErrUnsupportedAlgorithm, ErrUnavailable, ErrKeyLost (the
+// TPM's SRK changed), ErrClosed or the context's error. A context that ends
+// while the TPM generates the key makes Generate return its error at once;
+// the TPM finishes in the background and the key is discarded, never
+// stored.
+func (b *Backend) Generate(ctx context.Context, id string, spec keystore.KeySpec) (crypto.PublicKey, error) {
+	if err := b.beginID(ctx, id); err != nil {
+		return nil, fmt.Errorf("generate %s: %w", id, err)
+	}
+	if err := spec.Validate(); err != nil {
+		return nil, fmt.Errorf("generate %s: %w", id, err)
+	}
+	if err := b.supported(spec); err != nil {
+		return nil, fmt.Errorf("generate %s: %w", id, err)
+	}
+	kind, err := kindFor(spec)
+	if err != nil {
+		return nil, fmt.Errorf("generate %s %v: %w", id, spec, err)
+	}
+	if err := b.checkFree(id); err != nil {
+		return nil, fmt.Errorf("generate %s: %w", id, err)
+	}
+	timeout := b.cmdTimeout
+	if kind.isRSA() {
+		timeout = b.keygenTimeout
+	}
+	var blob *keyBlob
+	err = b.do(ctx, timeout, func(o *op) error {
+		rsp, err := tpm2.Create{ParentHandle: b.st.srk, InPublic: tpm2.New2B(keyTemplate(kind))}.Execute(o)
+		if err != nil {
+			return err
+		}
+		blob, err = newBlob(rsp.OutPublic.Bytes(), rsp.OutPrivate.Buffer)
+		if err != nil {
+			return fmt.Errorf("the TPM returned an unexpected key: %w", err)
+		}
+		if blob.kind != kind {
+			return fmt.Errorf("asked the TPM for a %s key, got %s", kind, blob.kind)
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("generate %s %v: %w", id, spec, b.mapErr(err))
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, fmt.Errorf("generate %s: %w", id, err)
+	}
+	data, err := encodeKey(blob)
+	if err != nil {
+		return nil, fmt.Errorf("generate %s: %w", id, err)
+	}
+	b.wmu.Lock()
+	err = b.checkFree(id)
+	if err == nil {
+		err = writeNew(b.dir, id+keySuffix, data, b.fail)
+	}
+	b.wmu.Unlock()
+	if err != nil {
+		return nil, fmt.Errorf("generate %s: %w", id, err)
+	}
+	b.mu.Lock()
+	if !b.closed {
+		delete(b.gone, id)
+		b.blobs[id] = blob
+	}
+	b.mu.Unlock()
+	b.log.Info("key generated", "id", id, "spec", spec.String())
+	pub, err := publicCopy(blob.key)
+	if err != nil {
+		return nil, fmt.Errorf("generate %s: %w", id, err)
+	}
+	return pub, nil
+}
+
+// checkFree reports ErrAlreadyExists if id has a key file or a tombstone.
+func (b *Backend) checkFree(id string) error {
+	if _, err := os.Lstat(b.keyPath(id)); err == nil {
+		return keystore.ErrAlreadyExists
+	} else if !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("%w: %v", keystore.ErrUnavailable, err)
+	}
+	if _, err := os.Lstat(b.tombstonePath(id)); err == nil {
+		return fmt.Errorf("%w (destroyed; key IDs are never reused)", keystore.ErrAlreadyExists)
+	} else if !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("%w: %v", keystore.ErrUnavailable, err)
+	}
+	return nil
+}
+
+// Public returns the public key of id, from its key file: it works while
+// the TPM is unreachable or lost, so last-known keys can still be published.
+func (b *Backend) Public(ctx context.Context, id string) (crypto.PublicKey, error) {
+	if err := b.beginID(ctx, id); err != nil {
+		return nil, fmt.Errorf("public %s: %w", id, err)
+	}
+	blob, err := b.blob(id)
+	if err != nil {
+		return nil, fmt.Errorf("public %s: %w", id, err)
+	}
+	pub, err := publicCopy(blob.key)
+	if err != nil {
+		return nil, fmt.Errorf("public %s: %w", id, err)
+	}
+	return pub, nil
+}
+
+// Sign signs digest with key id in the TPM. ECDSA keys take the hash of
+// their curve (crypto.SHA256 for P-256, crypto.SHA384 for P-384) and return
+// ASN.1 DER; RSA keys take crypto.SHA256 (RSASSA-PKCS1-v1_5) or
+// *rsa.PSSOptions with Hash crypto.SHA256 and SaltLength
+// rsa.PSSSaltLengthEqualsHash or 32 (RSAPSS; only if PS256 passed the
+// self-test). Anything else fails with ErrUnsupportedAlgorithm. It also
+// fails with ErrNotFound, ErrKeyLost, ErrUnavailable, ErrLocked, ErrClosed
+// or the context's error.
+func (b *Backend) Sign(ctx context.Context, id string, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
+	if err := b.beginID(ctx, id); err != nil {
+		return nil, fmt.Errorf("sign %s: %w", id, err)
+	}
+	blob, err := b.blob(id)
+	if err != nil {
+		return nil, fmt.Errorf("sign %s: %w", id, err)
+	}
+	scheme, err := b.scheme(blob, digest, opts)
+	if err != nil {
+		return nil, fmt.Errorf("sign %s: %w", id, err)
+	}
+	for attempt := range 2 {
+		if attempt > 0 {
+			// The TPM signed with something else than this key: start
+			// over from a fresh SRK and a fresh load.
+			if err := b.do(ctx, b.cmdTimeout, func(*op) error { b.invalidate(); return nil }); err != nil {
+				return nil, fmt.Errorf("sign %s: %w", id, b.mapErr(err))
+			}
+		}
+		var sig []byte
+		err := b.do(ctx, b.cmdTimeout, func(o *op) error {
+			h, err := b.load(o, id, blob)
+			if err != nil {
+				return err
+			}
+			rsp, err := tpm2.Sign{
+				KeyHandle:  h,
+				Digest:     tpm2.TPM2BDigest{Buffer: digest},
+				InScheme:   scheme,
+				Validation: tpm2.TPMTTKHashCheck{Tag: tpm2.TPMSTHashCheck, Hierarchy: tpm2.TPMRHNull},
+			}.Execute(o)
+			if err != nil {
+				return err
+			}
+			sig, err = encodeSig(blob, rsp.Signature)
+			return err
+		})
+		if err != nil {
+			return nil, fmt.Errorf("sign %s: %w", id, b.mapErr(err))
+		}
+		if err := verifySig(blob, digest, scheme.Scheme, sig); err == nil {
+			return sig, nil
+		} else {
+			b.log.Error("TPM signature does not verify against the stored public key", "id", id, "attempt", attempt+1, "err", err)
+		}
+	}
+	return nil, fmt.Errorf("sign %s: the TPM's signatures do not verify against the stored public key", id)
+}
+
+// scheme checks digest and opts against the key and returns the TPM
+// signature scheme.
+func (b *Backend) scheme(blob *keyBlob, digest []byte, opts crypto.SignerOpts) (tpm2.TPMTSigScheme, error) {
+	if opts == nil {
+		return tpm2.TPMTSigScheme{}, fmt.Errorf("no signer options: %w", keystore.ErrUnsupportedAlgorithm)
+	}
+	pssOpts, pss := opts.(*rsa.PSSOptions)
+	var alg tpm2.TPMAlgID
+	var hash tpm2.TPMAlgID
+	want := blob.kind.hash()
+	switch {
+	case !blob.kind.isRSA():
+		if pss || opts.HashFunc() != want {
+			return tpm2.TPMTSigScheme{}, fmt.Errorf("%s key signs %v digests, not %T %v: %w", blob.kind, want, opts, opts.HashFunc(), keystore.ErrUnsupportedAlgorithm)
+		}
+		alg, hash = tpm2.TPMAlgECDSA, tpm2.TPMAlgSHA256
+		if want == crypto.SHA384 {
+			hash = tpm2.TPMAlgSHA384
+		}
+	case pss:
+		if pssOpts.Hash != crypto.SHA256 || (pssOpts.SaltLength != rsa.PSSSaltLengthEqualsHash && pssOpts.SaltLength != crypto.SHA256.Size()) {
+			return tpm2.TPMTSigScheme{}, fmt.Errorf("RSA-PSS with hash %v and salt length %d: %w (PS256 wants SHA-256 and a 32-byte salt)", pssOpts.Hash, pssOpts.SaltLength, keystore.ErrUnsupportedAlgorithm)
+		}
+		if !b.pss {
+			return tpm2.TPMTSigScheme{}, fmt.Errorf("RSA-PSS: %w (%s)", keystore.ErrUnsupportedAlgorithm, b.refused[keystore.PS256])
+		}
+		alg, hash = tpm2.TPMAlgRSAPSS, tpm2.TPMAlgSHA256
+	default:
+		if opts.HashFunc() != crypto.SHA256 {
+			return tpm2.TPMTSigScheme{}, fmt.Errorf("RSA PKCS #1 v1.5 with hash %v: %w (RS256 wants SHA-256)", opts.HashFunc(), keystore.ErrUnsupportedAlgorithm)
+		}
+		alg, hash = tpm2.TPMAlgRSASSA, tpm2.TPMAlgSHA256
+	}
+	if len(digest) != want.Size() {
+		return tpm2.TPMTSigScheme{}, fmt.Errorf("digest is %d bytes, want %d for %v", len(digest), want.Size(), want)
+	}
+	return tpm2.TPMTSigScheme{Scheme: alg, Details: tpm2.NewTPMUSigScheme(alg, &tpm2.TPMSSchemeHash{HashAlg: hash})}, nil
+}
+
+// encodeSig turns the TPM's signature into what crypto.Signer returns:
+// ASN.1 DER for ECDSA, the modulus-sized signature for RSA.
+func encodeSig(blob *keyBlob, sig tpm2.TPMTSignature) ([]byte, error) {
+	switch sig.SigAlg {
+	case tpm2.TPMAlgECDSA:
+		s, err := sig.Signature.ECDSA()
+		if err != nil {
+			return nil, err
+		}
+		size := blob.key.(*ecdsa.PublicKey).Curve.Params().BitSize / 8
+		if len(s.SignatureR.Buffer) > size || len(s.SignatureS.Buffer) > size {
+			return nil, fmt.Errorf("ECDSA signature with r or s longer than %d bytes", size)
+		}
+		// r and s may come back shorter than the curve size; as integers
+		// they need no padding, and DER encodes them minimally.
+		return asn1.Marshal(struct{ R, S *big.Int }{
+			new(big.Int).SetBytes(s.SignatureR.Buffer),
+			new(big.Int).SetBytes(s.SignatureS.Buffer),
+		})
+	case tpm2.TPMAlgRSASSA, tpm2.TPMAlgRSAPSS:
+		var s *tpm2.TPMSSignatureRSA
+		var err error
+		if sig.SigAlg == tpm2.TPMAlgRSASSA {
+			s, err = sig.Signature.RSASSA()
+		} else {
+			s, err = sig.Signature.RSAPSS()
+		}
+		if err != nil {
+			return nil, err
+		}
+		size := blob.key.(*rsa.PublicKey).Size()
+		if len(s.Sig.Buffer) > size {
+			return nil, fmt.Errorf("RSA signature of %d bytes, longer than the modulus", len(s.Sig.Buffer))
+		}
+		return leftPad(s.Sig.Buffer, size), nil
+	}
+	return nil, fmt.Errorf("TPM returned a signature of type %#x", uint16(sig.SigAlg))
+}
+
+func leftPad(b []byte, size int) []byte {
+	if len(b) >= size {
+		return b
+	}
+	out := make([]byte, size)
+	copy(out[size-len(b):], b)
+	return out
+}
+
+// verifySig checks a signature before it leaves the backend.
+func verifySig(blob *keyBlob, digest []byte, alg tpm2.TPMAlgID, sig []byte) error {
+	switch k := blob.key.(type) {
+	case *ecdsa.PublicKey:
+		if !ecdsa.VerifyASN1(k, digest, sig) {
+			return errors.New("invalid ECDSA signature")
+		}
+		return nil
+	case *rsa.PublicKey:
+		if alg == tpm2.TPMAlgRSAPSS {
+			return rsa.VerifyPSS(k, crypto.SHA256, digest, sig, &rsa.PSSOptions{SaltLength: rsa.PSSSaltLengthEqualsHash})
+		}
+		return rsa.VerifyPKCS1v15(k, crypto.SHA256, digest, sig)
+	}
+	return fmt.Errorf("key type %T", blob.key)
+}
+
+// List returns the IDs of the key files in the state directory, sorted. It
+// does not need the TPM.
+func (b *Backend) List(ctx context.Context) ([]string, error) {
+	if err := b.begin(ctx); err != nil {
+		return nil, fmt.Errorf("list: %w", err)
+	}
+	entries, err := os.ReadDir(b.dir)
+	if err != nil {
+		return nil, fmt.Errorf("list: %w: %v", keystore.ErrUnavailable, err)
+	}
+	ids := []string{}
+	for _, e := range entries {
+		if id, ok := keyID(e.Name()); ok {
+			ids = append(ids, id)
+		}
+	}
+	slices.Sort(ids)
+	return ids, nil
+}
+
+// Destroy writes the tombstone of id, then removes its key file, and
+// flushes the key from the TPM if it is loaded. It fails with ErrNotFound
+// if there is no key file. It does not need the TPM: a key loaded while the
+// TPM is unreachable is flushed when keyd reconnects.
+func (b *Backend) Destroy(ctx context.Context, id string) error {
+	if err := b.beginID(ctx, id); err != nil {
+		return fmt.Errorf("destroy %s: %w", id, err)
+	}
+	if err := b.destroyFile(id); err != nil {
+		return fmt.Errorf("destroy %s: %w", id, err)
+	}
+	b.log.Info("key destroyed", "id", id)
+	// Best effort: a Sign cannot use the key any more, and the next load
+	// of another key flushes it anyway.
+	if err := b.acquire(ctx); err == nil {
+		if b.st.conn != nil && b.st.cached.id == id {
+			o := &op{b: b, ctx: ctx, timeout: b.cmdTimeout}
+			if err := b.flushCached(o); err != nil {
+				b.log.Warn("cannot flush a destroyed key from the TPM", "id", id, "err", err)
+			}
+		}
+		b.release()
+	}
+	return nil
+}
+
+func (b *Backend) destroyFile(id string) error {
+	b.wmu.Lock()
+	defer b.wmu.Unlock()
+	path := b.keyPath(id)
+	if _, err := os.Lstat(path); errors.Is(err, fs.ErrNotExist) {
+		return keystore.ErrNotFound
+	} else if err != nil {
+		return fmt.Errorf("%w: %v", keystore.ErrUnavailable, err)
+	}
+	if err := writeTombstone(b.dir, id+tombSuffix); err != nil {
+		return fmt.Errorf("write tombstone: %w", err)
+	}
+	b.mu.Lock()
+	delete(b.blobs, id)
+	b.gone[id] = struct{}{}
+	b.mu.Unlock()
+	if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return err
+	}
+	return syncDir(b.dir)
+}
+
+// Health checks that the TPM answers and still has the pinned storage root
+// key, reconnecting and re-initialising it if needed. It returns nil,
+// ErrUnavailable, ErrKeyLost, ErrLocked, ErrClosed or the context's error.
+func (b *Backend) Health(ctx context.Context) error {
+	if err := b.begin(ctx); err != nil {
+		return fmt.Errorf("health: %w", err)
+	}
+	err := b.do(ctx, b.cmdTimeout, func(o *op) error {
+		rp, err := tpm2.ReadPublic{ObjectHandle: b.st.srk.Handle}.Execute(o)
+		if err != nil {
+			return err
+		}
+		if string(rp.Name.Buffer) != string(b.pinned.name) {
+			return fmt.Errorf("%w: the SRK handle names another object", errStale)
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("health: %w", b.mapErr(err))
+	}
+	return nil
+}
+
+// Close flushes keyd's objects from the TPM, closes the connection and
+// releases the state directory. A command in flight finishes (or times out)
+// first. Later calls fail with ErrClosed; closing twice returns nil.
+func (b *Backend) Close() error {
+	b.mu.Lock()
+	if b.closed {
+		b.mu.Unlock()
+		return nil
+	}
+	b.closed = true
+	b.blobs = nil
+	b.mu.Unlock()
+
+	b.tok <- struct{}{}
+	st := &b.st
+	if st.conn != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*b.cmdTimeout)
+		o := &op{b: b, ctx: ctx, timeout: b.cmdTimeout}
+		err := b.flushCached(o)
+		if err == nil && st.srk.Handle != 0 {
+			_, err = tpm2.FlushContext{FlushHandle: st.srk.Handle}.Execute(o)
+		}
+		cancel()
+		if err != nil {
+			b.log.Warn("cannot flush keyd's objects from the TPM at close", "err", err)
+		}
+		if st.conn != nil {
+			st.conn.close()
+			st.conn = nil
+		}
+	}
+	st.ready = false
+	st.srk = tpm2.NamedHandle{}
+	b.release()
+	if b.lock != nil {
+		b.lock.Close()
+	}
+	b.log.Info("TPM key store closed")
+	return nil
+}
+
+func (b *Backend) isClosed() bool {
+	b.mu.RLock()
+	defer b.mu.RUnlock()
+	return b.closed
+}
+
+// begin checks that b is open and ctx is live.
+func (b *Backend) begin(ctx context.Context) error {
+	if b.isClosed() {
+		return keystore.ErrClosed
+	}
+	return ctx.Err()
+}
+
+// beginID is begin, and checks that id is valid.
+func (b *Backend) beginID(ctx context.Context, id string) error {
+	if err := b.begin(ctx); err != nil {
+		return err
+	}
+	return keystore.ValidID(id)
+}
+
+// blob returns the key blob of id, reading its file the first time.
+func (b *Backend) blob(id string) (*keyBlob, error) {
+	b.mu.RLock()
+	blob, ok := b.blobs[id]
+	closed := b.closed
+	b.mu.RUnlock()
+	if closed {
+		return nil, keystore.ErrClosed
+	}
+	if ok {
+		return blob, nil
+	}
+	path := b.keyPath(id)
+	data, err := readChecked(path, keyFileRule)
+	if err == nil {
+		blob, err = decodeKey(data)
+		if err != nil {
+			err = fmt.Errorf("key file %s: %w", path, err)
+		}
+	}
+	if err != nil {
+		if !errors.Is(err, keystore.ErrNotFound) {
+			b.log.Error("key file refused", "id", id, "err", err)
+		}
+		return nil, err
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	switch _, gone := b.gone[id]; {
+	case b.closed:
+		return nil, keystore.ErrClosed
+	case gone:
+		return nil, keystore.ErrNotFound
+	}
+	if bl, ok := b.blobs[id]; ok {
+		return bl, nil // loaded concurrently; keep one
+	}
+	b.blobs[id] = blob
+	return blob, nil
+}
+
+func (b *Backend) fail(stage string) error {
+	if b.failpoint == nil {
+		return nil
+	}
+	return b.failpoint(stage)
+}
+
+func (b *Backend) keyPath(id string) string       { return filepath.Join(b.dir, id+keySuffix) }
+func (b *Backend) tombstonePath(id string) string { return filepath.Join(b.dir, id+tombSuffix) }
+func (b *Backend) pinPath() string                { return filepath.Join(b.dir, pinFile) }
+
+// publicCopy returns a copy of a public key that shares no memory with it.
+func publicCopy(key any) (crypto.PublicKey, error) {
+	der, err := x509.MarshalPKIXPublicKey(key)
+	if err != nil {
+		return nil, err
+	}
+	return x509.ParsePKIXPublicKey(der)
+}
