@@ -1,0 +1,994 @@
+package pkcs11
+
+import (
+	"context"
+	"crypto"
+	"encoding/asn1"
+	"errors"
+	"fmt"
+	"math/big"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	p11 "github.com/miekg/pkcs11"
+
+	"github.com/keyd-dev/keyd/keystore"
+	"github.com/keyd-dev/keyd/keystore/keystoretest"
+	"github.com/keyd-dev/keyd/keystore/pkcs11/internal/cgoblock"
+)
+
+// faultModule wraps the real module (SoftHSM2) to inject CKR codes, count
+// calls and block inside C_Sign, for the faults SoftHSM cannot produce.
+type faultModule struct {
+	module
+
+	mu     sync.Mutex
+	inject map[string]func() error // by call name: an error to return instead of calling
+	block  chan struct{}           // while non-nil, C_Sign waits (inside C) for it to close
+	noMech map[uint]bool           // mechanisms hidden from C_GetMechanismList
+	info   map[uint]p11.MechanismInfo
+
+	logins, opens, signs atomic.Int32
+	inSign, maxInSign    atomic.Int32
+}
+
+func newFaultModule() *faultModule {
+	return &faultModule{inject: map[string]func() error{}, noMech: map[uint]bool{}, info: map[uint]p11.MechanismInfo{}}
+}
+
+// wrap returns options that put f around the module.
+func (f *faultModule) options(o options) options {
+	o.wrap = func(m module) module {
+		f.module = m
+		return f
+	}
+	return o
+}
+
+// set makes call fail with what h returns (nil h, or h returning nil:
+// the real call).
+func (f *faultModule) set(call string, h func() error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if h == nil {
+		delete(f.inject, call)
+		return
+	}
+	f.inject[call] = h
+}
+
+func (f *faultModule) clear() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	clear(f.inject)
+}
+
+func (f *faultModule) fault(call string) error {
+	f.mu.Lock()
+	h := f.inject[call]
+	f.mu.Unlock()
+	if h == nil {
+		return nil
+	}
+	return h()
+}
+
+// always fails every call with code.
+func always(code uint) func() error {
+	return func() error { return p11.Error(code) }
+}
+
+// times fails the next n calls with code.
+func times(n int, code uint) func() error {
+	var left atomic.Int32
+	left.Store(int32(n))
+	return func() error {
+		if left.Add(-1) >= 0 {
+			return p11.Error(code)
+		}
+		return nil
+	}
+}
+
+func (f *faultModule) Login(sh p11.SessionHandle, userType uint, pin string) error {
+	f.logins.Add(1)
+	if err := f.fault("Login"); err != nil {
+		return err
+	}
+	return f.module.Login(sh, userType, pin)
+}
+
+func (f *faultModule) OpenSession(slot, flags uint) (p11.SessionHandle, error) {
+	f.opens.Add(1)
+	if err := f.fault("OpenSession"); err != nil {
+		return 0, err
+	}
+	return f.module.OpenSession(slot, flags)
+}
+
+func (f *faultModule) GetSessionInfo(sh p11.SessionHandle) (p11.SessionInfo, error) {
+	if err := f.fault("GetSessionInfo"); err != nil {
+		return p11.SessionInfo{}, err
+	}
+	return f.module.GetSessionInfo(sh)
+}
+
+func (f *faultModule) GetTokenInfo(slot uint) (p11.TokenInfo, error) {
+	if err := f.fault("GetTokenInfo"); err != nil {
+		return p11.TokenInfo{}, err
+	}
+	return f.module.GetTokenInfo(slot)
+}
+
+func (f *faultModule) GetMechanismList(slot uint) ([]*p11.Mechanism, error) {
+	list, err := f.module.GetMechanismList(slot)
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var out []*p11.Mechanism
+	for _, m := range list {
+		if !f.noMech[m.Mechanism] {
+			out = append(out, m)
+		}
+	}
+	return out, err
+}
+
+func (f *faultModule) GetMechanismInfo(slot uint, m []*p11.Mechanism) (p11.MechanismInfo, error) {
+	f.mu.Lock()
+	info, ok := f.info[m[0].Mechanism]
+	f.mu.Unlock()
+	if ok {
+		return info, nil
+	}
+	return f.module.GetMechanismInfo(slot, m)
+}
+
+func (f *faultModule) FindObjectsInit(sh p11.SessionHandle, temp []*p11.Attribute) error {
+	if err := f.fault("FindObjectsInit"); err != nil {
+		return err
+	}
+	return f.module.FindObjectsInit(sh, temp)
+}
+
+func (f *faultModule) SignInit(sh p11.SessionHandle, m []*p11.Mechanism, o p11.ObjectHandle) error {
+	if err := f.fault("SignInit"); err != nil {
+		return err
+	}
+	return f.module.SignInit(sh, m, o)
+}
+
+func (f *faultModule) Sign(sh p11.SessionHandle, msg []byte) ([]byte, error) {
+	f.signs.Add(1)
+	n := f.inSign.Add(1)
+	defer f.inSign.Add(-1)
+	for {
+		m := f.maxInSign.Load()
+		if n <= m || f.maxInSign.CompareAndSwap(m, n) {
+			break
+		}
+	}
+	f.mu.Lock()
+	block := f.block
+	f.mu.Unlock()
+	for block != nil {
+		select {
+		case <-block:
+			block = nil
+		default:
+			cgoblock.Sleep(2 * time.Millisecond) // hung in the module: an OS thread is held
+		}
+	}
+	if err := f.fault("Sign"); err != nil {
+		return nil, err
+	}
+	return f.module.Sign(sh, msg)
+}
+
+func (f *faultModule) GenerateKeyPair(sh p11.SessionHandle, m []*p11.Mechanism, pub, priv []*p11.Attribute) (p11.ObjectHandle, p11.ObjectHandle, error) {
+	if err := f.fault("GenerateKeyPair"); err != nil {
+		return 0, 0, err
+	}
+	return f.module.GenerateKeyPair(sh, m, pub, priv)
+}
+
+// waitIdle waits until no call holds a pooled session (abandoned calls
+// finish in the background).
+func waitIdle(t *testing.T, b *Backend) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for len(b.sem) > 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d pooled sessions still busy", len(b.sem))
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// faultBackend opens a Backend on a fresh token through a faultModule.
+func faultBackend(t *testing.T, f *faultModule, o options) (*Backend, *testToken) {
+	t.Helper()
+	tok := newToken(t)
+	return openBackend(t, tok.config(t), f.options(o)), tok
+}
+
+// mustKey generates an ES256 key and returns its public key.
+func mustKey(t *testing.T, b *Backend, id string) crypto.PublicKey {
+	t.Helper()
+	pub, err := b.Generate(t.Context(), id, keystore.KeySpec{Algorithm: keystore.ES256})
+	if err != nil {
+		t.Fatalf("Generate(%q): %v", id, err)
+	}
+	return pub
+}
+
+// signOK signs with key id and verifies the signature.
+func signOK(t *testing.T, b *Backend, id string, pub crypto.PublicKey) {
+	t.Helper()
+	if err := signVerify(t.Context(), b, id, pub); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func signVerify(ctx context.Context, b *Backend, id string, pub crypto.PublicKey) error {
+	d := keystoretest.Digest(keystore.ES256, []byte("fault test "+id))
+	sig, err := b.Sign(ctx, id, d, crypto.SHA256)
+	if err != nil {
+		return fmt.Errorf("Sign(%q): %w", id, err)
+	}
+	return keystoretest.VerifyDER(keystore.ES256, pub, d, sig)
+}
+
+// keyIntact checks the key is still listed and signs (no key was lost).
+func keyIntact(t *testing.T, b *Backend, id string, pub crypto.PublicKey) {
+	t.Helper()
+	ids, err := b.List(t.Context())
+	if err != nil {
+		t.Fatalf("List: %v", err)
+	}
+	found := false
+	for _, x := range ids {
+		found = found || x == id
+	}
+	if !found {
+		t.Fatalf("List = %q: key %q is gone", ids, id)
+	}
+	got, err := b.Public(t.Context(), id)
+	if err != nil {
+		t.Fatalf("Public(%q): %v", id, err)
+	}
+	if !got.(interface{ Equal(crypto.PublicKey) bool }).Equal(pub) {
+		t.Fatalf("Public(%q) changed", id)
+	}
+	signOK(t, b, id, pub)
+}
+
+// P1: the token directory is deleted under a running Backend. SoftHSM keeps
+// the session logged in and the slot listed, but the objects are gone and
+// C_GetTokenInfo fails (CKR_GENERAL_ERROR). Sign of the key the Backend knew
+// fails with ErrKeyLost (DATA_LOSS) — never a signature from the cached
+// handle — and Health reports ErrUnavailable; List fails rather than report
+// an empty token; Generate makes no replacement.
+func TestTokenWiped(t *testing.T) {
+	checkGoroutines(t)
+	f := newFaultModule()
+	b, tok := faultBackend(t, f, options{recoverBackoff: time.Millisecond})
+	pub := mustKey(t, b, "k")
+	signOK(t, b, "k", pub)
+	if err := b.Health(t.Context()); err != nil {
+		t.Fatalf("Health before the wipe: %v", err)
+	}
+
+	tok.wipe(t)
+	for i := range 3 {
+		_, err := b.Sign(t.Context(), "k", make([]byte, 32), crypto.SHA256)
+		if !errors.Is(err, keystore.ErrKeyLost) {
+			t.Fatalf("Sign #%d after the wipe = %v; want ErrKeyLost", i, err)
+		}
+		if i == 0 {
+			t.Logf("Sign after the wipe: %v", err)
+		}
+		if err := b.Health(t.Context()); !errors.Is(err, keystore.ErrUnavailable) {
+			t.Fatalf("Health after the wipe = %v; want ErrUnavailable", err)
+		}
+	}
+	if _, err := b.Public(t.Context(), "k"); !errors.Is(err, keystore.ErrKeyLost) {
+		t.Errorf("Public after the wipe = %v; want ErrKeyLost", err)
+	}
+	if ids, err := b.List(t.Context()); !errors.Is(err, keystore.ErrUnavailable) {
+		t.Errorf("List after the wipe = %q, %v; want ErrUnavailable", ids, err)
+	}
+	if _, err := b.Generate(t.Context(), "k2", keystore.KeySpec{Algorithm: keystore.ES256}); !errors.Is(err, keystore.ErrUnavailable) {
+		t.Errorf("Generate after the wipe = %v; want ErrUnavailable", err)
+	}
+	if n := f.logins.Load(); n != 1 {
+		t.Errorf("%d C_Login calls; want 1 (the login was never lost)", n)
+	}
+}
+
+// P1, a key this Backend never saw: after a restart (a new Backend), a wiped
+// token gives ErrNotFound, which keyd's rotation layer turns into a lost key.
+func TestTokenWipedUnknownKey(t *testing.T) {
+	checkGoroutines(t)
+	tok := newToken(t)
+	b := openBackend(t, tok.config(t), options{})
+	mustKey(t, b, "k")
+	if err := b.Close(); err != nil {
+		t.Fatal(err)
+	}
+	b = openBackend(t, tok.config(t), options{})
+	tok.wipe(t)
+	if _, err := b.Sign(t.Context(), "k", make([]byte, 32), crypto.SHA256); !errors.Is(err, keystore.ErrNotFound) {
+		t.Errorf("Sign = %v; want ErrNotFound", err)
+	}
+	if err := b.Health(t.Context()); !errors.Is(err, keystore.ErrUnavailable) {
+		t.Errorf("Health = %v; want ErrUnavailable", err)
+	}
+}
+
+// A key destroyed behind keyd's back (another tool) is lost, not replaced.
+func TestKeyDestroyedElsewhere(t *testing.T) {
+	checkGoroutines(t)
+	tok := newToken(t)
+	b := openBackend(t, tok.config(t), options{})
+	pub := mustKey(t, b, "k")
+	keep := mustKey(t, b, "keep")
+	signOK(t, b, "k", pub)
+	h := rawSession(t, b)
+	for _, o := range rawFind(t, b, h, "k", p11.CKO_PRIVATE_KEY) {
+		if err := b.lib.ctx.DestroyObject(h, o); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := b.lib.ctx.CloseSession(h); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.Sign(t.Context(), "k", make([]byte, 32), crypto.SHA256); !errors.Is(err, keystore.ErrKeyLost) {
+		t.Errorf("Sign = %v; want ErrKeyLost", err)
+	}
+	keyIntact(t, b, "keep", keep)
+	if err := b.Health(t.Context()); err != nil {
+		t.Errorf("Health: %v", err)
+	}
+}
+
+// P2, for real: the module is finalized and initialized again behind the
+// Backend's back (an HSM restart), so every session and handle it holds is
+// stale. The next Sign recovers transparently: a new anchor, one login,
+// handles found again by CKA_ID. Then the module is only finalized: the
+// Backend initializes it again itself.
+func TestModuleReinitialized(t *testing.T) {
+	checkGoroutines(t)
+	f := newFaultModule()
+	b, _ := faultBackend(t, f, options{})
+	pub := mustKey(t, b, "k")
+	signOK(t, b, "k", pub)
+
+	raw := b.lib.ctx
+	if err := raw.Finalize(); err != nil {
+		t.Fatal(err)
+	}
+	if err := raw.Initialize(); err != nil {
+		t.Fatal(err)
+	}
+	signOK(t, b, "k", pub)
+	if n := f.logins.Load(); n != 2 {
+		t.Errorf("%d C_Login calls after one re-initialization; want 2", n)
+	}
+
+	if err := raw.Finalize(); err != nil {
+		t.Fatal(err)
+	}
+	signOK(t, b, "k", pub)
+	if n := f.logins.Load(); n != 3 {
+		t.Errorf("%d C_Login calls after the second recovery; want 3", n)
+	}
+	keyIntact(t, b, "k", pub)
+	if err := b.Health(t.Context()); err != nil {
+		t.Errorf("Health: %v", err)
+	}
+}
+
+// P2 under load: signers keep going while another Backend in the process
+// re-initializes the module under them (through the registry, as every
+// re-initialization in the process does). Each call either succeeds or, at
+// worst, fails with ErrUnavailable — never a false ErrKeyLost or
+// ErrNotFound, although SoftHSM hands out the same session handle numbers
+// again after C_Initialize; recoveries are shared (a handful of logins, not
+// one per caller); afterwards everything works.
+func TestConcurrentRecovery(t *testing.T) {
+	checkGoroutines(t)
+	f := newFaultModule()
+	b, _ := faultBackend(t, f, options{})
+	pub := mustKey(t, b, "k")
+	var wg sync.WaitGroup
+	stop := make(chan struct{})
+	var ok, unavailable atomic.Int32
+	for range 8 {
+		wg.Go(func() {
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				err := signVerify(t.Context(), b, "k", pub)
+				switch {
+				case err == nil:
+					ok.Add(1)
+				case errors.Is(err, keystore.ErrUnavailable):
+					unavailable.Add(1)
+				default:
+					t.Errorf("Sign during re-initialization: %v", err)
+					return
+				}
+			}
+		})
+	}
+	for range 3 {
+		time.Sleep(20 * time.Millisecond)
+		b.lib.mu.Lock()
+		seen := b.lib.gen
+		b.lib.mu.Unlock()
+		if _, err := b.lib.reinitialize(b.lib.ctx, seen, 5*time.Second); err != nil {
+			t.Error(err)
+		}
+	}
+	time.Sleep(20 * time.Millisecond)
+	close(stop)
+	wg.Wait()
+	t.Logf("%d signatures, %d ErrUnavailable, %d logins", ok.Load(), unavailable.Load(), f.logins.Load())
+	if n := f.logins.Load(); n > 1+3*2 {
+		t.Errorf("%d C_Login calls for 3 re-initializations; recoveries are not shared", n)
+	}
+	keyIntact(t, b, "k", pub)
+}
+
+// Stale session handles, for real: the pool's idle sessions are closed
+// behind the Backend's back (CKR_SESSION_HANDLE_INVALID on next use); then
+// every session of the application is closed, which also logs out.
+func TestStaleSessions(t *testing.T) {
+	checkGoroutines(t)
+	f := newFaultModule()
+	b, _ := faultBackend(t, f, options{})
+	pub := mustKey(t, b, "k")
+	signOK(t, b, "k", pub)
+
+	var idle []*session
+	for len(b.idle) > 0 {
+		idle = append(idle, <-b.idle)
+	}
+	if len(idle) == 0 {
+		t.Fatal("no idle session in the pool")
+	}
+	for _, s := range idle {
+		if err := b.lib.ctx.CloseSession(s.h); err != nil {
+			t.Fatal(err)
+		}
+		b.idle <- s
+	}
+	signOK(t, b, "k", pub)
+	if n := f.logins.Load(); n != 1 {
+		t.Errorf("%d C_Login calls; want 1 (the anchor kept the login)", n)
+	}
+
+	b.mu.RLock()
+	slot := b.slot
+	b.mu.RUnlock()
+	if err := b.lib.ctx.CloseAllSessions(slot); err != nil {
+		t.Fatal(err)
+	}
+	signOK(t, b, "k", pub)
+	if n := f.logins.Load(); n != 2 {
+		t.Errorf("%d C_Login calls; want 2 (one after all sessions were closed)", n)
+	}
+	keyIntact(t, b, "k", pub)
+}
+
+// P2 and subtle bug 1, injected: each session-class or device code makes the
+// Backend evict the session, recover and retry once. Once: the call succeeds.
+// Always: ErrUnavailable after exactly two attempts, Health NOT_SERVING; once
+// the fault clears, the next call works and Health is fine again.
+func TestRecoverInjected(t *testing.T) {
+	codes := map[string]uint{
+		"CKR_SESSION_HANDLE_INVALID":   p11.CKR_SESSION_HANDLE_INVALID,
+		"CKR_SESSION_CLOSED":           p11.CKR_SESSION_CLOSED,
+		"CKR_USER_NOT_LOGGED_IN":       p11.CKR_USER_NOT_LOGGED_IN,
+		"CKR_OBJECT_HANDLE_INVALID":    p11.CKR_OBJECT_HANDLE_INVALID,
+		"CKR_DEVICE_REMOVED":           p11.CKR_DEVICE_REMOVED,
+		"CKR_TOKEN_NOT_PRESENT":        p11.CKR_TOKEN_NOT_PRESENT,
+		"CKR_CRYPTOKI_NOT_INITIALIZED": p11.CKR_CRYPTOKI_NOT_INITIALIZED,
+	}
+	for name, c := range codes {
+		t.Run(name, func(t *testing.T) {
+			checkGoroutines(t)
+			f := newFaultModule()
+			b, _ := faultBackend(t, f, options{recoverBackoff: 50 * time.Millisecond})
+			pub := mustKey(t, b, "k")
+			signOK(t, b, "k", pub)
+
+			f.set("Sign", times(1, c))
+			before := f.signs.Load()
+			signOK(t, b, "k", pub)
+			if n := f.signs.Load() - before; n != 2 {
+				t.Errorf("%d C_Sign calls for one fault; want 2 (retry once)", n)
+			}
+
+			f.set("Sign", always(c))
+			before = f.signs.Load()
+			_, err := b.Sign(t.Context(), "k", make([]byte, 32), crypto.SHA256)
+			if !errors.Is(err, keystore.ErrUnavailable) || !isCode(err, c) {
+				t.Fatalf("Sign with a lasting %s = %v; want ErrUnavailable carrying the code", name, err)
+			}
+			if n := f.signs.Load() - before; n != 2 {
+				t.Errorf("%d C_Sign calls; want 2 (one retry, no loop)", n)
+			}
+			if err := b.Health(t.Context()); !errors.Is(err, keystore.ErrUnavailable) {
+				t.Errorf("Health after the failure = %v; want ErrUnavailable", err)
+			}
+			logins := f.logins.Load()
+			if logins > 3 {
+				t.Errorf("%d C_Login calls for two recoveries", logins)
+			}
+
+			f.clear()
+			keyIntact(t, b, "k", pub)
+			if err := b.Health(t.Context()); err != nil {
+				t.Errorf("Health after the fault cleared: %v", err)
+			}
+		})
+	}
+}
+
+// P2 on the other paths: a lasting fault in C_OpenSession, C_FindObjectsInit,
+// C_GetSessionInfo or C_GenerateKeyPair also ends in ErrUnavailable, and the
+// key survives.
+func TestRecoverInjectedOtherCalls(t *testing.T) {
+	checkGoroutines(t)
+	f := newFaultModule()
+	b, _ := faultBackend(t, f, options{recoverBackoff: time.Millisecond})
+	pub := mustKey(t, b, "k")
+	for _, call := range []string{"OpenSession", "FindObjectsInit", "GetSessionInfo"} {
+		f.set(call, always(p11.CKR_SESSION_HANDLE_INVALID))
+		b.mu.Lock()
+		clear(b.cache) // make Sign look the key up
+		b.mu.Unlock()
+		b.drainIdle()
+		var err error
+		if call == "GetSessionInfo" {
+			_, err = b.List(t.Context()) // Sign of a key it finds needs no session info
+		} else {
+			_, err = b.Sign(t.Context(), "k", make([]byte, 32), crypto.SHA256)
+		}
+		if !errors.Is(err, keystore.ErrUnavailable) {
+			t.Errorf("call with %s failing = %v; want ErrUnavailable", call, err)
+		}
+		f.clear()
+		time.Sleep(2 * time.Millisecond) // past the recovery backoff
+		keyIntact(t, b, "k", pub)
+	}
+	f.set("GenerateKeyPair", always(p11.CKR_DEVICE_ERROR))
+	if _, err := b.Generate(t.Context(), "k2", keystore.KeySpec{Algorithm: keystore.ES256}); !errors.Is(err, keystore.ErrUnavailable) {
+		t.Errorf("Generate with C_GenerateKeyPair failing = %v; want ErrUnavailable", err)
+	}
+	f.clear()
+	time.Sleep(2 * time.Millisecond)
+	keyIntact(t, b, "k", pub)
+	if _, err := b.Generate(t.Context(), "k2", keystore.KeySpec{Algorithm: keystore.ES256}); err != nil {
+		t.Errorf("Generate after the fault cleared: %v", err)
+	}
+}
+
+// P2: a failed recovery is not retried at once: callers in the next second
+// get ErrUnavailable without touching the device again.
+func TestRecoverBackoff(t *testing.T) {
+	checkGoroutines(t)
+	f := newFaultModule()
+	b, _ := faultBackend(t, f, options{recoverBackoff: time.Hour})
+	pub := mustKey(t, b, "k")
+	f.set("Sign", always(p11.CKR_DEVICE_REMOVED))
+	f.set("OpenSession", always(p11.CKR_DEVICE_REMOVED)) // the anchor cannot come back
+	if _, err := b.Sign(t.Context(), "k", make([]byte, 32), crypto.SHA256); !errors.Is(err, keystore.ErrUnavailable) {
+		t.Fatalf("Sign = %v; want ErrUnavailable", err)
+	}
+	opens := f.opens.Load()
+	for range 20 {
+		if _, err := b.Sign(t.Context(), "k", make([]byte, 32), crypto.SHA256); !errors.Is(err, keystore.ErrUnavailable) {
+			t.Fatalf("Sign = %v; want ErrUnavailable", err)
+		}
+	}
+	if n := f.opens.Load() - opens; n > 20 {
+		t.Errorf("%d C_OpenSession calls for 20 Signs during the backoff; want at most one each (no recovery storm)", n)
+	}
+	if err := b.Health(t.Context()); !errors.Is(err, keystore.ErrUnavailable) {
+		t.Errorf("Health = %v; want ErrUnavailable", err)
+	}
+	f.clear()
+	b.dev.Lock()
+	b.opts.recoverBackoff = 0
+	b.lastFail = time.Time{}
+	b.dev.Unlock()
+	keyIntact(t, b, "k", pub)
+}
+
+// P3, for real: a wrong PIN. New makes exactly one C_Login and returns a
+// locked Backend; every call and Health fail with ErrLocked
+// (FAILED_PRECONDITION) and none calls C_Login again.
+func TestWrongPIN(t *testing.T) {
+	checkGoroutines(t)
+	tok := newToken(t)
+	f := newFaultModule()
+	cfg := tok.config(t)
+	cfg.PIN = PIN{s: "9999"}
+	b := openBackend(t, cfg, f.options(options{}))
+	ctx := t.Context()
+	var errs []error
+	_, err := b.Generate(ctx, "k", keystore.KeySpec{Algorithm: keystore.ES256})
+	errs = append(errs, err)
+	_, err = b.Sign(ctx, "k", make([]byte, 32), crypto.SHA256)
+	errs = append(errs, err)
+	_, err = b.Public(ctx, "k")
+	errs = append(errs, err)
+	_, err = b.List(ctx)
+	errs = append(errs, err, b.Destroy(ctx, "k"), b.Health(ctx), b.Health(ctx))
+	for i, err := range errs {
+		if !errors.Is(err, keystore.ErrLocked) {
+			t.Errorf("call %d = %v; want ErrLocked", i, err)
+		}
+	}
+	if msg := errs[1].Error(); !strings.Contains(msg, "CKR_PIN_INCORRECT") || !strings.Contains(msg, "restart") || strings.Contains(msg, "9999") {
+		t.Errorf("locked error %q should name CKR_PIN_INCORRECT, say to restart and not show the PIN", msg)
+	}
+	if n := f.logins.Load(); n != 1 {
+		t.Errorf("%d C_Login calls; want exactly 1", n)
+	}
+}
+
+// P3, injected: a token that says its PIN is locked or expired.
+func TestPINLockedInjected(t *testing.T) {
+	for name, c := range map[string]uint{"CKR_PIN_LOCKED": p11.CKR_PIN_LOCKED, "CKR_PIN_EXPIRED": p11.CKR_PIN_EXPIRED} {
+		t.Run(name, func(t *testing.T) {
+			checkGoroutines(t)
+			f := newFaultModule()
+			f.set("Login", always(c))
+			b, _ := faultBackend(t, f, options{})
+			for range 3 {
+				if _, err := b.Sign(t.Context(), "k", make([]byte, 32), crypto.SHA256); !errors.Is(err, keystore.ErrLocked) {
+					t.Errorf("Sign = %v; want ErrLocked", err)
+				}
+			}
+			if err := b.Health(t.Context()); !errors.Is(err, keystore.ErrLocked) || !strings.Contains(err.Error(), name) {
+				t.Errorf("Health = %v; want ErrLocked naming %s", err, name)
+			}
+			if n := f.logins.Load(); n != 1 {
+				t.Errorf("%d C_Login calls; want 1", n)
+			}
+		})
+	}
+}
+
+// P3 + P4: the PIN changes on the HSM while keyd runs and the login is lost
+// (a logout elsewhere). The recovery tries the PIN once, the token refuses
+// it, and the Backend locks: two C_Login calls in all, however many calls
+// follow.
+func TestPINChangedWhileRunning(t *testing.T) {
+	checkGoroutines(t)
+	f := newFaultModule()
+	b, _ := faultBackend(t, f, options{recoverBackoff: time.Millisecond})
+	pub := mustKey(t, b, "k")
+	signOK(t, b, "k", pub)
+
+	h := rawSession(t, b)
+	if err := b.lib.ctx.Logout(h); err != nil {
+		t.Fatal(err)
+	}
+	f.set("Login", always(p11.CKR_PIN_INCORRECT))
+	for range 5 {
+		if _, err := b.Sign(t.Context(), "k", make([]byte, 32), crypto.SHA256); !errors.Is(err, keystore.ErrLocked) {
+			t.Fatalf("Sign = %v; want ErrLocked", err)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+	if err := b.Health(t.Context()); !errors.Is(err, keystore.ErrLocked) {
+		t.Errorf("Health = %v; want ErrLocked", err)
+	}
+	if n := f.logins.Load(); n != 2 {
+		t.Errorf("%d C_Login calls; want 2 (start, one recovery)", n)
+	}
+	if err := b.lib.ctx.CloseSession(h); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// P4, for real: another part of the application logs in (already logged in
+// is success) and logs out. The next calls log in again once, find the
+// handles again (the old ones stay invalid after a new login) and succeed;
+// List does not report an empty token while logged out.
+func TestLogoutElsewhere(t *testing.T) {
+	checkGoroutines(t)
+	f := newFaultModule()
+	b, tok := faultBackend(t, f, options{})
+	pub := mustKey(t, b, "k")
+	signOK(t, b, "k", pub)
+
+	h := rawSession(t, b)
+	if err := b.lib.ctx.Login(h, p11.CKU_USER, testUserPIN); !isCode(err, p11.CKR_USER_ALREADY_LOGGED_IN) {
+		t.Fatalf("second login = %v; want CKR_USER_ALREADY_LOGGED_IN", err)
+	}
+	if err := b.lib.ctx.Logout(h); err != nil {
+		t.Fatal(err)
+	}
+	ids, err := b.List(t.Context())
+	if err != nil || len(ids) != 1 {
+		t.Fatalf("List after a logout elsewhere = %q, %v; want [k]", ids, err)
+	}
+	signOK(t, b, "k", pub)
+	if n := f.logins.Load(); n != 2 {
+		t.Errorf("%d C_Login calls; want 2", n)
+	}
+	if err := b.lib.ctx.CloseSession(h); err != nil {
+		t.Fatal(err)
+	}
+
+	// A second Backend on the same token in the same process shares the
+	// module and the login (CKR_USER_ALREADY_LOGGED_IN is success).
+	b2 := openBackend(t, tok.config(t), options{})
+	signOK(t, b2, "k", pub)
+	if err := b2.Close(); err != nil {
+		t.Fatal(err)
+	}
+	keyIntact(t, b, "k", pub)
+}
+
+// P6: many concurrent callers and a pool of two sessions. Every call
+// succeeds, at most two are ever inside C_Sign, and no more than the pool
+// and the anchor are ever opened. Then, with the device slow, callers whose
+// deadline passes while they wait for a session get DeadlineExceeded.
+func TestSessionPoolBounded(t *testing.T) {
+	checkGoroutines(t)
+	f := newFaultModule()
+	b, _ := faultBackend(t, f, options{})
+	pub := mustKey(t, b, "k")
+	opens := f.opens.Load()
+
+	var wg sync.WaitGroup
+	for range 64 {
+		wg.Go(func() {
+			for range 5 {
+				ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+				err := signVerify(ctx, b, "k", pub)
+				cancel()
+				if err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	if n := f.maxInSign.Load(); n > 2 {
+		t.Errorf("%d calls inside C_Sign at once; want at most 2 (MaxSessions)", n)
+	}
+	if n := f.opens.Load(); n > 3 {
+		t.Errorf("%d C_OpenSession calls (%d before the load); want at most 3 (anchor + pool of 2)", n, opens)
+	}
+
+	release := make(chan struct{})
+	f.mu.Lock()
+	f.block = release
+	f.mu.Unlock()
+	var timedOut atomic.Int32
+	for range 32 {
+		wg.Go(func() {
+			ctx, cancel := context.WithTimeout(t.Context(), 50*time.Millisecond)
+			defer cancel()
+			_, err := b.Sign(ctx, "k", keystoretest.Digest(keystore.ES256, []byte("m")), crypto.SHA256)
+			if !errors.Is(err, context.DeadlineExceeded) {
+				t.Errorf("Sign with the device blocked = %v; want DeadlineExceeded", err)
+			}
+			timedOut.Add(1)
+		})
+	}
+	wg.Wait()
+	f.mu.Lock()
+	f.block = nil
+	f.mu.Unlock()
+	close(release)
+	waitIdle(t, b)
+	if n := f.opens.Load(); n > 3 {
+		t.Errorf("%d C_OpenSession calls; want at most 3", n)
+	}
+	keyIntact(t, b, "k", pub)
+
+	// CKR_SESSION_COUNT from the token (another application took the
+	// sessions) is ErrUnavailable, without a recovery.
+	b.drainIdle()
+	f.set("OpenSession", always(p11.CKR_SESSION_COUNT))
+	logins := f.logins.Load()
+	if _, err := b.Sign(t.Context(), "k", make([]byte, 32), crypto.SHA256); !errors.Is(err, keystore.ErrUnavailable) {
+		t.Errorf("Sign with CKR_SESSION_COUNT = %v; want ErrUnavailable", err)
+	}
+	if f.logins.Load() != logins {
+		t.Error("CKR_SESSION_COUNT caused a login")
+	}
+	f.clear()
+}
+
+// P7: the HSM hangs inside C_Sign. Callers return at their deadline with
+// DeadlineExceeded; only the pool's two calls are inside the module, so the
+// OS thread count stays bounded however many callers come; Health reports
+// the hang; when the device answers again the stuck calls finish, the
+// goroutines go back to baseline and signing works.
+func TestHungDevice(t *testing.T) {
+	checkGoroutines(t)
+	f := newFaultModule()
+	b, _ := faultBackend(t, f, options{hangAfter: 100 * time.Millisecond})
+	pub := mustKey(t, b, "k")
+	signOK(t, b, "k", pub)
+	threadsBefore := threads(t)
+
+	release := make(chan struct{})
+	f.mu.Lock()
+	f.block = release
+	f.mu.Unlock()
+	var wg sync.WaitGroup
+	start := time.Now()
+	for range 200 {
+		wg.Go(func() {
+			ctx, cancel := context.WithTimeout(t.Context(), 100*time.Millisecond)
+			defer cancel()
+			_, err := b.Sign(ctx, "k", keystoretest.Digest(keystore.ES256, []byte("m")), crypto.SHA256)
+			if !errors.Is(err, context.DeadlineExceeded) {
+				t.Errorf("Sign with the device hung = %v; want DeadlineExceeded", err)
+			}
+		})
+	}
+	wg.Wait()
+	if d := time.Since(start); d > 3*time.Second {
+		t.Errorf("callers took %v to return; their deadline was 100ms", d)
+	}
+	if n := f.inSign.Load(); n != 2 {
+		t.Errorf("%d calls inside C_Sign; want 2 (the pool)", n)
+	}
+	if n := threads(t); n > threadsBefore+4 {
+		t.Errorf("%d OS threads with the device hung, %d before: not bounded by the pool", n, threadsBefore)
+	} else {
+		t.Logf("200 callers, device hung: %d OS threads (%d before), %d calls in the module", n, threadsBefore, f.inSign.Load())
+	}
+	time.Sleep(150 * time.Millisecond)
+	if err := b.Health(t.Context()); !errors.Is(err, keystore.ErrUnavailable) || !strings.Contains(err.Error(), "running for") {
+		t.Errorf("Health with the device hung = %v; want ErrUnavailable saying a call is running", err)
+	}
+
+	f.mu.Lock()
+	f.block = nil
+	f.mu.Unlock()
+	close(release)
+	waitIdle(t, b)
+	keyIntact(t, b, "k", pub)
+	if err := b.Health(t.Context()); err != nil {
+		t.Errorf("Health after the device answered: %v", err)
+	}
+}
+
+// P7: Close with a call hung in the device does not finalize the module
+// under it (undefined behaviour) and says so, within its wait.
+func TestCloseWithHungCall(t *testing.T) {
+	checkGoroutines(t)
+	f := newFaultModule()
+	tok := newToken(t)
+	b, err := open(t.Context(), tok.config(t), f.options(options{closeWait: 100 * time.Millisecond}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub := mustKey(t, b, "k")
+	release := make(chan struct{})
+	f.mu.Lock()
+	f.block = release
+	f.mu.Unlock()
+	done := make(chan error, 1)
+	go func() { done <- signVerify(context.Background(), b, "k", pub) }()
+	for f.inSign.Load() == 0 {
+		time.Sleep(time.Millisecond)
+	}
+	if err := b.Close(); err == nil || !strings.Contains(err.Error(), "not finalized") {
+		t.Errorf("Close with a hung call = %v; want an error saying the module was not finalized", err)
+	}
+	close(release)
+	<-done
+	// The module is still initialized (users = 1); finalize it as keyd's
+	// process exit would, so the next test starts clean.
+	if err := b.lib.release(b.m, time.Second); err != nil {
+		t.Error(err)
+	}
+}
+
+// P15: the mechanism probe. A token without CKM_EDDSA does not list EdDSA,
+// and Generate of an EdDSA key fails at once with ErrUnsupportedAlgorithm
+// naming the mechanism (key-set creation, never the first Sign); a token
+// whose RSA keys stop at 2048 bits refuses 3072. Without CKM_RSA_PKCS_PSS,
+// PS256 is refused at Generate and a PSS Sign with an RSA key is refused
+// before the token sees it.
+func TestMechanismProbe(t *testing.T) {
+	checkGoroutines(t)
+	f := newFaultModule()
+	f.noMech[ckmEdDSA] = true
+	f.noMech[p11.CKM_RSA_PKCS_PSS] = true
+	f.info[p11.CKM_RSA_PKCS_KEY_PAIR_GEN] = p11.MechanismInfo{MinKeySize: 1024, MaxKeySize: 2048, Flags: p11.CKF_GENERATE_KEY_PAIR}
+	b, _ := faultBackend(t, f, options{})
+	want := []keystore.Algorithm{keystore.ES256, keystore.ES384, keystore.RS256}
+	if got := b.Algorithms(); !equalAlgs(got, want) {
+		t.Errorf("Algorithms() = %v, want %v", got, want)
+	}
+	for _, tt := range []struct {
+		spec keystore.KeySpec
+		want string
+	}{
+		{keystore.KeySpec{Algorithm: keystore.EdDSA}, "CKM_EDDSA"},
+		{keystore.KeySpec{Algorithm: keystore.PS256}, "CKM_RSA_PKCS_PSS"},
+		{keystore.KeySpec{Algorithm: keystore.RS256, RSABits: 3072}, "1024 to 2048 bits"},
+	} {
+		_, err := b.Generate(t.Context(), "k", tt.spec)
+		if !errors.Is(err, keystore.ErrUnsupportedAlgorithm) || !strings.Contains(err.Error(), tt.want) {
+			t.Errorf("Generate(%v) = %v; want ErrUnsupportedAlgorithm mentioning %s", tt.spec, err, tt.want)
+		}
+	}
+	if ids, err := b.List(t.Context()); err != nil || len(ids) != 0 {
+		t.Errorf("List = %q, %v; a refused Generate left a key", ids, err)
+	}
+	pub, err := b.Generate(t.Context(), "rsa", keystore.KeySpec{Algorithm: keystore.RS256})
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := keystoretest.Digest(keystore.PS256, []byte("m"))
+	signs := f.signs.Load()
+	if _, err := b.Sign(t.Context(), "rsa", d, keystore.PS256.SignerOpts()); !errors.Is(err, keystore.ErrUnsupportedAlgorithm) {
+		t.Errorf("PS256 Sign on a token without PSS = %v; want ErrUnsupportedAlgorithm", err)
+	}
+	if f.signs.Load() != signs {
+		t.Error("the refused PS256 Sign reached C_Sign")
+	}
+	sig, err := b.Sign(t.Context(), "rsa", d, crypto.SHA256)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := keystoretest.VerifyDER(keystore.RS256, pub, d, sig); err != nil {
+		t.Error(err)
+	}
+}
+
+// P12 through the token: ES256 and ES384 signatures from SoftHSM (raw r||s
+// converted to DER) verify, including those whose r or s has a leading zero
+// byte (about one in 128 of each size), with enough rounds to meet some.
+func TestECDSAManySignatures(t *testing.T) {
+	checkGoroutines(t)
+	tok := newToken(t)
+	b := openBackend(t, tok.config(t), options{})
+	for _, alg := range []keystore.Algorithm{keystore.ES256, keystore.ES384} {
+		pub, err := b.Generate(t.Context(), "k-"+strings.ToLower(string(alg)), keystore.KeySpec{Algorithm: alg})
+		if err != nil {
+			t.Fatal(err)
+		}
+		short := 0
+		for i := range 300 {
+			d := keystoretest.Digest(alg, fmt.Appendf(nil, "m%d", i))
+			sig, err := b.Sign(t.Context(), "k-"+strings.ToLower(string(alg)), d, alg.SignerOpts())
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := keystoretest.VerifyDER(alg, pub, d, sig); err != nil {
+				t.Fatalf("%s round %d: %v", alg, i, err)
+			}
+			var rs struct{ R, S *big.Int }
+			if _, err := asn1.Unmarshal(sig, &rs); err != nil {
+				t.Fatal(err)
+			}
+			if rs.R.BitLen() <= 8*(alg.Hash().Size()-1) || rs.S.BitLen() <= 8*(alg.Hash().Size()-1) {
+				short++
+			}
+		}
+		t.Logf("%s: %d of 300 signatures had an r or s with a leading zero byte", alg, short)
+	}
+}
