@@ -123,6 +123,9 @@ func setupScript(env *testscript.Env) error {
 	if g, err := user.LookupGroupId("65534"); err == nil {
 		env.Setenv("NOGROUP", g.Name)
 	}
+	// Scripts that run on every backend write `backend: $BACKEND`.
+	env.Setenv("BACKEND", "{soft: {}}")
+	env.Setenv("BACKEND_NAME", "soft")
 
 	for name, dir := range map[string]string{
 		"HOME":            "home",

@@ -21,6 +21,8 @@ import (
 
 	"github.com/keyd-dev/keyd/internal/policy"
 	"github.com/keyd-dev/keyd/keystore"
+	"github.com/keyd-dev/keyd/keystore/pkcs11"
+	"github.com/keyd-dev/keyd/keystore/tpm"
 )
 
 // Config is the whole configuration file.
@@ -60,10 +62,46 @@ func (a Allow) Empty() bool {
 	return len(a.UIDs) == 0 && len(a.GIDs) == 0 && len(a.Users) == 0 && len(a.Groups) == 0
 }
 
-// Backend selects the key store.
+// Backend selects the key store: exactly one member is set.
 type Backend struct {
 	// Soft keeps keys in files under StateDir/keys. For development only.
 	Soft *SoftBackend `yaml:"soft"`
+	// TPM keeps keys in a TPM 2.0: only TPM-encrypted blobs are on disk.
+	TPM *TPMBackend `yaml:"tpm"`
+	// PKCS11 keeps keys in a PKCS#11 token (an HSM, or SoftHSM2 for tests).
+	PKCS11 *PKCS11Backend `yaml:"pkcs11"`
+}
+
+// PKCS11Backend configures the PKCS#11 keystore. The PIN comes from a file
+// or an environment variable, never from this file.
+type PKCS11Backend struct {
+	// Module is the absolute path of the PKCS#11 library.
+	Module string `yaml:"module"`
+	// URI selects the token (RFC 7512): pkcs11:token=keyd, or by serial.
+	URI string `yaml:"uri"`
+	// PINFile holds the user PIN (mode 0600 or 0640).
+	PINFile string `yaml:"pin_file"`
+	// PINEnv names an environment variable holding the user PIN.
+	PINEnv string `yaml:"pin_env"`
+	// MaxSessions bounds the session pool (default min(GOMAXPROCS, 4)).
+	MaxSessions int `yaml:"max_sessions"`
+}
+
+// TPMBackend configures the TPM 2.0 keystore.
+type TPMBackend struct {
+	// Device is the TPM device (default /dev/tpmrm0 when Address is empty).
+	Device string `yaml:"device"`
+	// Address is a TPM simulator's command port: tcp://127.0.0.1:2321 or
+	// unix:///path (swtpm).
+	Address string `yaml:"address"`
+	// OwnerAuthFile holds the owner hierarchy's authorization, if it has one.
+	OwnerAuthFile string `yaml:"owner_auth_file"`
+	// Dir overrides where key blobs live (default StateDir/tpm).
+	Dir string `yaml:"dir"`
+	// CommandTimeout bounds each TPM command (default 5s).
+	CommandTimeout Duration `yaml:"command_timeout"`
+	// KeygenTimeout bounds RSA key generation in the TPM (default 2m).
+	KeygenTimeout Duration `yaml:"keygen_timeout"`
 }
 
 // SoftBackend configures the software keystore.
@@ -208,10 +246,51 @@ func (c *Config) Validate() error {
 			add("admins", "%v", e)
 		}
 	}
-	if c.Backend.Soft == nil {
-		add("backend", "choose a backend: soft: {}")
-	} else if d := c.Backend.Soft.Dir; d != "" && !filepath.IsAbs(d) {
-		add("backend.soft.dir", "%q must be an absolute path", d)
+	switch n := c.Backend.count(); {
+	case n == 0:
+		add("backend", "choose a backend: soft: {}, pkcs11: {...} or tpm: {...}")
+	case n > 1:
+		add("backend", "choose one backend, not %d", n)
+	}
+	if b := c.Backend.Soft; b != nil && b.Dir != "" && !filepath.IsAbs(b.Dir) {
+		add("backend.soft.dir", "%q must be an absolute path", b.Dir)
+	}
+	if b := c.Backend.PKCS11; b != nil {
+		switch {
+		case b.Module == "":
+			add("backend.pkcs11.module", "required: the absolute path of the PKCS#11 library")
+		case !filepath.IsAbs(b.Module):
+			add("backend.pkcs11.module", "%q must be an absolute path", b.Module)
+		}
+		if b.URI == "" {
+			add("backend.pkcs11.uri", "required: the token, as an RFC 7512 URI such as pkcs11:token=keyd")
+		} else if _, err := pkcs11.ParseURI(b.URI); err != nil {
+			add("backend.pkcs11.uri", "%v", err)
+		}
+		switch {
+		case b.PINFile == "" && b.PINEnv == "":
+			add("backend.pkcs11", "set pin_file or pin_env: the PIN is never written in the configuration")
+		case b.PINFile != "" && b.PINEnv != "":
+			add("backend.pkcs11", "set pin_file or pin_env, not both")
+		case b.PINFile != "" && !filepath.IsAbs(b.PINFile):
+			add("backend.pkcs11.pin_file", "%q must be an absolute path", b.PINFile)
+		}
+		if b.MaxSessions < 0 {
+			add("backend.pkcs11.max_sessions", "must not be negative")
+		}
+	}
+	if b := c.Backend.TPM; b != nil {
+		if b.Dir != "" && !filepath.IsAbs(b.Dir) {
+			add("backend.tpm.dir", "%q must be an absolute path", b.Dir)
+		}
+		if b.OwnerAuthFile != "" && !filepath.IsAbs(b.OwnerAuthFile) {
+			add("backend.tpm.owner_auth_file", "%q must be an absolute path", b.OwnerAuthFile)
+		}
+		if c.StateDir != "" {
+			if err := c.TPMConfig().Validate(); err != nil {
+				add("backend.tpm", "%v", err)
+			}
+		}
 	}
 	if len(c.KeySets) == 0 {
 		add("keysets", "declare at least one key set")
@@ -360,6 +439,60 @@ func (c *Config) Mode() (os.FileMode, error) {
 		return 0, fmt.Errorf("%q gives access to every user on the host; use 0660 or stricter", c.SocketMode)
 	}
 	return os.FileMode(v), nil
+}
+
+func (b Backend) count() int {
+	n := 0
+	if b.Soft != nil {
+		n++
+	}
+	if b.TPM != nil {
+		n++
+	}
+	if b.PKCS11 != nil {
+		n++
+	}
+	return n
+}
+
+// TPMConfig returns the TPM keystore's configuration (without a logger).
+func (c *Config) TPMConfig() tpm.Config {
+	b := c.Backend.TPM
+	if b == nil {
+		return tpm.Config{}
+	}
+	dir := b.Dir
+	if dir == "" {
+		dir = filepath.Join(c.StateDir, "tpm")
+	}
+	return tpm.Config{
+		Device:         b.Device,
+		Address:        b.Address,
+		OwnerAuthFile:  b.OwnerAuthFile,
+		StateDir:       dir,
+		CommandTimeout: time.Duration(b.CommandTimeout),
+		KeygenTimeout:  time.Duration(b.KeygenTimeout),
+	}
+}
+
+// PKCS11Config returns the PKCS#11 keystore's configuration (without a
+// logger), reading the PIN from its file or environment variable.
+func (c *Config) PKCS11Config() (pkcs11.Config, error) {
+	b := c.Backend.PKCS11
+	if b == nil {
+		return pkcs11.Config{}, errors.New("no pkcs11 backend configured")
+	}
+	var pin pkcs11.PIN
+	var err error
+	if b.PINFile != "" {
+		pin, err = pkcs11.PINFromFile(b.PINFile)
+	} else {
+		pin, err = pkcs11.PINFromEnv(b.PINEnv)
+	}
+	if err != nil {
+		return pkcs11.Config{}, fmt.Errorf("backend.pkcs11: %w", err)
+	}
+	return pkcs11.Config{Module: b.Module, URI: b.URI, PIN: pin, MaxSessions: b.MaxSessions}, nil
 }
 
 // SoftDir is the soft keystore's directory.

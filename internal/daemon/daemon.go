@@ -30,7 +30,9 @@ import (
 	"github.com/keyd-dev/keyd/internal/listener"
 	"github.com/keyd-dev/keyd/internal/server"
 	"github.com/keyd-dev/keyd/keystore"
+	"github.com/keyd-dev/keyd/keystore/pkcs11"
 	"github.com/keyd-dev/keyd/keystore/soft"
+	"github.com/keyd-dev/keyd/keystore/tpm"
 	keydv1 "github.com/keyd-dev/keyd/proto/keyd/v1"
 	"github.com/keyd-dev/keyd/rotation"
 )
@@ -75,7 +77,7 @@ func New(ctx context.Context, cfg *config.Config, opts Options) (_ *Daemon, err 
 	if d.store, err = rotation.OpenStore(cfg.StateDir); err != nil {
 		return nil, err
 	}
-	if d.backend, err = openBackend(cfg, log); err != nil {
+	if d.backend, err = openBackend(ctx, cfg, log); err != nil {
 		return nil, err
 	}
 	var sets []rotation.KeySet
@@ -169,11 +171,32 @@ func supports(b keystore.Backend, a keystore.Algorithm) bool {
 }
 
 // openBackend is the explicit list of backends.
-func openBackend(cfg *config.Config, log *slog.Logger) (keystore.Backend, error) {
+func openBackend(ctx context.Context, cfg *config.Config, log *slog.Logger) (keystore.Backend, error) {
 	switch {
 	case cfg.Backend.Soft != nil:
 		log.Warn("using the soft keystore: keys are files protected only by permissions; use pkcs11 or tpm in production", "dir", cfg.SoftDir())
 		return soft.New(soft.Config{Dir: cfg.SoftDir(), Logger: log})
+	case cfg.Backend.PKCS11 != nil:
+		pc, err := cfg.PKCS11Config()
+		if err != nil {
+			return nil, err
+		}
+		pc.Logger = log
+		b, err := pkcs11.New(ctx, pc)
+		if err != nil {
+			return nil, err
+		}
+		// A wrong PIN leaves the backend locked after its one C_Login:
+		// say so now, rather than at the first signature.
+		if err := b.Health(ctx); errors.Is(err, keystore.ErrLocked) {
+			b.Close()
+			return nil, fmt.Errorf("pkcs11 token: %w", err)
+		}
+		return b, nil
+	case cfg.Backend.TPM != nil:
+		tc := cfg.TPMConfig()
+		tc.Logger = log
+		return tpm.New(ctx, tc)
 	}
 	return nil, errors.New("no backend configured")
 }
@@ -186,6 +209,11 @@ func (d *Daemon) Manager() *rotation.Manager { return d.mgr }
 func (d *Daemon) Serve(ctx context.Context) error {
 	errc := make(chan error, 1)
 	go func() { errc <- d.grpc.Serve(d.lis) }()
+	hctx, stopHealth := context.WithCancel(ctx)
+	defer stopHealth()
+	if hc, ok := d.backend.(healthChecker); ok {
+		go d.watchHealth(hctx, hc)
+	}
 	d.log.Info("keyd serving", "socket", d.cfg.Socket, "backend", d.backend.Name(), "keysets", len(d.cfg.KeySets))
 	if d.ready != nil {
 		d.ready(d.cfg.Socket)
@@ -210,6 +238,48 @@ func (d *Daemon) Serve(ctx context.Context) error {
 	d.close()
 	d.log.Info("keyd stopped")
 	return err
+}
+
+// healthChecker is a backend that can tell cheaply whether it works.
+type healthChecker interface {
+	Health(ctx context.Context) error
+}
+
+// healthInterval is how often the backend's health is polled.
+const healthInterval = 5 * time.Second
+
+// watchHealth mirrors the backend's health into the gRPC health service:
+// NOT_SERVING while the backend fails (a frozen TPM, a wiped token, a
+// locked PIN), SERVING again once it recovers. Transitions are logged.
+func (d *Daemon) watchHealth(ctx context.Context, hc healthChecker) {
+	serving := true
+	t := time.NewTicker(healthInterval)
+	defer t.Stop()
+	for {
+		cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		err := hc.Health(cctx)
+		cancel()
+		if ctx.Err() != nil {
+			return
+		}
+		if ok := err == nil; ok != serving {
+			serving = ok
+			st := healthpb.HealthCheckResponse_SERVING
+			if ok {
+				d.log.Info("backend healthy again", "backend", d.backend.Name())
+			} else {
+				st = healthpb.HealthCheckResponse_NOT_SERVING
+				d.log.Error("backend unhealthy; health reports NOT_SERVING", "backend", d.backend.Name(), "err", err)
+			}
+			d.health.SetServingStatus("", st)
+			d.health.SetServingStatus(keydv1.KeyService_ServiceDesc.ServiceName, st)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
 }
 
 func (d *Daemon) close() {

@@ -1,0 +1,127 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/rogpeppe/go-internal/testscript"
+)
+
+// backendScripts run against every backend, not only the soft one.
+var backendScripts = []string{"testdata/script/every-command.txtar"}
+
+// requireHW reports whether a missing device must fail the run
+// (KEYD_REQUIRE_HW=1, set by make test) rather than skip.
+func requireHW() bool { return os.Getenv("KEYD_REQUIRE_HW") == "1" }
+
+// TestScriptsOnTPM runs the backend scripts with keyd on a fresh swtpm
+// per script.
+func TestScriptsOnTPM(t *testing.T) {
+	script, err := filepath.Abs("../../softhsm-test/swtpm.sh")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := exec.LookPath("swtpm"); err != nil {
+		if requireHW() {
+			t.Fatalf("swtpm not found and KEYD_REQUIRE_HW=1 (run softhsm-test/install-swtpm.sh): %v", err)
+		}
+		t.Skip("swtpm not installed")
+	}
+	runBackendScripts(t, "tpm", func(env *testscript.Env) error {
+		state := filepath.Join(env.WorkDir, "swtpm")
+		cmd := exec.Command(script, "start", "-d", state)
+		cmd.Env = append(os.Environ(), "SWTPM_NO_INSTALL=1")
+		var stderr bytes.Buffer
+		cmd.Stderr = &stderr
+		out, err := cmd.Output()
+		if err != nil {
+			return fmt.Errorf("swtpm.sh start: %v: %s", err, stderr.String())
+		}
+		env.Defer(func() { exec.Command(script, "stop", state).Run() })
+		vars := exports(out)
+		if vars["KEYD_TPM_ADDRESS"] == "" {
+			return fmt.Errorf("swtpm.sh printed no KEYD_TPM_ADDRESS: %s", out)
+		}
+		env.Setenv("BACKEND", fmt.Sprintf("{tpm: {address: %q}}", vars["KEYD_TPM_ADDRESS"]))
+		env.Setenv("BACKEND_NAME", "tpm")
+		return nil
+	})
+}
+
+// exports parses lines such as `export K=V` or `K='V'`.
+func exports(out []byte) map[string]string {
+	m := map[string]string{}
+	sc := bufio.NewScanner(bytes.NewReader(out))
+	for sc.Scan() {
+		line := strings.TrimPrefix(strings.TrimSpace(sc.Text()), "export ")
+		k, v, ok := strings.Cut(line, "=")
+		if ok {
+			m[k] = strings.Trim(v, `'"`)
+		}
+	}
+	return m
+}
+
+func runBackendScripts(t *testing.T, _ string, setup func(*testscript.Env) error) {
+	shared := &sharedBinary{}
+	t.Cleanup(shared.remove)
+	testscript.Run(t, testscript.Params{
+		Files:               backendScripts,
+		RequireExplicitExec: true,
+		Setup: func(env *testscript.Env) error {
+			if err := setupScript(env); err != nil {
+				return err
+			}
+			return setup(env)
+		},
+		Cmds: map[string]func(*testscript.TestScript, bool, []string){
+			"expandenv": cmdExpandEnv,
+			"verifyjwt": cmdVerifyJWT,
+			"jsonget":   cmdJSONGet,
+			"jwtpart":   cmdJWTPart,
+			"asuser":    shared.cmdAsUser,
+		},
+	})
+}
+
+// TestScriptsOnPKCS11 runs the backend scripts with keyd on a fresh
+// SoftHSM2 token per script.
+func TestScriptsOnPKCS11(t *testing.T) {
+	script, err := filepath.Abs("../../softhsm-test/new-token.sh")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := exec.LookPath("softhsm2-util"); err != nil {
+		if requireHW() {
+			t.Fatalf("softhsm2-util not found and KEYD_REQUIRE_HW=1 (run softhsm-test/install-softhsm.sh): %v", err)
+		}
+		t.Skip("SoftHSM2 not installed")
+	}
+	runBackendScripts(t, "pkcs11", func(env *testscript.Env) error {
+		dir := filepath.Join(env.WorkDir, "softhsm")
+		cmd := exec.Command(script, "keyd")
+		cmd.Env = append(os.Environ(), "SOFTHSM_TEST_DIR="+dir)
+		var stderr bytes.Buffer
+		cmd.Stderr = &stderr
+		out, err := cmd.Output()
+		if err != nil {
+			return fmt.Errorf("new-token.sh: %v: %s", err, stderr.String())
+		}
+		vars := exports(out)
+		if vars["SOFTHSM2_CONF"] == "" || vars["KEYD_PKCS11_PIN_FILE"] == "" {
+			return fmt.Errorf("new-token.sh printed %s", out)
+		}
+		// keyd serve inherits SOFTHSM2_CONF, which SoftHSM reads.
+		env.Setenv("SOFTHSM2_CONF", vars["SOFTHSM2_CONF"])
+		env.Setenv("BACKEND", fmt.Sprintf("{pkcs11: {module: %q, uri: %q, pin_file: %q}}",
+			vars["KEYD_PKCS11_MODULE"], vars["KEYD_PKCS11_URI"], vars["KEYD_PKCS11_PIN_FILE"]))
+		env.Setenv("BACKEND_NAME", "pkcs11")
+		return nil
+	})
+}
