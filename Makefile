@@ -18,7 +18,7 @@ FUZZ_TARGETS := \
 	./keystore/pkcs11:FuzzParseURI
 FUZZ_LONG ?= 60s
 
-.PHONY: all build run deps test unit fuzz-short fuzz bench generate lint check-generated clean
+.PHONY: all build run run-softhsm run-swtpm deps test unit fuzz-short fuzz bench generate lint check-generated clean
 
 all: build
 
@@ -28,6 +28,13 @@ build:
 ## run: build and start keyd on the embedded default (soft keystore, key set "dpop")
 run: build
 	./$(BIN) serve
+
+## run-softhsm / run-swtpm: keyd on a fresh SoftHSM2 token / a fresh swtpm
+run-softhsm: build
+	./softhsm-test/run-keyd.sh softhsm
+
+run-swtpm: build
+	./softhsm-test/run-keyd.sh swtpm
 
 ## test: everything CI runs. The backends' suites need a real SoftHSM2 token
 ## and a real swtpm: deps installs them (Debian packages, idempotent) and
