@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/rogpeppe/go-internal/testscript"
 )
@@ -33,7 +34,7 @@ func TestScriptsOnTPM(t *testing.T) {
 		}
 		t.Skip("swtpm not installed")
 	}
-	runBackendScripts(t, "tpm", func(env *testscript.Env) error {
+	runBackendScripts(t, []string{"testdata/tpm/faults.txtar"}, func(env *testscript.Env) error {
 		state := filepath.Join(env.WorkDir, "swtpm")
 		cmd := exec.Command(script, "start", "-d", state)
 		cmd.Env = append(os.Environ(), "SWTPM_NO_INSTALL=1")
@@ -48,8 +49,11 @@ func TestScriptsOnTPM(t *testing.T) {
 		if vars["KEYD_TPM_ADDRESS"] == "" {
 			return fmt.Errorf("swtpm.sh printed no KEYD_TPM_ADDRESS: %s", out)
 		}
-		env.Setenv("BACKEND", fmt.Sprintf("{tpm: {address: %q}}", vars["KEYD_TPM_ADDRESS"]))
+		env.Setenv("BACKEND", fmt.Sprintf("{tpm: {address: %q, command_timeout: 1s}}", vars["KEYD_TPM_ADDRESS"]))
 		env.Setenv("BACKEND_NAME", "tpm")
+		env.Setenv("TPM_PID", vars["KEYD_TPM_PID"])
+		env.Setenv("TPM_CTRL", vars["KEYD_TPM_CTRL"])
+		env.Setenv("TPM2TOOLS_TCTI", vars["TPM2TOOLS_TCTI"])
 		return nil
 	})
 }
@@ -68,11 +72,11 @@ func exports(out []byte) map[string]string {
 	return m
 }
 
-func runBackendScripts(t *testing.T, _ string, setup func(*testscript.Env) error) {
+func runBackendScripts(t *testing.T, extra []string, setup func(*testscript.Env) error) {
 	shared := &sharedBinary{}
 	t.Cleanup(shared.remove)
 	testscript.Run(t, testscript.Params{
-		Files:               backendScripts,
+		Files:               append(append([]string(nil), backendScripts...), extra...),
 		RequireExplicitExec: true,
 		Setup: func(env *testscript.Env) error {
 			if err := setupScript(env); err != nil {
@@ -86,6 +90,7 @@ func runBackendScripts(t *testing.T, _ string, setup func(*testscript.Env) error
 			"jsonget":   cmdJSONGet,
 			"jwtpart":   cmdJWTPart,
 			"asuser":    shared.cmdAsUser,
+			"sleep":     cmdSleep,
 		},
 	})
 }
@@ -103,7 +108,7 @@ func TestScriptsOnPKCS11(t *testing.T) {
 		}
 		t.Skip("SoftHSM2 not installed")
 	}
-	runBackendScripts(t, "pkcs11", func(env *testscript.Env) error {
+	runBackendScripts(t, []string{"testdata/pkcs11/faults.txtar"}, func(env *testscript.Env) error {
 		dir := filepath.Join(env.WorkDir, "softhsm")
 		cmd := exec.Command(script, "keyd")
 		cmd.Env = append(os.Environ(), "SOFTHSM_TEST_DIR="+dir)
@@ -122,6 +127,25 @@ func TestScriptsOnPKCS11(t *testing.T) {
 		env.Setenv("BACKEND", fmt.Sprintf("{pkcs11: {module: %q, uri: %q, pin_file: %q}}",
 			vars["KEYD_PKCS11_MODULE"], vars["KEYD_PKCS11_URI"], vars["KEYD_PKCS11_PIN_FILE"]))
 		env.Setenv("BACKEND_NAME", "pkcs11")
+		env.Setenv("SOFTHSM_TOKENS", filepath.Join(vars["KEYD_SOFTHSM_DIR"], "tokens"))
+		badpin := filepath.Join(env.WorkDir, "badpin")
+		if err := os.WriteFile(badpin, []byte("9999"), 0o600); err != nil {
+			return err
+		}
+		env.Setenv("BACKEND_BADPIN", fmt.Sprintf("{pkcs11: {module: %q, uri: %q, pin_file: %q}}",
+			vars["KEYD_PKCS11_MODULE"], vars["KEYD_PKCS11_URI"], badpin))
 		return nil
 	})
+}
+
+// cmdSleep waits: sleep DURATION (at most 10s).
+func cmdSleep(ts *testscript.TestScript, neg bool, args []string) {
+	if neg || len(args) != 1 {
+		ts.Fatalf("usage: sleep DURATION")
+	}
+	d, err := time.ParseDuration(args[0])
+	if err != nil || d < 0 || d > 10*time.Second {
+		ts.Fatalf("sleep: bad duration %q", args[0])
+	}
+	time.Sleep(d)
 }

@@ -56,6 +56,7 @@ type Daemon struct {
 	audit   *audit.Log
 	grpc    *grpc.Server
 	health  *health.Server
+	kick    chan struct{} // a backend failure: recheck health now
 	lis     net.Listener
 	ready   func(string)
 }
@@ -67,7 +68,7 @@ func New(ctx context.Context, cfg *config.Config, opts Options) (_ *Daemon, err 
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	d := &Daemon{cfg: cfg, log: log, ready: opts.Ready}
+	d := &Daemon{cfg: cfg, log: log, ready: opts.Ready, kick: make(chan struct{}, 1)}
 	defer func() {
 		if err != nil {
 			d.close()
@@ -119,7 +120,15 @@ func New(ctx context.Context, cfg *config.Config, opts Options) (_ *Daemon, err 
 	if d.audit, err = audit.Open(cfg.AuditLog); err != nil {
 		return nil, err
 	}
-	srv, err := server.New(server.Config{Manager: d.mgr, KeySets: policies, Admins: admins, Audit: d.audit, Logger: log})
+	srv, err := server.New(server.Config{
+		Manager: d.mgr, KeySets: policies, Admins: admins, Audit: d.audit, Logger: log,
+		BackendFailed: func(error) {
+			select {
+			case d.kick <- struct{}{}:
+			default:
+			}
+		},
+	})
 	if err != nil {
 		return nil, err
 	}
@@ -245,7 +254,8 @@ type healthChecker interface {
 	Health(ctx context.Context) error
 }
 
-// healthInterval is how often the backend's health is polled.
+// healthInterval is how often the backend's health is polled; a failed
+// signature triggers a check at once.
 const healthInterval = 5 * time.Second
 
 // watchHealth mirrors the backend's health into the gRPC health service:
@@ -278,6 +288,7 @@ func (d *Daemon) watchHealth(ctx context.Context, hc healthChecker) {
 		case <-ctx.Done():
 			return
 		case <-t.C:
+		case <-d.kick:
 		}
 	}
 }

@@ -51,6 +51,9 @@ type Config struct {
 	Now func() time.Time
 	// Rand fills jti; nil means crypto/rand.
 	Rand io.Reader
+	// BackendFailed, when set, is called (without blocking) each time the
+	// backend fails a signature, so health can be rechecked at once.
+	BackendFailed func(error)
 }
 
 // Server implements keyd.v1.KeyService and keyd.v1.KeyAdminService.
@@ -66,6 +69,7 @@ type Server struct {
 	now    func() time.Time
 	rand   io.Reader
 	keys   keyCache
+	failed func(error)
 }
 
 // New returns a Server.
@@ -73,7 +77,7 @@ func New(cfg Config) (*Server, error) {
 	if cfg.Manager == nil || cfg.Audit == nil {
 		return nil, errors.New("server: Manager and Audit are required")
 	}
-	s := &Server{mgr: cfg.Manager, sets: cfg.KeySets, admins: cfg.Admins, audit: cfg.Audit, log: cfg.Logger, now: cfg.Now, rand: cfg.Rand}
+	s := &Server{mgr: cfg.Manager, sets: cfg.KeySets, admins: cfg.Admins, audit: cfg.Audit, log: cfg.Logger, now: cfg.Now, rand: cfg.Rand, failed: cfg.BackendFailed}
 	if s.log == nil {
 		s.log = slog.New(slog.DiscardHandler)
 	}
@@ -201,6 +205,9 @@ func (s *Server) sign(ctx context.Context, c authz.Caller, req *keydv1.SignReque
 	}
 	der, err := lease.Sign(ctx, digest, v.Alg.SignerOpts())
 	if err != nil {
+		if s.failed != nil && ctx.Err() == nil {
+			s.failed(err)
+		}
 		return nil, fmt.Errorf("sign with kid %s: %w", v.Kid, err)
 	}
 	if !lease.Valid() {
