@@ -18,6 +18,7 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/protobuf/types/known/timestamppb"
 
 	keydv1 "github.com/keyd-dev/keyd/proto/keyd/v1"
 )
@@ -174,7 +175,12 @@ type Key struct {
 	State       string // next, active, draining, retired, destroyed, revoked, lost
 	CreatedAt   time.Time
 	ActivatedAt time.Time // zero if never active
-	RetireAt    time.Time // zero if not scheduled
+	ActivateAt  time.Time // next: when it activates
+	// DeactivateAt is when an active key is due to be replaced (zero: no
+	// scheduled rotation).
+	DeactivateAt time.Time
+	RetireAt     time.Time // draining: when it is unpublished
+	DestroyAt    time.Time // retired or revoked: when it is destroyed
 	JWK         json.RawMessage
 	Backend     string
 }
@@ -198,8 +204,16 @@ func keyFromProto(k *keydv1.KeyVersion) Key {
 	if k.ActivatedAt != nil {
 		out.ActivatedAt = k.ActivatedAt.AsTime()
 	}
-	if k.RetireAt != nil {
-		out.RetireAt = k.RetireAt.AsTime()
+	for _, t := range []struct {
+		src *timestamppb.Timestamp
+		dst *time.Time
+	}{
+		{k.RetireAt, &out.RetireAt}, {k.ActivateAt, &out.ActivateAt},
+		{k.DeactivateAt, &out.DeactivateAt}, {k.DestroyAt, &out.DestroyAt},
+	} {
+		if t.src != nil {
+			*t.dst = t.src.AsTime()
+		}
 	}
 	return out
 }
@@ -281,14 +295,27 @@ func (c *Client) Watch(ctx context.Context, keysets ...string) iter.Seq2[KeyEven
 	}
 }
 
-// Rotate makes a new active key for keyset (admin only) and returns it with
-// the version that became draining.
-func (c *Client) Rotate(ctx context.Context, keyset string) (active, previous Key, err error) {
-	resp, err := c.admin.Rotate(ctx, &keydv1.RotateRequest{Keyset: keyset})
+// Rotation is the outcome of Rotate.
+type Rotation struct {
+	// Active is the active key after the rotation.
+	Active Key
+	// Previous is the key that stopped being active (zero if none).
+	Previous Key
+	// Next is the key published to activate later, when the key set
+	// pre-publishes and the rotation was not immediate (then Active is
+	// unchanged).
+	Next Key
+}
+
+// Rotate replaces the active key of keyset (admin only). Key sets whose
+// verifiers cache JWKS publish the new key first and activate it after the
+// schedule's prepublish time, unless now is true.
+func (c *Client) Rotate(ctx context.Context, keyset string, now bool) (Rotation, error) {
+	resp, err := c.admin.Rotate(ctx, &keydv1.RotateRequest{Keyset: keyset, Now: now})
 	if err != nil {
-		return Key{}, Key{}, fromStatus(err)
+		return Rotation{}, fromStatus(err)
 	}
-	return keyFromProto(resp.Active), keyFromProto(resp.Previous), nil
+	return Rotation{Active: keyFromProto(resp.Active), Previous: keyFromProto(resp.Previous), Next: keyFromProto(resp.Next)}, nil
 }
 
 // Revoke unpublishes and disables the key version kid at once (admin only).

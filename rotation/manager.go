@@ -5,7 +5,6 @@ import (
 	"crypto"
 	"crypto/rand"
 	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -21,9 +20,14 @@ import (
 
 // KeySet is a configured key set as the lifecycle sees it.
 type KeySet struct {
-	Name    string
-	Purpose string
-	Spec    keystore.KeySpec
+	Name     string
+	Purpose  string
+	Spec     keystore.KeySpec
+	Schedule Schedule
+	// Prepublish says whether a manual rotation publishes the new key for
+	// Schedule.Prepublish before it activates (verifiers cache the JWK
+	// Set), unless the operator asks for an immediate rotation.
+	Prepublish bool
 }
 
 // Config wires a Manager.
@@ -31,14 +35,22 @@ type Config struct {
 	Backend keystore.Backend
 	Store   *Store
 	KeySets []KeySet
-	// Now is the clock; nil means time.Now.
+	// Now is the wall clock; nil means time.Now.
 	Now func() time.Time
+	// Monotonic returns the time elapsed since an arbitrary origin, from a
+	// clock that never jumps; nil means Go's monotonic clock. The schedule
+	// runs on min(wall clock, wall clock at start + monotonic time
+	// elapsed): a wall clock that jumps forward cannot skip a drain, and one
+	// that jumps back only delays transitions, never repeats a rotation.
+	Monotonic func() time.Duration
 	// Rand makes key IDs; nil means crypto/rand.
 	Rand   io.Reader
 	Logger *slog.Logger
 	// Failpoint, when set, is called at named points of every lifecycle
 	// change ("rotate.after_intent", "rotate.after_generate",
-	// "rotate.after_commit"), so crash tests can kill the process there.
+	// "rotate.after_commit", "activate.before_commit",
+	// "retire.before_commit", "destroy.after_backend"), so crash tests can
+	// kill the process there.
 	Failpoint func(name string)
 }
 
@@ -54,7 +66,12 @@ type Event struct {
 type Manager struct {
 	backend   keystore.Backend
 	store     *Store
-	now       func() time.Time
+	wall      func() time.Time
+	mono      func() time.Duration
+	wallStart time.Time
+	monoStart time.Duration
+	jumped    atomic.Bool // a forward wall-clock jump was reported
+	failures  atomic.Int64
 	rand      io.Reader
 	log       *slog.Logger
 	failpoint func(string)
@@ -91,16 +108,22 @@ func New(ctx context.Context, cfg Config) (*Manager, error) {
 	m := &Manager{
 		backend:   cfg.Backend,
 		store:     cfg.Store,
-		now:       cfg.Now,
+		wall:      cfg.Now,
+		mono:      cfg.Monotonic,
 		rand:      cfg.Rand,
 		log:       cfg.Logger,
 		failpoint: cfg.Failpoint,
 		sets:      map[string]*setState{},
 		subs:      map[*subscriber]struct{}{},
 	}
-	if m.now == nil {
-		m.now = time.Now
+	if m.wall == nil {
+		m.wall = time.Now
 	}
+	if m.mono == nil {
+		origin := time.Now()
+		m.mono = func() time.Duration { return time.Since(origin) }
+	}
+	m.wallStart, m.monoStart = m.wall(), m.mono()
 	if m.rand == nil {
 		m.rand = rand.Reader
 	}
@@ -124,20 +147,18 @@ func New(ctx context.Context, cfg Config) (*Manager, error) {
 	}
 	for _, name := range m.order {
 		s := m.sets[name]
-		if s.active != nil {
-			if s.active.v.Alg != s.cfg.Spec.Algorithm || (s.cfg.Spec.Algorithm.IsRSA() && s.active.v.Spec().Bits() != s.cfg.Spec.Bits()) {
-				m.log.Warn("key set algorithm changed in the configuration; it takes effect at the next rotation",
-					"keyset", name, "active", s.active.v.Spec().String(), "configured", s.cfg.Spec.String())
-			}
-			continue
+		if s.active != nil && (s.active.v.Alg != s.cfg.Spec.Algorithm || (s.cfg.Spec.Algorithm.IsRSA() && s.active.v.Spec().Bits() != s.cfg.Spec.Bits())) {
+			m.log.Warn("key set algorithm changed in the configuration; it takes effect at the next rotation",
+				"keyset", name, "active", s.active.v.Spec().String(), "configured", s.cfg.Spec.String())
 		}
-		if m.hasLost(name) {
+		if s.active == nil && m.hasLost(name) {
 			m.log.Error("key set has lost its active key; not generating a replacement: rotate it explicitly once the cause is understood", "keyset", name)
-			continue
 		}
-		if _, _, err := m.rotateLocked(ctx, s, Draining); err != nil {
-			return nil, fmt.Errorf("create the first key of key set %q: %w", name, err)
-		}
+	}
+	// Whatever the schedule says is due now (a first key, overdue
+	// transitions) happens before the daemon serves.
+	if err := m.tickLocked(ctx); err != nil {
+		return nil, err
 	}
 	return m, nil
 }
@@ -182,6 +203,13 @@ func (m *Manager) reconcile(ctx context.Context) error {
 			changed = true
 			continue
 		case v.State == Destroyed || v.State == Lost:
+		case !inBackend[v.ID] && (v.State == Retired || v.State == Revoked):
+			// Unpublished already: a destroy that was interrupted after the
+			// backend deleted the key and before the record said so.
+			m.log.Info("unpublished key already gone from the backend; recording it destroyed", "keyset", v.KeySet, "kid", v.Kid)
+			v.State = Destroyed
+			v.ChangedAt = m.now()
+			changed = true
 		case !inBackend[v.ID]:
 			m.log.Error("key missing from the backend; marking it lost (DATA_LOSS), not replacing it",
 				"keyset", v.KeySet, "kid", v.Kid, "id", v.ID, "state", v.State.String())
@@ -261,162 +289,6 @@ func (m *Manager) newID(keyset string) (string, error) {
 		return "", fmt.Errorf("key id: %w", err)
 	}
 	return keyset + "." + hex.EncodeToString(b[:]), nil
-}
-
-// Rotate makes a new active key for keyset; the previous active version
-// becomes Draining: still published, and still signing for callers that name
-// its kid. It returns the new and the previous version (zero when there was
-// none). A backend failure leaves the active key unchanged.
-func (m *Manager) Rotate(ctx context.Context, keyset string) (active, previous Version, err error) {
-	m.opMu.Lock()
-	defer m.opMu.Unlock()
-	s, ok := m.sets[keyset]
-	if !ok {
-		return Version{}, Version{}, fmt.Errorf("rotate %q: %w", keyset, ErrUnknownKeySet)
-	}
-	return m.rotateLocked(ctx, s, Draining)
-}
-
-// rotateLocked generates a new active version for s in the crash-safe order
-// intent → backend → record, and moves the old active version to oldState.
-func (m *Manager) rotateLocked(ctx context.Context, s *setState, oldState State) (Version, Version, error) {
-	id, err := m.newID(s.cfg.Name)
-	if err != nil {
-		return Version{}, Version{}, err
-	}
-	now := m.now()
-	intent := Version{
-		KeySet:    s.cfg.Name,
-		ID:        id,
-		Alg:       s.cfg.Spec.Algorithm,
-		Purpose:   s.cfg.Purpose,
-		Backend:   m.backend.Name(),
-		State:     Pending,
-		CreatedAt: now,
-		ChangedAt: now,
-	}
-	if s.cfg.Spec.Algorithm.IsRSA() {
-		intent.RSABits = s.cfg.Spec.Bits()
-	}
-	if err := m.persistWith(nil, intent); err != nil {
-		return Version{}, Version{}, fmt.Errorf("record intent: %w", err)
-	}
-	m.failpoint("rotate.after_intent")
-
-	pub, err := m.backend.Generate(ctx, id, s.cfg.Spec)
-	if err != nil {
-		if perr := m.persist(); perr != nil { // drop the intent
-			m.log.Error("could not drop the intent record of a failed generation; it is cleaned up at next start", "id", id, "err", perr)
-		}
-		return Version{}, Version{}, fmt.Errorf("generate %s key for key set %q: %w", s.cfg.Spec, s.cfg.Name, err)
-	}
-	m.failpoint("rotate.after_generate")
-
-	jwk, err := jws.PublicJWK(pub)
-	if err == nil {
-		intent.Kid, err = jwk.Thumbprint()
-	}
-	if err == nil {
-		jwk.Kid, jwk.Alg, jwk.Use = intent.Kid, string(intent.Alg), "sig"
-		intent.JWK, err = json.Marshal(jwk)
-	}
-	if err != nil {
-		m.destroyQuietly(ctx, id)
-		return Version{}, Version{}, fmt.Errorf("public key of new key %s: %w", id, err)
-	}
-	now = m.now()
-	nv := intent
-	nv.State, nv.ActivatedAt, nv.ChangedAt = Active, now, now
-
-	changes := map[*entry]Version{}
-	var prev Version
-	if old := s.active; old != nil {
-		prev = old.v
-		prev.State, prev.ChangedAt = oldState, now
-		changes[old] = prev
-	}
-	if err := m.persistWith(changes, nv); err != nil {
-		m.destroyQuietly(ctx, id)
-		return Version{}, Version{}, fmt.Errorf("record new key: %w", err)
-	}
-
-	ne := &entry{v: nv}
-	ne.state.Store(int32(Active))
-	m.mu.Lock()
-	m.all = append(m.all, ne)
-	s.byKid[nv.Kid] = ne
-	var events []Event
-	if old := s.active; old != nil {
-		old.v = prev
-		old.state.Store(int32(prev.State))
-		events = append(events, Event{Version: prev, Previous: Active})
-	}
-	s.active = ne
-	events = append(events, Event{Version: nv, Previous: Pending})
-	m.publishLocked(events)
-	m.mu.Unlock()
-	m.failpoint("rotate.after_commit")
-
-	m.log.Info("key activated", "keyset", s.cfg.Name, "kid", nv.Kid, "alg", nv.Alg, "previous_kid", prev.Kid, "previous_state", prev.State.String())
-	return nv, prev, nil
-}
-
-func (m *Manager) destroyQuietly(ctx context.Context, id string) {
-	if err := m.backend.Destroy(ctx, id); err != nil {
-		m.log.Error("could not remove an unrecorded key; it is reported as an orphan at next start", "id", id, "err", err)
-	}
-}
-
-// Revoke unpublishes the version with kid and makes it unusable at once. A
-// signature in flight with it is discarded (see Lease.Valid). When the
-// revoked version was the active one, a new active key is generated so the
-// key set keeps working. keyset, when not empty, must be the version's key
-// set.
-func (m *Manager) Revoke(ctx context.Context, kid, keyset string) (Version, error) {
-	m.opMu.Lock()
-	defer m.opMu.Unlock()
-	var s *setState
-	var e *entry
-	m.mu.RLock()
-	for _, name := range m.order {
-		if keyset != "" && name != keyset {
-			continue
-		}
-		if x, ok := m.sets[name].byKid[kid]; ok {
-			s, e = m.sets[name], x
-			break
-		}
-	}
-	m.mu.RUnlock()
-	if e == nil {
-		return Version{}, fmt.Errorf("revoke %s: %w", kid, ErrUnknownKid)
-	}
-	if e.v.State == Revoked || e.v.State == Destroyed {
-		return e.v, nil
-	}
-	now := m.now()
-	v := e.v
-	prevState := v.State
-	v.State, v.ChangedAt = Revoked, now
-	if err := m.persistWith(map[*entry]Version{e: v}); err != nil {
-		return Version{}, fmt.Errorf("record revocation: %w", err)
-	}
-	m.mu.Lock()
-	e.v = v
-	e.state.Store(int32(Revoked))
-	wasActive := s.active == e
-	if wasActive {
-		s.active = nil
-	}
-	m.publishLocked([]Event{{Version: v, Previous: prevState}})
-	m.mu.Unlock()
-	m.log.Warn("key revoked", "keyset", s.cfg.Name, "kid", kid, "previous_state", prevState.String())
-	if wasActive {
-		if _, _, err := m.rotateLocked(ctx, s, Revoked); err != nil {
-			return v, fmt.Errorf("revoked %s, but generating its replacement failed (rotate %q to retry): %w", kid, s.cfg.Name, err)
-		}
-	}
-	return v, nil
 }
 
 // Lease is a hold on a version for one signature.

@@ -108,7 +108,8 @@ func TestRotateAndAcquire(t *testing.T) {
 	f := newFixture(t)
 	m := f.manager(t, nil)
 	old := active(t, m, "dpop")
-	nv, prev, err := m.Rotate(context.Background(), "dpop")
+	res, err := m.Rotate(context.Background(), "dpop", true)
+	nv, prev := res.Active, res.Previous
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -126,7 +127,7 @@ func TestRotateAndAcquire(t *testing.T) {
 	if _, err := m.Acquire("nope", ""); !errors.Is(err, rotation.ErrUnknownKeySet) {
 		t.Errorf("unknown key set: %v", err)
 	}
-	if _, _, err := m.Rotate(context.Background(), "nope"); !errors.Is(err, rotation.ErrUnknownKeySet) {
+	if _, err := m.Rotate(context.Background(), "nope", true); !errors.Is(err, rotation.ErrUnknownKeySet) {
 		t.Errorf("rotate unknown: %v", err)
 	}
 	// The state survives a restart.
@@ -146,7 +147,7 @@ func TestRevoke(t *testing.T) {
 	f := newFixture(t)
 	m := f.manager(t, nil)
 	old := active(t, m, "dpop")
-	m.Rotate(context.Background(), "dpop")
+	m.Rotate(context.Background(), "dpop", true)
 	v, err := m.Revoke(context.Background(), old.Kid, "dpop")
 	if err != nil || v.State != rotation.Revoked {
 		t.Fatalf("revoke: %v %+v", err, v)
@@ -183,7 +184,7 @@ func TestCrashDuringRotation(t *testing.T) {
 			crash = true
 			func() {
 				defer func() { recover() }()
-				m.Rotate(context.Background(), "dpop")
+				m.Rotate(context.Background(), "dpop", true)
 				t.Fatal("no crash")
 			}()
 			f.restart(t)
@@ -201,7 +202,7 @@ func TestCrashDuringRotation(t *testing.T) {
 				}
 			}
 			// And the next rotation works.
-			if _, _, err := m.Rotate(context.Background(), "dpop"); err != nil {
+			if _, err := m.Rotate(context.Background(), "dpop", true); err != nil {
 				t.Fatal(err)
 			}
 		})
@@ -217,7 +218,7 @@ func TestCrashDuringRotation(t *testing.T) {
 		crash = true
 		func() {
 			defer func() { recover() }()
-			m.Rotate(context.Background(), "dpop")
+			m.Rotate(context.Background(), "dpop", true)
 		}()
 		f.restart(t)
 		m = f.manager(t, nil)
@@ -252,7 +253,7 @@ func TestLostKeyIsNeverReplaced(t *testing.T) {
 		}
 	}
 	// An explicit rotation is the operator's way out.
-	if _, _, err := m.Rotate(context.Background(), "dpop"); err != nil {
+	if _, err := m.Rotate(context.Background(), "dpop", true); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := m.Acquire("dpop", ""); err != nil {
@@ -268,11 +269,12 @@ func TestWatch(t *testing.T) {
 	if len(snap) != 1 {
 		t.Fatalf("snapshot %d", len(snap))
 	}
-	nv, _, err := m.Rotate(context.Background(), "dpop")
+	res, err := m.Rotate(context.Background(), "dpop", true)
 	if err != nil {
 		t.Fatal(err)
 	}
-	m.Rotate(context.Background(), "assert") // filtered out
+	nv := res.Active
+	m.Rotate(context.Background(), "assert", true) // filtered out
 	got := []rotation.Event{<-events, <-events}
 	if got[0].Version.Kid != snap[0].Kid || got[0].Version.State != rotation.Draining || got[0].Previous != rotation.Active {
 		t.Errorf("event 0: %+v", got[0])
@@ -297,7 +299,7 @@ func TestSlowWatcherIsDropped(t *testing.T) {
 	_, events, cancel := m.Watch()
 	defer cancel()
 	for range 40 {
-		if _, _, err := m.Rotate(context.Background(), "assert"); err != nil {
+		if _, err := m.Rotate(context.Background(), "assert", true); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -335,7 +337,7 @@ func TestConcurrentSignAndRotate(t *testing.T) {
 		}()
 	}
 	for ctx.Err() == nil {
-		if _, _, err := m.Rotate(context.Background(), "dpop"); err != nil {
+		if _, err := m.Rotate(context.Background(), "dpop", true); err != nil {
 			t.Fatal(err)
 		}
 		time.Sleep(5 * time.Millisecond)

@@ -82,9 +82,17 @@ type Version struct {
 	CreatedAt time.Time          `json:"created_at"`
 	// ActivatedAt is when the version became active (zero before).
 	ActivatedAt time.Time `json:"activated_at,omitzero"`
-	// RetireAt is when the version leaves its current published state, when
-	// a schedule says so (zero: not scheduled).
+	// ActivateAt is when a next version activates.
+	ActivateAt time.Time `json:"activate_at,omitzero"`
+	// DeactivateAt is when an active version is due to be replaced (zero:
+	// no scheduled rotation).
+	DeactivateAt time.Time `json:"deactivate_at,omitzero"`
+	// RetireAt is when a draining version is unpublished (zero: never
+	// automatically).
 	RetireAt time.Time `json:"retire_at,omitzero"`
+	// DestroyAt is when a retired or revoked version is destroyed in the
+	// backend (zero: never automatically).
+	DestroyAt time.Time `json:"destroy_at,omitzero"`
 	// ChangedAt is the time of the last transition.
 	ChangedAt time.Time `json:"changed_at"`
 	// JWK is the public key as an RFC 7517 JWK (public members only).

@@ -42,7 +42,8 @@ Client (find the daemon with --socket PATH or $KEYD_SOCKET):
   keyd health [--wait DURATION]                     is the daemon serving?
   keyd jwks [--keyset NAME]...                      print the public JWK Set
   keyd keys list [--json] [--keyset NAME]...        list key versions and their states
-  keyd keys rotate NAME                             make a new active key (admin)
+  keyd keys rotate NAME [--now]                     replace the active key (admin); key sets whose
+                                                    verifiers cache JWKS pre-publish it unless --now
   keyd keys revoke KID [--keyset NAME]              unpublish and disable a key at once (admin)
   keyd proof --keyset NAME --htm METHOD --htu URL [--access-token T] [--nonce V] [--kid KID]
                                                     print a DPoP proof (RFC 9449)
@@ -369,29 +370,56 @@ func (c *cli) keys(args []string) error {
 }
 
 type keyJSON struct {
-	KeySet      string          `json:"keyset"`
-	Kid         string          `json:"kid"`
-	State       string          `json:"state"`
-	Alg         string          `json:"alg"`
-	Purpose     string          `json:"purpose"`
-	Backend     string          `json:"backend"`
-	CreatedAt   time.Time       `json:"created_at"`
-	ActivatedAt *time.Time      `json:"activated_at,omitempty"`
-	RetireAt    *time.Time      `json:"retire_at,omitempty"`
-	JWK         json.RawMessage `json:"jwk,omitempty"`
+	KeySet       string          `json:"keyset"`
+	Kid          string          `json:"kid"`
+	State        string          `json:"state"`
+	Alg          string          `json:"alg"`
+	Purpose      string          `json:"purpose"`
+	Backend      string          `json:"backend"`
+	CreatedAt    time.Time       `json:"created_at"`
+	ActivatedAt  *time.Time      `json:"activated_at,omitempty"`
+	ActivateAt   *time.Time      `json:"activate_at,omitempty"`
+	DeactivateAt *time.Time      `json:"deactivate_at,omitempty"`
+	RetireAt     *time.Time      `json:"retire_at,omitempty"`
+	DestroyAt    *time.Time      `json:"destroy_at,omitempty"`
+	JWK          json.RawMessage `json:"jwk,omitempty"`
+}
+
+func optTime(t time.Time) *time.Time {
+	if t.IsZero() {
+		return nil
+	}
+	u := t.UTC()
+	return &u
 }
 
 func toJSON(k client.Key) keyJSON {
-	j := keyJSON{KeySet: k.KeySet, Kid: k.Kid, State: k.State, Alg: k.Alg, Purpose: k.Purpose, Backend: k.Backend, CreatedAt: k.CreatedAt.UTC(), JWK: k.JWK}
-	if !k.ActivatedAt.IsZero() {
-		t := k.ActivatedAt.UTC()
-		j.ActivatedAt = &t
+	return keyJSON{
+		KeySet: k.KeySet, Kid: k.Kid, State: k.State, Alg: k.Alg, Purpose: k.Purpose, Backend: k.Backend,
+		CreatedAt: k.CreatedAt.UTC(), ActivatedAt: optTime(k.ActivatedAt), ActivateAt: optTime(k.ActivateAt),
+		DeactivateAt: optTime(k.DeactivateAt), RetireAt: optTime(k.RetireAt), DestroyAt: optTime(k.DestroyAt),
+		JWK: k.JWK,
 	}
-	if !k.RetireAt.IsZero() {
-		t := k.RetireAt.UTC()
-		j.RetireAt = &t
+}
+
+// nextChange says what happens next to a key version, and when.
+func nextChange(k client.Key) string {
+	var what string
+	var at time.Time
+	switch k.State {
+	case "next":
+		what, at = "activates", k.ActivateAt
+	case "active":
+		what, at = "rotates", k.DeactivateAt
+	case "draining":
+		what, at = "retires", k.RetireAt
+	case "retired", "revoked":
+		what, at = "destroyed", k.DestroyAt
 	}
-	return j
+	if at.IsZero() {
+		return "-"
+	}
+	return what + " " + stamp(at)
 }
 
 func (c *cli) keysList(args []string) error {
@@ -420,9 +448,9 @@ func (c *cli) keysList(args []string) error {
 		return printJSON(c.stdout, out)
 	}
 	tw := tabwriter.NewWriter(c.stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "KEYSET\tKID\tSTATE\tALG\tCREATED\tACTIVATED\tRETIRE AT")
+	fmt.Fprintln(tw, "KEYSET\tKID\tSTATE\tALG\tCREATED\tACTIVATED\tNEXT CHANGE")
 	for _, k := range keys {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", k.KeySet, k.Kid, k.State, k.Alg, stamp(k.CreatedAt), stamp(k.ActivatedAt), stamp(k.RetireAt))
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", k.KeySet, k.Kid, k.State, k.Alg, stamp(k.CreatedAt), stamp(k.ActivatedAt), nextChange(k))
 	}
 	return tw.Flush()
 }
@@ -437,6 +465,7 @@ func stamp(t time.Time) string {
 func (c *cli) keysRotate(args []string) error {
 	fs := c.flags("keys rotate")
 	cf := addClientFlags(fs)
+	now := fs.Bool("now", false, "activate the new key at once, without pre-publishing it")
 	pos, err := parse(fs, args, 1)
 	if err != nil {
 		return err
@@ -446,14 +475,17 @@ func (c *cli) keysRotate(args []string) error {
 		return err
 	}
 	defer done()
-	active, prev, err := cl.Rotate(ctx, pos[0])
+	r, err := cl.Rotate(ctx, pos[0], *now)
 	if err != nil {
 		return err
 	}
-	if prev.Kid != "" {
-		fmt.Fprintf(c.stdout, "%s: active key %s; %s is %s\n", pos[0], active.Kid, prev.Kid, prev.State)
-	} else {
-		fmt.Fprintf(c.stdout, "%s: active key %s\n", pos[0], active.Kid)
+	switch {
+	case r.Next.Kid != "":
+		fmt.Fprintf(c.stdout, "%s: next key %s published; it activates at %s (active key %s until then)\n", pos[0], r.Next.Kid, stamp(r.Next.ActivateAt), r.Active.Kid)
+	case r.Previous.Kid != "":
+		fmt.Fprintf(c.stdout, "%s: active key %s; %s is %s\n", pos[0], r.Active.Kid, r.Previous.Kid, r.Previous.State)
+	default:
+		fmt.Fprintf(c.stdout, "%s: active key %s\n", pos[0], r.Active.Kid)
 	}
 	return nil
 }

@@ -374,14 +374,18 @@ func (s *Server) Rotate(ctx context.Context, req *keydv1.RotateRequest) (*keydv1
 	if _, ok := s.sets[req.Keyset]; !ok {
 		return nil, s.toStatus(ctx, "rotate", fmt.Errorf("key set %q: %w", req.Keyset, rotation.ErrUnknownKeySet))
 	}
-	active, prev, err := s.mgr.Rotate(ctx, req.Keyset)
+	res, err := s.mgr.Rotate(ctx, req.Keyset, req.Now)
 	if err != nil {
 		return nil, s.toStatus(ctx, "rotate", err)
 	}
-	s.log.LogAttrs(ctx, slog.LevelInfo, "rotated by admin", slog.String("keyset", req.Keyset), slog.String("caller", c.String()), slog.String("kid", active.Kid))
-	resp := &keydv1.RotateResponse{Active: ToProto(active)}
-	if prev.Kid != "" {
-		resp.Previous = ToProto(prev)
+	s.log.LogAttrs(ctx, slog.LevelInfo, "rotated by admin", slog.String("keyset", req.Keyset), slog.String("caller", c.String()),
+		slog.String("kid", res.Active.Kid), slog.String("next_kid", res.Next.Kid))
+	resp := &keydv1.RotateResponse{Active: ToProto(res.Active)}
+	if res.Previous.Kid != "" {
+		resp.Previous = ToProto(res.Previous)
+	}
+	if res.Next.Kid != "" {
+		resp.Next = ToProto(res.Next)
 	}
 	return resp, nil
 }
@@ -420,8 +424,16 @@ func ToProto(v rotation.Version) *keydv1.KeyVersion {
 	if !v.ActivatedAt.IsZero() {
 		kv.ActivatedAt = ts(v.ActivatedAt)
 	}
-	if !v.RetireAt.IsZero() {
-		kv.RetireAt = ts(v.RetireAt)
+	for _, t := range []struct {
+		at  time.Time
+		dst **timestamppb.Timestamp
+	}{
+		{v.RetireAt, &kv.RetireAt}, {v.ActivateAt, &kv.ActivateAt},
+		{v.DeactivateAt, &kv.DeactivateAt}, {v.DestroyAt, &kv.DestroyAt},
+	} {
+		if !t.at.IsZero() {
+			*t.dst = ts(t.at)
+		}
 	}
 	if v.State.Published() {
 		kv.Jwk = v.JWK

@@ -477,7 +477,7 @@ func TestPermissionDeniedIsUniform(t *testing.T) {
 
 func TestAdminOnly(t *testing.T) {
 	e := newEnv(t, defaultSets, envOpts{admins: []int{4242}})
-	if _, _, err := e.cl.Rotate(ctx(t), "dpop"); !errors.Is(err, client.ErrPermissionDenied) {
+	if _, err := e.cl.Rotate(ctx(t), "dpop", false); !errors.Is(err, client.ErrPermissionDenied) {
 		t.Errorf("rotate: %v", err)
 	}
 	keys, _ := e.cl.ListKeys(ctx(t), "dpop")
@@ -492,7 +492,8 @@ func TestRotateDrainRevoke(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	active, prev, err := e.cl.Rotate(ctx(t), "dpop")
+	rot, err := e.cl.Rotate(ctx(t), "dpop", false)
+	active, prev := rot.Active, rot.Previous
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -531,7 +532,7 @@ func TestRotateDrainRevoke(t *testing.T) {
 	if _, err := e.cl.Revoke(ctx(t), active.Kid, "assert"); !errors.Is(err, client.ErrNotFound) {
 		t.Errorf("revoke with the wrong key set: %v", err)
 	}
-	if _, _, err := e.cl.Rotate(ctx(t), "no-such-set"); !errors.Is(err, client.ErrPermissionDenied) {
+	if _, err := e.cl.Rotate(ctx(t), "no-such-set", false); !errors.Is(err, client.ErrPermissionDenied) {
 		t.Errorf("rotate unknown: %v", err)
 	}
 
@@ -673,7 +674,8 @@ func TestWatchKeys(t *testing.T) {
 	if ev := next(); ev.Type != "synced" {
 		t.Fatalf("second event %+v", ev)
 	}
-	active, prev, err := e.cl.Rotate(ctx(t), "dpop")
+	rot, err := e.cl.Rotate(ctx(t), "dpop", false)
+	active, prev := rot.Active, rot.Previous
 	if err != nil {
 		t.Fatal(err)
 	}

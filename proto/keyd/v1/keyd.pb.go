@@ -645,12 +645,19 @@ type KeyVersion struct {
 	State       KeyState               `protobuf:"varint,5,opt,name=state,proto3,enum=keyd.v1.KeyState" json:"state,omitempty"`
 	CreatedAt   *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
 	ActivatedAt *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=activated_at,json=activatedAt,proto3" json:"activated_at,omitempty"`
-	// When the version leaves its current published state, if scheduled.
+	// For a draining version: when it is unpublished (unset: not scheduled).
 	RetireAt *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=retire_at,json=retireAt,proto3" json:"retire_at,omitempty"`
 	// The public key as an RFC 7517 JWK (JSON). Empty once unpublished.
 	Jwk []byte `protobuf:"bytes,9,opt,name=jwk,proto3" json:"jwk,omitempty"`
 	// Name of the backend that holds the key.
-	Backend       string `protobuf:"bytes,10,opt,name=backend,proto3" json:"backend,omitempty"`
+	Backend string `protobuf:"bytes,10,opt,name=backend,proto3" json:"backend,omitempty"`
+	// For a next version: when it activates.
+	ActivateAt *timestamppb.Timestamp `protobuf:"bytes,11,opt,name=activate_at,json=activateAt,proto3" json:"activate_at,omitempty"`
+	// For an active version: when it is due to be replaced (unset: no
+	// scheduled rotation).
+	DeactivateAt *timestamppb.Timestamp `protobuf:"bytes,12,opt,name=deactivate_at,json=deactivateAt,proto3" json:"deactivate_at,omitempty"`
+	// For a retired or revoked version: when it is destroyed in the backend.
+	DestroyAt     *timestamppb.Timestamp `protobuf:"bytes,13,opt,name=destroy_at,json=destroyAt,proto3" json:"destroy_at,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -753,6 +760,27 @@ func (x *KeyVersion) GetBackend() string {
 		return x.Backend
 	}
 	return ""
+}
+
+func (x *KeyVersion) GetActivateAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ActivateAt
+	}
+	return nil
+}
+
+func (x *KeyVersion) GetDeactivateAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.DeactivateAt
+	}
+	return nil
+}
+
+func (x *KeyVersion) GetDestroyAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.DestroyAt
+	}
+	return nil
 }
 
 type WatchKeysRequest struct {
@@ -864,8 +892,11 @@ func (x *WatchKeysResponse) GetPreviousState() KeyState {
 }
 
 type RotateRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Keyset        string                 `protobuf:"bytes,1,opt,name=keyset,proto3" json:"keyset,omitempty"`
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Keyset string                 `protobuf:"bytes,1,opt,name=keyset,proto3" json:"keyset,omitempty"`
+	// Activate the new key at once, even when the key set pre-publishes new
+	// keys (client_assertion and jwt key sets, whose verifiers cache JWKS).
+	Now           bool `protobuf:"varint,2,opt,name=now,proto3" json:"now,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -907,12 +938,22 @@ func (x *RotateRequest) GetKeyset() string {
 	return ""
 }
 
+func (x *RotateRequest) GetNow() bool {
+	if x != nil {
+		return x.Now
+	}
+	return false
+}
+
 type RotateResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// The version that became active.
+	// The active version after the rotation.
 	Active *KeyVersion `protobuf:"bytes,1,opt,name=active,proto3" json:"active,omitempty"`
 	// The version that became draining, if there was one.
-	Previous      *KeyVersion `protobuf:"bytes,2,opt,name=previous,proto3" json:"previous,omitempty"`
+	Previous *KeyVersion `protobuf:"bytes,2,opt,name=previous,proto3" json:"previous,omitempty"`
+	// The version published to activate later, when the rotation
+	// pre-publishes (then active is unchanged).
+	Next          *KeyVersion `protobuf:"bytes,3,opt,name=next,proto3" json:"next,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -957,6 +998,13 @@ func (x *RotateResponse) GetActive() *KeyVersion {
 func (x *RotateResponse) GetPrevious() *KeyVersion {
 	if x != nil {
 		return x.Previous
+	}
+	return nil
+}
+
+func (x *RotateResponse) GetNext() *KeyVersion {
+	if x != nil {
+		return x.Next
 	}
 	return nil
 }
@@ -1092,7 +1140,7 @@ const file_keyd_v1_keyd_proto_rawDesc = "" +
 	"\x0fListKeysRequest\x12\x18\n" +
 	"\akeysets\x18\x01 \x03(\tR\akeysets\";\n" +
 	"\x10ListKeysResponse\x12'\n" +
-	"\x04keys\x18\x01 \x03(\v2\x13.keyd.v1.KeyVersionR\x04keys\"\xea\x02\n" +
+	"\x04keys\x18\x01 \x03(\v2\x13.keyd.v1.KeyVersionR\x04keys\"\xa3\x04\n" +
 	"\n" +
 	"KeyVersion\x12\x16\n" +
 	"\x06keyset\x18\x01 \x01(\tR\x06keyset\x12\x10\n" +
@@ -1106,7 +1154,12 @@ const file_keyd_v1_keyd_proto_rawDesc = "" +
 	"\tretire_at\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\bretireAt\x12\x10\n" +
 	"\x03jwk\x18\t \x01(\fR\x03jwk\x12\x18\n" +
 	"\abackend\x18\n" +
-	" \x01(\tR\abackend\",\n" +
+	" \x01(\tR\abackend\x12;\n" +
+	"\vactivate_at\x18\v \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"activateAt\x12?\n" +
+	"\rdeactivate_at\x18\f \x01(\v2\x1a.google.protobuf.TimestampR\fdeactivateAt\x129\n" +
+	"\n" +
+	"destroy_at\x18\r \x01(\v2\x1a.google.protobuf.TimestampR\tdestroyAt\",\n" +
 	"\x10WatchKeysRequest\x12\x18\n" +
 	"\akeysets\x18\x01 \x03(\tR\akeysets\"\xfd\x01\n" +
 	"\x11WatchKeysResponse\x123\n" +
@@ -1117,12 +1170,14 @@ const file_keyd_v1_keyd_proto_rawDesc = "" +
 	"\x10TYPE_UNSPECIFIED\x10\x00\x12\x11\n" +
 	"\rTYPE_SNAPSHOT\x10\x01\x12\x0f\n" +
 	"\vTYPE_SYNCED\x10\x02\x12\x10\n" +
-	"\fTYPE_CHANGED\x10\x03\"'\n" +
+	"\fTYPE_CHANGED\x10\x03\"9\n" +
 	"\rRotateRequest\x12\x16\n" +
-	"\x06keyset\x18\x01 \x01(\tR\x06keyset\"n\n" +
+	"\x06keyset\x18\x01 \x01(\tR\x06keyset\x12\x10\n" +
+	"\x03now\x18\x02 \x01(\bR\x03now\"\x97\x01\n" +
 	"\x0eRotateResponse\x12+\n" +
 	"\x06active\x18\x01 \x01(\v2\x13.keyd.v1.KeyVersionR\x06active\x12/\n" +
-	"\bprevious\x18\x02 \x01(\v2\x13.keyd.v1.KeyVersionR\bprevious\"9\n" +
+	"\bprevious\x18\x02 \x01(\v2\x13.keyd.v1.KeyVersionR\bprevious\x12'\n" +
+	"\x04next\x18\x03 \x01(\v2\x13.keyd.v1.KeyVersionR\x04next\"9\n" +
 	"\rRevokeRequest\x12\x10\n" +
 	"\x03kid\x18\x01 \x01(\tR\x03kid\x12\x16\n" +
 	"\x06keyset\x18\x02 \x01(\tR\x06keyset\"7\n" +
@@ -1191,31 +1246,35 @@ var file_keyd_v1_keyd_proto_depIdxs = []int32{
 	17, // 4: keyd.v1.KeyVersion.created_at:type_name -> google.protobuf.Timestamp
 	17, // 5: keyd.v1.KeyVersion.activated_at:type_name -> google.protobuf.Timestamp
 	17, // 6: keyd.v1.KeyVersion.retire_at:type_name -> google.protobuf.Timestamp
-	1,  // 7: keyd.v1.WatchKeysResponse.type:type_name -> keyd.v1.WatchKeysResponse.Type
-	10, // 8: keyd.v1.WatchKeysResponse.key:type_name -> keyd.v1.KeyVersion
-	0,  // 9: keyd.v1.WatchKeysResponse.previous_state:type_name -> keyd.v1.KeyState
-	10, // 10: keyd.v1.RotateResponse.active:type_name -> keyd.v1.KeyVersion
-	10, // 11: keyd.v1.RotateResponse.previous:type_name -> keyd.v1.KeyVersion
-	10, // 12: keyd.v1.RevokeResponse.key:type_name -> keyd.v1.KeyVersion
-	2,  // 13: keyd.v1.KeyService.Sign:input_type -> keyd.v1.SignRequest
-	4,  // 14: keyd.v1.KeyService.SignStream:input_type -> keyd.v1.SignStreamRequest
-	6,  // 15: keyd.v1.KeyService.GetJWKS:input_type -> keyd.v1.GetJWKSRequest
-	8,  // 16: keyd.v1.KeyService.ListKeys:input_type -> keyd.v1.ListKeysRequest
-	11, // 17: keyd.v1.KeyService.WatchKeys:input_type -> keyd.v1.WatchKeysRequest
-	13, // 18: keyd.v1.KeyAdminService.Rotate:input_type -> keyd.v1.RotateRequest
-	15, // 19: keyd.v1.KeyAdminService.Revoke:input_type -> keyd.v1.RevokeRequest
-	3,  // 20: keyd.v1.KeyService.Sign:output_type -> keyd.v1.SignResponse
-	5,  // 21: keyd.v1.KeyService.SignStream:output_type -> keyd.v1.SignStreamResponse
-	7,  // 22: keyd.v1.KeyService.GetJWKS:output_type -> keyd.v1.GetJWKSResponse
-	9,  // 23: keyd.v1.KeyService.ListKeys:output_type -> keyd.v1.ListKeysResponse
-	12, // 24: keyd.v1.KeyService.WatchKeys:output_type -> keyd.v1.WatchKeysResponse
-	14, // 25: keyd.v1.KeyAdminService.Rotate:output_type -> keyd.v1.RotateResponse
-	16, // 26: keyd.v1.KeyAdminService.Revoke:output_type -> keyd.v1.RevokeResponse
-	20, // [20:27] is the sub-list for method output_type
-	13, // [13:20] is the sub-list for method input_type
-	13, // [13:13] is the sub-list for extension type_name
-	13, // [13:13] is the sub-list for extension extendee
-	0,  // [0:13] is the sub-list for field type_name
+	17, // 7: keyd.v1.KeyVersion.activate_at:type_name -> google.protobuf.Timestamp
+	17, // 8: keyd.v1.KeyVersion.deactivate_at:type_name -> google.protobuf.Timestamp
+	17, // 9: keyd.v1.KeyVersion.destroy_at:type_name -> google.protobuf.Timestamp
+	1,  // 10: keyd.v1.WatchKeysResponse.type:type_name -> keyd.v1.WatchKeysResponse.Type
+	10, // 11: keyd.v1.WatchKeysResponse.key:type_name -> keyd.v1.KeyVersion
+	0,  // 12: keyd.v1.WatchKeysResponse.previous_state:type_name -> keyd.v1.KeyState
+	10, // 13: keyd.v1.RotateResponse.active:type_name -> keyd.v1.KeyVersion
+	10, // 14: keyd.v1.RotateResponse.previous:type_name -> keyd.v1.KeyVersion
+	10, // 15: keyd.v1.RotateResponse.next:type_name -> keyd.v1.KeyVersion
+	10, // 16: keyd.v1.RevokeResponse.key:type_name -> keyd.v1.KeyVersion
+	2,  // 17: keyd.v1.KeyService.Sign:input_type -> keyd.v1.SignRequest
+	4,  // 18: keyd.v1.KeyService.SignStream:input_type -> keyd.v1.SignStreamRequest
+	6,  // 19: keyd.v1.KeyService.GetJWKS:input_type -> keyd.v1.GetJWKSRequest
+	8,  // 20: keyd.v1.KeyService.ListKeys:input_type -> keyd.v1.ListKeysRequest
+	11, // 21: keyd.v1.KeyService.WatchKeys:input_type -> keyd.v1.WatchKeysRequest
+	13, // 22: keyd.v1.KeyAdminService.Rotate:input_type -> keyd.v1.RotateRequest
+	15, // 23: keyd.v1.KeyAdminService.Revoke:input_type -> keyd.v1.RevokeRequest
+	3,  // 24: keyd.v1.KeyService.Sign:output_type -> keyd.v1.SignResponse
+	5,  // 25: keyd.v1.KeyService.SignStream:output_type -> keyd.v1.SignStreamResponse
+	7,  // 26: keyd.v1.KeyService.GetJWKS:output_type -> keyd.v1.GetJWKSResponse
+	9,  // 27: keyd.v1.KeyService.ListKeys:output_type -> keyd.v1.ListKeysResponse
+	12, // 28: keyd.v1.KeyService.WatchKeys:output_type -> keyd.v1.WatchKeysResponse
+	14, // 29: keyd.v1.KeyAdminService.Rotate:output_type -> keyd.v1.RotateResponse
+	16, // 30: keyd.v1.KeyAdminService.Revoke:output_type -> keyd.v1.RevokeResponse
+	24, // [24:31] is the sub-list for method output_type
+	17, // [17:24] is the sub-list for method input_type
+	17, // [17:17] is the sub-list for extension type_name
+	17, // [17:17] is the sub-list for extension extendee
+	0,  // [0:17] is the sub-list for field type_name
 }
 
 func init() { file_keyd_v1_keyd_proto_init() }

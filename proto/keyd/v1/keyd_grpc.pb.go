@@ -329,8 +329,11 @@ const (
 //
 // KeyAdminService changes key lifecycles. It needs an admin caller.
 type KeyAdminServiceClient interface {
-	// Rotate makes a new active key for a key set; the previous active key
-	// becomes draining (still published, still signs when its kid is named).
+	// Rotate replaces a key set's active key. Key sets whose verifiers cache
+	// JWKS (client_assertion, jwt) first publish the new key as next, which
+	// activates after the schedule's prepublish time, unless now is set; dpop
+	// key sets rotate at once. The previous active key becomes draining (still
+	// published, still signs when its kid is named).
 	Rotate(ctx context.Context, in *RotateRequest, opts ...grpc.CallOption) (*RotateResponse, error)
 	// Revoke unpublishes a key version and makes it unusable at once.
 	Revoke(ctx context.Context, in *RevokeRequest, opts ...grpc.CallOption) (*RevokeResponse, error)
@@ -370,8 +373,11 @@ func (c *keyAdminServiceClient) Revoke(ctx context.Context, in *RevokeRequest, o
 //
 // KeyAdminService changes key lifecycles. It needs an admin caller.
 type KeyAdminServiceServer interface {
-	// Rotate makes a new active key for a key set; the previous active key
-	// becomes draining (still published, still signs when its kid is named).
+	// Rotate replaces a key set's active key. Key sets whose verifiers cache
+	// JWKS (client_assertion, jwt) first publish the new key as next, which
+	// activates after the schedule's prepublish time, unless now is set; dpop
+	// key sets rotate at once. The previous active key becomes draining (still
+	// published, still signs when its kid is named).
 	Rotate(context.Context, *RotateRequest) (*RotateResponse, error)
 	// Revoke unpublishes a key version and makes it unusable at once.
 	Revoke(context.Context, *RevokeRequest) (*RevokeResponse, error)

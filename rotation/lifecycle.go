@@ -1,0 +1,499 @@
+package rotation
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/keyd-dev/keyd/internal/jws"
+	"github.com/keyd-dev/keyd/keystore"
+)
+
+// now is the schedule's clock: the wall clock, but never ahead of the wall
+// clock at start plus the monotonic time elapsed since (see
+// Config.Monotonic).
+func (m *Manager) now() time.Time {
+	w := m.wall()
+	guard := m.wallStart.Add(m.mono() - m.monoStart)
+	if w.After(guard.Add(time.Second)) {
+		if !m.jumped.Swap(true) {
+			m.log.Warn("the wall clock jumped forward; the key schedule keeps monotonic time until keyd restarts",
+				"wall", w.UTC(), "schedule_clock", guard.UTC())
+		}
+		return guard
+	}
+	if w.After(guard) {
+		return guard
+	}
+	return w
+}
+
+// RotateResult says what a rotation did.
+type RotateResult struct {
+	// Active is the active version after the rotation.
+	Active Version
+	// Previous is the version that stopped being active (zero if none).
+	Previous Version
+	// Next is the version published to activate later (zero when the
+	// rotation was immediate).
+	Next Version
+}
+
+// Rotate replaces the active key of keyset. When the key set pre-publishes
+// (verifiers cache its JWK Set) and immediate is false, a next key is
+// published now and activates after the schedule's Prepublish; otherwise, or
+// when a next key already exists and immediate is true, the new key is
+// active at once and the previous active key drains. A backend failure
+// leaves the active key unchanged.
+func (m *Manager) Rotate(ctx context.Context, keyset string, immediate bool) (RotateResult, error) {
+	m.opMu.Lock()
+	defer m.opMu.Unlock()
+	s, ok := m.sets[keyset]
+	if !ok {
+		return RotateResult{}, fmt.Errorf("rotate %q: %w", keyset, ErrUnknownKeySet)
+	}
+	now := m.now()
+	if next := m.nextOf(s); next != nil {
+		if !immediate {
+			return RotateResult{Active: m.activeVersion(s), Next: next.v}, nil
+		}
+		prev, err := m.activateLocked(s, next, now)
+		if err != nil {
+			return RotateResult{}, err
+		}
+		return RotateResult{Active: next.v, Previous: prev}, nil
+	}
+	if s.cfg.Prepublish && s.cfg.Schedule.Prepublish > 0 && !immediate && s.active != nil {
+		nv, err := m.createLocked(ctx, s, Next, now.Add(s.cfg.Schedule.Prepublish))
+		if err != nil {
+			return RotateResult{}, err
+		}
+		return RotateResult{Active: s.active.v, Next: nv}, nil
+	}
+	prev := m.activeVersion(s)
+	nv, err := m.createLocked(ctx, s, Active, time.Time{})
+	if err != nil {
+		return RotateResult{}, err
+	}
+	if prev.Kid != "" {
+		prev = m.versionOf(prev.Kid, s)
+	}
+	return RotateResult{Active: nv, Previous: prev}, nil
+}
+
+func (m *Manager) activeVersion(s *setState) Version {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	if s.active == nil {
+		return Version{}
+	}
+	return s.active.v
+}
+
+func (m *Manager) versionOf(kid string, s *setState) Version {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	if e := s.byKid[kid]; e != nil {
+		return e.v
+	}
+	return Version{}
+}
+
+func (m *Manager) nextOf(s *setState) *entry {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	var next *entry
+	for _, e := range s.byKid {
+		if e.v.State == Next && (next == nil || e.v.ActivateAt.Before(next.v.ActivateAt)) {
+			next = e
+		}
+	}
+	return next
+}
+
+// createLocked generates a new version for s in the crash-safe order
+// intent → backend → record. As Active it replaces the active version,
+// which drains; as Next it is published to activate at activateAt.
+func (m *Manager) createLocked(ctx context.Context, s *setState, state State, activateAt time.Time) (Version, error) {
+	id, err := m.newID(s.cfg.Name)
+	if err != nil {
+		return Version{}, err
+	}
+	now := m.now()
+	intent := Version{
+		KeySet:    s.cfg.Name,
+		ID:        id,
+		Alg:       s.cfg.Spec.Algorithm,
+		Purpose:   s.cfg.Purpose,
+		Backend:   m.backend.Name(),
+		State:     Pending,
+		CreatedAt: now,
+		ChangedAt: now,
+	}
+	if s.cfg.Spec.Algorithm.IsRSA() {
+		intent.RSABits = s.cfg.Spec.Bits()
+	}
+	if err := m.persistWith(nil, intent); err != nil {
+		return Version{}, fmt.Errorf("record intent: %w", err)
+	}
+	m.failpoint("rotate.after_intent")
+
+	pub, err := m.backend.Generate(ctx, id, s.cfg.Spec)
+	if err != nil {
+		if perr := m.persist(); perr != nil { // drop the intent
+			m.log.Error("could not drop the intent record of a failed generation; it is cleaned up at next start", "id", id, "err", perr)
+		}
+		return Version{}, fmt.Errorf("generate %s key for key set %q: %w", s.cfg.Spec, s.cfg.Name, err)
+	}
+	m.failpoint("rotate.after_generate")
+
+	jwk, err := jws.PublicJWK(pub)
+	if err == nil {
+		intent.Kid, err = jwk.Thumbprint()
+	}
+	if err == nil {
+		jwk.Kid, jwk.Alg, jwk.Use = intent.Kid, string(intent.Alg), "sig"
+		intent.JWK, err = json.Marshal(jwk)
+	}
+	if err != nil {
+		m.destroyQuietly(ctx, id)
+		return Version{}, fmt.Errorf("public key of new key %s: %w", id, err)
+	}
+	now = m.now()
+	nv := intent
+	nv.State, nv.ChangedAt = state, now
+	changes := map[*entry]Version{}
+	var prev Version
+	if state == Active {
+		nv.ActivatedAt = now
+		nv.DeactivateAt = m.deactivateAt(s, now)
+		if old := s.active; old != nil {
+			prev = m.drained(s, old.v, now)
+			changes[old] = prev
+		}
+	} else {
+		nv.ActivateAt = activateAt
+	}
+	if err := m.persistWith(changes, nv); err != nil {
+		m.destroyQuietly(ctx, id)
+		return Version{}, fmt.Errorf("record new key: %w", err)
+	}
+
+	ne := &entry{v: nv}
+	ne.state.Store(int32(state))
+	m.mu.Lock()
+	m.all = append(m.all, ne)
+	s.byKid[nv.Kid] = ne
+	var events []Event
+	if state == Active {
+		if old := s.active; old != nil {
+			old.v = prev
+			old.state.Store(int32(prev.State))
+			events = append(events, Event{Version: prev, Previous: Active})
+		}
+		s.active = ne
+	}
+	events = append(events, Event{Version: nv, Previous: Pending})
+	m.publishLocked(events)
+	m.mu.Unlock()
+	m.failpoint("rotate.after_commit")
+
+	if state == Active {
+		m.log.Info("key activated", "keyset", s.cfg.Name, "kid", nv.Kid, "alg", nv.Alg, "previous_kid", prev.Kid, "deactivate_at", nv.DeactivateAt)
+	} else {
+		m.log.Info("next key published", "keyset", s.cfg.Name, "kid", nv.Kid, "alg", nv.Alg, "activate_at", nv.ActivateAt)
+	}
+	return nv, nil
+}
+
+func (m *Manager) deactivateAt(s *setState, now time.Time) time.Time {
+	if s.cfg.Schedule.Period <= 0 {
+		return time.Time{}
+	}
+	return now.Add(s.cfg.Schedule.Period)
+}
+
+// drained returns v as a draining version from now.
+func (m *Manager) drained(s *setState, v Version, now time.Time) Version {
+	v.State, v.ChangedAt = Draining, now
+	v.DeactivateAt = time.Time{}
+	if d := s.cfg.Schedule.Drain; d > 0 {
+		v.RetireAt = now.Add(d)
+	}
+	return v
+}
+
+// activateLocked makes next the active version of s; the active one drains.
+func (m *Manager) activateLocked(s *setState, next *entry, now time.Time) (Version, error) {
+	nv := next.v
+	nv.State, nv.ChangedAt, nv.ActivatedAt = Active, now, now
+	nv.ActivateAt = time.Time{}
+	nv.DeactivateAt = m.deactivateAt(s, now)
+	changes := map[*entry]Version{next: nv}
+	var prev Version
+	old := s.active
+	if old != nil {
+		prev = m.drained(s, old.v, now)
+		changes[old] = prev
+	}
+	m.failpoint("activate.before_commit")
+	if err := m.persistWith(changes); err != nil {
+		return Version{}, fmt.Errorf("record activation: %w", err)
+	}
+	m.mu.Lock()
+	next.v = nv
+	next.state.Store(int32(Active))
+	var events []Event
+	if old != nil {
+		old.v = prev
+		old.state.Store(int32(Draining))
+		events = append(events, Event{Version: prev, Previous: Active})
+	}
+	s.active = next
+	events = append(events, Event{Version: nv, Previous: Next})
+	m.publishLocked(events)
+	m.mu.Unlock()
+	m.log.Info("key activated", "keyset", s.cfg.Name, "kid", nv.Kid, "previous_kid", prev.Kid, "deactivate_at", nv.DeactivateAt)
+	return prev, nil
+}
+
+// setState changes e's state (no backend involved) and publishes it.
+func (m *Manager) setStateLocked(e *entry, v Version, point string) error {
+	prev := e.v.State
+	m.failpoint(point)
+	if err := m.persistWith(map[*entry]Version{e: v}); err != nil {
+		return fmt.Errorf("record %s of %s: %w", v.State, v.Kid, err)
+	}
+	m.mu.Lock()
+	e.v = v
+	e.state.Store(int32(v.State))
+	if s := m.sets[v.KeySet]; s != nil && s.active == e && v.State != Active {
+		s.active = nil
+	}
+	m.publishLocked([]Event{{Version: v, Previous: prev}})
+	m.mu.Unlock()
+	return nil
+}
+
+// retireLocked unpublishes a draining version.
+func (m *Manager) retireLocked(s *setState, e *entry, now time.Time) error {
+	v := e.v
+	v.State, v.ChangedAt, v.RetireAt = Retired, now, time.Time{}
+	if r := s.cfg.Schedule.Retain; r > 0 {
+		v.DestroyAt = now.Add(r)
+	}
+	if err := m.setStateLocked(e, v, "retire.before_commit"); err != nil {
+		return err
+	}
+	m.log.Info("key retired (unpublished)", "keyset", s.cfg.Name, "kid", v.Kid, "destroy_at", v.DestroyAt)
+	return nil
+}
+
+// DestroyWait bounds how long a destroy waits for signatures in flight with
+// the key; past it the destroy is deferred to the next tick.
+const DestroyWait = 10 * time.Second
+
+// errInFlight defers a destroy: signatures still hold the key.
+var errInFlight = errors.New("signatures in flight")
+
+// destroyLocked removes an unpublished version from the backend, after the
+// signatures in flight with it have finished. It is idempotent: a key the
+// backend no longer has counts as destroyed.
+func (m *Manager) destroyLocked(ctx context.Context, s *setState, e *entry, now time.Time) error {
+	deadline := time.Now().Add(DestroyWait)
+	for e.refs.Load() > 0 {
+		if time.Now().After(deadline) {
+			return fmt.Errorf("destroy %s: %w", e.v.Kid, errInFlight)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+	if err := m.backend.Destroy(ctx, e.v.ID); err != nil && !errors.Is(err, keystore.ErrNotFound) {
+		return fmt.Errorf("destroy %s: %w", e.v.Kid, err)
+	}
+	m.failpoint("destroy.after_backend")
+	v := e.v
+	v.State, v.ChangedAt, v.DestroyAt = Destroyed, now, time.Time{}
+	if err := m.setStateLocked(e, v, "destroy.before_commit"); err != nil {
+		return err
+	}
+	m.log.Info("key destroyed", "keyset", s.cfg.Name, "kid", v.Kid)
+	return nil
+}
+
+func (m *Manager) destroyQuietly(ctx context.Context, id string) {
+	if err := m.backend.Destroy(ctx, id); err != nil {
+		m.log.Error("could not remove an unrecorded key; it is reported as an orphan at next start", "id", id, "err", err)
+	}
+}
+
+// Revoke unpublishes the version with kid and makes it unusable at once. A
+// signature in flight with it is discarded (see Lease.Valid). When the
+// revoked version was the active one, a new active key is generated at once
+// (or a published next key activated) so the key set keeps working. keyset,
+// when not empty, must be the version's key set.
+func (m *Manager) Revoke(ctx context.Context, kid, keyset string) (Version, error) {
+	m.opMu.Lock()
+	defer m.opMu.Unlock()
+	var s *setState
+	var e *entry
+	m.mu.RLock()
+	for _, name := range m.order {
+		if keyset != "" && name != keyset {
+			continue
+		}
+		if x, ok := m.sets[name].byKid[kid]; ok {
+			s, e = m.sets[name], x
+			break
+		}
+	}
+	m.mu.RUnlock()
+	if e == nil {
+		return Version{}, fmt.Errorf("revoke %s: %w", kid, ErrUnknownKid)
+	}
+	if e.v.State == Revoked || e.v.State == Destroyed {
+		return e.v, nil
+	}
+	now := m.now()
+	v := e.v
+	prevState := v.State
+	wasActive := s.active == e
+	v.State, v.ChangedAt = Revoked, now
+	v.ActivateAt, v.DeactivateAt, v.RetireAt = time.Time{}, time.Time{}, time.Time{}
+	if r := s.cfg.Schedule.Retain; r > 0 {
+		v.DestroyAt = now.Add(r)
+	}
+	if err := m.setStateLocked(e, v, "revoke.before_commit"); err != nil {
+		return Version{}, err
+	}
+	m.log.Warn("key revoked", "keyset", s.cfg.Name, "kid", kid, "previous_state", prevState.String())
+	if wasActive {
+		var err error
+		if next := m.nextOf(s); next != nil {
+			_, err = m.activateLocked(s, next, m.now())
+		} else {
+			_, err = m.createLocked(ctx, s, Active, time.Time{})
+		}
+		if err != nil {
+			return v, fmt.Errorf("revoked %s, but making its replacement failed (rotate %q to retry): %w", kid, s.cfg.Name, err)
+		}
+	}
+	return v, nil
+}
+
+// Tick carries out whatever the schedules say is due now, for every key set.
+// A failing step (a backend outage, say) is logged and returned, leaves the
+// key set as it was, and is tried again at the next tick.
+func (m *Manager) Tick(ctx context.Context) error {
+	m.opMu.Lock()
+	defer m.opMu.Unlock()
+	return m.tickLocked(ctx)
+}
+
+func (m *Manager) tickLocked(ctx context.Context) error {
+	var errs []error
+	for _, name := range m.order {
+		s := m.sets[name]
+		now := m.now()
+		for _, a := range Plan(now, s.cfg.Schedule, m.setVersions(s)) {
+			if err := m.execLocked(ctx, s, a, now); err != nil {
+				if errors.Is(err, errInFlight) {
+					m.log.Info("destroy deferred: signatures still in flight", "keyset", name, "kid", a.Kid)
+					continue
+				}
+				m.failures.Add(1)
+				m.log.Error("scheduled key change failed; the key set stays as it is and the change is retried",
+					"keyset", name, "action", a.Kind.String(), "kid", a.Kid, "err", err)
+				errs = append(errs, fmt.Errorf("key set %q: %s: %w", name, a.Kind, err))
+				break // later actions of this plan may depend on this one
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func (m *Manager) setVersions(s *setState) []Version {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	var vs []Version
+	for _, e := range m.all {
+		if e.v.KeySet == s.cfg.Name && e.v.State != Pending && e.v.State != Destroyed {
+			vs = append(vs, e.v)
+		}
+	}
+	return vs
+}
+
+func (m *Manager) execLocked(ctx context.Context, s *setState, a Action, now time.Time) error {
+	var e *entry
+	if a.Kid != "" {
+		m.mu.RLock()
+		e = s.byKid[a.Kid]
+		m.mu.RUnlock()
+		if e == nil {
+			return fmt.Errorf("%w: %s", ErrUnknownKid, a.Kid)
+		}
+	}
+	switch a.Kind {
+	case CreateActive:
+		_, err := m.createLocked(ctx, s, Active, time.Time{})
+		return err
+	case CreateNext:
+		_, err := m.createLocked(ctx, s, Next, a.ActivateAt)
+		return err
+	case Activate:
+		_, err := m.activateLocked(s, e, now)
+		return err
+	case Retire:
+		return m.retireLocked(s, e, now)
+	case Destroy:
+		return m.destroyLocked(ctx, s, e, now)
+	}
+	return fmt.Errorf("unknown action %v", a.Kind)
+}
+
+// NextTick returns when the schedules next need the manager, or the zero
+// time when nothing is scheduled.
+func (m *Manager) NextTick() time.Time {
+	now := m.now()
+	var at time.Time
+	for _, name := range m.order {
+		t := NextDue(now, m.sets[name].cfg.Schedule, m.setVersions(m.sets[name]))
+		if !t.IsZero() && (at.IsZero() || t.Before(at)) {
+			at = t
+		}
+	}
+	return at
+}
+
+// Run ticks until ctx ends: at each scheduled transition, and at least every
+// interval (so a failed step is retried and a clock that jumped is seen).
+func (m *Manager) Run(ctx context.Context, interval time.Duration) {
+	for {
+		m.Tick(ctx)
+		wait := interval
+		if at := m.NextTick(); !at.IsZero() {
+			if d := at.Sub(m.now()); d < wait {
+				wait = d
+			}
+		}
+		if wait < 10*time.Millisecond {
+			wait = 10 * time.Millisecond
+		}
+		t := time.NewTimer(wait)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// Failures counts scheduled changes that failed since start (for metrics).
+func (m *Manager) Failures() int64 { return m.failures.Load() }
