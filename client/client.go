@@ -181,8 +181,8 @@ type Key struct {
 	DeactivateAt time.Time
 	RetireAt     time.Time // draining: when it is unpublished
 	DestroyAt    time.Time // retired or revoked: when it is destroyed
-	JWK         json.RawMessage
-	Backend     string
+	JWK          json.RawMessage
+	Backend      string
 }
 
 func keyFromProto(k *keydv1.KeyVersion) Key {
