@@ -23,6 +23,7 @@ import (
 	"github.com/keyd-dev/keyd/keystore"
 	"github.com/keyd-dev/keyd/keystore/pkcs11"
 	"github.com/keyd-dev/keyd/keystore/tpm"
+	"github.com/keyd-dev/keyd/rotation"
 )
 
 // Config is the whole configuration file.
@@ -134,7 +135,41 @@ type KeySet struct {
 	// IatSkew is the accepted distance of a caller-supplied iat from now
 	// (default 60s).
 	IatSkew Duration `yaml:"iat_skew"`
+	// Rotation is the key set's schedule; without it keys change only when
+	// an operator rotates them (drain and retain still apply).
+	Rotation *Rotation `yaml:"rotation"`
+	// JWKSCache is how long verifiers may cache the JWK Set (default 5m):
+	// new keys are published at least this long before they sign
+	// (client_assertion, jwt), and the HTTP JWKS says max-age no longer.
+	JWKSCache Duration `yaml:"jwks_cache"`
+	// TokenLifetime is the lifetime of the access tokens bound to a dpop
+	// key set's keys (default 1h): a draining key must keep proving for
+	// them until they expire.
+	TokenLifetime Duration `yaml:"token_lifetime"`
 }
+
+// Rotation is a key set's schedule.
+type Rotation struct {
+	// Period is how long a key is active.
+	Period Duration `yaml:"period"`
+	// Prepublish is how long a new key is published before it signs
+	// (default: jwks_cache for client_assertion and jwt, 0 for dpop).
+	Prepublish *Duration `yaml:"prepublish"`
+	// Drain is how long the previous key stays published and usable
+	// (default: token_lifetime for dpop; max_lifetime + iat_skew +
+	// jwks_cache otherwise).
+	Drain *Duration `yaml:"drain"`
+	// Retain is how long an unpublished key stays in the backend before it
+	// is destroyed (default 24h).
+	Retain *Duration `yaml:"retain"`
+}
+
+// Defaults of the schedule.
+const (
+	DefaultJWKSCache     = 5 * time.Minute
+	DefaultTokenLifetime = time.Hour
+	DefaultRetain        = 24 * time.Hour
+)
 
 // Duration is a time.Duration written as a Go duration string ("5m").
 type Duration time.Duration
@@ -370,6 +405,9 @@ func (ks KeySet) validate() []error {
 	} else if err := p.Validate(); err != nil {
 		add("%v", err)
 	}
+	if err == nil {
+		errs = append(errs, ks.validateSchedule(p)...)
+	}
 	if p.Purpose != policy.ClientAssertion {
 		if ks.ClientID != "" {
 			add("client_id: only for purpose client_assertion")
@@ -394,6 +432,95 @@ func (ks KeySet) validate() []error {
 		add("allow: list the uids, gids, users or groups that may sign with this key set")
 	}
 	return errs
+}
+
+func dur(d *Duration, def time.Duration) time.Duration {
+	if d == nil {
+		return def
+	}
+	return time.Duration(*d)
+}
+
+func orDefault(d Duration, def time.Duration) time.Duration {
+	if d == 0 {
+		return def
+	}
+	return time.Duration(d)
+}
+
+// Schedule returns the key set's rotation schedule with its defaults.
+func (ks KeySet) Schedule() rotation.Schedule {
+	cache := orDefault(ks.JWKSCache, DefaultJWKSCache)
+	var s rotation.Schedule
+	var prepublish, drain time.Duration
+	if ks.Purpose == string(policy.DPoP) {
+		drain = orDefault(ks.TokenLifetime, DefaultTokenLifetime)
+	} else {
+		prepublish = cache
+		drain = orDefault(ks.MaxLifetime, policy.DefaultMaxLifetime) + orDefault(ks.IatSkew, policy.DefaultSkew) + cache
+	}
+	s.Prepublish, s.Drain, s.Retain = prepublish, drain, DefaultRetain
+	if r := ks.Rotation; r != nil {
+		s.Period = time.Duration(r.Period)
+		s.Prepublish = dur(r.Prepublish, prepublish)
+		s.Drain = dur(r.Drain, drain)
+		s.Retain = dur(r.Retain, DefaultRetain)
+	}
+	return s
+}
+
+// validateSchedule rejects schedules that would break clients.
+func (ks KeySet) validateSchedule(p policy.Policy) []error {
+	var errs []error
+	add := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
+	if ks.JWKSCache < 0 || ks.TokenLifetime < 0 {
+		add("jwks_cache and token_lifetime must not be negative")
+	}
+	if ks.TokenLifetime != 0 && p.Purpose != policy.DPoP {
+		add("token_lifetime: only for purpose dpop (the lifetime of DPoP-bound access tokens)")
+	}
+	s := ks.Schedule()
+	if r := ks.Rotation; r != nil {
+		if r.Period <= 0 {
+			add("rotation.period: required and positive, e.g. 24h")
+		}
+		for name, d := range map[string]*Duration{"prepublish": r.Prepublish, "drain": r.Drain, "retain": r.Retain} {
+			if d != nil && *d < 0 {
+				add("rotation.%s: must not be negative", name)
+			}
+		}
+		if r.Period > 0 && s.Prepublish >= time.Duration(r.Period) {
+			add("rotation.prepublish (%v) must be shorter than rotation.period (%v)", s.Prepublish, time.Duration(r.Period))
+		}
+	}
+	cache := orDefault(ks.JWKSCache, DefaultJWKSCache)
+	switch p.Purpose {
+	case policy.DPoP:
+		if tl := orDefault(ks.TokenLifetime, DefaultTokenLifetime); s.Drain < tl {
+			add("rotation.drain (%v) must cover token_lifetime (%v): a DPoP-bound token needs proofs from its key until it expires", s.Drain, tl)
+		}
+	default:
+		if s.Prepublish < cache {
+			add("rotation.prepublish (%v) must cover jwks_cache (%v): verifiers must see a new key before it signs", s.Prepublish, cache)
+		}
+		need := orDefault(ks.MaxLifetime, policy.DefaultMaxLifetime) + orDefault(ks.IatSkew, policy.DefaultSkew)
+		if s.Drain < need {
+			add("rotation.drain (%v) must cover max_lifetime + iat_skew (%v): tokens signed before a rotation must stay verifiable", s.Drain, need)
+		}
+	}
+	return errs
+}
+
+// RotationKeySet returns the key set as the lifecycle manager sees it.
+func (ks KeySet) RotationKeySet() (rotation.KeySet, error) {
+	spec, err := ks.KeySpec()
+	if err != nil {
+		return rotation.KeySet{}, err
+	}
+	return rotation.KeySet{
+		Name: ks.Name, Purpose: ks.Purpose, Spec: spec, Schedule: ks.Schedule(),
+		Prepublish: ks.Purpose != string(policy.DPoP),
+	}, nil
 }
 
 // KeySpec returns the key the set generates.

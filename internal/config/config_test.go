@@ -142,3 +142,64 @@ func TestUnknownFieldReportedWithOtherProblems(t *testing.T) {
 		t.Fatalf("err = %v", err)
 	}
 }
+
+func TestScheduleDefaultsAndRules(t *testing.T) {
+	c, err := Parse([]byte(good), "k.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := c.KeySets[0].Schedule() // dpop
+	if d.Period != 0 || d.Prepublish != 0 || d.Drain != time.Hour || d.Retain != 24*time.Hour {
+		t.Errorf("dpop defaults %+v", d)
+	}
+	a := c.KeySets[1].Schedule() // client_assertion, max_lifetime 5m
+	if a.Prepublish != 5*time.Minute || a.Drain != 5*time.Minute+60*time.Second+5*time.Minute {
+		t.Errorf("assertion defaults %+v", a)
+	}
+	rks, err := c.KeySets[1].RotationKeySet()
+	if err != nil || !rks.Prepublish || rks.Schedule != a {
+		t.Errorf("rotation key set %+v %v", rks, err)
+	}
+
+	with := func(keyset int, extra string) error {
+		lines := strings.Split(good, "\n")
+		var out []string
+		n := -1
+		for _, l := range lines {
+			if strings.HasPrefix(l, "  - name:") {
+				n++
+			}
+			out = append(out, l)
+			if n == keyset && strings.HasPrefix(l, "  - name:") {
+				out = append(out, "    "+extra)
+			}
+		}
+		_, err := Parse([]byte(strings.Join(out, "\n")), "k.yaml")
+		return err
+	}
+	cases := []struct {
+		keyset int
+		extra  string
+		want   string // "" = accepted
+	}{
+		{0, "rotation: {period: 24h}", ""},
+		{0, "rotation: {period: 24h, drain: 30m}", "must cover token_lifetime (1h0m0s)"},
+		{0, "token_lifetime: 10m\n    rotation: {period: 1h, drain: 10m}", ""},
+		{1, "rotation: {period: 24h}", ""},
+		{1, "rotation: {period: 24h, prepublish: 1m}", "must cover jwks_cache (5m0s)"},
+		{1, "jwks_cache: 30s\n    rotation: {period: 10m, prepublish: 30s, drain: 6m}", ""},
+		{1, "rotation: {period: 24h, drain: 2m}", "must cover max_lifetime + iat_skew (6m0s)"},
+		{1, "rotation: {period: 4m}", "must be shorter than rotation.period"},
+		{1, "rotation: {prepublish: 10m}", "rotation.period: required"},
+		{1, "token_lifetime: 1h", "token_lifetime: only for purpose dpop"},
+	}
+	for _, tc := range cases {
+		err := with(tc.keyset, tc.extra)
+		switch {
+		case tc.want == "" && err != nil:
+			t.Errorf("%q: %v", tc.extra, err)
+		case tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)):
+			t.Errorf("%q: err = %v, want %q", tc.extra, err, tc.want)
+		}
+	}
+}

@@ -100,7 +100,11 @@ func New(ctx context.Context, cfg *config.Config, opts Options) (_ *Daemon, err 
 		if err != nil {
 			return nil, fmt.Errorf("key set %q: allow: %w", ks.Name, err)
 		}
-		sets = append(sets, rotation.KeySet{Name: ks.Name, Purpose: ks.Purpose, Spec: spec})
+		rks, err := ks.RotationKeySet()
+		if err != nil {
+			return nil, fmt.Errorf("key set %q: %w", ks.Name, err)
+		}
+		sets = append(sets, rks)
 		policies[ks.Name] = server.KeySet{Allow: allow, Policy: p}
 	}
 	adminSpec := authz.Spec{UIDs: []int{0, os.Geteuid()}}
@@ -223,6 +227,7 @@ func (d *Daemon) Serve(ctx context.Context) error {
 	if hc, ok := d.backend.(healthChecker); ok {
 		go d.watchHealth(hctx, hc)
 	}
+	go d.mgr.Run(hctx, tickInterval(d.mgr.KeySets()))
 	d.log.Info("keyd serving", "socket", d.cfg.Socket, "backend", d.backend.Name(), "keysets", len(d.cfg.KeySets))
 	if d.ready != nil {
 		d.ready(d.cfg.Socket)
@@ -247,6 +252,21 @@ func (d *Daemon) Serve(ctx context.Context) error {
 	d.close()
 	d.log.Info("keyd stopped")
 	return err
+}
+
+// tickInterval is how often the lifecycle manager looks at the schedules
+// besides their own deadlines: a tenth of the shortest schedule duration,
+// between 100 ms and 30 s, so a failed step is retried soon.
+func tickInterval(sets []rotation.KeySet) time.Duration {
+	iv := 30 * time.Second
+	for _, ks := range sets {
+		for _, d := range []time.Duration{ks.Schedule.Period, ks.Schedule.Prepublish, ks.Schedule.Drain, ks.Schedule.Retain} {
+			if d > 0 && d/10 < iv {
+				iv = d / 10
+			}
+		}
+	}
+	return max(iv, 100*time.Millisecond)
 }
 
 // healthChecker is a backend that can tell cheaply whether it works.

@@ -1,0 +1,341 @@
+package rotation_test
+
+import (
+	"context"
+	"crypto"
+	"errors"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/keyd-dev/keyd/keystore"
+	"github.com/keyd-dev/keyd/rotation"
+)
+
+// fakeClock has a wall clock that can jump and a monotonic clock that
+// cannot.
+type fakeClock struct {
+	mu   sync.Mutex
+	wall time.Time
+	mono time.Duration
+}
+
+func newClock() *fakeClock {
+	return &fakeClock{wall: time.Date(2026, 11, 22, 12, 0, 0, 0, time.UTC)}
+}
+
+func (c *fakeClock) Now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.wall
+}
+
+func (c *fakeClock) Mono() time.Duration {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.mono
+}
+
+// Advance lets time pass.
+func (c *fakeClock) Advance(d time.Duration) {
+	c.mu.Lock()
+	c.wall = c.wall.Add(d)
+	c.mono += d
+	c.mu.Unlock()
+}
+
+// Jump moves only the wall clock.
+func (c *fakeClock) Jump(d time.Duration) {
+	c.mu.Lock()
+	c.wall = c.wall.Add(d)
+	c.mu.Unlock()
+}
+
+var sched = rotation.Schedule{Period: 24 * time.Hour, Prepublish: time.Hour, Drain: 2 * time.Hour, Retain: 24 * time.Hour}
+
+// flaky fails Generate while down.
+type flaky struct {
+	keystore.Backend
+	mu   sync.Mutex
+	down bool
+}
+
+func (b *flaky) setDown(v bool) { b.mu.Lock(); b.down = v; b.mu.Unlock() }
+
+func (b *flaky) Generate(ctx context.Context, id string, s keystore.KeySpec) (crypto.PublicKey, error) {
+	b.mu.Lock()
+	down := b.down
+	b.mu.Unlock()
+	if down {
+		return nil, keystore.ErrUnavailable
+	}
+	return b.Backend.Generate(ctx, id, s)
+}
+
+func scheduled(t *testing.T, f *fixture, clock *fakeClock, b keystore.Backend) *rotation.Manager {
+	t.Helper()
+	if b == nil {
+		b = f.backend
+	}
+	m, err := rotation.New(context.Background(), rotation.Config{
+		Backend: b, Store: f.store, Now: clock.Now, Monotonic: clock.Mono,
+		KeySets: []rotation.KeySet{{Name: "as", Purpose: "client_assertion", Spec: keystore.KeySpec{Algorithm: keystore.ES256}, Schedule: sched, Prepublish: true}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m
+}
+
+func states(m *rotation.Manager) map[rotation.State][]string {
+	out := map[rotation.State][]string{}
+	for _, v := range m.Versions("as") {
+		out[v.State] = append(out[v.State], v.Kid)
+	}
+	return out
+}
+
+func published(m *rotation.Manager) map[string]bool {
+	out := map[string]bool{}
+	for _, v := range m.Versions("as") {
+		if v.State.Published() {
+			out[v.Kid] = true
+		}
+	}
+	return out
+}
+
+// R2: a new key is published Prepublish before it signs; the old one stays
+// published Drain after it stopped signing; then it is unpublished, and
+// destroyed after Retain.
+func TestScheduleTimeline(t *testing.T) {
+	f := newFixture(t)
+	clock := newClock()
+	m := scheduled(t, f, clock, nil)
+	first := active(t, m, "as")
+	if !first.DeactivateAt.Equal(clock.Now().Add(24 * time.Hour)) {
+		t.Fatalf("deactivate at %v", first.DeactivateAt)
+	}
+	step := func(d time.Duration) {
+		t.Helper()
+		clock.Advance(d)
+		if err := m.Tick(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	step(23*time.Hour - time.Second)
+	if s := states(m); len(s[rotation.Next]) != 0 {
+		t.Fatalf("next published early: %v", s)
+	}
+	step(time.Second) // 23h: prepublish
+	s := states(m)
+	if len(s[rotation.Next]) != 1 || active(t, m, "as").Kid != first.Kid {
+		t.Fatalf("at 23h: %v", s)
+	}
+	next := s[rotation.Next][0]
+	if !published(m)[next] {
+		t.Fatal("next key not published")
+	}
+	if _, err := m.Acquire("as", next); !errors.Is(err, rotation.ErrNotSignable) {
+		t.Errorf("next key signs before activation: %v", err)
+	}
+	step(time.Hour - time.Second)
+	if active(t, m, "as").Kid != first.Kid {
+		t.Fatal("activated early")
+	}
+	step(time.Second) // 24h: activation
+	if got := active(t, m, "as").Kid; got != next {
+		t.Fatalf("at 24h active %s, want %s", got, next)
+	}
+	if s := states(m); len(s[rotation.Draining]) != 1 || s[rotation.Draining][0] != first.Kid {
+		t.Fatalf("at 24h: %v", s)
+	}
+	step(2*time.Hour - time.Second)
+	if !published(m)[first.Kid] {
+		t.Fatal("drained early")
+	}
+	l, err := m.Acquire("as", first.Kid)
+	if err != nil {
+		t.Fatalf("draining key does not sign by kid: %v", err)
+	}
+	l.Release()
+	step(time.Second) // 26h: retire
+	if published(m)[first.Kid] {
+		t.Fatal("still published after drain")
+	}
+	if _, err := m.Acquire("as", first.Kid); !errors.Is(err, rotation.ErrNotSignable) {
+		t.Errorf("retired key signs: %v", err)
+	}
+	step(24*time.Hour - time.Second)
+	if s := states(m); len(s[rotation.Retired]) != 1 {
+		t.Fatalf("destroyed early: %v", s)
+	}
+	step(time.Second) // 50h: destroy
+	if s := states(m); len(s[rotation.Destroyed]) != 1 {
+		t.Fatalf("at 50h: %v", s)
+	}
+	if _, err := f.backend.Public(context.Background(), first.ID); !errors.Is(err, keystore.ErrNotFound) {
+		t.Errorf("destroyed key still in the backend: %v", err)
+	}
+}
+
+// R4: the backend is down when a rotation is due: it is deferred, the active
+// key is unchanged, no half state is left, and it happens once the backend
+// is back.
+func TestScheduleBackendDown(t *testing.T) {
+	f := newFixture(t)
+	clock := newClock()
+	b := &flaky{Backend: f.backend}
+	m := scheduled(t, f, clock, b)
+	first := active(t, m, "as")
+	b.setDown(true)
+	clock.Advance(23 * time.Hour)
+	if err := m.Tick(context.Background()); !errors.Is(err, keystore.ErrUnavailable) {
+		t.Fatalf("tick with the backend down: %v", err)
+	}
+	if got := active(t, m, "as"); got.Kid != first.Kid {
+		t.Fatal("active key changed")
+	}
+	if s := states(m); len(s) != 1 || m.Failures() != 1 {
+		t.Fatalf("half state: %v, failures %d", s, m.Failures())
+	}
+	ids, _ := f.backend.List(context.Background())
+	if len(ids) != 1 {
+		t.Fatalf("backend holds %d keys", len(ids))
+	}
+	clock.Advance(2 * time.Hour) // the deadline passed while down
+	m.Tick(context.Background())
+	if active(t, m, "as").Kid != first.Kid {
+		t.Fatal("active key changed while down")
+	}
+	b.setDown(false)
+	clock.Advance(time.Minute)
+	if err := m.Tick(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	s := states(m)
+	if len(s[rotation.Next]) != 1 || active(t, m, "as").Kid != first.Kid {
+		t.Fatalf("after recovery: %v", s)
+	}
+	// Still pre-published for the full Prepublish before it signs.
+	clock.Advance(time.Hour - time.Second)
+	m.Tick(context.Background())
+	if active(t, m, "as").Kid != first.Kid {
+		t.Fatal("activated before the full prepublish")
+	}
+	clock.Advance(time.Second)
+	m.Tick(context.Background())
+	if active(t, m, "as").Kid == first.Kid {
+		t.Fatal("not activated after prepublish")
+	}
+}
+
+// R5: the wall clock jumps a day forward or back: no double rotation, no
+// skipped drain.
+func TestScheduleClockJumps(t *testing.T) {
+	f := newFixture(t)
+	clock := newClock()
+	m := scheduled(t, f, clock, nil)
+	first := active(t, m, "as")
+	// Rotate once by the schedule.
+	clock.Advance(24 * time.Hour)
+	m.Tick(context.Background()) // next
+	clock.Advance(time.Hour)
+	m.Tick(context.Background()) // active
+	second := active(t, m, "as")
+	if second.Kid == first.Kid {
+		t.Fatal("no rotation")
+	}
+
+	// Forward a day: the draining key must still drain its full 2h.
+	clock.Jump(24 * time.Hour)
+	for range 10 {
+		m.Tick(context.Background())
+	}
+	if !published(m)[first.Kid] {
+		t.Fatal("a forward clock jump skipped the drain")
+	}
+	if active(t, m, "as").Kid != second.Kid || len(states(m)[rotation.Next]) != 0 {
+		t.Fatalf("a forward clock jump rotated: %v", states(m))
+	}
+	clock.Advance(2 * time.Hour)
+	m.Tick(context.Background())
+	if published(m)[first.Kid] {
+		t.Fatal("not retired after the real drain time")
+	}
+
+	// Back a day: nothing happens twice.
+	clock.Jump(-48 * time.Hour)
+	for range 10 {
+		clock.Advance(time.Minute)
+		m.Tick(context.Background())
+	}
+	s := states(m)
+	if active(t, m, "as").Kid != second.Kid || len(s[rotation.Next]) != 0 || len(s[rotation.Draining]) != 0 {
+		t.Fatalf("a backward clock jump changed keys: %v", s)
+	}
+}
+
+// Destroy waits for signatures in flight; a key retired mid-sign discards
+// the signature.
+func TestDestroyWaitsForLeases(t *testing.T) {
+	f := newFixture(t)
+	clock := newClock()
+	m := scheduled(t, f, clock, nil)
+	first := active(t, m, "as")
+	if _, err := m.Rotate(context.Background(), "as", true); err != nil {
+		t.Fatal(err)
+	}
+	l, err := m.Acquire("as", first.Kid) // a signature in flight
+	if err != nil {
+		t.Fatal(err)
+	}
+	clock.Advance(2 * time.Hour) // drain over
+	m.Tick(context.Background())
+	if l.Valid() {
+		t.Error("a lease on a retired key is still valid: its signature would be released")
+	}
+	clock.Advance(24 * time.Hour) // retain over
+	done := make(chan error, 1)
+	go func() { done <- m.Tick(context.Background()) }()
+	select {
+	case <-done:
+		t.Fatal("destroyed under a signature in flight")
+	case <-time.After(100 * time.Millisecond):
+	}
+	if _, err := f.backend.Public(context.Background(), first.ID); err != nil {
+		t.Fatal("key gone while leased")
+	}
+	l.Release()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.backend.Public(context.Background(), first.ID); !errors.Is(err, keystore.ErrNotFound) {
+		t.Errorf("not destroyed after release: %v", err)
+	}
+}
+
+// Manual rotation of a key set that pre-publishes: next first, unless now.
+func TestManualRotatePrepublishes(t *testing.T) {
+	f := newFixture(t)
+	clock := newClock()
+	m := scheduled(t, f, clock, nil)
+	first := active(t, m, "as")
+	res, err := m.Rotate(context.Background(), "as", false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Next.Kid == "" || res.Active.Kid != first.Kid || !res.Next.ActivateAt.Equal(clock.Now().Add(time.Hour)) {
+		t.Fatalf("rotate: %+v", res)
+	}
+	// Asking again returns the same pending next key.
+	again, _ := m.Rotate(context.Background(), "as", false)
+	if again.Next.Kid != res.Next.Kid {
+		t.Errorf("second rotate made another next key")
+	}
+	// --now activates it.
+	now, err := m.Rotate(context.Background(), "as", true)
+	if err != nil || now.Active.Kid != res.Next.Kid || now.Previous.Kid != first.Kid || now.Previous.State != rotation.Draining {
+		t.Fatalf("rotate now: %+v %v", now, err)
+	}
+}
