@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -41,12 +42,21 @@ type Config struct {
 	// Admins may call KeyAdminService (rotate, revoke). Default: root and
 	// the daemon's own uid.
 	Admins *Allow `yaml:"admins"`
+	// HTTP optionally serves /jwks/{keyset}.json (for an authorization
+	// server's jwks_uri) and /healthz over HTTP.
+	HTTP *HTTP `yaml:"http"`
 	// LogLevel is debug, info (default), warn or error.
 	LogLevel string `yaml:"log_level"`
 	// Backend says where keys live: exactly one of its members is set.
 	Backend Backend `yaml:"backend"`
 	// KeySets are the named, rotating series of keys callers sign with.
 	KeySets []KeySet `yaml:"keysets"`
+}
+
+// HTTP is the optional HTTP listener.
+type HTTP struct {
+	// Listen is host:port, e.g. 127.0.0.1:8089.
+	Listen string `yaml:"listen"`
 }
 
 // Allow is an allow list of local callers, matched against the peer
@@ -270,6 +280,11 @@ func (c *Config) Validate() error {
 	}
 	if c.AuditLog != "" && !filepath.IsAbs(c.AuditLog) {
 		add("audit_log", "%q must be an absolute path", c.AuditLog)
+	}
+	if c.HTTP != nil {
+		if _, port, err := net.SplitHostPort(c.HTTP.Listen); err != nil || port == "" {
+			add("http.listen", "%q: want host:port, e.g. 127.0.0.1:8089", c.HTTP.Listen)
+		}
 	}
 	switch c.LogLevel {
 	case "debug", "info", "warn", "error":
@@ -509,6 +524,16 @@ func (ks KeySet) validateSchedule(p policy.Policy) []error {
 		}
 	}
 	return errs
+}
+
+// JWKSMaxAge is how long verifiers may cache the key set's JWK Set: its
+// jwks_cache, and never longer than a new key is pre-published.
+func (ks KeySet) JWKSMaxAge() time.Duration {
+	age := orDefault(ks.JWKSCache, DefaultJWKSCache)
+	if p := ks.Schedule().Prepublish; p > 0 && p < age {
+		age = p
+	}
+	return age
 }
 
 // RotationKeySet returns the key set as the lifecycle manager sees it.

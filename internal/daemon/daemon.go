@@ -10,10 +10,12 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/http"
 	"os"
 	"os/user"
 	"runtime/debug"
 	"strconv"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc"
@@ -27,6 +29,7 @@ import (
 	"github.com/keyd-dev/keyd/internal/audit"
 	"github.com/keyd-dev/keyd/internal/authz"
 	"github.com/keyd-dev/keyd/internal/config"
+	"github.com/keyd-dev/keyd/internal/httpapi"
 	"github.com/keyd-dev/keyd/internal/listener"
 	"github.com/keyd-dev/keyd/internal/server"
 	"github.com/keyd-dev/keyd/keystore"
@@ -57,7 +60,10 @@ type Daemon struct {
 	grpc    *grpc.Server
 	health  *health.Server
 	kick    chan struct{} // a backend failure: recheck health now
+	healthy atomic.Bool
 	lis     net.Listener
+	httpLis net.Listener
+	http    *http.Server
 	ready   func(string)
 }
 
@@ -168,6 +174,18 @@ func New(ctx context.Context, cfg *config.Config, opts Options) (_ *Daemon, err 
 			return nil, fmt.Errorf("socket_group %q: %w", cfg.SocketGroup, err)
 		}
 	}
+	d.healthy.Store(true)
+	if cfg.HTTP != nil {
+		maxAge := map[string]time.Duration{}
+		for _, ks := range cfg.KeySets {
+			maxAge[ks.Name] = ks.JWKSMaxAge()
+		}
+		h := httpapi.Handler(httpapi.Config{Keys: d.mgr, MaxAge: maxAge, Encode: server.JWKS, Healthy: d.healthy.Load})
+		if d.httpLis, err = net.Listen("tcp", cfg.HTTP.Listen); err != nil {
+			return nil, fmt.Errorf("http.listen: %w", err)
+		}
+		d.http = httpapi.Server(cfg.HTTP.Listen, h)
+	}
 	if d.lis, err = listener.Unix(cfg.Socket, mode, gid); err != nil {
 		return nil, err
 	}
@@ -228,6 +246,14 @@ func (d *Daemon) Serve(ctx context.Context) error {
 		go d.watchHealth(hctx, hc)
 	}
 	go d.mgr.Run(hctx, tickInterval(d.mgr.KeySets()))
+	if d.http != nil {
+		go func() {
+			if err := d.http.Serve(d.httpLis); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				d.log.Error("http listener failed", "err", err)
+			}
+		}()
+		d.log.Info("http listener serving /jwks/{keyset}.json and /healthz", "addr", d.httpLis.Addr().String())
+	}
 	d.log.Info("keyd serving", "socket", d.cfg.Socket, "backend", d.backend.Name(), "keysets", len(d.cfg.KeySets))
 	if d.ready != nil {
 		d.ready(d.cfg.Socket)
@@ -236,6 +262,11 @@ func (d *Daemon) Serve(ctx context.Context) error {
 	select {
 	case <-ctx.Done():
 		d.health.Shutdown()
+		if d.http != nil {
+			sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			d.http.Shutdown(sctx)
+			cancel()
+		}
 		stopped := make(chan struct{})
 		go func() { d.grpc.GracefulStop(); close(stopped) }()
 		select {
@@ -294,6 +325,7 @@ func (d *Daemon) watchHealth(ctx context.Context, hc healthChecker) {
 		}
 		if ok := err == nil; ok != serving {
 			serving = ok
+			d.healthy.Store(ok)
 			st := healthpb.HealthCheckResponse_SERVING
 			if ok {
 				d.log.Info("backend healthy again", "backend", d.backend.Name())
@@ -316,6 +348,9 @@ func (d *Daemon) watchHealth(ctx context.Context, hc healthChecker) {
 func (d *Daemon) close() {
 	if d.lis != nil {
 		d.lis.Close()
+	}
+	if d.httpLis != nil {
+		d.httpLis.Close()
 	}
 	if d.audit != nil {
 		d.audit.Close()

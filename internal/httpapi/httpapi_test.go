@@ -1,0 +1,90 @@
+package httpapi
+
+import (
+	"encoding/json"
+	"net/http"
+	"net/http/httptest"
+	"testing"
+	"time"
+
+	"github.com/keyd-dev/keyd/rotation"
+)
+
+type fakeKeys map[string][]rotation.Version
+
+func (f fakeKeys) Versions(names ...string) []rotation.Version { return f[names[0]] }
+func (f fakeKeys) KeySet(name string) (rotation.KeySet, bool) {
+	_, ok := f[name]
+	return rotation.KeySet{Name: name}, ok
+}
+
+func encode(vs []rotation.Version) ([]byte, error) {
+	var keys []json.RawMessage
+	for _, v := range vs {
+		if v.State.Published() {
+			keys = append(keys, v.JWK)
+		}
+	}
+	return json.Marshal(map[string]any{"keys": keys})
+}
+
+func TestJWKS(t *testing.T) {
+	keys := fakeKeys{"as": {
+		{Kid: "a", State: rotation.Active, JWK: json.RawMessage(`{"kid":"a"}`)},
+		{Kid: "b", State: rotation.Next, JWK: json.RawMessage(`{"kid":"b"}`)},
+		{Kid: "c", State: rotation.Retired, JWK: json.RawMessage(`{"kid":"c"}`)},
+	}}
+	healthy := true
+	h := Handler(Config{Keys: keys, MaxAge: map[string]time.Duration{"as": 5 * time.Minute}, Encode: encode, Healthy: func() bool { return healthy }})
+
+	rec := httptest.NewRecorder()
+	h.ServeHTTP(rec, httptest.NewRequest("GET", "/jwks/as.json", nil))
+	if rec.Code != 200 || rec.Header().Get("Cache-Control") != "public, max-age=300" || rec.Header().Get("Content-Type") != "application/jwk-set+json" {
+		t.Fatalf("%d %v", rec.Code, rec.Header())
+	}
+	if rec.Body.String() != `{"keys":[{"kid":"a"},{"kid":"b"}]}` {
+		t.Errorf("body %s", rec.Body)
+	}
+	etag := rec.Header().Get("ETag")
+	req := httptest.NewRequest("GET", "/jwks/as.json", nil)
+	req.Header.Set("If-None-Match", etag)
+	rec = httptest.NewRecorder()
+	h.ServeHTTP(rec, req)
+	if rec.Code != http.StatusNotModified || rec.Body.Len() != 0 {
+		t.Errorf("conditional GET: %d", rec.Code)
+	}
+	// A change makes a new ETag.
+	keys["as"][1].State = rotation.Active
+	keys["as"][0].State = rotation.Draining
+	keys["as"] = append(keys["as"], rotation.Version{Kid: "d", State: rotation.Next, JWK: json.RawMessage(`{"kid":"d"}`)})
+	rec = httptest.NewRecorder()
+	h.ServeHTTP(rec, req)
+	if rec.Code != 200 || rec.Header().Get("ETag") == etag {
+		t.Errorf("after a change: %d, etag %s", rec.Code, rec.Header().Get("ETag"))
+	}
+
+	for _, p := range []string{"/jwks/nope.json", "/jwks/as", "/jwks/as.json/x", "/other"} {
+		rec = httptest.NewRecorder()
+		h.ServeHTTP(rec, httptest.NewRequest("GET", p, nil))
+		if rec.Code != http.StatusNotFound {
+			t.Errorf("%s: %d", p, rec.Code)
+		}
+	}
+	rec = httptest.NewRecorder()
+	h.ServeHTTP(rec, httptest.NewRequest("POST", "/jwks/as.json", nil))
+	if rec.Code != http.StatusMethodNotAllowed {
+		t.Errorf("POST: %d", rec.Code)
+	}
+
+	rec = httptest.NewRecorder()
+	h.ServeHTTP(rec, httptest.NewRequest("GET", "/healthz", nil))
+	if rec.Code != 200 {
+		t.Errorf("healthz %d", rec.Code)
+	}
+	healthy = false
+	rec = httptest.NewRecorder()
+	h.ServeHTTP(rec, httptest.NewRequest("GET", "/healthz", nil))
+	if rec.Code != http.StatusServiceUnavailable {
+		t.Errorf("unhealthy healthz %d", rec.Code)
+	}
+}
