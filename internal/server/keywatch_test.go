@@ -1,0 +1,60 @@
+package server_test
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/keyd-dev/keyd/client"
+)
+
+// The client's KeyWatcher follows rotations without polling, and survives
+// a daemon restart.
+func TestKeyWatcher(t *testing.T) {
+	e := newEnv(t, defaultSets, envOpts{})
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	changes := make(chan client.KeyEvent, 64)
+	w := e.cl.WatchKeys(ctx, []string{"dpop"}, client.OnKeyChange(func(ev client.KeyEvent) { changes <- ev }))
+	sctx, scancel := context.WithTimeout(ctx, 10*time.Second)
+	defer scancel()
+	if err := w.Synced(sctx); err != nil {
+		t.Fatal(err)
+	}
+	first, ok := w.Active("dpop")
+	if !ok {
+		t.Fatal("no active key in the view")
+	}
+	rot, err := e.cl.Rotate(sctx, "dpop", false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor := func(cond func() bool) {
+		t.Helper()
+		for i := 0; i < 200 && !cond(); i++ {
+			time.Sleep(10 * time.Millisecond)
+		}
+		if !cond() {
+			t.Fatal("the view did not follow")
+		}
+	}
+	waitFor(func() bool { a, _ := w.Active("dpop"); return a.Kid == rot.Active.Kid })
+	if !w.Signable(first.Kid) {
+		t.Error("draining key not signable in the view")
+	}
+	if _, err := e.cl.Revoke(sctx, first.Kid, ""); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(func() bool { return !w.Signable(first.Kid) })
+	if len(changes) < 3 {
+		t.Errorf("%d change callbacks", len(changes))
+	}
+	// The stream breaks with the daemon and comes back with it.
+	e.grpc.Stop()
+	e.serve(t)
+	r2, err := e.cl.Rotate(sctx, "dpop", false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor(func() bool { a, _ := w.Active("dpop"); return a.Kid == r2.Active.Kid })
+}
