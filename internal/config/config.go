@@ -45,12 +45,27 @@ type Config struct {
 	// HTTP optionally serves /jwks/{keyset}.json (for an authorization
 	// server's jwks_uri) and /healthz over HTTP.
 	HTTP *HTTP `yaml:"http"`
+	// Limits bound what callers can make the daemon do.
+	Limits Limits `yaml:"limits"`
 	// LogLevel is debug, info (default), warn or error.
 	LogLevel string `yaml:"log_level"`
 	// Backend says where keys live: exactly one of its members is set.
 	Backend Backend `yaml:"backend"`
 	// KeySets are the named, rotating series of keys callers sign with.
 	KeySets []KeySet `yaml:"keysets"`
+}
+
+// Limits bound what callers can make the daemon do.
+type Limits struct {
+	// SignRate is how many Sign requests per second each caller (uid) may
+	// make; 0 means no limit. Past it: RESOURCE_EXHAUSTED.
+	SignRate float64 `yaml:"sign_rate"`
+	// SignBurst is how many Sign requests a caller may make at once above
+	// the rate (default: one second's worth).
+	SignBurst int `yaml:"sign_burst"`
+	// MaxConnections bounds the open connections to the socket (default
+	// 1024); further clients wait in the kernel's accept queue.
+	MaxConnections int `yaml:"max_connections"`
 }
 
 // HTTP is the optional HTTP listener.
@@ -251,6 +266,9 @@ func (c *Config) applyDefaults() {
 	if c.LogLevel == "" {
 		c.LogLevel = "info"
 	}
+	if c.Limits.MaxConnections == 0 {
+		c.Limits.MaxConnections = 1024
+	}
 }
 
 // Validate checks the configuration and returns every problem at once,
@@ -285,6 +303,9 @@ func (c *Config) Validate() error {
 		if _, port, err := net.SplitHostPort(c.HTTP.Listen); err != nil || port == "" {
 			add("http.listen", "%q: want host:port, e.g. 127.0.0.1:8089", c.HTTP.Listen)
 		}
+	}
+	if c.Limits.SignRate < 0 || c.Limits.SignBurst < 0 || c.Limits.MaxConnections < 0 {
+		add("limits", "values must not be negative")
 	}
 	switch c.LogLevel {
 	case "debug", "info", "warn", "error":

@@ -18,6 +18,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"golang.org/x/net/netutil"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/health"
@@ -31,6 +32,7 @@ import (
 	"github.com/keyd-dev/keyd/internal/config"
 	"github.com/keyd-dev/keyd/internal/httpapi"
 	"github.com/keyd-dev/keyd/internal/listener"
+	"github.com/keyd-dev/keyd/internal/metrics"
 	"github.com/keyd-dev/keyd/internal/server"
 	"github.com/keyd-dev/keyd/keystore"
 	"github.com/keyd-dev/keyd/keystore/pkcs11"
@@ -61,6 +63,7 @@ type Daemon struct {
 	health  *health.Server
 	kick    chan struct{} // a backend failure: recheck health now
 	healthy atomic.Bool
+	metrics *metrics.Metrics
 	lis     net.Listener
 	httpLis net.Listener
 	http    *http.Server
@@ -130,8 +133,10 @@ func New(ctx context.Context, cfg *config.Config, opts Options) (_ *Daemon, err 
 	if d.audit, err = audit.Open(cfg.AuditLog); err != nil {
 		return nil, err
 	}
+	d.metrics = metrics.New(d.backend.Name(), d.mgr)
 	srv, err := server.New(server.Config{
 		Manager: d.mgr, KeySets: policies, Admins: admins, Audit: d.audit, Logger: log,
+		Metrics: d.metrics, SignRate: cfg.Limits.SignRate, SignBurst: cfg.Limits.SignBurst,
 		BackendFailed: func(error) {
 			select {
 			case d.kick <- struct{}{}:
@@ -180,7 +185,7 @@ func New(ctx context.Context, cfg *config.Config, opts Options) (_ *Daemon, err 
 		for _, ks := range cfg.KeySets {
 			maxAge[ks.Name] = ks.JWKSMaxAge()
 		}
-		h := httpapi.Handler(httpapi.Config{Keys: d.mgr, MaxAge: maxAge, Encode: server.JWKS, Healthy: d.healthy.Load})
+		h := httpapi.Handler(httpapi.Config{Keys: d.mgr, MaxAge: maxAge, Encode: server.JWKS, Healthy: d.healthy.Load, Metrics: d.metrics.Handler()})
 		if d.httpLis, err = net.Listen("tcp", cfg.HTTP.Listen); err != nil {
 			return nil, fmt.Errorf("http.listen: %w", err)
 		}
@@ -189,6 +194,7 @@ func New(ctx context.Context, cfg *config.Config, opts Options) (_ *Daemon, err 
 	if d.lis, err = listener.Unix(cfg.Socket, mode, gid); err != nil {
 		return nil, err
 	}
+	d.lis = netutil.LimitListener(d.lis, cfg.Limits.MaxConnections)
 	return d, nil
 }
 
@@ -326,6 +332,7 @@ func (d *Daemon) watchHealth(ctx context.Context, hc healthChecker) {
 		if ok := err == nil; ok != serving {
 			serving = ok
 			d.healthy.Store(ok)
+			d.metrics.BackendUp(ok)
 			st := healthpb.HealthCheckResponse_SERVING
 			if ok {
 				d.log.Info("backend healthy again", "backend", d.backend.Name())

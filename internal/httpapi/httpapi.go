@@ -30,6 +30,8 @@ type Config struct {
 	Encode func([]rotation.Version) ([]byte, error)
 	// Healthy reports whether the daemon serves (nil: always).
 	Healthy func() bool
+	// Metrics serves /metrics (nil: not served).
+	Metrics http.Handler
 }
 
 // Handler returns the HTTP handler:
@@ -38,8 +40,12 @@ type Config struct {
 //	                         draining), with Cache-Control max-age and an
 //	                         ETag; 304 for a matching If-None-Match
 //	GET /healthz             200 "ok", or 503 while the backend fails
+//	GET /metrics             Prometheus metrics, when cfg.Metrics is set
 func Handler(cfg Config) http.Handler {
 	mux := http.NewServeMux()
+	if cfg.Metrics != nil {
+		mux.Handle("GET /metrics", cfg.Metrics)
+	}
 	mux.HandleFunc("GET /jwks/{file}", func(w http.ResponseWriter, r *http.Request) {
 		name, ok := strings.CutSuffix(r.PathValue("file"), ".json")
 		if !ok {

@@ -26,6 +26,8 @@ func codeOf(err error) codes.Code {
 		return codes.PermissionDenied
 	case errors.Is(err, errUnauthenticated):
 		return codes.Unauthenticated
+	case errors.Is(err, errLimited):
+		return codes.ResourceExhausted
 	case errors.Is(err, rotation.ErrKeyLost), errors.Is(err, keystore.ErrKeyLost):
 		return codes.DataLoss
 	case errors.Is(err, rotation.ErrNotSignable), errors.Is(err, rotation.ErrNoActiveKey),
@@ -77,4 +79,5 @@ var (
 	errBadRequest      = errors.New("bad request")
 	errDenied          = errors.New("permission denied")
 	errUnauthenticated = errors.New("no caller credentials")
+	errLimited         = errors.New("rate limited")
 )

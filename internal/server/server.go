@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"strconv"
 	"sync"
 	"time"
 
@@ -23,6 +24,7 @@ import (
 	"github.com/keyd-dev/keyd/internal/audit"
 	"github.com/keyd-dev/keyd/internal/authz"
 	"github.com/keyd-dev/keyd/internal/jws"
+	"github.com/keyd-dev/keyd/internal/metrics"
 	"github.com/keyd-dev/keyd/internal/policy"
 	keydv1 "github.com/keyd-dev/keyd/proto/keyd/v1"
 	"github.com/keyd-dev/keyd/rotation"
@@ -54,6 +56,12 @@ type Config struct {
 	// BackendFailed, when set, is called (without blocking) each time the
 	// backend fails a signature, so health can be rechecked at once.
 	BackendFailed func(error)
+	// Metrics records decisions; nil records nothing.
+	Metrics *metrics.Metrics
+	// SignRate limits each caller's Sign requests per second (0: no limit),
+	// with bursts of SignBurst (default: one second's worth).
+	SignRate  float64
+	SignBurst int
 }
 
 // Server implements keyd.v1.KeyService and keyd.v1.KeyAdminService.
@@ -68,8 +76,10 @@ type Server struct {
 	log    *slog.Logger
 	now    func() time.Time
 	rand   io.Reader
-	keys   keyCache
-	failed func(error)
+	keys    keyCache
+	failed  func(error)
+	metrics *metrics.Metrics
+	limit   *limiter
 }
 
 // New returns a Server.
@@ -77,7 +87,8 @@ func New(cfg Config) (*Server, error) {
 	if cfg.Manager == nil || cfg.Audit == nil {
 		return nil, errors.New("server: Manager and Audit are required")
 	}
-	s := &Server{mgr: cfg.Manager, sets: cfg.KeySets, admins: cfg.Admins, audit: cfg.Audit, log: cfg.Logger, now: cfg.Now, rand: cfg.Rand, failed: cfg.BackendFailed}
+	s := &Server{mgr: cfg.Manager, sets: cfg.KeySets, admins: cfg.Admins, audit: cfg.Audit, log: cfg.Logger, now: cfg.Now, rand: cfg.Rand, failed: cfg.BackendFailed,
+		metrics: cfg.Metrics, limit: newLimiter(cfg.SignRate, cfg.SignBurst)}
 	if s.log == nil {
 		s.log = slog.New(slog.DiscardHandler)
 	}
@@ -133,10 +144,21 @@ func (s *Server) Sign(ctx context.Context, req *keydv1.SignRequest) (*keydv1.Sig
 	if err != nil {
 		return nil, s.toStatus(ctx, "sign", err)
 	}
+	start := time.Now()
 	rec := audit.Record{Event: "sign", UID: c.UID, GID: c.GID, PID: c.PID, KeySet: req.GetKeyset()}
-	resp, err := s.sign(ctx, c, req, &rec)
+	var resp *keydv1.SignResponse
+	if s.limit.allow(callerKey(c), start) {
+		resp, err = s.sign(ctx, c, req, &rec)
+	} else {
+		s.metrics.Limited("sign_rate")
+		err = fmt.Errorf("%w: sign rate limit for %s exceeded (%v per second, bursts of %d); slow down and retry", errLimited, c, s.limit.rate, s.limit.burst)
+	}
 	rec.Time = s.now().UTC()
+	defer func() { s.metrics.Sign(rec.KeySet, rec.Purpose, rec.Outcome, time.Since(start)) }()
 	if err != nil {
+		if errors.Is(err, errDenied) {
+			s.metrics.Denied("Sign")
+		}
 		st := s.toStatus(ctx, "sign", err)
 		rec.Outcome = codeOf(err).String()
 		rec.Reason = status.Convert(st).Message()
@@ -360,6 +382,7 @@ func (s *Server) admin(ctx context.Context) (authz.Caller, error) {
 		return c, err
 	}
 	if !s.admins.Permits(c) {
+		s.metrics.Denied("admin")
 		return c, fmt.Errorf("%w: uid %d is not on the admin allow list", errDenied, c.UID)
 	}
 	return c, nil
@@ -461,6 +484,12 @@ func stateToProto(s rotation.State) keydv1.KeyState {
 		return keydv1.KeyState_KEY_STATE_LOST
 	}
 	return keydv1.KeyState_KEY_STATE_UNSPECIFIED
+}
+
+// callerKey names a caller for per-caller limits: its uid (a pid would let a
+// service escape its limit by reconnecting from a new process).
+func callerKey(c authz.Caller) string {
+	return "uid:" + strconv.FormatUint(uint64(c.UID), 10)
 }
 
 // keyCache keeps, per kid, the parsed public key and the key set's policy

@@ -27,6 +27,7 @@ import (
 	"github.com/keyd-dev/keyd/internal/audit"
 	"github.com/keyd-dev/keyd/internal/authz"
 	"github.com/keyd-dev/keyd/internal/listener"
+	"github.com/keyd-dev/keyd/internal/metrics"
 	"github.com/keyd-dev/keyd/internal/policy"
 	"github.com/keyd-dev/keyd/internal/server"
 	"github.com/keyd-dev/keyd/keystore"
@@ -52,6 +53,7 @@ type env struct {
 	cl      *client.Client
 	audit   *memAudit
 	backend keystore.Backend
+	metrics *metrics.Metrics
 }
 
 // memAudit keeps records in memory and can be told to fail.
@@ -98,7 +100,10 @@ var defaultSets = []testKeySet{
 }
 
 type envOpts struct {
-	admins  []int
+	signRate  float64
+	signBurst int
+	metrics   bool
+	admins    []int
 	wrap    func(keystore.Backend) keystore.Backend
 	backend keystore.Backend
 }
@@ -153,11 +158,16 @@ func newEnv(t testing.TB, sets []testKeySet, opts envOpts) *env {
 		t.Fatal(err)
 	}
 	aud := &memAudit{}
-	srv, err := server.New(server.Config{Manager: mgr, KeySets: policies, Admins: adminList, Audit: aud})
+	var m *metrics.Metrics
+	if opts.metrics {
+		m = metrics.New(backend.Name(), mgr)
+	}
+	srv, err := server.New(server.Config{Manager: mgr, KeySets: policies, Admins: adminList, Audit: aud,
+		Metrics: m, SignRate: opts.signRate, SignBurst: opts.signBurst})
 	if err != nil {
 		t.Fatal(err)
 	}
-	e := &env{socket: filepath.Join(dir, "k.sock"), srv: srv, mgr: mgr, audit: aud, backend: backend}
+	e := &env{socket: filepath.Join(dir, "k.sock"), srv: srv, mgr: mgr, audit: aud, backend: backend, metrics: m}
 	e.serve(t)
 	cl, err := client.Dial(e.socket)
 	if err != nil {

@@ -1,0 +1,60 @@
+package server_test
+
+import (
+	"errors"
+	"io"
+	"net/http/httptest"
+	"strings"
+	"testing"
+
+	"github.com/keyd-dev/keyd/client"
+)
+
+// A caller above its sign rate gets RESOURCE_EXHAUSTED, audited; the
+// refusal costs no backend call.
+func TestSignRateLimit(t *testing.T) {
+	e := newEnv(t, defaultSets, envOpts{signRate: 0.001, signBurst: 3})
+	for i := range 3 {
+		if _, err := e.cl.DPoP("dpop").Proof(ctx(t), "GET", "https://a.example/"); err != nil {
+			t.Fatalf("sign %d within the burst: %v", i, err)
+		}
+	}
+	_, err := e.cl.DPoP("dpop").Proof(ctx(t), "GET", "https://a.example/")
+	if !errors.Is(err, client.ErrResourceExhausted) || !strings.Contains(err.Error(), "rate limit") {
+		t.Fatalf("over the burst: %v", err)
+	}
+	recs := e.audit.records()
+	if last := recs[len(recs)-1]; last.Outcome != "ResourceExhausted" || last.Kid != "" {
+		t.Errorf("audit %+v", last)
+	}
+}
+
+func TestMetrics(t *testing.T) {
+	e := newEnv(t, defaultSets, envOpts{metrics: true, admins: []int{4242}})
+	e.cl.DPoP("dpop").Proof(ctx(t), "GET", "https://a.example/")
+	e.cl.DPoP("forbidden").Proof(ctx(t), "GET", "https://a.example/")
+	e.cl.DPoP("dpop").Proof(ctx(t), "GET", "/relative")
+	e.cl.Sign(ctx(t), client.SignRequest{KeySet: "dpop", Claims: map[string]any{"htm": "GET"}})
+	e.cl.Rotate(ctx(t), "dpop", true)
+	rec := httptest.NewRecorder()
+	e.metrics.Handler().ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
+	body, _ := io.ReadAll(rec.Body)
+	for _, want := range []string{
+		`keyd_sign_requests_total{backend="soft",code="ok",keyset="dpop",purpose="dpop"} 1`,
+		`keyd_sign_requests_total{backend="soft",code="PermissionDenied",keyset="forbidden",purpose=""} 1`,
+		`keyd_sign_requests_total{backend="soft",code="InvalidArgument",keyset="dpop",purpose="dpop"} 1`,
+		`keyd_sign_duration_seconds_bucket{backend="soft",code="ok",keyset="dpop",purpose="dpop",le="5"} 1`,
+		`keyd_authz_denials_total{method="Sign"} 1`,
+		`keyd_authz_denials_total{method="admin"} 1`,
+		`keyd_keys{keyset="dpop",state="active"} 1`,
+		`keyd_active_key_age_seconds{keyset="dpop"}`,
+		`keyd_key_activations_total{keyset="dpop"} 1`,
+		`keyd_backend_up{backend="soft"} 1`,
+		`keyd_rotation_failures_total 0`,
+		`go_goroutines`,
+	} {
+		if !strings.Contains(string(body), want) {
+			t.Errorf("metrics lack %s", want)
+		}
+	}
+}
