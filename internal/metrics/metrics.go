@@ -36,8 +36,8 @@ func New(backend string, keys Versions) *Metrics {
 	m := &Metrics{
 		reg: prometheus.NewRegistry(),
 		signs: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "keyd_sign_requests_total",
-			Help: "Sign requests by key set, purpose and gRPC code.",
+			Name:        "keyd_sign_requests_total",
+			Help:        "Sign requests by key set, purpose and gRPC code.",
 			ConstLabels: prometheus.Labels{"backend": backend},
 		}, []string{"keyset", "purpose", "code"}),
 		signLatency: prometheus.NewHistogramVec(prometheus.HistogramOpts{

@@ -69,13 +69,13 @@ type Server struct {
 	keydv1.UnimplementedKeyServiceServer
 	keydv1.UnimplementedKeyAdminServiceServer
 
-	mgr    *rotation.Manager
-	sets   map[string]KeySet
-	admins *authz.List
-	audit  Auditor
-	log    *slog.Logger
-	now    func() time.Time
-	rand   io.Reader
+	mgr     *rotation.Manager
+	sets    map[string]KeySet
+	admins  *authz.List
+	audit   Auditor
+	log     *slog.Logger
+	now     func() time.Time
+	rand    io.Reader
 	keys    keyCache
 	failed  func(error)
 	metrics *metrics.Metrics

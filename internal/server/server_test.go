@@ -104,8 +104,8 @@ type envOpts struct {
 	signBurst int
 	metrics   bool
 	admins    []int
-	wrap    func(keystore.Backend) keystore.Backend
-	backend keystore.Backend
+	wrap      func(keystore.Backend) keystore.Backend
+	backend   keystore.Backend
 }
 
 func newEnv(t testing.TB, sets []testKeySet, opts envOpts) *env {
