@@ -5,7 +5,9 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"syscall"
 	"testing"
+	"time"
 )
 
 func shortDir(t *testing.T) string {
@@ -116,5 +118,50 @@ func TestGroup(t *testing.T) {
 	}
 	if gid := statGID(t, p); gid != 65534 {
 		t.Errorf("gid %d", gid)
+	}
+}
+
+func TestLimit(t *testing.T) {
+	p := filepath.Join(shortDir(t), "k.sock")
+	inner, err := Unix(p, 0o600, -1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := Limit(inner, 2)
+	defer l.Close()
+	accepted := make(chan net.Conn, 3)
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			accepted <- c
+		}
+	}()
+	for range 3 {
+		c, err := net.Dial("unix", p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+	}
+	a := <-accepted
+	<-accepted
+	select {
+	case <-accepted:
+		t.Fatal("a third connection accepted over the limit of 2")
+	case <-time.After(100 * time.Millisecond):
+	}
+	if _, ok := a.(interface {
+		SyscallConn() (syscall.RawConn, error)
+	}); !ok {
+		t.Error("limited connections lost SyscallConn")
+	}
+	a.Close()
+	select {
+	case <-accepted:
+	case <-time.After(2 * time.Second):
+		t.Fatal("closing a connection did not free a slot")
 	}
 }
