@@ -9,6 +9,7 @@ package client
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -17,6 +18,7 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
@@ -34,6 +36,14 @@ type Client struct {
 type options struct {
 	dial  []grpc.DialOption
 	unary bool
+	tls   *tls.Config
+}
+
+// WithTLS connects over TCP with mutual TLS (the daemon's tcp listener):
+// cfg carries the client certificate and the CA that signed the daemon's.
+// The target is then host:port.
+func WithTLS(cfg *tls.Config) Option {
+	return func(o *options) { o.tls = cfg }
 }
 
 // WithUnarySign makes every signature its own unary Sign call instead of a
@@ -65,9 +75,14 @@ func Dial(target string, opts ...Option) (*Client, error) {
 	if target == "" {
 		return nil, fmt.Errorf("%w: no daemon address", ErrInvalidArgument)
 	}
-	// The Unix socket itself is the security boundary: the daemon
-	// identifies the caller by its peer credentials.
-	dial := append([]grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials())}, o.dial...)
+	// Over the Unix socket, the socket itself is the security boundary: the
+	// daemon identifies the caller by its peer credentials. Over TCP, mutual
+	// TLS is.
+	creds := insecure.NewCredentials()
+	if o.tls != nil {
+		creds = credentials.NewTLS(o.tls)
+	}
+	dial := append([]grpc.DialOption{grpc.WithTransportCredentials(creds)}, o.dial...)
 	conn, err := grpc.NewClient(target, dial...)
 	if err != nil {
 		return nil, fmt.Errorf("dial keyd at %s: %w", target, err)

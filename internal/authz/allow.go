@@ -15,6 +15,9 @@ type List struct {
 	uids   []uint32
 	gids   []uint32
 	groups Groups
+	// ids and idPrefixes match mTLS callers (see Spec.Identities).
+	ids        []string
+	idPrefixes []string
 }
 
 // Groups answers which supplementary groups a uid belongs to.
@@ -22,12 +25,23 @@ type Groups interface {
 	Of(uid uint32) []uint32
 }
 
-// Spec is an allow list as configured.
+// Spec is an allow list as configured. UIDs, GIDs, Users and Groups match
+// callers on the Unix socket; Identities match callers on the mTLS
+// listener. Neither kind of rule ever matches the other kind of caller.
 type Spec struct {
 	UIDs   []int
 	GIDs   []int
 	Users  []string
 	Groups []string
+	// Identities are client certificate identities: a URI SAN such as
+	// "spiffe://example.org/billing" or a DNS SAN such as
+	// "billing.example.org", matched exactly (DNS names without regard to
+	// case). A URI ending in "/*" matches every URI below that path:
+	// "spiffe://example.org/billing/*" matches
+	// "spiffe://example.org/billing/api" and ".../billing/api/v2", but not
+	// "spiffe://example.org/billing" itself, nor a path with an empty, "."
+	// or ".." segment. There are no other wildcards.
+	Identities []string
 }
 
 // NewList resolves spec. Names that do not exist are an error: an allow list
@@ -64,13 +78,28 @@ func NewList(spec Spec, groups Groups) (*List, error) {
 		}
 		l.gids = append(l.gids, uint32(id))
 	}
+	for _, id := range spec.Identities {
+		if err := l.addIdentity(id); err != nil {
+			return nil, err
+		}
+	}
 	return l, nil
 }
 
-// Permits reports whether c is on the list: its uid, its primary gid (from
-// the socket's peer credentials) or one of its uid's supplementary groups.
+// Permits reports whether c is on the list. A Unix caller matches by its
+// uid, its primary gid (from the socket's peer credentials) or one of its
+// uid's supplementary groups; an mTLS caller matches by one of its
+// certificate identities (Spec.Identities), never by uid or gid. A caller
+// of any other transport, or a Unix caller with identities, matches
+// nothing.
 func (l *List) Permits(c Caller) bool {
 	if l == nil {
+		return false
+	}
+	switch {
+	case c.Transport == TransportMTLS:
+		return l.permitsIdentity(c.Identities)
+	case c.Transport != "" && c.Transport != TransportUnix, len(c.Identities) > 0:
 		return false
 	}
 	if slices.Contains(l.uids, c.UID) || slices.Contains(l.gids, c.GID) {

@@ -23,15 +23,32 @@ import (
 // ErrNoCredentials means the connection carries no usable peer credentials.
 var ErrNoCredentials = errors.New("no peer credentials")
 
-// Caller is an authenticated local caller.
+// Caller is an authenticated caller: a local process on the Unix socket
+// (Transport "unix": UID, GID and PID are set) or a client of the mutual TLS
+// listener (Transport "mtls": Identities is set, UID, GID and PID are zero and
+// meaningless).
 type Caller struct {
 	UID, GID uint32
 	// PID is the caller's process at connect time, for the audit log only.
 	PID int32
+
+	// Transport is TransportUnix or TransportMTLS. The zero value is
+	// treated as TransportUnix (callers built by hand in tests); with
+	// Identities set it matches no allow list.
+	Transport string
+	// Identities are the URI SANs (first) and DNS SANs of a verified
+	// client certificate, for TransportMTLS. Shared by every RPC of the
+	// connection: do not modify.
+	Identities []string
 }
 
-// String formats the caller for logs: "uid=1001 gid=1001 pid=42".
+// String formats the caller for logs: "uid=1001 gid=1001 pid=42" for a
+// Unix caller, its identities ("spiffe://example.org/billing") for an mTLS
+// caller.
 func (c Caller) String() string {
+	if c.Transport == TransportMTLS {
+		return mtlsString(c.Identities)
+	}
 	return "uid=" + strconv.FormatUint(uint64(c.UID), 10) + " gid=" + strconv.FormatUint(uint64(c.GID), 10) + " pid=" + strconv.FormatInt(int64(c.PID), 10)
 }
 
@@ -44,17 +61,14 @@ type AuthInfo struct {
 // AuthType implements credentials.AuthInfo.
 func (AuthInfo) AuthType() string { return "unix-peercred" }
 
-// FromContext returns the caller of an RPC, or ErrNoCredentials.
+// FromContext returns the caller of an RPC, or ErrNoCredentials: the Unix
+// caller PeerCredentials found, or the mTLS caller MTLSCredentials found.
 func FromContext(ctx context.Context) (Caller, error) {
 	p, ok := peer.FromContext(ctx)
 	if !ok {
 		return Caller{}, ErrNoCredentials
 	}
-	ai, ok := p.AuthInfo.(AuthInfo)
-	if !ok {
-		return Caller{}, ErrNoCredentials
-	}
-	return ai.Caller, nil
+	return callerOf(p.AuthInfo)
 }
 
 // PeerCredentials returns gRPC transport credentials for a Unix socket
@@ -117,5 +131,14 @@ func ReadPeerCred(c net.Conn) (Caller, error) {
 	if credErr != nil {
 		return Caller{}, fmt.Errorf("%w: SO_PEERCRED: %v", ErrNoCredentials, credErr)
 	}
-	return Caller{UID: cred.Uid, GID: cred.Gid, PID: cred.Pid}, nil
+	return Caller{UID: cred.Uid, GID: cred.Gid, PID: cred.Pid, Transport: TransportUnix}, nil
+}
+
+// Who names the caller in messages: "uid 1001" for a local caller, its
+// first certificate identity for an mTLS caller.
+func (c Caller) Who() string {
+	if c.Transport == TransportMTLS && len(c.Identities) > 0 {
+		return c.Identities[0]
+	}
+	return "uid " + strconv.FormatUint(uint64(c.UID), 10)
 }

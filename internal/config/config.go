@@ -45,6 +45,8 @@ type Config struct {
 	// HTTP optionally serves /jwks/{keyset}.json (for an authorization
 	// server's jwks_uri) and /healthz over HTTP.
 	HTTP *HTTP `yaml:"http"`
+	// TCP optionally serves the gRPC API on TCP, with mutual TLS only.
+	TCP *TCP `yaml:"tcp"`
 	// Limits bound what callers can make the daemon do.
 	Limits Limits `yaml:"limits"`
 	// LogLevel is debug, info (default), warn or error.
@@ -53,6 +55,16 @@ type Config struct {
 	Backend Backend `yaml:"backend"`
 	// KeySets are the named, rotating series of keys callers sign with.
 	KeySets []KeySet `yaml:"keysets"`
+}
+
+// TCP is the mutual-TLS listener: TLS 1.3, a client certificate from
+// ClientCAFile required; callers are matched by the certificate's URI or DNS
+// SANs against the allow lists' identities.
+type TCP struct {
+	Listen       string `yaml:"listen"`
+	CertFile     string `yaml:"cert_file"`
+	KeyFile      string `yaml:"key_file"`
+	ClientCAFile string `yaml:"client_ca_file"`
 }
 
 // Limits bound what callers can make the daemon do.
@@ -81,11 +93,15 @@ type Allow struct {
 	GIDs   []int    `yaml:"gids"`
 	Users  []string `yaml:"users"`
 	Groups []string `yaml:"groups"`
+	// Identities are client-certificate identities (URI or DNS SANs) of
+	// callers over the mutual-TLS listener; "spiffe://td/path/*" matches
+	// every path below.
+	Identities []string `yaml:"identities"`
 }
 
 // Empty reports whether the list allows nobody.
 func (a Allow) Empty() bool {
-	return len(a.UIDs) == 0 && len(a.GIDs) == 0 && len(a.Users) == 0 && len(a.Groups) == 0
+	return len(a.UIDs) == 0 && len(a.GIDs) == 0 && len(a.Users) == 0 && len(a.Groups) == 0 && len(a.Identities) == 0
 }
 
 // Backend selects the key store: exactly one member is set.
@@ -302,6 +318,19 @@ func (c *Config) Validate() error {
 	if c.HTTP != nil {
 		if _, port, err := net.SplitHostPort(c.HTTP.Listen); err != nil || port == "" {
 			add("http.listen", "%q: want host:port, e.g. 127.0.0.1:8089", c.HTTP.Listen)
+		}
+	}
+	if t := c.TCP; t != nil {
+		if _, port, err := net.SplitHostPort(t.Listen); err != nil || port == "" {
+			add("tcp.listen", "%q: want host:port, e.g. 0.0.0.0:7443", t.Listen)
+		}
+		for name, f := range map[string]string{"cert_file": t.CertFile, "key_file": t.KeyFile, "client_ca_file": t.ClientCAFile} {
+			switch {
+			case f == "":
+				add("tcp."+name, "required: keyd serves TCP only with mutual TLS")
+			case !filepath.IsAbs(f):
+				add("tcp."+name, "%q must be an absolute path", f)
+			}
 		}
 	}
 	if c.Limits.SignRate < 0 || c.Limits.SignBurst < 0 || c.Limits.MaxConnections < 0 {

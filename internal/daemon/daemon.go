@@ -18,9 +18,9 @@ import (
 	"sync/atomic"
 	"time"
 
-	"golang.org/x/net/netutil"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/keepalive"
@@ -60,6 +60,8 @@ type Daemon struct {
 	mgr     *rotation.Manager
 	audit   *audit.Log
 	grpc    *grpc.Server
+	tcpGRPC *grpc.Server // the mutual-TLS listener's, if configured
+	tcpLis  net.Listener
 	health  *health.Server
 	kick    chan struct{} // a backend failure: recheck health now
 	healthy atomic.Bool
@@ -148,22 +150,22 @@ func New(ctx context.Context, cfg *config.Config, opts Options) (_ *Daemon, err 
 		return nil, err
 	}
 
-	d.grpc = grpc.NewServer(
-		grpc.Creds(authz.PeerCredentials()),
-		grpc.MaxRecvMsgSize(64<<10),
-		grpc.MaxConcurrentStreams(64),
-		grpc.ConnectionTimeout(5*time.Second),
-		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 30 * time.Second, PermitWithoutStream: true}),
-		grpc.KeepaliveParams(keepalive.ServerParameters{MaxConnectionIdle: 15 * time.Minute}),
-		grpc.ChainUnaryInterceptor(d.unaryInterceptor),
-		grpc.ChainStreamInterceptor(d.streamInterceptor),
-	)
-	srv.Register(d.grpc)
 	d.health = health.NewServer()
-	healthpb.RegisterHealthServer(d.grpc, d.health)
 	d.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
 	d.health.SetServingStatus(keydv1.KeyService_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)
-	reflection.Register(d.grpc)
+	d.grpc = d.newGRPCServer(authz.PeerCredentials(), srv)
+	if t := cfg.TCP; t != nil {
+		creds, err := authz.MTLSCredentials(authz.TLSConfig{CertFile: t.CertFile, KeyFile: t.KeyFile, ClientCAFile: t.ClientCAFile, Logger: log})
+		if err != nil {
+			return nil, fmt.Errorf("tcp: %w", err)
+		}
+		d.tcpGRPC = d.newGRPCServer(creds, srv)
+		l, err := net.Listen("tcp", t.Listen)
+		if err != nil {
+			return nil, fmt.Errorf("tcp.listen: %w", err)
+		}
+		d.tcpLis = listener.Limit(l, cfg.Limits.MaxConnections)
+	}
 
 	mode, err := cfg.Mode()
 	if err != nil {
@@ -194,8 +196,27 @@ func New(ctx context.Context, cfg *config.Config, opts Options) (_ *Daemon, err 
 	if d.lis, err = listener.Unix(cfg.Socket, mode, gid); err != nil {
 		return nil, err
 	}
-	d.lis = netutil.LimitListener(d.lis, cfg.Limits.MaxConnections)
+	d.lis = listener.Limit(d.lis, cfg.Limits.MaxConnections)
 	return d, nil
+}
+
+// newGRPCServer makes a gRPC server with keyd's limits and services over
+// creds: the Unix socket and the mutual-TLS listener get one each.
+func (d *Daemon) newGRPCServer(creds credentials.TransportCredentials, srv *server.Server) *grpc.Server {
+	g := grpc.NewServer(
+		grpc.Creds(creds),
+		grpc.MaxRecvMsgSize(64<<10),
+		grpc.MaxConcurrentStreams(64),
+		grpc.ConnectionTimeout(5*time.Second),
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 30 * time.Second, PermitWithoutStream: true}),
+		grpc.KeepaliveParams(keepalive.ServerParameters{MaxConnectionIdle: 15 * time.Minute}),
+		grpc.ChainUnaryInterceptor(d.unaryInterceptor),
+		grpc.ChainStreamInterceptor(d.streamInterceptor),
+	)
+	srv.Register(g)
+	healthpb.RegisterHealthServer(g, d.health)
+	reflection.Register(g)
+	return g
 }
 
 func supports(b keystore.Backend, a keystore.Algorithm) bool {
@@ -246,6 +267,14 @@ func (d *Daemon) Manager() *rotation.Manager { return d.mgr }
 func (d *Daemon) Serve(ctx context.Context) error {
 	errc := make(chan error, 1)
 	go func() { errc <- d.grpc.Serve(d.lis) }()
+	if d.tcpGRPC != nil {
+		go func() {
+			if err := d.tcpGRPC.Serve(d.tcpLis); err != nil && !errors.Is(err, grpc.ErrServerStopped) {
+				d.log.Error("mutual-TLS listener failed", "err", err)
+			}
+		}()
+		d.log.Info("mutual-TLS listener serving", "addr", d.tcpLis.Addr().String())
+	}
 	hctx, stopHealth := context.WithCancel(ctx)
 	defer stopHealth()
 	if hc, ok := d.backend.(healthChecker); ok {
@@ -274,10 +303,19 @@ func (d *Daemon) Serve(ctx context.Context) error {
 			cancel()
 		}
 		stopped := make(chan struct{})
-		go func() { d.grpc.GracefulStop(); close(stopped) }()
+		go func() {
+			if d.tcpGRPC != nil {
+				d.tcpGRPC.GracefulStop()
+			}
+			d.grpc.GracefulStop()
+			close(stopped)
+		}()
 		select {
 		case <-stopped:
 		case <-time.After(10 * time.Second):
+			if d.tcpGRPC != nil {
+				d.tcpGRPC.Stop()
+			}
 			d.grpc.Stop()
 		}
 		err = <-errc
@@ -358,6 +396,9 @@ func (d *Daemon) close() {
 	}
 	if d.httpLis != nil {
 		d.httpLis.Close()
+	}
+	if d.tcpLis != nil {
+		d.tcpLis.Close()
 	}
 	if d.audit != nil {
 		d.audit.Close()

@@ -12,7 +12,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"strconv"
 	"sync"
 	"time"
 
@@ -123,7 +122,7 @@ const (
 func (s *Server) caller(ctx context.Context) (authz.Caller, error) {
 	c, err := authz.FromContext(ctx)
 	if err != nil {
-		return authz.Caller{}, fmt.Errorf("%w: connect over keyd's Unix socket (%v)", errUnauthenticated, err)
+		return authz.Caller{}, fmt.Errorf("%w: connect over keyd's Unix socket or its mutual-TLS listener (%v)", errUnauthenticated, err)
 	}
 	return c, nil
 }
@@ -133,7 +132,7 @@ func (s *Server) caller(ctx context.Context) (authz.Caller, error) {
 func (s *Server) authorize(c authz.Caller, name string) (KeySet, error) {
 	ks, ok := s.sets[name]
 	if !ok || !ks.Allow.Permits(c) {
-		return KeySet{}, fmt.Errorf("key set %q: %w for uid %d (the key set does not exist or this caller is not on its allow list)", name, errDenied, c.UID)
+		return KeySet{}, fmt.Errorf("key set %q: %w for %s (the key set does not exist or this caller is not on its allow list)", name, errDenied, c.Who())
 	}
 	return ks, nil
 }
@@ -383,7 +382,7 @@ func (s *Server) admin(ctx context.Context) (authz.Caller, error) {
 	}
 	if !s.admins.Permits(c) {
 		s.metrics.Denied("admin")
-		return c, fmt.Errorf("%w: uid %d is not on the admin allow list", errDenied, c.UID)
+		return c, fmt.Errorf("%w: %s is not on the admin allow list", errDenied, c.Who())
 	}
 	return c, nil
 }
@@ -488,9 +487,7 @@ func stateToProto(s rotation.State) keydv1.KeyState {
 
 // callerKey names a caller for per-caller limits: its uid (a pid would let a
 // service escape its limit by reconnecting from a new process).
-func callerKey(c authz.Caller) string {
-	return "uid:" + strconv.FormatUint(uint64(c.UID), 10)
-}
+func callerKey(c authz.Caller) string { return c.Principal() }
 
 // keyCache keeps, per kid, the parsed public key and the key set's policy
 // bound to it (validated once, with the DPoP header precomputed). A kid is a

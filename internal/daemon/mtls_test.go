@@ -1,0 +1,128 @@
+package daemon
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"math/big"
+	"net"
+	"net/url"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/keyd-dev/keyd/client"
+)
+
+type ca struct {
+	cert *x509.Certificate
+	key  *ecdsa.PrivateKey
+}
+
+func newCA(t *testing.T) ca {
+	k, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "test CA"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &k.PublicKey, k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, _ := x509.ParseCertificate(der)
+	return ca{c, k}
+}
+
+func (c ca) issue(t *testing.T, server bool, uri string, notAfter time.Time) tls.Certificate {
+	k, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(time.Now().UnixNano()), NotBefore: time.Now().Add(-2 * time.Hour), NotAfter: notAfter}
+	if server {
+		tmpl.ExtKeyUsage = []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}
+		tmpl.IPAddresses = []net.IP{net.ParseIP("127.0.0.1")}
+	} else {
+		tmpl.ExtKeyUsage = []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}
+		u, _ := url.Parse(uri)
+		tmpl.URIs = []*url.URL{u}
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, c.cert, &k.PublicKey, c.key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: k}
+}
+
+func writePEM(t *testing.T, path, typ string, der []byte) {
+	if err := os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// A13: the TCP listener serves only mutual TLS, and a certificate's identity
+// is matched by the same allow lists: allowed, not allowed, from another CA,
+// expired, and no certificate at all.
+func TestMutualTLSListener(t *testing.T) {
+	dir := t.TempDir()
+	root, other := newCA(t), newCA(t)
+	srvCert := root.issue(t, true, "", time.Now().Add(time.Hour))
+	writePEM(t, filepath.Join(dir, "server.pem"), "CERTIFICATE", srvCert.Certificate[0])
+	keyDER, _ := x509.MarshalPKCS8PrivateKey(srvCert.PrivateKey)
+	writePEM(t, filepath.Join(dir, "server.key"), "PRIVATE KEY", keyDER)
+	writePEM(t, filepath.Join(dir, "ca.pem"), "CERTIFICATE", root.cert.Raw)
+	l, _ := net.Listen("tcp", "127.0.0.1:0")
+	addr := l.Addr().String()
+	l.Close()
+	startDaemon(t, fmt.Sprintf(`  - name: billing
+    purpose: dpop
+    alg: ES256
+    allow: {identities: ["spiffe://example.org/billing/*"]}
+tcp:
+  listen: %s
+  cert_file: %s/server.pem
+  key_file: %s/server.key
+  client_ca_file: %s/ca.pem
+`, addr, dir, dir, dir))
+
+	pool := x509.NewCertPool()
+	pool.AddCert(root.cert)
+	dial := func(certs ...tls.Certificate) *client.Client {
+		cl, err := client.Dial(addr, client.WithTLS(&tls.Config{RootCAs: pool, Certificates: certs, MinVersion: tls.VersionTLS13}))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { cl.Close() })
+		return cl
+	}
+	proof := func(cl *client.Client, keyset string) error {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_, err := cl.DPoP(keyset).Proof(ctx, "GET", "https://a.example/")
+		return err
+	}
+	good := dial(root.issue(t, false, "spiffe://example.org/billing/api", time.Now().Add(time.Hour)))
+	if err := proof(good, "billing"); err != nil {
+		t.Fatalf("allowed identity: %v", err)
+	}
+	// The uid rules of key set d do not apply to mTLS callers.
+	if err := proof(good, "d"); !errors.Is(err, client.ErrPermissionDenied) {
+		t.Errorf("mTLS caller on a uid-only key set: %v", err)
+	}
+	if err := proof(dial(root.issue(t, false, "spiffe://example.org/payments/api", time.Now().Add(time.Hour))), "billing"); !errors.Is(err, client.ErrPermissionDenied) {
+		t.Errorf("identity not allowed: %v", err)
+	}
+	for name, cl := range map[string]*client.Client{
+		"another CA":     dial(other.issue(t, false, "spiffe://example.org/billing/api", time.Now().Add(time.Hour))),
+		"expired":        dial(root.issue(t, false, "spiffe://example.org/billing/api", time.Now().Add(-time.Hour))),
+		"no certificate": dial(),
+	} {
+		if err := proof(cl, "billing"); !errors.Is(err, client.ErrUnavailable) {
+			t.Errorf("%s: %v, want the handshake refused (Unavailable)", name, err)
+		}
+	}
+}
