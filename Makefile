@@ -18,7 +18,7 @@ FUZZ_TARGETS := \
 	./keystore/pkcs11:FuzzParseURI
 FUZZ_LONG ?= 60s
 
-.PHONY: all build run run-softhsm run-swtpm deps test unit fuzz-short fuzz bench generate lint check-generated clean
+.PHONY: all build run run-softhsm run-swtpm deps e2e-deps test unit fuzz-short fuzz bench generate lint check-generated clean
 
 all: build
 
@@ -39,11 +39,25 @@ run-swtpm: build
 ## test: everything CI runs. The backends' suites need a real SoftHSM2 token
 ## and a real swtpm: deps installs them (Debian packages, idempotent) and
 ## KEYD_REQUIRE_HW=1 makes a missing one fail the run instead of skipping.
+## The end-to-end suite (e2e/) needs Node.js and the authorization server's
+## npm packages: e2e-deps installs them from the lockfile, and
+## KEYD_REQUIRE_E2E=1 makes a missing Node fail the run.
 test: deps lint unit fuzz-short
 
-deps:
+deps: e2e-deps
 	./softhsm-test/install-softhsm.sh
 	./softhsm-test/install-swtpm.sh
+
+## e2e-deps: e2e/node_modules from e2e/package-lock.json (npm ci), skipped
+## when it was installed from this very lockfile.
+E2E_STAMP := e2e/node_modules/.keyd-package-lock.json
+e2e-deps:
+	@command -v npm >/dev/null || { echo "e2e-deps: npm not found: the end-to-end tests need Node.js >= 20.19 and npm"; exit 1; }
+	@if cmp -s e2e/package-lock.json $(E2E_STAMP); then \
+	  echo "e2e/node_modules is up to date with e2e/package-lock.json"; \
+	else \
+	  cd e2e && npm ci --no-audit --no-fund && cp package-lock.json node_modules/.keyd-package-lock.json; \
+	fi
 
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go' | grep -v '\.pb\.go$$')); \
@@ -51,7 +65,7 @@ lint:
 	$(GO) vet ./...
 
 unit:
-	KEYD_REQUIRE_HW=1 $(GO) test -race -count=1 ./...
+	KEYD_REQUIRE_HW=1 KEYD_REQUIRE_E2E=1 $(GO) test -race -count=1 ./...
 
 fuzz-short:
 	@set -e; for t in $(FUZZ_TARGETS); do \

@@ -48,6 +48,12 @@ Client (find the daemon with --socket PATH or $KEYD_SOCKET):
   keyd proof --keyset NAME --htm METHOD --htu URL [--access-token T] [--nonce V] [--kid KID]
                                                     print a DPoP proof (RFC 9449)
   keyd assertion --keyset NAME                      print a private_key_jwt client assertion (RFC 7523)
+
+OAuth (private_key_jwt + DPoP, endpoints from the issuer's metadata):
+  keyd token --issuer URL --client-id ID --dpop-keyset NAME --assertion-keyset NAME [--scope S]... [--resource R]...
+                                                    get a DPoP-bound token (client credentials); print the response as JSON
+  keyd request [-X METHOD] [-d DATA] [-H 'K: V']... <token flags> URL
+                                                    get a token, call URL with it and a DPoP proof, print the body
 `
 
 func (c *cli) run(args []string) int {
@@ -71,6 +77,10 @@ func (c *cli) run(args []string) int {
 		err = c.proof(rest)
 	case "assertion":
 		err = c.assertion(rest)
+	case "token":
+		err = c.token(rest)
+	case "request":
+		err = c.request(rest)
 	case "help", "-h", "--help":
 		fmt.Fprint(c.stdout, usage)
 		return 0
