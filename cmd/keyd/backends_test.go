@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -148,4 +149,49 @@ func cmdSleep(ts *testscript.TestScript, neg bool, args []string) {
 		ts.Fatalf("sleep: bad duration %q", args[0])
 	}
 	time.Sleep(d)
+}
+
+// TestWrongPINExitStatus: keyd serve with a wrong PIN exits 77, which the
+// shipped systemd unit does not restart into (each start costs a PIN try).
+func TestWrongPINExitStatus(t *testing.T) {
+	script, _ := filepath.Abs("../../softhsm-test/new-token.sh")
+	if _, err := exec.LookPath("softhsm2-util"); err != nil {
+		if requireHW() {
+			t.Fatalf("softhsm2-util not found and KEYD_REQUIRE_HW=1: %v", err)
+		}
+		t.Skip("SoftHSM2 not installed")
+	}
+	shared := &sharedBinary{}
+	t.Cleanup(shared.remove)
+	bin, err := shared.get()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir, err := os.MkdirTemp("", "kp")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	cmd := exec.Command(script, "keyd")
+	cmd.Env = append(os.Environ(), "SOFTHSM_TEST_DIR="+filepath.Join(dir, "hsm"))
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	vars := exports(out)
+	pin := filepath.Join(dir, "badpin")
+	os.WriteFile(pin, []byte("9999"), 0o600)
+	conf := filepath.Join(dir, "keyd.yaml")
+	os.WriteFile(conf, []byte(fmt.Sprintf(`socket: %[1]s/k.sock
+state_dir: %[1]s/state
+backend: {pkcs11: {module: %[2]q, uri: %[3]q, pin_file: %[4]q}}
+keysets: [{name: d, purpose: dpop, alg: ES256, allow: {uids: [0]}}]
+`, dir, vars["KEYD_PKCS11_MODULE"], vars["KEYD_PKCS11_URI"], pin)), 0o600)
+	serve := exec.Command(bin, "serve", "--config", conf)
+	serve.Env = append(os.Environ(), "SOFTHSM2_CONF="+vars["SOFTHSM2_CONF"], "GORACE=atexit_sleep_ms=10")
+	msg, err := serve.CombinedOutput()
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || ee.ExitCode() != 77 {
+		t.Fatalf("keyd serve with a wrong PIN: %v, want exit status 77\n%s", err, msg)
+	}
 }

@@ -23,6 +23,7 @@ import (
 	"github.com/keyd-dev/keyd/internal/authz"
 	"github.com/keyd-dev/keyd/internal/config"
 	"github.com/keyd-dev/keyd/internal/daemon"
+	"github.com/keyd-dev/keyd/keystore"
 )
 
 type cli struct {
@@ -94,12 +95,34 @@ func (c *cli) run(args []string) int {
 		return 0
 	}
 	fmt.Fprintf(c.stderr, "keyd: %s\n", oneLine(err))
-	if errors.Is(err, errUsage) {
+	switch {
+	case errors.Is(err, errUsage):
 		fmt.Fprint(c.stderr, "run 'keyd help' for usage\n")
 		return 2
+	case errors.Is(err, keystore.ErrLocked):
+		return exitLocked
+	case errors.Is(err, errConfig):
+		return exitConfig
 	}
 	return 1
 }
+
+// Exit statuses of keyd serve that a supervisor must not restart into
+// (systemd: RestartPreventExitStatus): every start against a locked
+// backend costs a PIN attempt, and a bad configuration stays bad.
+const (
+	exitLocked = 77 // EX_NOPERM: the backend refused its PIN or authorization
+	exitConfig = 78 // EX_CONFIG: the configuration is invalid
+)
+
+// errConfig marks a configuration that cannot be loaded; configError
+// carries it without changing the message.
+var errConfig = errors.New("invalid configuration")
+
+type configError struct{ error }
+
+func (e configError) Is(target error) bool { return target == errConfig }
+func (e configError) Unwrap() error        { return e.error }
 
 func oneLine(err error) string {
 	var ke *client.Error
@@ -189,7 +212,7 @@ func (c *cli) serve(args []string) error {
 	}
 	cfg, err := loadConfig(*path)
 	if err != nil {
-		return err
+		return configError{err}
 	}
 	level := new(slog.LevelVar)
 	_ = level.UnmarshalText([]byte(cfg.LogLevel))

@@ -46,13 +46,14 @@ func TestExitStatus(t *testing.T) {
 		{"assertion without key set", []string{"assertion"}, 2, `\Akeyd: assertion needs --keyset\n` + hint + `\z`, ""},
 		{"check-config without config", []string{"check-config"}, 2, `\Akeyd: --config FILE is required\n` + hint + `\z`, ""},
 		// The flag package prints its own complaint and the flag list first.
+		{"serve with a missing configuration", []string{"serve", "--config", "/nonexistent/keyd.yaml"}, 78, `\Akeyd: read config: open /nonexistent/keyd.yaml: no such file or directory\n\z`, ""},
 		{"unknown flag", []string{"proof", "--bogus"}, 2, `(?sm)\A.*^keyd: flag provided but not defined: --bogus\n` + hint + `\z`, ""},
 		{"flag help", []string{"proof", "-h"}, 0, `(?s)\AUsage of keyd proof:\n.*-htu string`, ""},
 		{"no daemon", []string{"jwks", "--socket", noSocket}, 1, `\Akeyd: no keyd socket at ` + regexp.QuoteMeta(noSocket) + `: is 'keyd serve' running\? \(choose the socket with --socket or KEYD_SOCKET\)\n\z`, ""},
 		{"no daemon, default socket", []string{"keys", "list"}, 1, `\Akeyd: no keyd socket at ` + regexp.QuoteMeta(filepath.Join(dir, "keyd", "keyd.sock")) + `: is 'keyd serve' running\?`, ""},
 		{"no daemon, health", []string{"health", "--socket", noSocket}, 1, `\Akeyd: no keyd socket at .*\n\z`, ""},
 		{"bad config", []string{"check-config", "--config", bad}, 1, `(?s)\A.*: invalid configuration:\n.*socket: "relative.sock" must be an absolute path\n.*keyd: the configuration has problems \(listed above\)\n\z`, ""},
-		{"serve with bad config", []string{"serve", "--config", bad}, 1, `\Akeyd: .*invalid configuration: .*socket: "relative.sock" must be an absolute path.*\n\z`, ""},
+		{"serve with bad config", []string{"serve", "--config", bad}, 78, `\Akeyd: .*invalid configuration: .*socket: "relative.sock" must be an absolute path.*\n\z`, ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var stdout, stderr strings.Builder
