@@ -15,7 +15,9 @@ FUZZ_TARGETS := \
 	./internal/jws:FuzzJWKUnmarshal \
 	./internal/server:FuzzSign \
 	./internal/audit:FuzzAppendString \
-	./keystore/pkcs11:FuzzParseURI
+	./keystore/pkcs11:FuzzParseURI \
+	./keystore/tpm:FuzzDecodeKey \
+	./internal/config:FuzzParse
 FUZZ_LONG ?= 60s
 
 .PHONY: all build run run-softhsm run-swtpm deps e2e-deps test unit fuzz-short fuzz bench generate lint check-generated clean

@@ -2,6 +2,7 @@ package audit
 
 import (
 	"bytes"
+	"net"
 	"encoding/json"
 	"errors"
 	"os"
@@ -87,5 +88,48 @@ func TestWriteFailureIsReported(t *testing.T) {
 	defer l.Close()
 	if err := l.Record(sample()); !errors.Is(err, ErrWrite) {
 		t.Fatalf("err = %v, want ErrWrite", err)
+	}
+}
+
+// A record reaches syslog, and with two sinks a failing one does not stop
+// the record (fall over); only when both fail is the record refused.
+func TestSyslogAndFallOver(t *testing.T) {
+	dir, err := os.MkdirTemp("", "kl")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	addr := filepath.Join(dir, "log")
+	pc, err := net.ListenPacket("unixgram", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Close()
+	sl, err := OpenSyslog(addr, "keyd-audit")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sl.Close()
+	full, err := Open("/dev/full")
+	if err != nil {
+		t.Skip("no /dev/full")
+	}
+	defer full.Close()
+
+	both := Either(nil, full, sl)
+	if err := both.Record(sample()); err != nil {
+		t.Fatalf("one sink working: %v", err)
+	}
+	buf := make([]byte, 4096)
+	pc.SetReadDeadline(time.Now().Add(5 * time.Second))
+	n, _, err := pc.ReadFrom(buf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if msg := string(buf[:n]); !strings.Contains(msg, "keyd-audit") || !strings.Contains(msg, `"keyset":"billing-dpop"`) || !strings.HasPrefix(msg, "<86>") {
+		t.Errorf("syslog message %q (want authpriv.info, the tag and the JSON record)", msg)
+	}
+	if err := Either(nil, full, full).Record(sample()); !errors.Is(err, ErrWrite) {
+		t.Errorf("both sinks failing: %v", err)
 	}
 }

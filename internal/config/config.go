@@ -35,10 +35,18 @@ type Config struct {
 	SocketMode string `yaml:"socket_mode"`
 	// SocketGroup optionally names the group that owns the socket.
 	SocketGroup string `yaml:"socket_group"`
+	// AdminSocket, when set, is a separate socket (mode 0600, owned by
+	// keyd's user) that alone serves KeyAdminService (rotate, revoke); the
+	// main socket then serves KeyService only.
+	AdminSocket string `yaml:"admin_socket"`
 	// StateDir holds the key metadata (and the soft keystore's keys).
 	StateDir string `yaml:"state_dir"`
 	// AuditLog is the file every sign decision is appended to, one JSON line each.
 	AuditLog string `yaml:"audit_log"`
+	// AuditSyslog, when set, also sends every record to syslog; a
+	// signature is then released when at least one of the two sinks has
+	// its record (the log falls over to syslog, and back).
+	AuditSyslog *AuditSyslog `yaml:"audit_syslog"`
 	// Admins may call KeyAdminService (rotate, revoke). Default: root and
 	// the daemon's own uid.
 	Admins *Allow `yaml:"admins"`
@@ -78,6 +86,15 @@ type Limits struct {
 	// MaxConnections bounds the open connections to the socket (default
 	// 1024); further clients wait in the kernel's accept queue.
 	MaxConnections int `yaml:"max_connections"`
+}
+
+// AuditSyslog is the audit log's second sink.
+type AuditSyslog struct {
+	// Address is the syslog socket (default /dev/log, which journald
+	// serves too).
+	Address string `yaml:"address"`
+	// Tag is the syslog tag (default keyd-audit).
+	Tag string `yaml:"tag"`
 }
 
 // HTTP is the optional HTTP listener.
@@ -311,6 +328,19 @@ func (c *Config) Validate() error {
 		add("state_dir", "required: the directory for key metadata")
 	} else if !filepath.IsAbs(c.StateDir) {
 		add("state_dir", "%q must be an absolute path", c.StateDir)
+	}
+	if a := c.AdminSocket; a != "" {
+		switch {
+		case strings.HasPrefix(a, "@"):
+			add("admin_socket", "abstract sockets are not allowed: they have no file permissions")
+		case !filepath.IsAbs(a):
+			add("admin_socket", "%q must be an absolute path", a)
+		case a == c.Socket:
+			add("admin_socket", "must differ from socket")
+		}
+	}
+	if a := c.AuditSyslog; a != nil && a.Address != "" && !filepath.IsAbs(a.Address) {
+		add("audit_syslog.address", "%q must be the absolute path of a Unix datagram socket", a.Address)
 	}
 	if c.AuditLog != "" && !filepath.IsAbs(c.AuditLog) {
 		add("audit_log", "%q must be an absolute path", c.AuditLog)

@@ -203,3 +203,28 @@ func TestScheduleDefaultsAndRules(t *testing.T) {
 		}
 	}
 }
+
+// FuzzParse: any file is either a valid configuration or an error, never a
+// panic; a valid one passes Validate again.
+func FuzzParse(f *testing.F) {
+	f.Add([]byte(good))
+	f.Add([]byte(strings.Replace(good, "soft: {}", "tpm: {address: \"tcp://127.0.0.1:2321\"}", 1)))
+	f.Add([]byte(strings.Replace(good, "soft: {}", "pkcs11: {module: /x.so, uri: \"pkcs11:token=a\", pin_env: P}", 1)))
+	f.Add([]byte("keysets: [{name: a, rotation: {period: 1h, drain: -1s}}]"))
+	f.Add([]byte("tcp: {listen: ':1'}\nhttp: {listen: x}\nlimits: {sign_rate: -1}"))
+	f.Add([]byte("{"))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		c, err := Parse(b, "fuzz.yaml")
+		if err != nil {
+			return
+		}
+		if err := c.Validate(); err != nil {
+			t.Fatalf("parsed but invalid: %v", err)
+		}
+		for _, ks := range c.KeySets {
+			if _, err := ks.RotationKeySet(); err != nil {
+				t.Fatalf("valid key set without a lifecycle: %v", err)
+			}
+		}
+	})
+}

@@ -53,23 +53,26 @@ type Options struct {
 
 // Daemon is an assembled keyd.
 type Daemon struct {
-	cfg     *config.Config
-	log     *slog.Logger
-	backend keystore.Backend
-	store   *rotation.Store
-	mgr     *rotation.Manager
-	audit   *audit.Log
-	grpc    *grpc.Server
-	tcpGRPC *grpc.Server // the mutual-TLS listener's, if configured
-	tcpLis  net.Listener
-	health  *health.Server
-	kick    chan struct{} // a backend failure: recheck health now
-	healthy atomic.Bool
-	metrics *metrics.Metrics
-	lis     net.Listener
-	httpLis net.Listener
-	http    *http.Server
-	ready   func(string)
+	cfg       *config.Config
+	log       *slog.Logger
+	backend   keystore.Backend
+	store     *rotation.Store
+	mgr       *rotation.Manager
+	audit     *audit.Log
+	syslog    *audit.Syslog // the audit log's second sink, if configured
+	grpc      *grpc.Server
+	tcpGRPC   *grpc.Server // the mutual-TLS listener's, if configured
+	adminGRPC *grpc.Server // the admin socket's, if configured
+	adminLis  net.Listener
+	tcpLis    net.Listener
+	health    *health.Server
+	kick      chan struct{} // a backend failure: recheck health now
+	healthy   atomic.Bool
+	metrics   *metrics.Metrics
+	lis       net.Listener
+	httpLis   net.Listener
+	http      *http.Server
+	ready     func(string)
 }
 
 // New builds a daemon: it locks the state directory, opens the backend,
@@ -135,9 +138,23 @@ func New(ctx context.Context, cfg *config.Config, opts Options) (_ *Daemon, err 
 	if d.audit, err = audit.Open(cfg.AuditLog); err != nil {
 		return nil, err
 	}
+	var sink server.Auditor = d.audit
+	if a := cfg.AuditSyslog; a != nil {
+		addr, tag := a.Address, a.Tag
+		if addr == "" {
+			addr = "/dev/log"
+		}
+		if tag == "" {
+			tag = "keyd-audit"
+		}
+		if d.syslog, err = audit.OpenSyslog(addr, tag); err != nil {
+			return nil, err
+		}
+		sink = audit.Either(log, d.audit, d.syslog)
+	}
 	d.metrics = metrics.New(d.backend.Name(), d.mgr)
 	srv, err := server.New(server.Config{
-		Manager: d.mgr, KeySets: policies, Admins: admins, Audit: d.audit, Logger: log,
+		Manager: d.mgr, KeySets: policies, Admins: admins, Audit: sink, Logger: log,
 		Metrics: d.metrics, SignRate: cfg.Limits.SignRate, SignBurst: cfg.Limits.SignBurst,
 		BackendFailed: func(error) {
 			select {
@@ -153,13 +170,18 @@ func New(ctx context.Context, cfg *config.Config, opts Options) (_ *Daemon, err 
 	d.health = health.NewServer()
 	d.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
 	d.health.SetServingStatus(keydv1.KeyService_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)
-	d.grpc = d.newGRPCServer(authz.PeerCredentials(), srv)
+	if cfg.AdminSocket == "" {
+		d.grpc = d.newGRPCServer(authz.PeerCredentials(), srv.Register)
+	} else {
+		d.grpc = d.newGRPCServer(authz.PeerCredentials(), srv.RegisterKeys)
+		d.adminGRPC = d.newGRPCServer(authz.PeerCredentials(), srv.RegisterAdmin)
+	}
 	if t := cfg.TCP; t != nil {
 		creds, err := authz.MTLSCredentials(authz.TLSConfig{CertFile: t.CertFile, KeyFile: t.KeyFile, ClientCAFile: t.ClientCAFile, Logger: log})
 		if err != nil {
 			return nil, fmt.Errorf("tcp: %w", err)
 		}
-		d.tcpGRPC = d.newGRPCServer(creds, srv)
+		d.tcpGRPC = d.newGRPCServer(creds, srv.RegisterKeys)
 		l, err := net.Listen("tcp", t.Listen)
 		if err != nil {
 			return nil, fmt.Errorf("tcp.listen: %w", err)
@@ -197,12 +219,19 @@ func New(ctx context.Context, cfg *config.Config, opts Options) (_ *Daemon, err 
 		return nil, err
 	}
 	d.lis = listener.Limit(d.lis, cfg.Limits.MaxConnections)
+	if cfg.AdminSocket != "" {
+		l, err := listener.Unix(cfg.AdminSocket, 0o600, -1)
+		if err != nil {
+			return nil, fmt.Errorf("admin_socket: %w", err)
+		}
+		d.adminLis = listener.Limit(l, 64)
+	}
 	return d, nil
 }
 
 // newGRPCServer makes a gRPC server with keyd's limits and services over
 // creds: the Unix socket and the mutual-TLS listener get one each.
-func (d *Daemon) newGRPCServer(creds credentials.TransportCredentials, srv *server.Server) *grpc.Server {
+func (d *Daemon) newGRPCServer(creds credentials.TransportCredentials, register func(*grpc.Server)) *grpc.Server {
 	g := grpc.NewServer(
 		grpc.Creds(creds),
 		grpc.MaxRecvMsgSize(64<<10),
@@ -213,7 +242,7 @@ func (d *Daemon) newGRPCServer(creds credentials.TransportCredentials, srv *serv
 		grpc.ChainUnaryInterceptor(d.unaryInterceptor),
 		grpc.ChainStreamInterceptor(d.streamInterceptor),
 	)
-	srv.Register(g)
+	register(g)
 	healthpb.RegisterHealthServer(g, d.health)
 	reflection.Register(g)
 	return g
@@ -267,6 +296,13 @@ func (d *Daemon) Manager() *rotation.Manager { return d.mgr }
 func (d *Daemon) Serve(ctx context.Context) error {
 	errc := make(chan error, 1)
 	go func() { errc <- d.grpc.Serve(d.lis) }()
+	if d.adminGRPC != nil {
+		go func() {
+			if err := d.adminGRPC.Serve(d.adminLis); err != nil && !errors.Is(err, grpc.ErrServerStopped) {
+				d.log.Error("admin socket failed", "err", err)
+			}
+		}()
+	}
 	if d.tcpGRPC != nil {
 		go func() {
 			if err := d.tcpGRPC.Serve(d.tcpLis); err != nil && !errors.Is(err, grpc.ErrServerStopped) {
@@ -304,8 +340,10 @@ func (d *Daemon) Serve(ctx context.Context) error {
 		}
 		stopped := make(chan struct{})
 		go func() {
-			if d.tcpGRPC != nil {
-				d.tcpGRPC.GracefulStop()
+			for _, g := range []*grpc.Server{d.tcpGRPC, d.adminGRPC} {
+				if g != nil {
+					g.GracefulStop()
+				}
 			}
 			d.grpc.GracefulStop()
 			close(stopped)
@@ -313,8 +351,10 @@ func (d *Daemon) Serve(ctx context.Context) error {
 		select {
 		case <-stopped:
 		case <-time.After(10 * time.Second):
-			if d.tcpGRPC != nil {
-				d.tcpGRPC.Stop()
+			for _, g := range []*grpc.Server{d.tcpGRPC, d.adminGRPC} {
+				if g != nil {
+					g.Stop()
+				}
 			}
 			d.grpc.Stop()
 		}
@@ -400,8 +440,14 @@ func (d *Daemon) close() {
 	if d.tcpLis != nil {
 		d.tcpLis.Close()
 	}
+	if d.adminLis != nil {
+		d.adminLis.Close()
+	}
 	if d.audit != nil {
 		d.audit.Close()
+	}
+	if d.syslog != nil {
+		d.syslog.Close()
 	}
 	if d.backend != nil {
 		d.backend.Close()

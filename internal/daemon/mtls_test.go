@@ -19,6 +19,9 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
 	"github.com/keyd-dev/keyd/client"
 )
 
@@ -124,5 +127,40 @@ tcp:
 		if err := proof(cl, "billing"); !errors.Is(err, client.ErrUnavailable) {
 			t.Errorf("%s: %v, want the handshake refused (Unavailable)", name, err)
 		}
+	}
+}
+
+// The admin service on its own 0600 socket: rotate works there and not on
+// the main socket, which serves KeyService only.
+func TestAdminSocket(t *testing.T) {
+	dir, err := os.MkdirTemp("", "kq")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	admin := filepath.Join(dir, "admin.sock")
+	socket, _ := startDaemon(t, "admin_socket: "+admin+"\n")
+	fi, err := os.Stat(admin)
+	if err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("admin socket: %v %v", fi, err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	main, _ := client.Dial(socket)
+	defer main.Close()
+	if _, err := main.Rotate(ctx, "d", true); status.Code(err) != codes.Unimplemented {
+		t.Errorf("rotate on the main socket: %v, want Unimplemented", err)
+	}
+	if _, err := main.DPoP("d").Proof(ctx, "GET", "https://a.example/"); err != nil {
+		t.Errorf("sign on the main socket: %v", err)
+	}
+	adm, _ := client.Dial(admin)
+	defer adm.Close()
+	r, err := adm.Rotate(ctx, "d", true)
+	if err != nil || r.Previous.State != "draining" {
+		t.Fatalf("rotate on the admin socket: %+v %v", r, err)
+	}
+	if _, err := adm.DPoP("d").Proof(ctx, "GET", "https://a.example/"); status.Code(err) != codes.Unimplemented {
+		t.Errorf("sign on the admin socket: %v, want Unimplemented", err)
 	}
 }

@@ -107,9 +107,15 @@ func New(cfg Config) (*Server, error) {
 
 // Register registers both services on g.
 func (s *Server) Register(g *grpc.Server) {
-	keydv1.RegisterKeyServiceServer(g, s)
-	keydv1.RegisterKeyAdminServiceServer(g, s)
+	s.RegisterKeys(g)
+	s.RegisterAdmin(g)
 }
+
+// RegisterKeys registers KeyService only (for a socket without admin calls).
+func (s *Server) RegisterKeys(g *grpc.Server) { keydv1.RegisterKeyServiceServer(g, s) }
+
+// RegisterAdmin registers KeyAdminService only (for the admin socket).
+func (s *Server) RegisterAdmin(g *grpc.Server) { keydv1.RegisterKeyAdminServiceServer(g, s) }
 
 // Field caps: far above any legitimate request, far below anything abusive.
 const (
