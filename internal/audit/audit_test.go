@@ -2,9 +2,9 @@ package audit
 
 import (
 	"bytes"
-	"net"
 	"encoding/json"
 	"errors"
+	"net"
 	"os"
 	"path/filepath"
 	"reflect"
