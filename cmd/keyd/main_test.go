@@ -588,12 +588,19 @@ func copyFile(from, to string, mode os.FileMode) error {
 // fails the script either way.
 func (s *sharedBinary) cmdAsUser(ts *testscript.TestScript, neg bool, args []string) {
 	if len(args) < 3 || args[2] != "keyd" {
-		ts.Fatalf("usage: asuser UID GID keyd ARGS...")
+		ts.Fatalf("usage: asuser UID GID[,SUPPLEMENTARY...] keyd ARGS...")
 	}
 	uid, err := strconv.ParseUint(args[0], 10, 32)
 	ts.Check(err)
-	gid, err := strconv.ParseUint(args[1], 10, 32)
+	gids := strings.Split(args[1], ",")
+	gid, err := strconv.ParseUint(gids[0], 10, 32)
 	ts.Check(err)
+	groups := []uint32{}
+	for _, g := range gids[1:] {
+		n, err := strconv.ParseUint(g, 10, 32)
+		ts.Check(err)
+		groups = append(groups, uint32(n))
+	}
 	bin, err := s.get()
 	ts.Check(err)
 
@@ -608,7 +615,7 @@ func (s *sharedBinary) cmdAsUser(ts *testscript.TestScript, neg bool, args []str
 			cmd.Env = append(cmd.Env, name+"="+v)
 		}
 	}
-	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid), Groups: []uint32{}}}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid), Groups: groups}}
 	var stdout, stderr strings.Builder
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	err = cmd.Run()
