@@ -52,7 +52,13 @@ func TestKeyWatcher(t *testing.T) {
 	// The stream breaks with the daemon and comes back with it.
 	e.grpc.Stop()
 	e.serve(t)
-	r2, err := e.cl.Rotate(sctx, "dpop", false)
+	var r2 client.Rotation
+	for i := 0; ; i++ { // the client's connection comes back
+		if r2, err = e.cl.Rotate(sctx, "dpop", false); err == nil || i == 100 {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 	if err != nil {
 		t.Fatal(err)
 	}
