@@ -25,9 +25,10 @@ import (
 )
 
 // startKeyd runs a real keyd daemon in this process, on the soft keystore,
-// with key sets "dpop" and "dpop2" (dpop, ES256) and "assert"
-// (client_assertion for client_id "c1", audience aud), and returns a
-// client of it. The daemon and the client are stopped at cleanup.
+// with key sets "dpop" and "dpop2" (dpop, ES256), "dpop-short" (dpop,
+// ES256, tokens of 1s and a drain of 1.5s) and "assert" (client_assertion
+// for client_id "c1", audience aud), and returns a client of it. The test
+// is an admin (it runs as the daemon's uid). The daemon and the client are stopped at cleanup.
 func startKeyd(t *testing.T, aud string) *client.Client {
 	t.Helper()
 	dir, err := os.MkdirTemp("", "kd")
@@ -44,6 +45,7 @@ backend: {soft: {}}
 keysets:
   - {name: dpop, purpose: dpop, alg: ES256, allow: {uids: [%[3]d]}}
   - {name: dpop2, purpose: dpop, alg: ES256, allow: {uids: [%[3]d]}}
+  - {name: dpop-short, purpose: dpop, alg: ES256, token_lifetime: 1s, rotation: {period: 1h, drain: 1500ms}, allow: {uids: [%[3]d]}}
   - {name: assert, purpose: client_assertion, alg: ES256, client_id: c1, audience: %q, allow: {uids: [%[3]d]}}
 `, socket, filepath.Join(dir, "state"), uid, aud)
 	cfg, err := config.Parse([]byte(yaml), "test.yaml")

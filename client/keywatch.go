@@ -41,6 +41,7 @@ func (c *Client) WatchKeys(ctx context.Context, keysets []string, opts ...WatchO
 
 func (w *KeyWatcher) run(ctx context.Context, c *Client, keysets []string) {
 	backoff := 50 * time.Millisecond
+	syncedBefore := false
 	for ctx.Err() == nil {
 		fresh := map[string]Key{}
 		syncedNow := false
@@ -56,8 +57,26 @@ func (w *KeyWatcher) run(ctx context.Context, c *Client, keysets []string) {
 				fresh[ev.Key.Kid] = ev.Key
 			case "synced":
 				w.mu.Lock()
+				old := w.keys
 				w.keys, w.err = fresh, nil
 				w.mu.Unlock()
+				// After a reconnect, what changed while the stream was down
+				// is reported like any other change.
+				if w.onChange != nil && syncedBefore {
+					for kid, k := range fresh {
+						if o, ok := old[kid]; !ok || o.State != k.State {
+							w.onChange(KeyEvent{Type: "changed", Key: k, Previous: o.State})
+						}
+					}
+					for kid, o := range old {
+						if _, ok := fresh[kid]; !ok {
+							gone := o
+							gone.State = "destroyed"
+							w.onChange(KeyEvent{Type: "changed", Key: gone, Previous: o.State})
+						}
+					}
+				}
+				syncedBefore = true
 				syncedNow = true
 				backoff = 50 * time.Millisecond
 				w.once.Do(func() { close(w.synced) })

@@ -73,7 +73,9 @@ type OAuthConfig struct {
 	Logger *slog.Logger
 
 	// ExpiryMargin is how long before its expiry a cached token is
-	// replaced; default 30s, and at most half the token's lifetime.
+	// replaced; default 30s, and at most half the token's lifetime. With
+	// WatchKeys, a token bound to a draining key is replaced as long
+	// before that key retires, if that comes first.
 	ExpiryMargin time.Duration
 }
 
@@ -125,6 +127,8 @@ type OAuth struct {
 
 	mu       sync.Mutex
 	clientID string // cfg.ClientID, or learned from the first assertion
+
+	keys keyFollower // WatchKeys: the DPoP key set's lifecycle, and the token sources that follow it
 }
 
 // OAuth returns an OAuth client for cfg. When cfg.TokenURL is empty it
@@ -202,9 +206,9 @@ func (o *OAuth) ClientCredentialsToken(ctx context.Context) (*oauth2.Token, erro
 // caches each token until shortly before it expires (see ExpiryMargin).
 // ctx bounds every request the source makes.
 func (o *OAuth) ClientCredentials(ctx context.Context) *TokenSource {
-	return &TokenSource{o: o, ctx: ctx, fetch: func(ctx context.Context, _ *oauth2.Token) (*oauth2.Token, error) {
+	return o.track(&TokenSource{o: o, ctx: ctx, fetch: func(ctx context.Context, _ *oauth2.Token) (*oauth2.Token, error) {
 		return o.ClientCredentialsToken(ctx)
-	}}
+	}})
 }
 
 // AuthCodeURL returns the URL of an authorization request (RFC 6749 §4.1)
@@ -277,7 +281,7 @@ func (o *OAuth) Refresh(ctx context.Context, refreshToken string) (*oauth2.Token
 // to expire, refreshes it with its refresh token (keeping that refresh
 // token when the server sends no new one). ctx bounds every refresh.
 func (o *OAuth) TokenSource(ctx context.Context, tok *oauth2.Token) *TokenSource {
-	return &TokenSource{o: o, ctx: ctx, tok: tok, fetch: func(ctx context.Context, cur *oauth2.Token) (*oauth2.Token, error) {
+	return o.track(&TokenSource{o: o, ctx: ctx, tok: tok, fetch: func(ctx context.Context, cur *oauth2.Token) (*oauth2.Token, error) {
 		if cur == nil || cur.RefreshToken == "" {
 			return nil, fmt.Errorf("the token expired: %w", ErrNoRefreshToken)
 		}
@@ -289,7 +293,7 @@ func (o *OAuth) TokenSource(ctx context.Context, tok *oauth2.Token) *TokenSource
 			next.RefreshToken = cur.RefreshToken
 		}
 		return next, nil
-	}}
+	}})
 }
 
 // Revoke revokes token (RFC 7009) at the revocation endpoint, with the same
@@ -597,7 +601,9 @@ func (o *OAuth) proof(ctx context.Context, p proofParams) (Proof, error) {
 // before it expires and then gets a new one (client credentials) or
 // refreshes it (TokenSource). Concurrent callers share one request. The
 // tokens carry the kid they are bound to (BoundKid), which Transport proves
-// with.
+// with. When the client follows its DPoP key set (OAuth.WatchKeys), a
+// token is also replaced once its key can no longer prove for it: see
+// WatchKeys.
 type TokenSource struct {
 	o     *OAuth
 	ctx   context.Context
@@ -610,11 +616,12 @@ type TokenSource struct {
 // defaultExpiryMargin is OAuthConfig.ExpiryMargin's default.
 const defaultExpiryMargin = 30 * time.Second
 
-// Token returns the cached token, or a new one when it is about to expire.
+// Token returns the cached token, or a new one when it is about to expire
+// or its DPoP key is about to stop signing.
 func (s *TokenSource) Token() (*oauth2.Token, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.tok != nil && s.fresh(s.tok, time.Now()) {
+	if s.tok != nil && s.usable(s.tok, time.Now()) {
 		return s.tok, nil
 	}
 	tok, err := s.fetch(s.ctx, s.tok)
@@ -631,12 +638,23 @@ func (s *TokenSource) Token() (*oauth2.Token, error) {
 func (s *TokenSource) Invalidate(tok *oauth2.Token) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	s.invalidateLocked(tok)
+}
+
+func (s *TokenSource) invalidateLocked(tok *oauth2.Token) {
 	if s.tok == tok && tok != nil {
 		// Expired, so Token refreshes it rather than returning it.
 		stale := *tok
 		stale.Expiry = time.Unix(1, 0)
 		s.tok = &stale
 	}
+}
+
+// usable reports whether tok may still be handed out at now: it is not
+// about to expire, and, as far as the client follows the DPoP key set, its
+// key is not about to stop signing.
+func (s *TokenSource) usable(tok *oauth2.Token, now time.Time) bool {
+	return s.fresh(tok, now) && s.o.boundKeyUsable(BoundKid(tok), now, s.margin(tok))
 }
 
 func (s *TokenSource) fresh(tok *oauth2.Token, now time.Time) bool {
@@ -646,6 +664,12 @@ func (s *TokenSource) fresh(tok *oauth2.Token, now time.Time) bool {
 	if tok.Expiry.IsZero() {
 		return true
 	}
+	return now.Before(tok.Expiry.Add(-s.margin(tok)))
+}
+
+// margin is how long before its end tok is replaced: ExpiryMargin, at most
+// half its lifetime.
+func (s *TokenSource) margin(tok *oauth2.Token) time.Duration {
 	margin := s.o.cfg.ExpiryMargin
 	if margin <= 0 {
 		margin = defaultExpiryMargin
@@ -653,7 +677,7 @@ func (s *TokenSource) fresh(tok *oauth2.Token, now time.Time) bool {
 	if tok.ExpiresIn > 0 {
 		margin = min(margin, time.Duration(tok.ExpiresIn)*time.Second/2)
 	}
-	return now.Before(tok.Expiry.Add(-margin))
+	return margin
 }
 
 // --- what a client learns of servers' clocks ---

@@ -26,9 +26,12 @@ import (
 // and when the retry is answered the same way, the response is returned as
 // it is. The nonce is remembered for the next request either way.
 //
-// If the token's key can no longer sign (it was revoked, or retired after
+// The proof is always signed by the token's own key, draining or not. If
+// that key can no longer sign (it was revoked or lost, or retired after
 // draining) and Source is a *TokenSource, the token is dropped and the
-// request is made once with a new one.
+// request is made once with a new one, bound to the active key; nothing is
+// sent with the old token. (With OAuth.WatchKeys the source has usually
+// replaced such a token before this happens.)
 //
 // A token that is not DPoP-bound (OAuthConfig.AllowBearer) is sent as
 // "Authorization: Bearer" without a proof.
@@ -109,7 +112,7 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 			nonce: t.o.rsNonces.Get(rawURL), kid: BoundKid(tok), offset: t.o.clock.get(rawURL)})
 	}
 	proof, err := prove(tok)
-	if errors.Is(err, ErrFailedPrecondition) && BoundKid(tok) != "" {
+	if (errors.Is(err, ErrFailedPrecondition) || errors.Is(err, ErrKeyLost)) && BoundKid(tok) != "" {
 		// The bound key is no longer signable: get a token for the active key.
 		if ts, ok := t.Source.(*TokenSource); ok {
 			ts.Invalidate(tok)

@@ -369,12 +369,16 @@ func runKeyd(t *testing.T, bin string, args ...string) (stdout, stderr string, s
 
 // exchange is one request and its response, as a recorder saw them.
 type exchange struct {
-	method, url string
-	dpop        map[string]any // the proof's claims (unverified)
-	assertion   map[string]any // the client assertion's claims
-	status      int
-	nonce       string // DPoP-Nonce of the response
-	challenge   string // WWW-Authenticate of the response
+	method, url  string
+	sent, done   time.Time
+	authz        string         // the Authorization header
+	dpop         map[string]any // the proof's claims (unverified)
+	dpopJKT      string         // the thumbprint of the proof's jwk
+	assertion    map[string]any // the client assertion's claims
+	assertionKid string         // the client assertion's kid header
+	status       int
+	nonce        string // DPoP-Nonce of the response
+	challenge    string // WWW-Authenticate of the response
 }
 
 // recorder is an http.RoundTripper that records what goes through it.
@@ -385,15 +389,19 @@ type recorder struct {
 }
 
 func (r *recorder) RoundTrip(req *http.Request) (*http.Response, error) {
-	x := exchange{method: req.Method, url: req.URL.String(), dpop: jwtClaims(req.Header.Get("DPoP"))}
+	proof := req.Header.Get("DPoP")
+	x := exchange{method: req.Method, url: req.URL.String(), sent: time.Now(), authz: req.Header.Get("Authorization"),
+		dpop: jwtClaims(proof), dpopJKT: proofJKT(proof)}
 	if req.GetBody != nil && req.Header.Get("Content-Type") == "application/x-www-form-urlencoded" {
 		if b, err := req.GetBody(); err == nil {
 			raw, _ := io.ReadAll(b)
 			form, _ := parseQuery(string(raw))
 			x.assertion = jwtClaims(form.Get("client_assertion"))
+			x.assertionKid, _ = jwtHeader(form.Get("client_assertion"))["kid"].(string)
 		}
 	}
 	resp, err := r.base.RoundTrip(req)
+	x.done = time.Now()
 	if err == nil {
 		x.status, x.nonce, x.challenge = resp.StatusCode, resp.Header.Get("DPoP-Nonce"), resp.Header.Get("WWW-Authenticate")
 	}

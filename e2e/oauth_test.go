@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"context"
+	"crypto"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -688,3 +689,36 @@ func jwtClaims(compact string) map[string]any {
 }
 
 func parseQuery(s string) (url.Values, error) { return url.ParseQuery(s) }
+
+// jwtHeader returns the protected header of a compact JWS (unverified).
+func jwtHeader(compact string) map[string]any {
+	h, _, ok := strings.Cut(compact, ".")
+	if !ok {
+		return nil
+	}
+	b, err := base64.RawURLEncoding.DecodeString(h)
+	if err != nil {
+		return nil
+	}
+	var m map[string]any
+	json.Unmarshal(b, &m)
+	return m
+}
+
+// proofJKT returns the RFC 7638 thumbprint of a DPoP proof's jwk header
+// (the key that signed it, for a proof that verifies), or "".
+func proofJKT(proof string) string {
+	raw, err := json.Marshal(jwtHeader(proof)["jwk"])
+	if err != nil {
+		return ""
+	}
+	var k jose.JSONWebKey
+	if k.UnmarshalJSON(raw) != nil {
+		return ""
+	}
+	tp, err := k.Thumbprint(crypto.SHA256)
+	if err != nil {
+		return ""
+	}
+	return base64.RawURLEncoding.EncodeToString(tp)
+}

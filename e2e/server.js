@@ -10,8 +10,10 @@
 //  1. The server listens on 127.0.0.1 (a free port) and prints
 //     {"url":"http://127.0.0.1:PORT"} — the issuer.
 //  2. The test writes one line: {"clients":[CLIENT...]} with, per client,
-//     {"client_id", "jwks", "grant_types", "redirect_uris",
-//      "assertion_audience": "issuer" | "token_endpoint"}.
+//     {"client_id", "jwks" | "jwks_uri", "grant_types", "redirect_uris",
+//      "assertion_audience": "issuer" | "token_endpoint",
+//      "access_token_ttl": seconds (default 600),
+//      "jwks_uri_max_age_exact": true (see below)}.
 //     (The test needs the port before it can configure keyd's assertion
 //     audience, and keyd's public keys before it can register the client.)
 //  3. The server builds the provider and prints {"ready":true}.
@@ -19,7 +21,19 @@
 //     SIGTERM/SIGINT.
 //
 // Every request the servers reject is logged on stderr as one JSON line:
-// {"event", "error", "error_description", "error_detail"}.
+// {"event", "error", "error_description", "error_detail"}. Every fetch of a
+// client's jwks_uri is logged too: {"event":"jwks_uri.fetch", "url",
+// "status", "cache_control", "kids", "at" (ms since the epoch)}.
+//
+// jwks_uri: oidc-provider fetches a client's JWK Set when it first needs it
+// and caches it for max(60 s, the response's max-age / Expires); on a kid it
+// does not know it fetches again only once that cache is stale. Two test
+// accommodations, both for clients registered by jwks_uri only:
+//   - its SSRF guard refuses special-use addresses (127.0.0.1 included), so
+//     the configured `fetch` drops that guard: keyd's JWKS is on loopback;
+//   - "jwks_uri_max_age_exact" replaces the 60 s floor with the response's
+//     own max-age (a test-only override of that client's key store
+//     freshness), so that rotations seconds apart can be run.
 //
 // Endpoints (Okta's org authorization server layout):
 //   /.well-known/oauth-authorization-server, /.well-known/openid-configuration
@@ -84,13 +98,15 @@ lines.on('close', stop);
 
 async function build(issuer, setup) {
   const audience = new Map(); // client_id -> "issuer" | "token_endpoint"
+  const accessTokenTTL = new Map(); // client_id -> seconds
   const clients = setup.clients.map((c) => {
     audience.set(c.client_id, c.assertion_audience ?? 'issuer');
+    if (c.access_token_ttl) accessTokenTTL.set(c.client_id, c.access_token_ttl);
     const grants = c.grant_types ?? ['client_credentials'];
     return {
       client_id: c.client_id,
       token_endpoint_auth_method: 'private_key_jwt',
-      jwks: c.jwks,
+      ...(c.jwks_uri ? { jwks_uri: c.jwks_uri } : { jwks: c.jwks }),
       grant_types: grants,
       response_types: grants.includes('authorization_code') ? ['code'] : [],
       redirect_uris: c.redirect_uris ?? [],
@@ -98,6 +114,11 @@ async function build(issuer, setup) {
       dpop_bound_access_tokens: true,
     };
   });
+
+  // When each jwks_uri response stops being fresh by its own max-age, for
+  // the clients registered with jwks_uri_max_age_exact.
+  const jwksFreshUntil = new Map(); // href -> ms since the epoch
+  const ttl = (dflt) => (ctx, token, client) => accessTokenTTL.get(client?.clientId) ?? dflt;
 
   const { privateKey } = crypto.generateKeyPairSync('rsa', { modulusLength: 2048 });
   const signingKey = { ...privateKey.export({ format: 'jwk' }), kid: 'as-signing', use: 'sig', alg: 'RS256' };
@@ -156,17 +177,50 @@ async function build(issuer, setup) {
     },
     interactions: { url: (ctx, interaction) => `/interaction/${interaction.uid}` },
     findAccount: async (ctx, sub) => ({ accountId: sub, claims: async () => ({ sub }) }),
-    ttl: { ClientCredentials: 600, AccessToken: 600, RefreshToken: 3600, AuthorizationCode: 60, Interaction: 300, Session: 3600, Grant: 3600 },
+    ttl: {
+      ClientCredentials: ttl(600),
+      AccessToken: ttl(600),
+      RefreshToken: 3600,
+      AuthorizationCode: 60,
+      Interaction: 300,
+      Session: 3600,
+      Grant: 3600,
+    },
+    // Outgoing requests (a client's jwks_uri): without the SSRF guard, which
+    // refuses loopback, and logged.
+    fetch: async (url, options) => {
+      delete options.dispatcher;
+      const res = await globalThis.fetch(url, options);
+      const href = String(url);
+      const cacheControl = res.headers.get('cache-control');
+      const maxAge = /max-age=(\d+)/.exec(cacheControl ?? '');
+      jwksFreshUntil.set(href, Date.now() + (maxAge ? Number(maxAge[1]) * 1000 : 0));
+      let kids = null;
+      try {
+        kids = (await res.clone().json()).keys.map((k) => k.kid);
+      } catch {}
+      log({ event: 'jwks_uri.fetch', url: href, status: res.status, cache_control: cacheControl, kids, at: Date.now() });
+      return res;
+    },
     renderError: async (ctx, outp) => {
       ctx.type = 'json';
       ctx.body = outp;
     },
   });
 
+  // jwks_uri_max_age_exact: the client's key store is fresh for exactly the
+  // max-age of its last jwks_uri response, instead of at least 60 s.
+  for (const c of setup.clients.filter((x) => x.jwks_uri && x.jwks_uri_max_age_exact)) {
+    const keystore = (await provider.Client.find(c.client_id)).asymmetricKeyStore;
+    const href = new URL(c.jwks_uri).href;
+    keystore.fresh = () => (jwksFreshUntil.get(href) ?? 0) > Date.now();
+  }
+
   for (const event of ['grant.error', 'revocation.error', 'userinfo.error', 'introspection.error',
     'authorization.error', 'server_error', 'discovery.error', 'jwks.error']) {
     provider.on(event, (ctx, err) => {
-      log({ event, error: err.error ?? err.message, error_description: err.error_description, error_detail: err.error_detail });
+      const clientId = ctx?.oidc?.client?.clientId ?? ctx?.oidc?.params?.client_id;
+      log({ event, client_id: clientId, error: err.error ?? err.message, error_description: err.error_description, error_detail: err.error_detail });
     });
   }
 
@@ -298,6 +352,11 @@ function resourceServer(issuer, provider) {
     const token = await provider.AccessToken.find(accessToken) ?? await provider.ClientCredentials.find(accessToken);
     if (!token) {
       return fail(401, 'invalid_token', 'the access token is not active (unknown, expired or revoked)', current);
+    }
+    // find() still returns a token for clockTolerance (15 s) past its exp;
+    // this resource takes none.
+    if (token.isExpired) {
+      return fail(401, 'invalid_token', `the access token is not active (it expired at ${token.exp})`, current);
     }
     if (!token.jkt) {
       return fail(401, 'invalid_token', 'the access token is not DPoP-bound', current);

@@ -174,7 +174,12 @@ func (m *Manager) createLocked(ctx context.Context, s *setState, state State, ac
 			changes[old] = prev
 		}
 	} else {
+		// Published from now on: it signs no earlier than Prepublish from
+		// now, however long the generation took.
 		nv.ActivateAt = activateAt
+		if earliest := now.Add(s.cfg.Schedule.Prepublish); nv.ActivateAt.Before(earliest) {
+			nv.ActivateAt = earliest
+		}
 	}
 	if err := m.persistWith(changes, nv); err != nil {
 		m.destroyQuietly(ctx, id)
