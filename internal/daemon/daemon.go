@@ -168,8 +168,7 @@ func New(ctx context.Context, cfg *config.Config, opts Options) (_ *Daemon, err 
 	}
 
 	d.health = health.NewServer()
-	d.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
-	d.health.SetServingStatus(keydv1.KeyService_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)
+	d.setHealth(healthpb.HealthCheckResponse_SERVING)
 	if cfg.AdminSocket == "" {
 		d.grpc = d.newGRPCServer(authz.PeerCredentials(), srv.Register)
 	} else {
@@ -389,6 +388,15 @@ type healthChecker interface {
 	Health(ctx context.Context) error
 }
 
+// setHealth reports st for the daemon (""), for KeyService and for the
+// backend ("keyd.backend.<name>", e.g. keyd.backend.pkcs11). Polling it
+// reads a cached status: it never touches the backend.
+func (d *Daemon) setHealth(st healthpb.HealthCheckResponse_ServingStatus) {
+	d.health.SetServingStatus("", st)
+	d.health.SetServingStatus(keydv1.KeyService_ServiceDesc.ServiceName, st)
+	d.health.SetServingStatus("keyd.backend."+d.backend.Name(), st)
+}
+
 // healthInterval is how often the backend's health is polled; a failed
 // signature triggers a check at once.
 const healthInterval = 5 * time.Second
@@ -418,8 +426,7 @@ func (d *Daemon) watchHealth(ctx context.Context, hc healthChecker) {
 				st = healthpb.HealthCheckResponse_NOT_SERVING
 				d.log.Error("backend unhealthy; health reports NOT_SERVING", "backend", d.backend.Name(), "err", err)
 			}
-			d.health.SetServingStatus("", st)
-			d.health.SetServingStatus(keydv1.KeyService_ServiceDesc.ServiceName, st)
+			d.setHealth(st)
 		}
 		select {
 		case <-ctx.Done():

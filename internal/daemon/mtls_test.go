@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"google.golang.org/grpc/codes"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
 
 	"github.com/keyd-dev/keyd/client"
@@ -163,4 +164,30 @@ func TestAdminSocket(t *testing.T) {
 	if _, err := adm.DPoP("d").Proof(ctx, "GET", "https://a.example/"); status.Code(err) != codes.Unimplemented {
 		t.Errorf("sign on the admin socket: %v, want Unimplemented", err)
 	}
+}
+
+// A15: health per backend, cheap to poll (a cached status: no backend call).
+func TestHealthPerBackend(t *testing.T) {
+	socket, _ := startDaemon(t, "")
+	cl, err := client.Dial(socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	hc := healthpb.NewHealthClient(cl.Conn())
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	for _, svc := range []string{"", "keyd.v1.KeyService", "keyd.backend.soft"} {
+		resp, err := hc.Check(ctx, &healthpb.HealthCheckRequest{Service: svc})
+		if err != nil || resp.Status != healthpb.HealthCheckResponse_SERVING {
+			t.Errorf("health %q: %v %v", svc, resp, err)
+		}
+	}
+	start := time.Now()
+	for range 200 {
+		if _, err := hc.Check(ctx, &healthpb.HealthCheckRequest{Service: "keyd.backend.soft"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Logf("200 health checks in %v", time.Since(start))
 }
