@@ -419,8 +419,11 @@ func (e *rotEnv) testJWKSURIMaxAge(t *testing.T) {
 	}
 
 	fetches := e.jwksFetches(t, e.jwksURL+"/jwks/assert-uri-exact.json")
-	if len(fetches) < 3 {
-		t.Errorf("%d jwks_uri fetches in %v; want the server to refetch after each max-age", len(fetches), time.Since(startAt))
+	// Three keys signed; the first fetch had the first (and maybe the
+	// second, pre-published); every later key needs a refetch that may
+	// carry two keys at once: at least two fetches, whatever the timing.
+	if len(fetches) < 2 {
+		t.Errorf("%d jwks_uri fetches in %v; want the server to have refetched", len(fetches), time.Since(startAt))
 	}
 	var checked int
 	for _, x := range rec.since(0) {
