@@ -256,6 +256,17 @@ func benchmark(ctx context.Context, o options) (_ *report, err error) {
 // validate checks samples of keyd's and the in-process signer's proofs with
 // go-jose against the JWKS keyd publishes, and that both use the same key.
 func validate(ctx context.Context, kc *client.Client, dp *client.DPoP, in *inproc, alg keystore.Algorithm, keyset, htu string) error {
+	jtis := map[string]bool{}
+	if err := validateKeyd(ctx, kc, dp, alg, keyset, in.kid, htu, jtis); err != nil {
+		return err
+	}
+	return validateLocal(ctx, in, alg, in.kid, htu, jtis)
+}
+
+// validateKeyd checks samples of keyd's proofs with go-jose against the JWKS
+// keyd publishes: signed by kid, the active key. jtis collects the jti of
+// every proof checked, which must not repeat.
+func validateKeyd(ctx context.Context, kc *client.Client, dp *client.DPoP, alg keystore.Algorithm, keyset, kid, htu string, jtis map[string]bool) error {
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	raw, err := kc.JWKS(ctx, keyset)
@@ -266,36 +277,45 @@ func validate(ctx context.Context, kc *client.Client, dp *client.DPoP, in *inpro
 	if err := json.Unmarshal(raw, &set); err != nil {
 		return fmt.Errorf("jwks: %w", err)
 	}
-	jtis := map[string]bool{}
-	check := func(who, token string) error {
-		jti, err := verifyProof(token, alg, in.kid, &set, proofMethod, htu)
-		if err != nil {
-			return fmt.Errorf("%s proof does not verify: %w\n  token: %s", who, err, token)
-		}
-		if jtis[jti] {
-			return fmt.Errorf("%s proof repeats jti %s", who, jti)
-		}
-		jtis[jti] = true
-		return nil
-	}
 	for range 4 {
 		p, err := dp.Proof(ctx, proofMethod, proofURL)
 		if err != nil {
 			return fmt.Errorf("keyd proof: %w", err)
 		}
-		if p.Kid != in.kid {
-			return fmt.Errorf("keyd signed with kid %s; its metadata says the active key is %s", p.Kid, in.kid)
+		if p.Kid != kid {
+			return fmt.Errorf("keyd signed with kid %s; its metadata says the active key is %s", p.Kid, kid)
 		}
-		if err := check("keyd", p.JWT); err != nil {
-			return err
+		jti, err := verifyProof(p.JWT, alg, kid, &set, proofMethod, htu)
+		if err != nil {
+			return fmt.Errorf("keyd proof does not verify: %w\n  token: %s", err, p.JWT)
 		}
+		if jtis[jti] {
+			return fmt.Errorf("keyd proof repeats jti %s", jti)
+		}
+		jtis[jti] = true
+	}
+	return nil
+}
+
+// validateLocal checks samples of in's proofs with go-jose: against their
+// header jwk, whose thumbprint must be kid (in's own key).
+func validateLocal(ctx context.Context, in *inproc, alg keystore.Algorithm, kid, htu string, jtis map[string]bool) error {
+	for range 4 {
 		t, err := in.proof(ctx, proofMethod, proofURL)
 		if err != nil {
 			return fmt.Errorf("in-process proof: %w", err)
 		}
-		if err := check("in-process", t); err != nil {
-			return err
+		jti, err := verifyProof(t, alg, "", nil, proofMethod, htu)
+		if err != nil {
+			return fmt.Errorf("in-process proof does not verify: %w\n  token: %s", err, t)
 		}
+		if got := headerKid(t); got != kid {
+			return fmt.Errorf("in-process proof carries the key %s, want %s", got, kid)
+		}
+		if jtis[jti] {
+			return fmt.Errorf("in-process proof repeats jti %s", jti)
+		}
+		jtis[jti] = true
 	}
 	return nil
 }

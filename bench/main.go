@@ -2,9 +2,18 @@
 // keyd against the same soft key signed in-process and against a bare gRPC
 // unary echo over the same kind of socket, for each algorithm and number of
 // concurrent callers, all in one run, and reports ops/s, p50/p99, keyd's RSS
-// and the ratios the performance goals are stated in.
+// and the ratios the performance goals are stated in. Then, with the same
+// method, keyd on a SoftHSM2 token against that token signed in-process
+// (miekg/pkcs11 and crypto11), and keyd on swtpm against TPM2_Sign through
+// go-tpm (see hw.go).
 //
-//	go run ./bench [-duration 3s] [-callers 1,4,16] [-algs ES256,RS256] [-keyd bin/keyd] [-json out.json]
+//	go run ./bench [-duration 2s] [-backends soft,pkcs11,tpm] [-callers 1,4,16] [-algs ES256,RS256]
+//	    [-pkcs11-callers 1,2,8,16] [-pkcs11-algs ES256,RS256,EdDSA] [-tpm-callers 1,4] [-tpm-algs ES256,RS256]
+//	    [-keyd bin/keyd] [-json out.json]
+//
+// -backends defaults to soft plus each of pkcs11 and tpm whose tools
+// (SoftHSM2; swtpm) are installed; naming one explicitly lets the
+// softhsm-test scripts install what it needs.
 //
 // Everything runs on this machine: the real keyd binary (built if missing)
 // on a temporary configuration, state directory and socket; an echo server
@@ -29,6 +38,8 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -54,10 +65,21 @@ type options struct {
 	warmup   time.Duration
 	callers  []int
 	algs     []keystore.Algorithm
-	keyd     string // absolute path of the keyd binary
-	build    bool   // build keyd when the binary is missing
-	jsonOut  string
-	root     string // repository root
+
+	backends   []string
+	explicit   bool          // -backends was given
+	hwWarmup   time.Duration // warm-up of the pkcs11 and tpm runs
+	p11Callers []int
+	p11Algs    []keystore.Algorithm
+	tpmCallers []int
+	tpmAlgs    []keystore.Algorithm
+	goalRounds int // extra alternating rounds of the pkcs11 goals' pairs
+	keydP11    int // keyd's max_sessions in the pkcs11 section
+
+	keyd    string // absolute path of the keyd binary
+	build   bool   // build keyd when the binary is missing
+	jsonOut string
+	root    string // repository root
 }
 
 func main() {
@@ -81,20 +103,79 @@ func run() int {
 		fmt.Fprintf(os.Stderr, "bench: %v\n", err)
 		return 2
 	}
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	// The first signal cancels the run, which then cleans up; a second one
+	// exits at once after the emergency clean-up (swtpm, temporary
+	// directories); the children die with us (Pdeathsig).
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	sigs := make(chan os.Signal, 2)
+	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
+	defer signal.Stop(sigs)
 	go func() {
-		<-ctx.Done()
-		stop() // a second signal kills at once; the children die with us (Pdeathsig)
+		<-sigs
+		fmt.Fprintln(os.Stderr, "bench: interrupted; cleaning up (a second signal exits at once)")
+		cancel()
+		<-sigs
+		runEmergency()
+		os.Exit(130)
 	}()
-	rep, err := benchmark(ctx, opts)
-	if err != nil {
-		if ctx.Err() != nil {
-			fmt.Fprintf(os.Stderr, "bench: interrupted: %v\n", err)
-		} else {
-			fmt.Fprintf(os.Stderr, "bench: %v\n", err)
+
+	failed := false
+	var rep *report
+	if slices.Contains(opts.backends, "soft") {
+		rep, err = benchmark(ctx, opts)
+		if err != nil {
+			if ctx.Err() != nil {
+				fmt.Fprintf(os.Stderr, "bench: interrupted: %v\n", err)
+				return 1
+			}
+			fmt.Fprintf(os.Stderr, "bench: soft: %v\n", err)
+			failed = true
+			rep = nil
 		}
-		return 1
 	}
+	if rep == nil {
+		rep = &report{
+			GoVersion: runtime.Version(), GOMAXPROCS: runtime.GOMAXPROCS(0), NumCPU: runtime.NumCPU(), CPU: cpuModel(),
+			Keyd: opts.keyd, Duration: opts.duration.String(), Warmup: opts.warmup.String(),
+		}
+	}
+	rep.Backends = opts.backends
+	for _, b := range []string{"pkcs11", "tpm"} {
+		if !slices.Contains(opts.backends, b) {
+			continue
+		}
+		var sec *hwSection
+		if why := opts.missing(b); why != "" {
+			sec = &hwSection{Backend: b, Skipped: why}
+		} else {
+			if err := ensureKeyd(ctx, opts); err != nil {
+				fmt.Fprintf(os.Stderr, "bench: %v\n", err)
+				return 1
+			}
+			var err error
+			if b == "pkcs11" {
+				sec, err = benchPKCS11(ctx, opts)
+			} else {
+				sec, err = benchTPM(ctx, opts)
+			}
+			if err != nil {
+				if ctx.Err() != nil {
+					fmt.Fprintf(os.Stderr, "bench: interrupted: %s: %v\n", b, err)
+					return 1
+				}
+				fmt.Fprintf(os.Stderr, "bench: %s: %v\n", b, err)
+				sectionError(sec, err)
+				failed = true
+			}
+		}
+		if b == "pkcs11" {
+			rep.PKCS11 = sec
+		} else {
+			rep.TPM = sec
+		}
+	}
+	rep.compute()
 	rep.print(os.Stdout)
 	if opts.jsonOut != "" {
 		if err := rep.writeJSON(opts.jsonOut); err != nil {
@@ -102,23 +183,65 @@ func run() int {
 			return 1
 		}
 	}
+	if failed {
+		return 1
+	}
 	return 0
+}
+
+// missing says why backend b cannot run ("" if it can): only when the
+// backends were not named explicitly, a missing tool skips its section.
+func (o options) missing(b string) string {
+	if o.explicit {
+		return ""
+	}
+	switch b {
+	case "pkcs11":
+		if _, ok := softhsmModule(); !ok {
+			return "SoftHSM2 is not installed (make deps, or -backends ...,pkcs11 to let the script install it)"
+		}
+	case "tpm":
+		if !swtpmInstalled() {
+			return "swtpm is not installed (make deps, or -backends ...,tpm to let the script install it)"
+		}
+	}
+	return ""
 }
 
 func parseFlags(args []string) (options, error) {
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
-	dur := fs.Duration("duration", 3*time.Second, "measured time of each run (plus a short warm-up)")
-	callers := fs.String("callers", "1,4,16", "comma-separated numbers of concurrent callers")
-	algs := fs.String("algs", "ES256,RS256", "comma-separated JWS algorithms (dpop key sets)")
+	dur := fs.Duration("duration", 2*time.Second, "measured time of each run (plus a short warm-up)")
+	backends := fs.String("backends", "", "comma-separated sections to run: soft, pkcs11, tpm (default: soft, and pkcs11 and tpm when SoftHSM2 and swtpm are installed)")
+	callers := fs.String("callers", "1,4,16", "soft: comma-separated numbers of concurrent callers")
+	algs := fs.String("algs", "ES256,RS256", "soft: comma-separated JWS algorithms (dpop key sets)")
+	p11Callers := fs.String("pkcs11-callers", "1,2,8,16", "pkcs11: comma-separated numbers of concurrent callers")
+	p11Algs := fs.String("pkcs11-algs", "ES256,RS256,EdDSA", "pkcs11: comma-separated JWS algorithms")
+	tpmCallers := fs.String("tpm-callers", "1,4", "tpm: comma-separated numbers of concurrent callers")
+	tpmAlgs := fs.String("tpm-algs", "ES256,RS256", "tpm: comma-separated JWS algorithms (ES256, RS256)")
+	keydP11 := fs.Int("pkcs11-keyd-sessions", p11Sessions, "pkcs11: keyd's max_sessions (the direct modes always use 2), for experiments")
+	goalRounds := fs.Int("goal-rounds", 2, "pkcs11: extra alternating rounds of direct and keyd at 16 callers; the goals use the median")
 	keyd := fs.String("keyd", "", "keyd binary (default bin/keyd in the repository root; built when missing)")
 	jsonOut := fs.String("json", "", "also write the results as JSON to this file")
+	fs.Func("keyd-env", "NAME=VALUE to add to keyd's environment (repeatable; e.g. GOMAXPROCS=4), for experiments", func(v string) error {
+		if k, _, ok := strings.Cut(v, "="); !ok || k == "" {
+			return fmt.Errorf("want NAME=VALUE, not %q", v)
+		}
+		keydEnv = append(keydEnv, v)
+		return nil
+	})
 	if err := fs.Parse(args); err != nil {
 		return options{}, err
 	}
 	if fs.NArg() > 0 {
 		return options{}, fmt.Errorf("unexpected arguments: %q", fs.Args())
 	}
-	o := options{duration: *dur, jsonOut: *jsonOut, build: true}
+	o := options{duration: *dur, jsonOut: *jsonOut, build: true, goalRounds: *goalRounds, keydP11: *keydP11}
+	if o.keydP11 < 1 || o.keydP11 > 64 {
+		return o, fmt.Errorf("-pkcs11-keyd-sessions %d: want 1 to 64", o.keydP11)
+	}
+	if o.goalRounds < 0 || o.goalRounds > 20 {
+		return o, fmt.Errorf("-goal-rounds %d: want 0 to 20", o.goalRounds)
+	}
 	if o.duration < 100*time.Millisecond {
 		return o, fmt.Errorf("-duration %v: at least 100ms", o.duration)
 	}
@@ -128,6 +251,27 @@ func parseFlags(args []string) (options, error) {
 		return o, err
 	}
 	if o.algs, err = parseAlgs(*algs); err != nil {
+		return o, err
+	}
+	o.hwWarmup = min(200*time.Millisecond, o.duration/4)
+	if o.p11Callers, err = parseCallers(*p11Callers); err != nil {
+		return o, fmt.Errorf("pkcs11: %w", err)
+	}
+	if o.p11Algs, err = parseAlgs(*p11Algs); err != nil {
+		return o, fmt.Errorf("pkcs11: %w", err)
+	}
+	if o.tpmCallers, err = parseCallers(*tpmCallers); err != nil {
+		return o, fmt.Errorf("tpm: %w", err)
+	}
+	if o.tpmAlgs, err = parseAlgs(*tpmAlgs); err != nil {
+		return o, fmt.Errorf("tpm: %w", err)
+	}
+	for _, a := range o.tpmAlgs {
+		if a != keystore.ES256 && a != keystore.RS256 {
+			return o, fmt.Errorf("-tpm-algs: %s: the tpm section measures ES256 and RS256", a)
+		}
+	}
+	if o.backends, o.explicit, err = parseBackends(*backends); err != nil {
 		return o, err
 	}
 	if o.root, err = repoRoot(); err != nil {
@@ -172,6 +316,35 @@ func parseAlgs(s string) ([]keystore.Algorithm, error) {
 		}
 	}
 	return out, nil
+}
+
+// parseBackends reads -backends; empty means soft plus the hardware
+// backends whose tools are installed.
+func parseBackends(s string) (out []string, explicit bool, err error) {
+	if strings.TrimSpace(s) == "" {
+		out = []string{"soft"}
+		if _, ok := softhsmModule(); ok {
+			out = append(out, "pkcs11")
+		}
+		if swtpmInstalled() {
+			out = append(out, "tpm")
+		}
+		return out, false, nil
+	}
+	seen := map[string]bool{}
+	for _, f := range strings.Split(s, ",") {
+		f = strings.ToLower(strings.TrimSpace(f))
+		if !slices.Contains(allBackends, f) {
+			return nil, true, fmt.Errorf("-backends: %q: want soft, pkcs11 or tpm", f)
+		}
+		seen[f] = true
+	}
+	for _, b := range allBackends {
+		if seen[b] {
+			out = append(out, b)
+		}
+	}
+	return out, true, nil
 }
 
 // repoRoot walks up from the working directory to the directory whose go.mod

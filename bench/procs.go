@@ -2,7 +2,6 @@ package main
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -82,20 +81,12 @@ func (w *workDir) remove() { os.RemoveAll(w.dir) }
 // keydConfig is the YAML configuration keyd runs with: the soft backend and
 // one dpop key set per algorithm, allowed to this process's uid.
 func keydConfig(w *workDir, algs []keystore.Algorithm, uid int) []byte {
-	var b bytes.Buffer
-	q := strconv.Quote
-	fmt.Fprintf(&b, "socket: %s\n", q(w.keydSocket))
-	fmt.Fprintf(&b, "socket_mode: \"0600\"\n")
-	fmt.Fprintf(&b, "state_dir: %s\n", q(w.stateDir))
-	fmt.Fprintf(&b, "audit_log: %s\n", q(w.auditLog))
-	fmt.Fprintf(&b, "log_level: warn\n")
-	fmt.Fprintf(&b, "backend:\n  soft: {}\n")
-	fmt.Fprintf(&b, "keysets:\n")
-	for _, a := range algs {
-		fmt.Fprintf(&b, "  - name: %s\n    purpose: dpop\n    alg: %s\n    allow:\n      uids: [%d]\n", keySetName(a), a, uid)
-	}
-	return b.Bytes()
+	return keydConfigFor(w, "  soft: {}\n", algs, uid)
 }
+
+// keydEnv is added to keyd's environment (-keyd-env), for experiments such
+// as GOMAXPROCS=4.
+var keydEnv []string
 
 // child is a process this program started; stop ends it by its PID.
 type child struct {
@@ -116,6 +107,9 @@ func startChild(name, logPath string, path string, args ...string) (*child, erro
 	cmd.Stdout = lf
 	cmd.Stderr = lf
 	cmd.Env = os.Environ()
+	if name == "keyd" {
+		cmd.Env = append(cmd.Env, keydEnv...)
+	}
 	// If this program dies without cleaning up (SIGKILL), the child follows.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {

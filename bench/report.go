@@ -19,6 +19,12 @@ type result struct {
 	P50us     float64 `json:"p50_us"`
 	P99us     float64 `json:"p99_us"`
 	MeanUs    float64 `json:"mean_us"`
+	// CPU time per operation during the measured phase (pkcs11 and tpm
+	// sections): this process (callers, and the token when it signs
+	// in-process), keyd, and swtpm.
+	CPUSelfUs  float64 `json:"cpu_self_us_per_op,omitempty"`
+	CPUKeydUs  float64 `json:"cpu_keyd_us_per_op,omitempty"`
+	CPUSwtpmUs float64 `json:"cpu_swtpm_us_per_op,omitempty"`
 }
 
 // ratio compares keyd with in-process signing plus the bare transport.
@@ -77,7 +83,15 @@ type report struct {
 	RSS        rssReport `json:"keyd_rss"`
 	AuditBytes int64     `json:"audit_log_bytes"`
 	Goals      []goal    `json:"goals"`
+
+	// Backends are the sections run: soft (everything above), pkcs11, tpm.
+	Backends []string   `json:"backends"`
+	PKCS11   *hwSection `json:"pkcs11,omitempty"`
+	TPM      *hwSection `json:"tpm,omitempty"`
 }
+
+// ranSoft reports whether the soft section (the original bench) ran.
+func (r *report) ranSoft() bool { return len(r.Results) > 0 }
 
 func (r *report) find(alg, mode string, callers int) (result, bool) {
 	for _, x := range r.Results {
@@ -88,8 +102,22 @@ func (r *report) find(alg, mode string, callers int) (result, bool) {
 	return result{}, false
 }
 
-// compute fills Ratios and Goals from Results and RSS.
+// compute fills Ratios and Goals from Results and RSS, and adds the goals
+// of the other sections.
 func (r *report) compute() {
+	r.Goals = nil
+	if r.ranSoft() {
+		r.computeSoft()
+	}
+	for _, s := range []*hwSection{r.PKCS11, r.TPM} {
+		if s != nil {
+			r.Goals = append(r.Goals, s.compute()...)
+		}
+	}
+}
+
+// computeSoft fills Ratios and the soft section's Goals.
+func (r *report) computeSoft() {
 	r.Ratios = nil
 	for _, alg := range r.Algs {
 		for _, n := range r.Callers {
@@ -124,7 +152,7 @@ func (r *report) compute() {
 	rss := goal{Name: "keyd RSS ≤ 40 MiB (VmHWM: peak over the whole run)", Value: float64(peak) / 1024, Limit: goalRSSKiB / 1024}
 	rss.Met = peak <= goalRSSKiB
 	rss.Status = metString(rss.Met)
-	r.Goals = []goal{g, rss}
+	r.Goals = append(r.Goals, g, rss)
 }
 
 func metString(ok bool) string {
@@ -135,7 +163,27 @@ func metString(ok bool) string {
 }
 
 func (r *report) print(w io.Writer) {
-	fmt.Fprintf(w, "keyd bench: %s, GOMAXPROCS=%d (%d CPUs: %s)\n", r.GoVersion, r.GOMAXPROCS, r.NumCPU, r.CPU)
+	fmt.Fprintf(w, "keyd bench: %s, GOMAXPROCS=%d (%d CPUs: %s); backends: %s\n", r.GoVersion, r.GOMAXPROCS, r.NumCPU, r.CPU, strings.Join(r.Backends, ", "))
+	if r.ranSoft() {
+		r.printSoft(w)
+	}
+	for _, s := range []*hwSection{r.PKCS11, r.TPM} {
+		if s != nil {
+			s.print(w)
+		}
+	}
+	fmt.Fprintln(w)
+	for _, g := range r.Goals {
+		if strings.HasPrefix(g.Status, "n/a") {
+			fmt.Fprintf(w, "goal: %s: %s\n", g.Name, g.Status)
+			continue
+		}
+		fmt.Fprintf(w, "goal: %s: %.2f → %s\n", g.Name, g.Value, g.Status)
+	}
+}
+
+func (r *report) printSoft(w io.Writer) {
+	fmt.Fprintf(w, "\n==== soft — keyd's soft keystore ====\n")
 	fmt.Fprintf(w, "keyd %s (pid %d); %s per run after %s warm-up; DPoP proof %s %s; soft keystore\n", r.Keyd, r.KeydPID, r.Duration, r.Warmup, proofMethod, proofURL)
 	fmt.Fprint(w, `modes: echo        bare gRPC unary call (health Check) to a second process over a Unix socket,
                     keyd's server options, no interceptors: the transport alone
@@ -150,16 +198,7 @@ With more callers than cores, in-process p50 is the bare service time (CPU-bound
 10 ms slices and the wait shows up in p99 and the mean); compare ops/s there.
 
 `)
-	fmt.Fprintf(w, "%-6s %7s  %-10s %10s %10s %10s %10s %9s\n", "alg", "callers", "mode", "ops/s", "p50 µs", "p99 µs", "mean µs", "ops")
-	prev := ""
-	for _, x := range r.Results {
-		key := fmt.Sprintf("%s/%d", x.Alg, x.Callers)
-		if prev != "" && key != prev {
-			fmt.Fprintln(w)
-		}
-		prev = key
-		fmt.Fprintf(w, "%-6s %7d  %-10s %10.0f %10.1f %10.1f %10.1f %9d\n", x.Alg, x.Callers, x.Mode, x.OpsPerSec, x.P50us, x.P99us, x.MeanUs, x.Ops)
-	}
+	printResults(w, r.Results, 10)
 
 	fmt.Fprintf(w, "\nratios: A = keyd p50 / (in-process p50 + echo p50)   (the goal: ≤ %.2f for ES256 at 1 caller)\n", goalRatio)
 	fmt.Fprintf(w, "   A mean = the same with mean latencies (the fairer one with more callers than cores)\n")
@@ -176,14 +215,6 @@ With more callers than cores, in-process p50 is the bare service time (CPU-bound
 		mib(r.RSS.IdleKiB), mib(r.RSS.MaxLoadKiB), mib(r.RSS.EndKiB), mib(r.RSS.HWMKiB))
 	if r.AuditBytes > 0 {
 		fmt.Fprintf(w, "keyd audit log: %.1f MiB written during the run (one JSON line per signature)\n", float64(r.AuditBytes)/(1<<20))
-	}
-	fmt.Fprintln(w)
-	for _, g := range r.Goals {
-		if strings.HasPrefix(g.Status, "n/a") {
-			fmt.Fprintf(w, "goal: %s: %s\n", g.Name, g.Status)
-			continue
-		}
-		fmt.Fprintf(w, "goal: %s: %.2f → %s\n", g.Name, g.Value, g.Status)
 	}
 }
 

@@ -3,11 +3,15 @@ package main
 import (
 	"context"
 	"crypto"
+	"crypto/ecdsa"
+	"crypto/ed25519"
+	"crypto/rsa"
 	"crypto/sha256"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math/big"
 	"os"
 	"path/filepath"
 	"time"
@@ -47,13 +51,22 @@ func activeVersion(stateDir, keyset string) (rotation.Version, error) {
 	return rotation.Version{}, fmt.Errorf("keys.json: key set %q has no active version", keyset)
 }
 
-// inproc signs DPoP proofs with the soft key keyd uses, doing per proof what
-// the client and keyd's Sign handler do, minus the transport and the audit
-// record: normalize htu and encode the claims (client side), policy.Prepare,
-// jws.SigningInput, jws.Digest, backend.Sign, jws.EncodeSignature,
-// jws.Compact.
+// signBackend is what inproc signs with: keyd's soft keystore, or one of the
+// bench's direct signers on a token or a TPM (keystore.Backend.Sign
+// semantics: a digest in, ASN.1 DER out for ECDSA).
+type signBackend interface {
+	Sign(ctx context.Context, id string, digest []byte, opts crypto.SignerOpts) ([]byte, error)
+}
+
+var _ signBackend = (*soft.Backend)(nil)
+
+// inproc signs DPoP proofs with the key keyd uses (or, for the TPM, a key
+// of the same type), doing per proof what the client and keyd's Sign
+// handler do, minus the transport and the audit record: normalize htu and
+// encode the claims (client side), policy.Prepare, jws.SigningInput,
+// jws.Digest, backend.Sign, jws.EncodeSignature, jws.Compact.
 type inproc struct {
-	be     *soft.Backend
+	be     signBackend
 	alg    keystore.Algorithm
 	id     string // backend key ID
 	kid    string
@@ -63,7 +76,7 @@ type inproc struct {
 	digest []byte // for bare signs
 }
 
-func newInproc(be *soft.Backend, pol policy.Policy, v rotation.Version) (*inproc, error) {
+func newInproc(be signBackend, pol policy.Policy, v rotation.Version) (*inproc, error) {
 	var k jws.JWK
 	if err := json.Unmarshal(v.JWK, &k); err != nil {
 		return nil, fmt.Errorf("JWK of kid %s: %w", v.Kid, err)
@@ -83,7 +96,7 @@ func newInproc(be *soft.Backend, pol policy.Policy, v rotation.Version) (*inproc
 }
 
 // newInprocKey returns the signer of key id of be, whose public key is pub.
-func newInprocKey(be *soft.Backend, pol policy.Policy, alg keystore.Algorithm, id string, pub crypto.PublicKey) (*inproc, error) {
+func newInprocKey(be signBackend, pol policy.Policy, alg keystore.Algorithm, id string, pub crypto.PublicKey) (*inproc, error) {
 	kid, err := jws.Thumbprint(pub)
 	if err != nil {
 		return nil, err
@@ -210,4 +223,61 @@ func verifyProof(token string, alg keystore.Algorithm, kid string, jwks *jose.JS
 		return "", fmt.Errorf("claims iat %d is %v from now", c.Iat, d)
 	}
 	return c.Jti, nil
+}
+
+// headerKid returns the RFC 7638 thumbprint of the jwk in a proof's header,
+// or "" if it has none.
+func headerKid(token string) string {
+	obj, err := jose.ParseSigned(token, []jose.SignatureAlgorithm{jose.ES256, jose.ES384, jose.RS256, jose.PS256, jose.EdDSA})
+	if err != nil || len(obj.Signatures) != 1 || obj.Signatures[0].Protected.JSONWebKey == nil {
+		return ""
+	}
+	tp, err := obj.Signatures[0].Protected.JSONWebKey.Thumbprint(crypto.SHA256)
+	if err != nil {
+		return ""
+	}
+	return base64.RawURLEncoding.EncodeToString(tp)
+}
+
+// publicOf returns the public key of a key version, from its JWK.
+func publicOf(v rotation.Version) (crypto.PublicKey, error) {
+	var k jws.JWK
+	if err := json.Unmarshal(v.JWK, &k); err != nil {
+		return nil, fmt.Errorf("JWK of kid %s: %w", v.Kid, err)
+	}
+	pub, err := k.PublicKey()
+	if err != nil {
+		return nil, fmt.Errorf("JWK of kid %s: %w", v.Kid, err)
+	}
+	return pub, nil
+}
+
+// verifyRaw checks a signature as a direct signer returns it: raw r||s for
+// ECDSA (what CKM_ECDSA and JWS use) or ASN.1 DER (crypto.Signer), PKCS #1
+// v1.5 over digest for RSA, Ed25519 over msg.
+func verifyRaw(pub crypto.PublicKey, digest, msg, sig []byte) error {
+	switch k := pub.(type) {
+	case *ecdsa.PublicKey:
+		size := (k.Curve.Params().BitSize + 7) / 8
+		if len(sig) == 2*size {
+			r := new(big.Int).SetBytes(sig[:size])
+			s := new(big.Int).SetBytes(sig[size:])
+			if ecdsa.Verify(k, digest, r, s) {
+				return nil
+			}
+			return errors.New("ECDSA signature (r||s) does not verify")
+		}
+		if ecdsa.VerifyASN1(k, digest, sig) {
+			return nil
+		}
+		return errors.New("ECDSA signature (DER) does not verify")
+	case *rsa.PublicKey:
+		return rsa.VerifyPKCS1v15(k, crypto.SHA256, digest, sig)
+	case ed25519.PublicKey:
+		if ed25519.Verify(k, msg, sig) {
+			return nil
+		}
+		return errors.New("Ed25519 signature does not verify")
+	}
+	return fmt.Errorf("public key of type %T", pub)
 }

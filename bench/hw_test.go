@@ -1,0 +1,147 @@
+package main
+
+import (
+	"os"
+	"reflect"
+	"testing"
+
+	"github.com/keyd-dev/keyd/keystore"
+)
+
+func TestParseExports(t *testing.T) {
+	out := "noise\nexport A=/tmp/x\\ y\nexport B='pkcs11:token=keyd'\n  export C=plain\n"
+	m, err := parseExports(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]string{"A": "/tmp/x y", "B": "pkcs11:token=keyd", "C": "plain"}
+	if !reflect.DeepEqual(m, want) {
+		t.Fatalf("parseExports = %v, want %v", m, want)
+	}
+	if _, err := parseExports("export A=$'\\n'\n"); err == nil {
+		t.Error("ANSI-C quoting accepted")
+	}
+}
+
+func TestParseBackends(t *testing.T) {
+	got, explicit, err := parseBackends("tpm, soft")
+	if err != nil || !explicit || !reflect.DeepEqual(got, []string{"soft", "tpm"}) {
+		t.Fatalf("parseBackends = %v, %v, %v", got, explicit, err)
+	}
+	if _, _, err := parseBackends("soft,hsm"); err == nil {
+		t.Error("unknown backend accepted")
+	}
+	got, explicit, err = parseBackends("")
+	if err != nil || explicit || len(got) == 0 || got[0] != "soft" {
+		t.Fatalf("default backends = %v, %v, %v", got, explicit, err)
+	}
+}
+
+// TestHWConfigs checks that keyd accepts the pkcs11 and tpm configurations
+// the bench writes.
+func TestHWConfigs(t *testing.T) {
+	w := &workDir{keydSocket: "/tmp/kb1/keyd.sock", stateDir: "/tmp/kb1/state", auditLog: "/tmp/kb1/audit.jsonl"}
+	algs := []keystore.Algorithm{keystore.ES256, keystore.RS256, keystore.EdDSA}
+	p11 := "  pkcs11:\n    module: \"/usr/lib/softhsm/libsofthsm2.so\"\n    uri: \"pkcs11:token=keyd-bench\"\n    pin_file: \"/tmp/kb1/pin\"\n    max_sessions: 2\n"
+	cfg, err := parseConfig(keydConfigFor(w, p11, algs, 1000), "p11.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b := cfg.Backend.PKCS11; b == nil || b.MaxSessions != 2 || len(cfg.KeySets) != 3 || cfg.KeySets[2].Name != "b-eddsa" {
+		t.Fatalf("config %+v", cfg)
+	}
+	cfg, err = parseConfig(keydConfigFor(w, "  tpm:\n    address: \"tcp://127.0.0.1:2321\"\n", algs[:2], 1000), "tpm.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b := cfg.Backend.TPM; b == nil || b.Address != "tcp://127.0.0.1:2321" {
+		t.Fatalf("config %+v", cfg)
+	}
+	if string(keydConfig(w, algs[:1], 7)) != string(keydConfigFor(w, "  soft: {}\n", algs[:1], 7)) {
+		t.Error("keydConfig differs from keydConfigFor with the soft backend")
+	}
+}
+
+func TestMedian(t *testing.T) {
+	for _, c := range []struct {
+		in   []float64
+		want float64
+	}{{nil, 0}, {[]float64{3}, 3}, {[]float64{3, 1, 2}, 2}, {[]float64{4, 1, 3, 2}, 2.5}} {
+		if got := median(c.in); got != c.want {
+			t.Errorf("median(%v) = %v, want %v", c.in, got, c.want)
+		}
+	}
+}
+
+func TestSectionGoals(t *testing.T) {
+	r := func(alg, mode string, n int, ops, p50 float64) result {
+		return result{Alg: alg, Mode: mode, Callers: n, OpsPerSec: ops, P50us: p50}
+	}
+	p := &hwSection{Backend: "pkcs11", Algs: []string{"ES256", "RS256"}, Callers: []int{1, 16}, Results: []result{
+		r("ES256", modeDirect, 16, 1000, 1), r("ES256", modeKeyd, 16, 700, 1),
+		r("RS256", modeDirect, 16, 100, 1), r("RS256", modeKeyd, 16, 95, 1),
+	}}
+	p.Rounds = []goalRound{
+		{Alg: "ES256", Callers: 16, Round: 1, Direct: r("ES256", modeDirect, 16, 1000, 1), Keyd: r("ES256", modeKeyd, 16, 900, 1)},
+		{Alg: "ES256", Callers: 16, Round: 2, Direct: r("ES256", modeDirect, 16, 1000, 1), Keyd: r("ES256", modeKeyd, 16, 850, 1)},
+	}
+	g := p.compute()
+	if len(g) != 2 || g[0].Value != 0.85 || !g[0].Met || g[1].Value != 0.95 || !g[1].Met {
+		t.Fatalf("pkcs11 goals %+v", g)
+	}
+	tp := &hwSection{Backend: "tpm", Algs: []string{"ES256", "RS256"}, Callers: []int{1}, Results: []result{
+		r("ES256", modeDirect, 1, 1, 400), r("ES256", modeKeyd, 1, 1, 500), r("ES256", modeDirectAgain, 1, 1, 600),
+	}}
+	g = tp.compute()
+	if len(g) != 2 || g[0].Value != 1.0 || !g[0].Met || g[1].Status[:3] != "n/a" {
+		t.Fatalf("tpm goals %+v", g)
+	}
+	skipped := &hwSection{Backend: "tpm", Skipped: "not installed"}
+	for _, x := range skipped.compute() {
+		if x.Met || x.Status[:3] != "n/a" {
+			t.Fatalf("skipped section goal %+v", x)
+		}
+	}
+}
+
+func TestSortResults(t *testing.T) {
+	sec := &hwSection{Algs: []string{"ES256", "RS256"}, Callers: []int{1, 4}, Modes: []string{modeDirect, modeKeyd}}
+	sec.Results = []result{{Alg: "RS256", Callers: 1, Mode: modeKeyd}, {Alg: "ES256", Callers: 4, Mode: modeDirect},
+		{Alg: "ES256", Callers: 1, Mode: modeKeyd}, {Alg: "ES256", Callers: 1, Mode: modeDirect}}
+	sortResults(sec)
+	var got []string
+	for _, x := range sec.Results {
+		got = append(got, x.Alg+"/"+x.Mode+"/"+string(rune('0'+x.Callers)))
+	}
+	want := []string{"ES256/direct/1", "ES256/keyd/1", "ES256/direct/4", "RS256/keyd/1"}
+	if !reflect.DeepEqual(got, want) {
+		t.Fatalf("sorted %v, want %v", got, want)
+	}
+}
+
+func TestCPUOf(t *testing.T) {
+	x := 0
+	for i := range 1_000_000 {
+		x += i
+	}
+	_ = x
+	if c := cpuOf(os.Getpid()); c <= 0 {
+		t.Errorf("cpuOf(self) = %v", c)
+	}
+	if c := cpuOf(0); c != -1 {
+		t.Errorf("cpuOf(0) = %v", c)
+	}
+}
+
+func TestRawToDER(t *testing.T) {
+	raw := make([]byte, 64)
+	raw[0], raw[31], raw[32], raw[63] = 0x80, 1, 0, 2
+	der, err := rawToDER(raw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// r has its high bit set: a 0x00 sign byte; s has leading zeros: minimal.
+	if der[0] != 0x30 || der[2] != 0x02 || der[3] != 33 || der[4] != 0 || der[3+1+33] != 0x02 || der[3+1+33+1] != 1 {
+		t.Fatalf("DER % x", der)
+	}
+}

@@ -1,0 +1,400 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"slices"
+	"strings"
+)
+
+// hwSection is the report of the pkcs11 or the tpm section.
+type hwSection struct {
+	Backend   string     `json:"backend"`
+	Skipped   string     `json:"skipped,omitempty"`
+	Error     string     `json:"error,omitempty"`
+	KeydPID   int        `json:"keyd_pid,omitempty"`
+	Algs      []string   `json:"algs"`
+	Callers   []int      `json:"callers"`
+	Modes     []string   `json:"modes"`
+	Results   []result   `json:"results"`
+	NA        []string   `json:"not_available,omitempty"`
+	Notes     []string   `json:"notes,omitempty"`
+	P11Ratios []p11Ratio `json:"pkcs11_ratios,omitempty"`
+	// Rounds are extra alternating runs of the goals' pairs (direct, keyd);
+	// round 0 is the main sweep's.
+	Rounds    []goalRound `json:"goal_rounds,omitempty"`
+	TPMRatios []tpmRatio  `json:"tpm_ratios,omitempty"`
+	RSS       struct {
+		EndKiB int64 `json:"end_kib"`
+		HWMKiB int64 `json:"hwm_kib"`
+	} `json:"keyd_rss"`
+
+	keydUp   bool // keyd runs: measure its CPU time
+	swtpmPID int
+}
+
+// p11Ratio compares throughputs (ops/s) of the pkcs11 modes at one number
+// of callers; 0 where a mode was not measured.
+type p11Ratio struct {
+	Alg     string `json:"alg"`
+	Callers int    `json:"callers"`
+	// KeydVsDirect is keyd ops/s / direct ops/s: the goal's ratio.
+	KeydVsDirect  float64 `json:"keyd_vs_direct"`
+	UnaryVsDirect float64 `json:"keyd_unary_vs_direct"`
+	// KeydVsCrypto11 is keyd ops/s / crypto11 ops/s.
+	KeydVsCrypto11   float64 `json:"keyd_vs_crypto11,omitempty"`
+	Crypto11VsDirect float64 `json:"crypto11_vs_direct,omitempty"`
+	// BackendVsDirect is keyd's backend package in-process / direct.
+	BackendVsDirect float64 `json:"keyd_backend_vs_direct"`
+	// ProofVsDirect is direct proof / direct: what making a whole proof
+	// in-process costs over the bare signature.
+	ProofVsDirect float64 `json:"direct_proof_vs_direct"`
+	// KeydVsProof is keyd / direct proof: the same work, through keyd.
+	KeydVsProof float64 `json:"keyd_vs_direct_proof"`
+	// P50 is keyd p50 / direct p50.
+	P50 float64 `json:"p50_keyd_vs_direct"`
+}
+
+// goalRound is one extra alternating measurement of a goal's pair.
+type goalRound struct {
+	Alg     string `json:"alg"`
+	Callers int    `json:"callers"`
+	Round   int    `json:"round"`
+	Direct  result `json:"direct"`
+	Keyd    result `json:"keyd"`
+}
+
+// tpmRatio compares p50 latencies of the tpm modes at one number of callers.
+type tpmRatio struct {
+	Alg     string `json:"alg"`
+	Callers int    `json:"callers"`
+	// DirectP50us is the reference: the mean of the direct and direct-again
+	// p50s where both were measured, else the direct p50.
+	DirectP50us float64 `json:"direct_p50_us"`
+	Keyd        float64 `json:"p50_keyd_vs_direct"`
+	Unary       float64 `json:"p50_keyd_unary_vs_direct"`
+	Proof       float64 `json:"p50_direct_proof_vs_direct"`
+	// ExtraUs is keyd p50 - the reference, in µs.
+	ExtraUs float64 `json:"keyd_extra_p50_us"`
+	// KeydOps is keyd ops/s / direct ops/s.
+	KeydOps float64 `json:"ops_keyd_vs_direct"`
+}
+
+func (s *hwSection) find(alg, mode string, callers int) (result, bool) {
+	for _, x := range s.Results {
+		if x.Alg == alg && x.Mode == mode && x.Callers == callers {
+			return x, true
+		}
+	}
+	return result{}, false
+}
+
+func div(a, b float64) float64 {
+	if b == 0 {
+		return 0
+	}
+	return a / b
+}
+
+// compute fills the ratios and returns the section's goals.
+func (s *hwSection) compute() []goal {
+	switch s.Backend {
+	case "pkcs11":
+		return s.computeP11()
+	case "tpm":
+		return s.computeTPM()
+	}
+	return nil
+}
+
+func (s *hwSection) computeP11() []goal {
+	s.P11Ratios = nil
+	ops := func(alg, mode string, n int) float64 {
+		r, _ := s.find(alg, mode, n)
+		return r.OpsPerSec
+	}
+	for _, alg := range s.Algs {
+		for _, n := range s.Callers {
+			d := ops(alg, modeDirect, n)
+			k := ops(alg, modeKeyd, n)
+			if d == 0 || k == 0 {
+				continue
+			}
+			kr, _ := s.find(alg, modeKeyd, n)
+			dr, _ := s.find(alg, modeDirect, n)
+			s.P11Ratios = append(s.P11Ratios, p11Ratio{
+				Alg: alg, Callers: n,
+				KeydVsDirect:     k / d,
+				UnaryVsDirect:    ops(alg, modeKeydUnary, n) / d,
+				KeydVsCrypto11:   div(k, ops(alg, modeCrypto11, n)),
+				Crypto11VsDirect: ops(alg, modeCrypto11, n) / d,
+				BackendVsDirect:  ops(alg, modeKeydBackend, n) / d,
+				ProofVsDirect:    ops(alg, modeDirectProof, n) / d,
+				KeydVsProof:      div(k, ops(alg, modeDirectProof, n)),
+				P50:              div(kr.P50us, dr.P50us),
+			})
+		}
+	}
+	var goals []goal
+	for _, g := range []struct {
+		alg   string
+		limit float64
+	}{{"ES256", goalP11ES256}, {"RS256", goalP11RS256}} {
+		x := goal{
+			Name:   fmt.Sprintf("pkcs11 %s at %d callers: keyd ops/s ≥ %.2f × direct in-process ops/s (%d sessions)", g.alg, goalP11N, g.limit, p11Sessions),
+			Limit:  g.limit,
+			Status: s.naStatus(fmt.Sprintf("run pkcs11 with %s and %d callers", g.alg, goalP11N)),
+		}
+		for _, r := range s.P11Ratios {
+			if r.Alg == g.alg && r.Callers == goalP11N {
+				ratios := s.roundRatios(g.alg, goalP11N)
+				x.Value = median(ratios)
+				x.Met = x.Value >= g.limit
+				x.Status = metString(x.Met)
+				if len(ratios) > 1 {
+					x.Name += fmt.Sprintf(", median of %d alternating rounds", len(ratios))
+				}
+			}
+		}
+		goals = append(goals, x)
+	}
+	return goals
+}
+
+func (s *hwSection) computeTPM() []goal {
+	s.TPMRatios = nil
+	for _, alg := range s.Algs {
+		for i, n := range s.Callers {
+			d, ok1 := s.find(alg, modeDirect, n)
+			k, ok2 := s.find(alg, modeKeyd, n)
+			if !ok1 || !ok2 || d.P50us == 0 {
+				continue
+			}
+			ref := d.P50us
+			if again, ok := s.find(alg, modeDirectAgain, n); ok && i == 0 {
+				ref = (d.P50us + again.P50us) / 2
+			}
+			u, _ := s.find(alg, modeKeydUnary, n)
+			p, _ := s.find(alg, modeDirectProof, n)
+			s.TPMRatios = append(s.TPMRatios, tpmRatio{
+				Alg: alg, Callers: n, DirectP50us: ref,
+				Keyd: k.P50us / ref, Unary: u.P50us / ref, Proof: p.P50us / ref,
+				ExtraUs: k.P50us - ref, KeydOps: div(k.OpsPerSec, d.OpsPerSec),
+			})
+		}
+	}
+	var goals []goal
+	for _, alg := range []string{"ES256", "RS256"} {
+		x := goal{
+			Name:   fmt.Sprintf("tpm %s at 1 caller: keyd p50 ≤ %.2f × direct TPM2_Sign p50", alg, goalTPMP50),
+			Limit:  goalTPMP50,
+			Status: s.naStatus(fmt.Sprintf("run tpm with %s and 1 caller", alg)),
+		}
+		for _, r := range s.TPMRatios {
+			if r.Alg == alg && r.Callers == 1 {
+				x.Value, x.Met = r.Keyd, r.Keyd <= goalTPMP50
+				x.Status = metString(x.Met)
+			}
+		}
+		goals = append(goals, x)
+	}
+	return goals
+}
+
+// roundRatios returns keyd ops/s / direct ops/s of the main sweep and of
+// every extra round, for alg at n callers.
+func (s *hwSection) roundRatios(alg string, n int) []float64 {
+	var out []float64
+	d, ok1 := s.find(alg, modeDirect, n)
+	k, ok2 := s.find(alg, modeKeyd, n)
+	if ok1 && ok2 && d.OpsPerSec > 0 {
+		out = append(out, k.OpsPerSec/d.OpsPerSec)
+	}
+	for _, r := range s.Rounds {
+		if r.Alg == alg && r.Callers == n && r.Direct.OpsPerSec > 0 {
+			out = append(out, r.Keyd.OpsPerSec/r.Direct.OpsPerSec)
+		}
+	}
+	return out
+}
+
+// median returns the median of xs (the mean of the middle two for an even
+// count), 0 for none.
+func median(xs []float64) float64 {
+	if len(xs) == 0 {
+		return 0
+	}
+	s := slices.Clone(xs)
+	slices.Sort(s)
+	if len(s)%2 == 1 {
+		return s[len(s)/2]
+	}
+	return (s[len(s)/2-1] + s[len(s)/2]) / 2
+}
+
+// naStatus says why a goal was not measured.
+func (s *hwSection) naStatus(how string) string {
+	switch {
+	case s.Skipped != "":
+		return "n/a (" + s.Backend + " skipped: " + s.Skipped + ")"
+	case s.Error != "":
+		return "n/a (" + s.Backend + " failed: see the error above)"
+	}
+	return "n/a (not measured: " + how + ")"
+}
+
+func (s *hwSection) print(w io.Writer) {
+	title := map[string]string{"pkcs11": "pkcs11 — SoftHSM2", "tpm": "tpm — swtpm"}[s.Backend]
+	fmt.Fprintf(w, "\n==== %s ====\n", title)
+	if s.Skipped != "" {
+		fmt.Fprintf(w, "skipped: %s\n", s.Skipped)
+		return
+	}
+	if s.KeydPID != 0 {
+		fmt.Fprintf(w, "keyd pid %d\n", s.KeydPID)
+	}
+	for _, n := range s.Notes {
+		fmt.Fprintf(w, "note: %s\n", n)
+	}
+	switch s.Backend {
+	case "pkcs11":
+		fmt.Fprint(w, `modes: direct        in-process C_SignInit+C_Sign through miekg/pkcs11 on the same token and key:
+                     2 logged-in pooled sessions, handle cached (found once by CKA_LABEL keyd:<id>);
+                     CKM_ECDSA over a SHA-256 digest, CKM_RSA_PKCS over DigestInfo, CKM_EDDSA
+       crypto11      the same key through ThalesGroup/crypto11 v1.5.0 (FindKeyPair by label, Signer.Sign),
+                     MaxSessions 3 = 2 pooled sessions + its login session
+       keyd backend  diagnostic: keyd's own keystore/pkcs11 Backend.Sign in this process, max_sessions 2
+       direct proof  a whole DPoP proof in-process, signed by "direct" (what keyd does per proof, minus
+                     gRPC and the audit record)
+       keyd unary    client.DPoP(keyset).Proof through keyd, one unary Sign call per proof
+       keyd          the same over the client's SignStream (the default)
+`)
+	case "tpm":
+		fmt.Fprint(w, `modes: direct        one TPM2_Sign through go-tpm in-process, resident key, one connection (serialized)
+       direct proof  a whole DPoP proof in-process signed by "direct"
+       keyd unary    client.DPoP(keyset).Proof through keyd, one unary Sign call per proof
+       keyd          the same over the client's SignStream (the default)
+       direct again  "direct" once more after keyd stopped (keys reloaded): the TPM's drift over the run
+`)
+	}
+	if s.Error != "" {
+		fmt.Fprintf(w, "ERROR: %s\n", s.Error)
+	}
+	if len(s.Results) > 0 {
+		fmt.Fprintln(w)
+		printHWResults(w, s.Results)
+	}
+	for _, n := range s.NA {
+		fmt.Fprintf(w, "n/a: %s\n", n)
+	}
+	if len(s.P11Ratios) > 0 {
+		fmt.Fprintf(w, "\nratios of ops/s: K = keyd / direct   (goal at %d callers: ES256 ≥ %.2f, RS256 ≥ %.2f)\n", goalP11N, goalP11ES256, goalP11RS256)
+		fmt.Fprintf(w, "                 U = keyd unary / direct     C = keyd / crypto11     c = crypto11 / direct\n")
+		fmt.Fprintf(w, "                 B = keyd backend / direct   P = direct proof / direct   KP = keyd / direct proof\n")
+		fmt.Fprintf(w, "                 p50 = keyd p50 / direct p50\n")
+		fmt.Fprintf(w, "%-6s %7s %6s %6s %6s %6s %6s %6s %6s %7s\n", "alg", "callers", "K", "U", "C", "c", "B", "P", "KP", "p50")
+		for _, r := range s.P11Ratios {
+			fmt.Fprintf(w, "%-6s %7d %6.2f %6.2f %6s %6s %6.2f %6.2f %6.2f %7.2f\n", r.Alg, r.Callers, r.KeydVsDirect, r.UnaryVsDirect,
+				optRatio(r.KeydVsCrypto11), optRatio(r.Crypto11VsDirect), r.BackendVsDirect, r.ProofVsDirect, r.KeydVsProof, r.P50)
+		}
+	}
+	if len(s.Rounds) > 0 {
+		fmt.Fprintf(w, "\ngoal rounds (direct and keyd alternately, again; round 1 is the table's):\n")
+		seen := map[string]bool{}
+		for _, r := range s.Rounds {
+			key := fmt.Sprintf("%s/%d", r.Alg, r.Callers)
+			if seen[key] {
+				continue
+			}
+			seen[key] = true
+			ratios := s.roundRatios(r.Alg, r.Callers)
+			var parts []string
+			for i, x := range ratios {
+				d, k := s.roundPair(r.Alg, r.Callers, i)
+				parts = append(parts, fmt.Sprintf("%.0f/%.0f = %.2f", k, d, x))
+			}
+			fmt.Fprintf(w, "  %s %d callers, keyd/direct ops/s: %s → median %.2f\n", r.Alg, r.Callers, strings.Join(parts, ", "), median(ratios))
+		}
+	}
+	if len(s.TPMRatios) > 0 {
+		fmt.Fprintf(w, "\nratios of p50 to the direct TPM2_Sign p50 (at the first callers count: the mean of direct and direct again)\n")
+		fmt.Fprintf(w, "   (goal: keyd ≤ %.2f at 1 caller)   extra = keyd p50 - direct p50   ops = keyd ops/s / direct ops/s\n", goalTPMP50)
+		fmt.Fprintf(w, "%-6s %7s %11s %7s %7s %7s %9s %6s\n", "alg", "callers", "direct µs", "keyd", "unary", "proof", "extra µs", "ops")
+		for _, r := range s.TPMRatios {
+			fmt.Fprintf(w, "%-6s %7d %11.1f %7.3f %7.3f %7.3f %9.1f %6.2f\n", r.Alg, r.Callers, r.DirectP50us, r.Keyd, r.Unary, r.Proof, r.ExtraUs, r.KeydOps)
+		}
+	}
+	if s.RSS.HWMKiB > 0 {
+		fmt.Fprintf(w, "keyd RSS at end %.1f MiB, VmHWM %.1f MiB\n", mib(s.RSS.EndKiB), mib(s.RSS.HWMKiB))
+	}
+}
+
+// roundPair returns direct and keyd ops/s of round i (0: the main sweep).
+func (s *hwSection) roundPair(alg string, n, i int) (direct, keyd float64) {
+	if i == 0 {
+		d, _ := s.find(alg, modeDirect, n)
+		k, _ := s.find(alg, modeKeyd, n)
+		return d.OpsPerSec, k.OpsPerSec
+	}
+	j := 0
+	for _, r := range s.Rounds {
+		if r.Alg == alg && r.Callers == n {
+			j++
+			if j == i {
+				return r.Direct.OpsPerSec, r.Keyd.OpsPerSec
+			}
+		}
+	}
+	return 0, 0
+}
+
+func optRatio(v float64) string {
+	if v == 0 {
+		return "n/a"
+	}
+	return fmt.Sprintf("%.2f", v)
+}
+
+// printResults prints a results table, a blank line between (alg, callers)
+// groups; modeWidth is the width of the mode column.
+func printResults(w io.Writer, rs []result, modeWidth int) {
+	fmt.Fprintf(w, "%-6s %7s  %-*s %10s %10s %10s %10s %9s\n", "alg", "callers", modeWidth, "mode", "ops/s", "p50 µs", "p99 µs", "mean µs", "ops")
+	prev := ""
+	for _, x := range rs {
+		key := fmt.Sprintf("%s/%d", x.Alg, x.Callers)
+		if prev != "" && key != prev {
+			fmt.Fprintln(w)
+		}
+		prev = key
+		fmt.Fprintf(w, "%-6s %7d  %-*s %10.0f %10.1f %10.1f %10.1f %9d\n", x.Alg, x.Callers, modeWidth, x.Mode, x.OpsPerSec, x.P50us, x.P99us, x.MeanUs, x.Ops)
+	}
+}
+
+// printHWResults prints a results table with the CPU time per operation of
+// the bench process, keyd and swtpm.
+func printHWResults(w io.Writer, rs []result) {
+	fmt.Fprintf(w, "%-6s %7s  %-12s %9s %9s %9s %9s %8s  %s\n", "alg", "callers", "mode", "ops/s", "p50 µs", "p99 µs", "mean µs", "ops", "CPU µs/op: bench keyd swtpm")
+	prev := ""
+	cpu := func(v float64) string {
+		if v == 0 {
+			return "     -"
+		}
+		return fmt.Sprintf("%6.1f", v)
+	}
+	for _, x := range rs {
+		key := fmt.Sprintf("%s/%d", x.Alg, x.Callers)
+		if prev != "" && key != prev {
+			fmt.Fprintln(w)
+		}
+		prev = key
+		fmt.Fprintf(w, "%-6s %7d  %-12s %9.0f %9.1f %9.1f %9.1f %8d  %s %s %s\n", x.Alg, x.Callers, x.Mode, x.OpsPerSec, x.P50us, x.P99us, x.MeanUs, x.Ops,
+			cpu(x.CPUSelfUs), cpu(x.CPUKeydUs), cpu(x.CPUSwtpmUs))
+	}
+}
+
+// sectionError records err in sec for the report.
+func sectionError(sec *hwSection, err error) {
+	if err != nil {
+		sec.Error = strings.TrimSpace(err.Error())
+	}
+}
