@@ -13,10 +13,10 @@ import (
 	"io"
 	"io/fs"
 	"os"
-	"path/filepath"
 	"syscall"
 
 	"github.com/keyd-dev/keyd/keystore"
+	"github.com/keyd-dev/keyd/keystore/internal/keyfile"
 )
 
 const (
@@ -158,10 +158,9 @@ func describe(key any) string {
 	return fmt.Sprintf("%T", key)
 }
 
-// writeKey writes key to <id>.key atomically and without replacing an existing
-// file: a temporary file (O_EXCL, 0600) is written and synced, hard-linked to
-// the final name (which fails if it exists: ErrAlreadyExists), removed, and the
-// directory synced. The caller holds b.wmu.
+// writeKey writes key to <id>.key atomically and without replacing an
+// existing file (keyfile.WriteNew: ErrAlreadyExists if it exists). The
+// caller holds b.wmu.
 func (b *Backend) writeKey(id string, key crypto.Signer) (err error) {
 	der, err := x509.MarshalPKCS8PrivateKey(key)
 	if err != nil {
@@ -171,79 +170,12 @@ func (b *Backend) writeKey(id string, key crypto.Signer) (err error) {
 	data := pem.EncodeToMemory(&pem.Block{Type: pemType, Bytes: der})
 	defer clear(data)
 
-	f, err := os.CreateTemp(b.dir, id+tempInfix+"*")
-	if err != nil {
-		return fmt.Errorf("%w: create key file: %v", keystore.ErrUnavailable, err)
-	}
-	tmp := f.Name()
-	defer func() {
-		if f != nil {
-			f.Close()
-		}
-		if rerr := os.Remove(tmp); rerr != nil && !errors.Is(rerr, fs.ErrNotExist) {
-			b.log.Error("cannot remove temporary key file", "path", tmp, "err", rerr)
-		}
-	}()
-	if err := f.Chmod(0o600); err != nil {
-		return fmt.Errorf("%w: %v", keystore.ErrUnavailable, err)
-	}
-	if _, err := f.Write(data); err != nil {
-		return fmt.Errorf("%w: write %s: %v", keystore.ErrUnavailable, tmp, err)
-	}
-	if err := b.fail("written", tmp); err != nil {
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		return fmt.Errorf("%w: sync %s: %v", keystore.ErrUnavailable, tmp, err)
-	}
-	err = f.Close()
-	f = nil
-	if err != nil {
-		return fmt.Errorf("%w: close %s: %v", keystore.ErrUnavailable, tmp, err)
-	}
-	if err := b.fail("synced", tmp); err != nil {
-		return err
-	}
-	final := b.keyPath(id)
-	if err := os.Link(tmp, final); errors.Is(err, fs.ErrExist) {
-		return keystore.ErrAlreadyExists
-	} else if err != nil {
-		return fmt.Errorf("%w: link %s: %v", keystore.ErrUnavailable, final, err)
-	}
-	if err := b.fail("linked", tmp); err != nil {
-		return err
-	}
-	if err := os.Remove(tmp); err != nil {
-		b.log.Error("cannot remove temporary key file", "path", tmp, "err", err)
-	}
-	// Only now is the new name durable. If this fails the key file may or
-	// may not survive a crash; a retried Generate then sees ErrAlreadyExists
-	// or generates afresh, and never overwrites.
-	if err := syncDir(b.dir); err != nil {
-		return fmt.Errorf("%w: %v", keystore.ErrUnavailable, err)
-	}
-	return nil
+	return keyfile.WriteNew(b.dir, id+keySuffix, data, b.fail)
 }
 
-func (b *Backend) fail(stage, tmp string) error {
+func (b *Backend) fail(stage string) error {
 	if b.failpoint == nil {
 		return nil
 	}
-	return b.failpoint(stage, tmp)
-}
-
-// syncDir makes the directory entries of dir durable.
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return fmt.Errorf("sync key directory: %w", err)
-	}
-	err = d.Sync()
-	if cerr := d.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		return fmt.Errorf("sync key directory %s: %w", filepath.Clean(dir), err)
-	}
-	return nil
+	return b.failpoint(stage)
 }

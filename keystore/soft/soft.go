@@ -66,6 +66,7 @@ import (
 	"sync"
 
 	"github.com/keyd-dev/keyd/keystore"
+	"github.com/keyd-dev/keyd/keystore/internal/keyfile"
 )
 
 // Config configures a soft Backend.
@@ -102,7 +103,7 @@ type Backend struct {
 
 	// failpoint, if set (by tests), is called at each stage of writing a key
 	// file; an error aborts the write there as a crash or a full disk would.
-	failpoint func(stage, tmp string) error
+	failpoint func(stage string) error
 }
 
 var _ keystore.Backend = (*Backend)(nil)
@@ -392,17 +393,7 @@ func (b *Backend) Destroy(ctx context.Context, id string) error {
 		return fmt.Errorf("destroy %s: %w: %v", id, keystore.ErrUnavailable, err)
 	}
 	tomb := b.tombstonePath(id)
-	f, err := os.OpenFile(tomb, os.O_WRONLY|os.O_CREATE|noFollow, 0o600)
-	if err != nil {
-		return fmt.Errorf("destroy %s: write tombstone: %w", id, err)
-	}
-	err = f.Sync()
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = syncDir(b.dir)
-	}
+	err := keyfile.WriteTombstone(b.dir, filepath.Base(tomb))
 	if err != nil {
 		return fmt.Errorf("destroy %s: write tombstone %s: %w", id, tomb, err)
 	}
@@ -415,7 +406,7 @@ func (b *Backend) Destroy(ctx context.Context, id string) error {
 	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("destroy %s: %w", id, err)
 	}
-	if err := syncDir(b.dir); err != nil {
+	if err := keyfile.SyncDir(b.dir); err != nil {
 		return fmt.Errorf("destroy %s: %w", id, err)
 	}
 	b.log.Info("key destroyed", "id", id)
@@ -491,7 +482,7 @@ func (b *Backend) tombstonePath(id string) string { return filepath.Join(b.dir, 
 const (
 	keySuffix  = ".key"
 	tombSuffix = ".destroyed"
-	tempInfix  = ".key.tmp-"
+	tempInfix  = keySuffix + keyfile.TempInfix
 )
 
 // keyID returns the ID of a key file name "<id>.key".

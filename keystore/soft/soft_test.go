@@ -469,7 +469,7 @@ func TestInterruptedWrite(t *testing.T) {
 		t.Run(stage, func(t *testing.T) {
 			dir := t.TempDir()
 			b := open(t, Config{Dir: dir})
-			b.failpoint = func(s, tmp string) error {
+			b.failpoint = func(s string) error {
 				if s == stage {
 					return errCrash
 				}
@@ -489,7 +489,7 @@ func TestInterruptedWrite(t *testing.T) {
 	t.Run("linked", func(t *testing.T) {
 		dir := t.TempDir()
 		b := open(t, Config{Dir: dir})
-		b.failpoint = func(s, tmp string) error {
+		b.failpoint = func(s string) error {
 			if s == "linked" {
 				return errCrash
 			}
@@ -537,7 +537,7 @@ func TestNeverOverwrite(t *testing.T) {
 		path := filepath.Join(dir, "k.key")
 		orig := pemKey(t, mustEd25519(t))
 		b := open(t, Config{Dir: dir})
-		b.failpoint = func(stage, tmp string) error {
+		b.failpoint = func(stage string) error {
 			if stage == "synced" {
 				// Another writer wins the race for the name.
 				return os.WriteFile(path, orig, 0o600)

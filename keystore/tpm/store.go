@@ -19,12 +19,13 @@ import (
 	"github.com/google/go-tpm/tpm2"
 
 	"github.com/keyd-dev/keyd/keystore"
+	"github.com/keyd-dev/keyd/keystore/internal/keyfile"
 )
 
 const (
 	keySuffix  = ".tpmkey"
 	tombSuffix = ".destroyed"
-	tempInfix  = ".tmp-"
+	tempInfix  = keyfile.TempInfix
 	pinFile    = "srk.name"
 	lockFile   = "lock"
 
@@ -305,90 +306,6 @@ func readChecked(path string, rule fileRule) ([]byte, error) {
 		return nil, fmt.Errorf("%s is larger than %d bytes: %w", path, maxFile, keystore.ErrKeyLost)
 	}
 	return data, nil
-}
-
-// writeNew writes data to dir/name atomically and without replacing an
-// existing file: a temporary file (O_EXCL, 0600) is written and synced,
-// hard-linked to the final name (which fails if it exists:
-// ErrAlreadyExists), removed, and the directory synced. A crash leaves no
-// file or a complete one, plus perhaps a temporary file that New removes.
-func writeNew(dir, name string, data []byte, fail func(stage string) error) (err error) {
-	f, err := os.CreateTemp(dir, name+tempInfix+"*")
-	if err != nil {
-		return fmt.Errorf("%w: create %s: %v", keystore.ErrUnavailable, name, err)
-	}
-	tmp := f.Name()
-	defer func() {
-		if f != nil {
-			f.Close()
-		}
-		if rerr := os.Remove(tmp); rerr != nil && !errors.Is(rerr, fs.ErrNotExist) && err == nil {
-			err = fmt.Errorf("%w: remove %s: %v", keystore.ErrUnavailable, tmp, rerr)
-		}
-	}()
-	if err := f.Chmod(0o600); err != nil {
-		return fmt.Errorf("%w: %v", keystore.ErrUnavailable, err)
-	}
-	if _, err := f.Write(data); err != nil {
-		return fmt.Errorf("%w: write %s: %v", keystore.ErrUnavailable, tmp, err)
-	}
-	if err := fail("written"); err != nil {
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		return fmt.Errorf("%w: sync %s: %v", keystore.ErrUnavailable, tmp, err)
-	}
-	err = f.Close()
-	f = nil
-	if err != nil {
-		return fmt.Errorf("%w: close %s: %v", keystore.ErrUnavailable, tmp, err)
-	}
-	final := filepath.Join(dir, name)
-	if err := os.Link(tmp, final); errors.Is(err, fs.ErrExist) {
-		return keystore.ErrAlreadyExists
-	} else if err != nil {
-		return fmt.Errorf("%w: link %s: %v", keystore.ErrUnavailable, final, err)
-	}
-	if err := fail("linked"); err != nil {
-		return err
-	}
-	if err := syncDir(dir); err != nil {
-		return fmt.Errorf("%w: %v", keystore.ErrUnavailable, err)
-	}
-	return nil
-}
-
-// writeTombstone creates the empty file dir/name (if missing) and makes it
-// durable.
-func writeTombstone(dir, name string) error {
-	f, err := os.OpenFile(filepath.Join(dir, name), os.O_WRONLY|os.O_CREATE|noFollow, 0o600)
-	if err != nil {
-		return err
-	}
-	err = f.Sync()
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = syncDir(dir)
-	}
-	return err
-}
-
-// syncDir makes the directory entries of dir durable.
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return fmt.Errorf("sync state directory: %w", err)
-	}
-	err = d.Sync()
-	if cerr := d.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		return fmt.Errorf("sync state directory %s: %w", dir, err)
-	}
-	return nil
 }
 
 // lockDir takes an exclusive lock on dir/lock, held until the file is

@@ -139,6 +139,7 @@ import (
 	"github.com/google/go-tpm/tpm2"
 
 	"github.com/keyd-dev/keyd/keystore"
+	"github.com/keyd-dev/keyd/keystore/internal/keyfile"
 )
 
 // Defaults for Config.
@@ -358,7 +359,7 @@ func (b *Backend) open(ctx context.Context) error {
 	if b.pinned == nil {
 		p := pin{template: srkTemplateID, name: name}
 		b.wmu.Lock()
-		err := writeNew(b.dir, pinFile, p.encode(), b.fail)
+		err := keyfile.WriteNew(b.dir, pinFile, p.encode(), b.fail)
 		b.wmu.Unlock()
 		if err != nil {
 			return fmt.Errorf("pin the storage root key: %w", err)
@@ -477,7 +478,7 @@ func (b *Backend) Generate(ctx context.Context, id string, spec keystore.KeySpec
 	b.wmu.Lock()
 	err = b.checkFree(id)
 	if err == nil {
-		err = writeNew(b.dir, id+keySuffix, data, b.fail)
+		err = keyfile.WriteNew(b.dir, id+keySuffix, data, b.fail)
 	}
 	b.wmu.Unlock()
 	if err != nil {
@@ -746,7 +747,7 @@ func (b *Backend) destroyFile(id string) error {
 	} else if err != nil {
 		return fmt.Errorf("%w: %v", keystore.ErrUnavailable, err)
 	}
-	if err := writeTombstone(b.dir, id+tombSuffix); err != nil {
+	if err := keyfile.WriteTombstone(b.dir, id+tombSuffix); err != nil {
 		return fmt.Errorf("write tombstone: %w", err)
 	}
 	b.mu.Lock()
@@ -756,7 +757,7 @@ func (b *Backend) destroyFile(id string) error {
 	if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return err
 	}
-	return syncDir(b.dir)
+	return keyfile.SyncDir(b.dir)
 }
 
 // Health checks that the TPM answers and still has the pinned storage root
