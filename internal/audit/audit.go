@@ -20,22 +20,25 @@ var ErrWrite = errors.New("audit log write failed")
 
 // Record is one signing decision.
 type Record struct {
-	Time    time.Time `json:"time"`
-	Event   string    `json:"event"` // "sign"
-	UID     uint32    `json:"uid"`
-	GID     uint32    `json:"gid"`
-	PID     int32     `json:"pid"`
-	KeySet  string    `json:"keyset"`
-	Kid     string    `json:"kid,omitempty"`
-	Purpose string    `json:"purpose,omitempty"`
-	Htm     string    `json:"htm,omitempty"`
-	Htu     string    `json:"htu,omitempty"`
-	Ath     string    `json:"ath,omitempty"`
-	Iss     string    `json:"iss,omitempty"`
-	Sub     string    `json:"sub,omitempty"`
-	Aud     []string  `json:"aud,omitempty"`
-	Jti     string    `json:"jti,omitempty"`
-	Exp     int64     `json:"exp,omitempty"`
+	Time  time.Time `json:"time"`
+	Event string    `json:"event"` // "sign"
+	UID   uint32    `json:"uid"`
+	GID   uint32    `json:"gid"`
+	PID   int32     `json:"pid"`
+	// Identity is the client certificate identity of a caller over the
+	// mutual-TLS listener (its uid, gid and pid are then 0).
+	Identity string   `json:"identity,omitempty"`
+	KeySet   string   `json:"keyset"`
+	Kid      string   `json:"kid,omitempty"`
+	Purpose  string   `json:"purpose,omitempty"`
+	Htm      string   `json:"htm,omitempty"`
+	Htu      string   `json:"htu,omitempty"`
+	Ath      string   `json:"ath,omitempty"`
+	Iss      string   `json:"iss,omitempty"`
+	Sub      string   `json:"sub,omitempty"`
+	Aud      []string `json:"aud,omitempty"`
+	Jti      string   `json:"jti,omitempty"`
+	Exp      int64    `json:"exp,omitempty"`
 	// Outcome is "ok" or the gRPC code name of the refusal.
 	Outcome string `json:"outcome"`
 	// Reason says why a request was refused, in the words the caller got.

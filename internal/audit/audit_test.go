@@ -16,7 +16,7 @@ import (
 func sample() Record {
 	return Record{
 		Time: time.Date(2026, 11, 22, 12, 0, 0, 123456789, time.UTC), Event: "sign",
-		UID: 1001, GID: 1002, PID: 4242, KeySet: "billing-dpop", Kid: "k1", Purpose: "dpop",
+		UID: 1001, GID: 1002, PID: 4242, Identity: "spiffe://example.org/billing/api", KeySet: "billing-dpop", Kid: "k1", Purpose: "dpop",
 		Htm: "POST", Htu: "https://as.example.com/token", Ath: "abc", Iss: "i", Sub: "s",
 		Aud: []string{"a1", "a2"}, Jti: "j", Exp: 1795000000, Outcome: "ok", Reason: "r",
 	}

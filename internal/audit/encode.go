@@ -20,6 +20,7 @@ func appendJSON(b []byte, r *Record) []byte {
 	b = strconv.AppendUint(b, uint64(r.GID), 10)
 	b = append(b, `,"pid":`...)
 	b = strconv.AppendInt(b, int64(r.PID), 10)
+	b = optString(b, "identity", r.Identity)
 	b = append(b, `,"keyset":`...)
 	b = appendString(b, r.KeySet)
 	b = optString(b, "kid", r.Kid)

@@ -16,6 +16,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -82,7 +83,7 @@ func TestMutualTLSListener(t *testing.T) {
 	l, _ := net.Listen("tcp", "127.0.0.1:0")
 	addr := l.Addr().String()
 	l.Close()
-	startDaemon(t, fmt.Sprintf(`  - name: billing
+	socket, _ := startDaemon(t, fmt.Sprintf(`  - name: billing
     purpose: dpop
     alg: ES256
     allow: {identities: ["spiffe://example.org/billing/*"]}
@@ -112,6 +113,10 @@ tcp:
 	good := dial(root.issue(t, false, "spiffe://example.org/billing/api", time.Now().Add(time.Hour)))
 	if err := proof(good, "billing"); err != nil {
 		t.Fatalf("allowed identity: %v", err)
+	}
+	auditLog, _ := os.ReadFile(filepath.Join(filepath.Dir(socket), "state", "audit.jsonl"))
+	if !strings.Contains(string(auditLog), `"identity":"spiffe://example.org/billing/api","keyset":"billing"`) {
+		t.Errorf("the audit record lacks the caller's certificate identity:\n%s", auditLog)
 	}
 	// The uid rules of key set d do not apply to mTLS callers.
 	if err := proof(good, "d"); !errors.Is(err, client.ErrPermissionDenied) {

@@ -151,6 +151,9 @@ func (s *Server) Sign(ctx context.Context, req *keydv1.SignRequest) (*keydv1.Sig
 	}
 	start := time.Now()
 	rec := audit.Record{Event: "sign", UID: c.UID, GID: c.GID, PID: c.PID, KeySet: req.GetKeyset()}
+	if c.Transport == authz.TransportMTLS && len(c.Identities) > 0 {
+		rec.Identity = c.Identities[0]
+	}
 	var resp *keydv1.SignResponse
 	if s.limit.allow(callerKey(c), start) {
 		resp, err = s.sign(ctx, c, req, &rec)
