@@ -2,10 +2,10 @@ package daemon
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"net"
 	"os"
+	"os/exec"
 	"runtime"
 	"sort"
 	"sync"
@@ -252,29 +252,42 @@ func (rawCodec) Unmarshal(b []byte, v any) error {
 }
 func (rawCodec) Name() string { return "proto" }
 
-// A3: a client that connects and exits before its request is served
-// leaves nothing behind, and the next caller is served.
+// A3: a child process connects, sends a Sign request and exits before it
+// is answered. The daemon serves the next caller and keeps no goroutine of
+// the dead one.
 func TestCallerGoneMidRequest(t *testing.T) {
-	socket, _ := startDaemon(t, "")
-	for range 50 {
-		c, err := net.Dial("unix", socket)
+	if sock := os.Getenv("KEYD_TEST_CHILD_SOCKET"); sock != "" {
+		// The child: start a request on a raw connection, then exit.
+		c, err := net.Dial("unix", sock)
 		if err != nil {
-			t.Fatal(err)
+			os.Exit(3)
 		}
 		c.Write([]byte("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"))
-		c.Close()
+		cl, err := client.Dial(sock)
+		if err == nil {
+			go cl.DPoP("d").Proof(context.Background(), "GET", "https://a.example/")
+			time.Sleep(time.Millisecond)
+		}
+		os.Exit(0)
 	}
+	socket, _ := startDaemon(t, "")
 	cl, err := client.Dial(socket)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer cl.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	if _, err := cl.DPoP("d").Proof(ctx, "GET", "https://a.example/"); err != nil {
-		t.Fatal(err)
+	probe(t, cl, 5)
+	runtime.GC()
+	baseline := runtime.NumGoroutine()
+	for range 5 {
+		child := exec.Command(os.Args[0], "-test.run=^TestCallerGoneMidRequest$")
+		child.Env = append(os.Environ(), "KEYD_TEST_CHILD_SOCKET="+socket)
+		if out, err := child.CombinedOutput(); err != nil {
+			t.Fatalf("child: %v\n%s", err, out)
+		}
 	}
-	if errors.Is(ctx.Err(), context.DeadlineExceeded) {
-		t.Fatal("deadline")
+	probe(t, cl, 5)
+	if n := settle(t, baseline, 10*time.Second); n > baseline+5 {
+		t.Errorf("goroutines %d after 5 callers died mid-request, baseline %d", n, baseline)
 	}
 }
