@@ -27,27 +27,6 @@ const (
 	noFollow   = syscall.O_NOFOLLOW
 )
 
-// checkDir refuses a key directory that is a symlink, not a directory,
-// writable by group or others, or owned by another user.
-func checkDir(dir string) error {
-	fi, err := os.Lstat(dir)
-	if err != nil {
-		return fmt.Errorf("key directory: %w", err)
-	}
-	switch {
-	case fi.Mode()&fs.ModeSymlink != 0:
-		return fmt.Errorf("key directory %s is a symlink; configure the real path: %w", dir, keystore.ErrInsecureStorage)
-	case !fi.IsDir():
-		return fmt.Errorf("key directory %s is not a directory (%v)", dir, fi.Mode().Type())
-	case fi.Mode().Perm()&0o022 != 0:
-		return fmt.Errorf("key directory %s has mode %04o, writable by group or others; chmod 700 it: %w", dir, fi.Mode().Perm(), keystore.ErrInsecureStorage)
-	}
-	if uid, ok := owner(fi); ok && uid != os.Geteuid() {
-		return fmt.Errorf("key directory %s is owned by uid %d, not by this process's uid %d: %w", dir, uid, os.Geteuid(), keystore.ErrInsecureStorage)
-	}
-	return nil
-}
-
 // checkFile checks the key file at path without following a symlink. It fails
 // with ErrNotFound if there is none and ErrInsecureStorage if it is unsafe.
 func checkFile(path string) (fs.FileInfo, error) {
@@ -58,32 +37,7 @@ func checkFile(path string) (fs.FileInfo, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%w: %v", keystore.ErrUnavailable, err)
 	}
-	return fi, checkInfo(path, fi)
-}
-
-// checkInfo refuses a key file that is a symlink, not a regular file, has any
-// group or other permission bit or is owned by another user.
-func checkInfo(path string, fi fs.FileInfo) error {
-	switch {
-	case fi.Mode()&fs.ModeSymlink != 0:
-		return fmt.Errorf("key file %s is a symlink: %w", path, keystore.ErrInsecureStorage)
-	case !fi.Mode().IsRegular():
-		return fmt.Errorf("key file %s is not a regular file (%v): %w", path, fi.Mode().Type(), keystore.ErrInsecureStorage)
-	case fi.Mode().Perm()&0o077 != 0:
-		return fmt.Errorf("key file %s has mode %04o, open to group or others; chmod 600 it: %w", path, fi.Mode().Perm(), keystore.ErrInsecureStorage)
-	}
-	if uid, ok := owner(fi); ok && uid != os.Geteuid() {
-		return fmt.Errorf("key file %s is owned by uid %d, not by this process's uid %d: %w", path, uid, os.Geteuid(), keystore.ErrInsecureStorage)
-	}
-	return nil
-}
-
-func owner(fi fs.FileInfo) (int, bool) {
-	st, ok := fi.Sys().(*syscall.Stat_t)
-	if !ok {
-		return 0, false
-	}
-	return int(st.Uid), true
+	return fi, keyfile.CheckInfo(path, "key file", fi, keyfile.KeyRule)
 }
 
 // loadKey reads and parses the key file at path after checking it. It fails
@@ -110,7 +64,7 @@ func loadKey(path string) (crypto.Signer, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%w: %v", keystore.ErrUnavailable, err)
 	}
-	if err := checkInfo(path, ofi); err != nil {
+	if err := keyfile.CheckInfo(path, "key file", ofi, keyfile.KeyRule); err != nil {
 		return nil, err
 	}
 	if !os.SameFile(fi, ofi) {

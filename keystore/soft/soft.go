@@ -132,7 +132,7 @@ func New(cfg Config) (*Backend, error) {
 			return nil, fmt.Errorf("soft: create key directory: %w", err)
 		}
 	}
-	if err := checkDir(dir); err != nil {
+	if err := keyfile.CheckDir(dir, "key directory"); err != nil {
 		return nil, fmt.Errorf("soft: %w", err)
 	}
 	b := &Backend{
@@ -364,17 +364,10 @@ func (b *Backend) List(ctx context.Context) ([]string, error) {
 	if err := b.begin(ctx); err != nil {
 		return nil, fmt.Errorf("list: %w", err)
 	}
-	entries, err := os.ReadDir(b.dir)
+	ids, err := keyfile.List(b.dir, keySuffix)
 	if err != nil {
-		return nil, fmt.Errorf("list: %w: %v", keystore.ErrUnavailable, err)
+		return nil, fmt.Errorf("list: %w", err)
 	}
-	ids := []string{}
-	for _, e := range entries {
-		if id, ok := keyID(e.Name()); ok {
-			ids = append(ids, id)
-		}
-	}
-	slices.Sort(ids)
 	return ids, nil
 }
 
@@ -487,8 +480,7 @@ const (
 
 // keyID returns the ID of a key file name "<id>.key".
 func keyID(name string) (string, bool) {
-	id, ok := strings.CutSuffix(name, keySuffix)
-	return id, ok && keystore.ValidID(id) == nil
+	return keyfile.ID(name, keySuffix)
 }
 
 // tempID returns the ID of a temporary key file name "<id>.key.tmp-<digits>"

@@ -187,8 +187,7 @@ func decodePin(data []byte) (pin, error) {
 
 // keyID returns the ID of a key file name "<id>.tpmkey".
 func keyID(name string) (string, bool) {
-	id, ok := strings.CutSuffix(name, keySuffix)
-	return id, ok && keystore.ValidID(id) == nil
+	return keyfile.ID(name, keySuffix)
 }
 
 // isTemp reports whether name is a temporary file "<name>.tmp-<digits>"
@@ -204,70 +203,18 @@ func isTemp(name string) bool {
 		(base == pinFile || strings.HasSuffix(base, keySuffix))
 }
 
-// checkDir refuses a state directory that is a symlink, not a directory,
-// writable by group or others, or owned by another user.
-func checkDir(dir string) error {
-	fi, err := os.Lstat(dir)
-	if err != nil {
-		return fmt.Errorf("state directory: %w", err)
-	}
-	switch {
-	case fi.Mode()&fs.ModeSymlink != 0:
-		return fmt.Errorf("state directory %s is a symlink; configure the real path: %w", dir, keystore.ErrInsecureStorage)
-	case !fi.IsDir():
-		return fmt.Errorf("state directory %s is not a directory (%v)", dir, fi.Mode().Type())
-	case fi.Mode().Perm()&0o022 != 0:
-		return fmt.Errorf("state directory %s has mode %04o, writable by group or others; chmod 700 it: %w", dir, fi.Mode().Perm(), keystore.ErrInsecureStorage)
-	}
-	if uid, ok := owner(fi); ok && uid != os.Geteuid() {
-		return fmt.Errorf("state directory %s is owned by uid %d, not by this process's uid %d: %w", dir, uid, os.Geteuid(), keystore.ErrInsecureStorage)
-	}
-	return nil
-}
-
-// fileRule says which files readChecked accepts: no permission bit in mask,
-// owned by this process's user (or also by root, if rootOK).
-type fileRule struct {
-	mask   fs.FileMode
-	rootOK bool
-}
-
+// The rules readChecked applies (keyfile.CheckInfo).
 var (
-	keyFileRule = fileRule{mask: 0o077}
-	pinRule     = fileRule{mask: 0o022}
+	keyFileRule = keyfile.KeyRule
+	pinRule     = keyfile.Rule{Mask: 0o022}
 	// The owner auth file may be root's, readable by keyd's group.
-	authFileRule = fileRule{mask: 0o007, rootOK: true}
+	authFileRule = keyfile.Rule{Mask: 0o007, RootOK: true}
 )
-
-// checkInfo refuses a file that is a symlink or not a regular file, or
-// breaks rule.
-func checkInfo(path string, fi fs.FileInfo, rule fileRule) error {
-	switch {
-	case fi.Mode()&fs.ModeSymlink != 0:
-		return fmt.Errorf("%s is a symlink: %w", path, keystore.ErrInsecureStorage)
-	case !fi.Mode().IsRegular():
-		return fmt.Errorf("%s is not a regular file (%v): %w", path, fi.Mode().Type(), keystore.ErrInsecureStorage)
-	case fi.Mode().Perm()&rule.mask != 0:
-		return fmt.Errorf("%s has mode %04o, open to group or others; chmod 600 it: %w", path, fi.Mode().Perm(), keystore.ErrInsecureStorage)
-	}
-	if uid, ok := owner(fi); ok && uid != os.Geteuid() && !(rule.rootOK && uid == 0) {
-		return fmt.Errorf("%s is owned by uid %d, not by this process's uid %d: %w", path, uid, os.Geteuid(), keystore.ErrInsecureStorage)
-	}
-	return nil
-}
-
-func owner(fi fs.FileInfo) (int, bool) {
-	st, ok := fi.Sys().(*syscall.Stat_t)
-	if !ok {
-		return 0, false
-	}
-	return int(st.Uid), true
-}
 
 // readChecked reads the file at path after checking it with checkInfo,
 // without following a symlink or blocking on a FIFO. A missing file is
 // ErrNotFound.
-func readChecked(path string, rule fileRule) ([]byte, error) {
+func readChecked(path string, rule keyfile.Rule) ([]byte, error) {
 	fi, err := os.Lstat(path)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, keystore.ErrNotFound
@@ -275,7 +222,7 @@ func readChecked(path string, rule fileRule) ([]byte, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%w: %v", keystore.ErrUnavailable, err)
 	}
-	if err := checkInfo(path, fi, rule); err != nil {
+	if err := keyfile.CheckInfo(path, "file", fi, rule); err != nil {
 		return nil, err
 	}
 	f, err := os.OpenFile(path, os.O_RDONLY|noFollow|syscall.O_NONBLOCK, 0)
@@ -292,7 +239,7 @@ func readChecked(path string, rule fileRule) ([]byte, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%w: %v", keystore.ErrUnavailable, err)
 	}
-	if err := checkInfo(path, ofi, rule); err != nil {
+	if err := keyfile.CheckInfo(path, "file", ofi, rule); err != nil {
 		return nil, err
 	}
 	if !os.SameFile(fi, ofi) {

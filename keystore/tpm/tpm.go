@@ -281,7 +281,7 @@ func newBackend(ctx context.Context, cfg Config, hook func(cmd []byte) ([]byte, 
 			return nil, fmt.Errorf("tpm: create state directory: %w", err)
 		}
 	}
-	if err := checkDir(dir); err != nil {
+	if err := keyfile.CheckDir(dir, "state directory"); err != nil {
 		return nil, fmt.Errorf("tpm: %w", err)
 	}
 	var auth []byte
@@ -698,17 +698,10 @@ func (b *Backend) List(ctx context.Context) ([]string, error) {
 	if err := b.begin(ctx); err != nil {
 		return nil, fmt.Errorf("list: %w", err)
 	}
-	entries, err := os.ReadDir(b.dir)
+	ids, err := keyfile.List(b.dir, keySuffix)
 	if err != nil {
-		return nil, fmt.Errorf("list: %w: %v", keystore.ErrUnavailable, err)
+		return nil, fmt.Errorf("list: %w", err)
 	}
-	ids := []string{}
-	for _, e := range entries {
-		if id, ok := keyID(e.Name()); ok {
-			ids = append(ids, id)
-		}
-	}
-	slices.Sort(ids)
 	return ids, nil
 }
 

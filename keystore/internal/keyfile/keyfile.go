@@ -9,6 +9,8 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
+	"strings"
 	"syscall"
 
 	"github.com/keyd-dev/keyd/keystore"
@@ -113,4 +115,84 @@ func SyncDir(dir string) error {
 		return fmt.Errorf("sync directory %s: %w", filepath.Clean(dir), err)
 	}
 	return nil
+}
+
+// CheckDir refuses a key directory that is a symlink, not a directory,
+// writable by group or others, or owned by another user than this process's
+// (ErrInsecureStorage). what names it in messages ("key directory").
+func CheckDir(dir, what string) error {
+	fi, err := os.Lstat(dir)
+	if err != nil {
+		return fmt.Errorf("%s: %w", what, err)
+	}
+	switch {
+	case fi.Mode()&fs.ModeSymlink != 0:
+		return fmt.Errorf("%s %s is a symlink; configure the real path: %w", what, dir, keystore.ErrInsecureStorage)
+	case !fi.IsDir():
+		return fmt.Errorf("%s %s is not a directory (%v)", what, dir, fi.Mode().Type())
+	case fi.Mode().Perm()&0o022 != 0:
+		return fmt.Errorf("%s %s has mode %04o, writable by group or others; chmod 700 it: %w", what, dir, fi.Mode().Perm(), keystore.ErrInsecureStorage)
+	}
+	if uid, ok := Owner(fi); ok && uid != os.Geteuid() {
+		return fmt.Errorf("%s %s is owned by uid %d, not by this process's uid %d: %w", what, dir, uid, os.Geteuid(), keystore.ErrInsecureStorage)
+	}
+	return nil
+}
+
+// Rule says which files CheckInfo accepts: no permission bit in Mask, owned
+// by this process's user (or also by root, if RootOK).
+type Rule struct {
+	Mask   fs.FileMode
+	RootOK bool
+}
+
+// KeyRule is the rule for key files: mode 0600 or stricter, ours.
+var KeyRule = Rule{Mask: 0o077}
+
+// CheckInfo refuses (ErrInsecureStorage) a file that is a symlink, not a
+// regular file, or breaks rule. what names it in messages ("key file").
+func CheckInfo(path, what string, fi fs.FileInfo, rule Rule) error {
+	switch {
+	case fi.Mode()&fs.ModeSymlink != 0:
+		return fmt.Errorf("%s %s is a symlink: %w", what, path, keystore.ErrInsecureStorage)
+	case !fi.Mode().IsRegular():
+		return fmt.Errorf("%s %s is not a regular file (%v): %w", what, path, fi.Mode().Type(), keystore.ErrInsecureStorage)
+	case fi.Mode().Perm()&rule.Mask != 0:
+		return fmt.Errorf("%s %s has mode %04o, open to group or others; chmod 600 it: %w", what, path, fi.Mode().Perm(), keystore.ErrInsecureStorage)
+	}
+	if uid, ok := Owner(fi); ok && uid != os.Geteuid() && !(rule.RootOK && uid == 0) {
+		return fmt.Errorf("%s %s is owned by uid %d, not by this process's uid %d: %w", what, path, uid, os.Geteuid(), keystore.ErrInsecureStorage)
+	}
+	return nil
+}
+
+// Owner returns the uid that owns fi, when the platform says.
+func Owner(fi fs.FileInfo) (int, bool) {
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	if !ok {
+		return 0, false
+	}
+	return int(st.Uid), true
+}
+
+// ID returns the key ID of a file name "<id><suffix>", if it is a valid one.
+func ID(name, suffix string) (string, bool) {
+	id, ok := strings.CutSuffix(name, suffix)
+	return id, ok && keystore.ValidID(id) == nil
+}
+
+// List returns, sorted, the IDs of the files "<id><suffix>" in dir.
+func List(dir, suffix string) ([]string, error) {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", keystore.ErrUnavailable, err)
+	}
+	ids := []string{}
+	for _, e := range entries {
+		if id, ok := ID(e.Name(), suffix); ok {
+			ids = append(ids, id)
+		}
+	}
+	slices.Sort(ids)
+	return ids, nil
 }
