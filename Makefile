@@ -16,6 +16,8 @@ FUZZ_TARGETS := \
 	./internal/jws:FuzzEncodeSignature \
 	./internal/jws:FuzzSplitSigningInput \
 	./internal/jws:FuzzJWKUnmarshal \
+	./internal/ecdsasig:FuzzRaw \
+	./internal/ecdsasig:FuzzDER \
 	./internal/server:FuzzSign \
 	./internal/audit:FuzzAppendString \
 	./keystore/pkcs11:FuzzParseURI \

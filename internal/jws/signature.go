@@ -6,10 +6,10 @@ import (
 	"crypto/ecdsa"
 	"crypto/ed25519"
 	"crypto/rsa"
-	"encoding/asn1"
 	"fmt"
 	"math/big"
 
+	"github.com/keyd-dev/keyd/internal/ecdsasig"
 	"github.com/keyd-dev/keyd/keystore"
 )
 
@@ -33,7 +33,9 @@ func keyFor(alg keystore.Algorithm, pub crypto.PublicKey) (params, error) {
 }
 
 // ecdsaSignature is the ASN.1 form of an ECDSA signature (RFC 3279 §2.2.3,
-// SEC 1 §C.8): SEQUENCE { r INTEGER, s INTEGER }.
+// SEC 1 §C.8) for encoding/asn1: SEQUENCE { r INTEGER, s INTEGER }.
+// encodeECDSA decodes with internal/ecdsasig instead; the tests use this
+// type to build and check DER.
 type ecdsaSignature struct {
 	R, S *big.Int
 }
@@ -85,33 +87,19 @@ func encodeECDSA(alg keystore.Algorithm, p params, der []byte) ([]byte, error) {
 	if maxLen := 2 + 2*(3+p.size); len(der) > maxLen {
 		return nil, fmt.Errorf("%s DER signature of %d bytes, at most %d: %w", alg, len(der), maxLen, ErrBadSignature)
 	}
-	var v ecdsaSignature
-	rest, err := asn1.Unmarshal(der, &v)
+	// Raw accepts only the one canonical DER encoding of (r, s), with
+	// 1 ≤ r, s < 2^(8·size); the bound n is ours to check.
+	out, err := ecdsasig.Raw(der, p.size)
 	if err != nil {
 		return nil, fmt.Errorf("%s DER signature: %w: %w", alg, ErrBadSignature, err)
 	}
-	if len(rest) != 0 {
-		return nil, fmt.Errorf("%s DER signature: %d bytes of trailing data: %w", alg, len(rest), ErrBadSignature)
-	}
-	// encoding/asn1 tolerates extra elements at the end of a SEQUENCE and is
-	// lenient in places DER is not; re-encoding and comparing guarantees der
-	// was the one canonical encoding of (r, s).
-	canon, err := asn1.Marshal(v)
-	if err != nil || !bytes.Equal(canon, der) {
-		return nil, fmt.Errorf("%s DER signature is not canonical DER: %w", alg, ErrBadSignature)
-	}
-	order := p.curve.Params().N
-	for _, x := range []struct {
-		name string
-		v    *big.Int
-	}{{"r", v.R}, {"s", v.S}} {
-		if x.v.Sign() <= 0 || x.v.Cmp(order) >= 0 {
-			return nil, fmt.Errorf("%s signature %s out of range [1, n-1]: %w", alg, x.name, ErrBadSignature)
+	var buf [66]byte // room for the order of any NIST curve, P-521's included
+	order := p.curve.Params().N.FillBytes(buf[:p.size])
+	for i, name := range [...]string{"r", "s"} {
+		if bytes.Compare(out[i*p.size:(i+1)*p.size], order) >= 0 {
+			return nil, fmt.Errorf("%s signature %s out of range [1, n-1]: %w", alg, name, ErrBadSignature)
 		}
 	}
-	out := make([]byte, 2*p.size)
-	v.R.FillBytes(out[:p.size])
-	v.S.FillBytes(out[p.size:])
 	return out, nil
 }
 

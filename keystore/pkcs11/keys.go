@@ -14,6 +14,7 @@ import (
 
 	p11 "github.com/miekg/pkcs11"
 
+	"github.com/keyd-dev/keyd/internal/ecdsasig"
 	"github.com/keyd-dev/keyd/keystore"
 )
 
@@ -314,13 +315,9 @@ func algOfSign(k kind, opts crypto.SignerOpts) keystore.Algorithm {
 // the ASN.1 DER SEQUENCE { r, s } that crypto.Signer returns. size is the
 // byte length of r and of s.
 func ecdsaDER(raw []byte, size int) ([]byte, error) {
-	if len(raw) != 2*size {
-		return nil, fmt.Errorf("CKM_ECDSA returned %d bytes, want %d (r||s)", len(raw), 2*size)
+	der, err := ecdsasig.DER(raw, size)
+	if err != nil {
+		return nil, fmt.Errorf("CKM_ECDSA signature: %w", err)
 	}
-	r := new(big.Int).SetBytes(raw[:size])
-	s := new(big.Int).SetBytes(raw[size:])
-	if r.Sign() == 0 || s.Sign() == 0 {
-		return nil, errors.New("CKM_ECDSA returned a zero r or s")
-	}
-	return asn1.Marshal(struct{ R, S *big.Int }{r, s})
+	return der, nil
 }
