@@ -9,13 +9,29 @@ import (
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 
 	keydv1 "github.com/keyd-dev/keyd/proto/keyd/v1"
+)
+
+// Bounds of the messages the client sends on the SignStream. The daemon
+// takes at most 64 requests and 64 KiB per message.
+const (
+	streamBatch = 64
+	// streamBatchBytes bounds the encoded requests of one message, with
+	// room under the daemon's 64 KiB for the message's own framing.
+	streamBatchBytes = 60 << 10
 )
 
 // streamSigner multiplexes the client's signatures over one SignStream,
 // opened on first use and reopened after it breaks. A daemon without
 // SignStream makes it fall back to unary Sign for good.
+//
+// Requests that are in flight together travel together: the caller that
+// finds no send in progress sends its request and every request queued by
+// then in one message, and again while more were queued during its send.
+// A lone caller therefore sends at once, without a hand-off to another
+// goroutine; many callers share each message's cost.
 type streamSigner struct {
 	keys keydv1.KeyServiceClient
 
@@ -29,12 +45,17 @@ type streamSigner struct {
 }
 
 type signStream struct {
-	stream  keydv1.KeyService_SignStreamClient
-	cancel  context.CancelFunc
-	sendMu  sync.Mutex
+	stream keydv1.KeyService_SignStreamClient
+	cancel context.CancelFunc
+
 	mu      sync.Mutex
-	pending map[uint64]chan *keydv1.SignStreamResponse
+	pending map[uint64]chan *keydv1.SignStreamResult
 	err     error // set once the stream broke
+
+	qmu     sync.Mutex
+	queue   []*keydv1.SignStreamItem
+	spare   []*keydv1.SignStreamItem
+	sending bool
 }
 
 func newStreamSigner(keys keydv1.KeyServiceClient) *streamSigner {
@@ -42,16 +63,23 @@ func newStreamSigner(keys keydv1.KeyServiceClient) *streamSigner {
 	return &streamSigner{keys: keys, closeCtx: ctx, closeFn: cancel}
 }
 
-// errFallback says the daemon does not offer SignStream.
+// errFallback says this request goes as a unary Sign: the daemon does not
+// offer SignStream, or the request is too large to share a message.
 var errFallback = errors.New("sign stream unavailable")
 
 // sign sends req over the stream and waits for its answer or ctx.
 func (s *streamSigner) sign(ctx context.Context, req *keydv1.SignRequest) (*keydv1.SignResponse, error) {
+	if proto.Size(req) > streamBatchBytes/2 {
+		// Alone in a message it could still exceed the daemon's limit,
+		// which would end the stream for everyone; unary, only this call
+		// fails.
+		return nil, errFallback
+	}
 	st, id, ch, err := s.register(ctx)
 	if err != nil {
 		return nil, err
 	}
-	msg := &keydv1.SignStreamRequest{Id: id, Request: req}
+	item := &keydv1.SignStreamItem{Id: id, Request: req}
 	if d, ok := ctx.Deadline(); ok {
 		ms := time.Until(d).Milliseconds()
 		if ms <= 0 {
@@ -59,13 +87,10 @@ func (s *streamSigner) sign(ctx context.Context, req *keydv1.SignRequest) (*keyd
 			return nil, fromStatus(status.FromContextError(context.DeadlineExceeded).Err())
 		}
 		if ms < 1<<31 {
-			msg.TimeoutMs = uint32(ms)
+			item.TimeoutMs = uint32(ms)
 		}
 	}
-	st.sendMu.Lock()
-	err = st.stream.Send(msg)
-	st.sendMu.Unlock()
-	if err != nil {
+	if err := st.enqueue(item); err != nil {
 		// The receiver sees the same failure and answers every pending
 		// request, this one included.
 		s.drop(st)
@@ -89,9 +114,67 @@ func (s *streamSigner) sign(ctx context.Context, req *keydv1.SignRequest) (*keyd
 	}
 }
 
+// enqueue queues item and, unless another caller is sending, sends the
+// queue. It returns the send error, if it sent and the send failed.
+func (st *signStream) enqueue(item *keydv1.SignStreamItem) error {
+	st.qmu.Lock()
+	st.queue = append(st.queue, item)
+	if st.sending {
+		st.qmu.Unlock()
+		return nil
+	}
+	st.sending = true
+	var err error
+	for len(st.queue) > 0 && err == nil {
+		q := st.queue
+		batch, rest := split(q)
+		st.queue = append(st.spare[:0], rest...)
+		clear(rest)
+		st.qmu.Unlock()
+		if live := st.live(batch); len(live) > 0 {
+			err = st.stream.Send(&keydv1.SignStreamRequest{Requests: live})
+		}
+		clear(batch)
+		st.qmu.Lock()
+		st.spare = q[:0]
+	}
+	if err != nil {
+		st.queue = nil // the stream is broken; fail answers them
+	}
+	st.sending = false
+	st.qmu.Unlock()
+	return err
+}
+
+// split returns the first message's worth of q and the rest.
+func split(q []*keydv1.SignStreamItem) (batch, rest []*keydv1.SignStreamItem) {
+	size := 0
+	for i, it := range q {
+		size += proto.Size(it) + 3 // the field's tag and length
+		if i == streamBatch || (i > 0 && size > streamBatchBytes) {
+			return q[:i], q[i:]
+		}
+	}
+	return q, nil
+}
+
+// live drops from batch, in place, the requests whose callers stopped
+// waiting while they were queued.
+func (st *signStream) live(batch []*keydv1.SignStreamItem) []*keydv1.SignStreamItem {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	out := batch[:0]
+	for _, it := range batch {
+		if _, ok := st.pending[it.Id]; ok {
+			out = append(out, it)
+		}
+	}
+	return out
+}
+
 // register returns the open stream (opening one if needed) and a fresh id
 // with its answer channel.
-func (s *streamSigner) register(ctx context.Context) (*signStream, uint64, chan *keydv1.SignStreamResponse, error) {
+func (s *streamSigner) register(ctx context.Context) (*signStream, uint64, chan *keydv1.SignStreamResult, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.closed {
@@ -107,12 +190,12 @@ func (s *streamSigner) register(ctx context.Context) (*signStream, uint64, chan 
 			cancel()
 			return nil, 0, nil, fromStatus(err)
 		}
-		st := &signStream{stream: stream, cancel: cancel, pending: map[uint64]chan *keydv1.SignStreamResponse{}}
+		st := &signStream{stream: stream, cancel: cancel, pending: map[uint64]chan *keydv1.SignStreamResult{}}
 		s.cur = st
 		go s.receive(st)
 	}
 	s.nextID++
-	ch := make(chan *keydv1.SignStreamResponse, 1)
+	ch := make(chan *keydv1.SignStreamResult, 1)
 	st := s.cur
 	st.mu.Lock()
 	if st.err != nil {
@@ -141,12 +224,13 @@ func (s *streamSigner) receive(st *signStream) {
 			return
 		}
 		st.mu.Lock()
-		ch, ok := st.pending[resp.Id]
-		delete(st.pending, resp.Id)
-		st.mu.Unlock()
-		if ok {
-			ch <- resp
+		for _, r := range resp.Results {
+			if ch, ok := st.pending[r.Id]; ok {
+				delete(st.pending, r.Id)
+				ch <- r // buffered, and only this one is ever sent on it
+			}
 		}
+		st.mu.Unlock()
 	}
 }
 
@@ -168,10 +252,10 @@ func (st *signStream) fail(err error) {
 	st.mu.Lock()
 	st.err = &Error{Code: code, Message: msg}
 	pending := st.pending
-	st.pending = map[uint64]chan *keydv1.SignStreamResponse{}
+	st.pending = map[uint64]chan *keydv1.SignStreamResult{}
 	st.mu.Unlock()
 	for id, ch := range pending {
-		ch <- &keydv1.SignStreamResponse{Id: id, Code: int32(code), Message: msg}
+		ch <- &keydv1.SignStreamResult{Id: id, Code: int32(code), Message: msg}
 	}
 	st.cancel()
 }

@@ -54,6 +54,8 @@ type env struct {
 	audit   *memAudit
 	backend keystore.Backend
 	metrics *metrics.Metrics
+
+	grpcOpts []grpc.ServerOption
 }
 
 // memAudit keeps records in memory and can be told to fail.
@@ -106,6 +108,8 @@ type envOpts struct {
 	admins    []int
 	wrap      func(keystore.Backend) keystore.Backend
 	backend   keystore.Backend
+	// grpcOpts are added to the gRPC server's options.
+	grpcOpts []grpc.ServerOption
 }
 
 func newEnv(t testing.TB, sets []testKeySet, opts envOpts) *env {
@@ -167,7 +171,7 @@ func newEnv(t testing.TB, sets []testKeySet, opts envOpts) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	e := &env{socket: filepath.Join(dir, "k.sock"), srv: srv, mgr: mgr, audit: aud, backend: backend, metrics: m}
+	e := &env{socket: filepath.Join(dir, "k.sock"), srv: srv, mgr: mgr, audit: aud, backend: backend, metrics: m, grpcOpts: opts.grpcOpts}
 	e.serve(t)
 	cl, err := client.Dial(e.socket)
 	if err != nil {
@@ -185,7 +189,7 @@ func (e *env) serve(t testing.TB) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	g := grpc.NewServer(grpc.Creds(authz.PeerCredentials()))
+	g := grpc.NewServer(append([]grpc.ServerOption{grpc.Creds(authz.PeerCredentials())}, e.grpcOpts...)...)
 	e.srv.Register(g)
 	go g.Serve(lis)
 	t.Cleanup(g.Stop)

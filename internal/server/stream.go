@@ -21,23 +21,40 @@ import (
 const (
 	// streamInFlight bounds the requests of one stream being served at once;
 	// past it the stream stops reading until one finishes (back-pressure).
-	streamInFlight = 32
+	streamInFlight = 64
+	// streamBatch bounds the requests of one message, and the results the
+	// daemon puts in one message.
+	streamBatch = 64
 	// streamTimeout bounds one request when the caller gives no timeout.
 	streamTimeout = 30 * time.Second
+	// streamIdle is how long an idle worker of a stream waits for the next
+	// request before it exits.
+	streamIdle = 10 * time.Second
 )
 
 // SignStream implements keyd.v1.KeyService: each request is served by Sign,
 // concurrently up to streamInFlight, and answered by id.
+//
+// The cost that matters here is per signature: requests are served by the
+// stream's workers (long-lived goroutines, so their stacks are grown once,
+// not once per request), and results are sent by whichever worker finds no
+// send in progress, together with every result that is ready by then — one
+// message for many results when many are in flight, and no hand-off to a
+// sending goroutine when there is one.
 func (s *Server) SignStream(stream grpc.BidiStreamingServer[keydv1.SignStreamRequest, keydv1.SignStreamResponse]) error {
 	ctx := stream.Context()
-	var (
-		sendMu sync.Mutex
-		wg     sync.WaitGroup
-		sem    = make(chan struct{}, streamInFlight)
-	)
-	defer wg.Wait()
+	st := &streamState{
+		srv:  s,
+		ctx:  ctx,
+		sem:  make(chan struct{}, streamInFlight),
+		jobs: make(chan *keydv1.SignStreamItem),
+		done: make(chan struct{}),
+		out:  outbox{send: stream.Send},
+	}
+	defer st.wg.Wait()
+	defer close(st.done)
 	for {
-		req, err := stream.Recv()
+		msg, err := stream.Recv()
 		if errors.Is(err, io.EOF) {
 			return nil
 		}
@@ -47,27 +64,117 @@ func (s *Server) SignStream(stream grpc.BidiStreamingServer[keydv1.SignStreamReq
 			}
 			return err
 		}
-		select {
-		case sem <- struct{}{}:
-		case <-ctx.Done():
-			return nil
+		switch n := len(msg.Requests); {
+		case n == 0:
+			return status.Error(codes.InvalidArgument, "sign stream: a message must carry at least one request")
+		case n > streamBatch:
+			return status.Errorf(codes.InvalidArgument, "sign stream: a message carries %d requests; at most %d are allowed", n, streamBatch)
 		}
-		wg.Add(1)
-		go func() {
-			defer func() { <-sem; wg.Done() }()
-			out := s.serveStreamRequest(ctx, req)
-			sendMu.Lock()
-			err := stream.Send(out)
-			sendMu.Unlock()
-			if err != nil && ctx.Err() == nil {
-				s.log.LogAttrs(ctx, slog.LevelInfo, "sign stream: send failed", slog.String("err", err.Error()))
+		for _, it := range msg.Requests {
+			select {
+			case st.sem <- struct{}{}:
+			case <-ctx.Done():
+				return nil
 			}
-		}()
+			st.dispatch(it)
+		}
 	}
 }
 
-func (s *Server) serveStreamRequest(ctx context.Context, req *keydv1.SignStreamRequest) (out *keydv1.SignStreamResponse) {
-	out = &keydv1.SignStreamResponse{Id: req.Id}
+// streamState is one SignStream being served.
+type streamState struct {
+	srv  *Server
+	ctx  context.Context
+	sem  chan struct{}               // a slot per request being served
+	jobs chan *keydv1.SignStreamItem // to an idle worker
+	done chan struct{}               // closed when the stream ends
+	wg   sync.WaitGroup
+	out  outbox
+}
+
+// dispatch hands it to an idle worker, or starts one. The number of workers
+// stays within streamInFlight plus those about to go idle.
+func (st *streamState) dispatch(it *keydv1.SignStreamItem) {
+	select {
+	case st.jobs <- it:
+	default:
+		st.wg.Add(1)
+		go st.worker(it)
+	}
+}
+
+// worker serves it and then whatever dispatch hands it, until the stream
+// ends or it has been idle for streamIdle.
+func (st *streamState) worker(it *keydv1.SignStreamItem) {
+	defer st.wg.Done()
+	idle := time.NewTimer(streamIdle)
+	defer idle.Stop()
+	for {
+		res := st.srv.serveStreamItem(st.ctx, it)
+		<-st.sem
+		st.out.push(res)
+		idle.Reset(streamIdle)
+		select {
+		case it = <-st.jobs:
+		case <-st.done:
+			return
+		case <-idle.C:
+			return
+		}
+	}
+}
+
+// outbox sends a stream's results: the pusher that finds no send in
+// progress sends, in one message, every result pending by then, and again
+// while more arrived during its send.
+type outbox struct {
+	send func(*keydv1.SignStreamResponse) error
+
+	mu      sync.Mutex
+	pending []*keydv1.SignStreamResult
+	spare   []*keydv1.SignStreamResult
+	sending bool
+	broken  bool
+}
+
+func (o *outbox) push(r *keydv1.SignStreamResult) {
+	o.mu.Lock()
+	if o.broken {
+		o.mu.Unlock()
+		return
+	}
+	o.pending = append(o.pending, r)
+	if o.sending {
+		o.mu.Unlock()
+		return
+	}
+	o.sending = true
+	for len(o.pending) > 0 && !o.broken {
+		batch := o.pending
+		if len(batch) > streamBatch {
+			batch = batch[:streamBatch]
+			o.pending = append(o.spare[:0], o.pending[streamBatch:]...)
+		} else {
+			o.pending = o.spare[:0]
+		}
+		o.mu.Unlock()
+		err := o.send(&keydv1.SignStreamResponse{Results: batch})
+		clear(batch)
+		o.mu.Lock()
+		o.spare = batch[:0]
+		if err != nil {
+			// The stream is gone (its context ended): the results still
+			// pending have no one to go to.
+			o.broken = true
+			o.pending = nil
+		}
+	}
+	o.sending = false
+	o.mu.Unlock()
+}
+
+func (s *Server) serveStreamItem(ctx context.Context, req *keydv1.SignStreamItem) (out *keydv1.SignStreamResult) {
+	out = &keydv1.SignStreamResult{Id: req.Id}
 	defer func() {
 		if r := recover(); r != nil {
 			s.log.LogAttrs(ctx, slog.LevelError, "panic in sign stream", slog.Any("panic", r), slog.String("stack", string(debug.Stack())))

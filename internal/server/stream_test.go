@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -161,29 +162,240 @@ func (unaryOnly) SignStream(grpc.BidiStreamingServer[keydv1.SignStreamRequest, k
 
 var errUnimplemented = status.Error(codes.Unimplemented, "method SignStream not implemented")
 
-// A stream request without a request body is refused, not a crash.
-func TestStreamEmptyRequest(t *testing.T) {
-	e := newEnv(t, defaultSets, envOpts{})
+// rawStream opens a SignStream without the client package.
+func rawStream(t *testing.T, e *env) keydv1.KeyService_SignStreamClient {
+	t.Helper()
 	conn, err := grpc.NewClient("unix://"+e.socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer conn.Close()
+	t.Cleanup(func() { conn.Close() })
 	c, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
+	t.Cleanup(cancel)
 	st, err := keydv1.NewKeyServiceClient(conn).SignStream(c)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := st.Send(&keydv1.SignStreamRequest{Id: 7}); err != nil {
+	return st
+}
+
+func dpopItem(id uint64) *keydv1.SignStreamItem {
+	return &keydv1.SignStreamItem{Id: id, Request: &keydv1.SignRequest{
+		Keyset: "dpop", Claims: []byte(`{"htm":"GET","htu":"https://a.example/"}`),
+	}}
+}
+
+// A stream request without a request body is refused, not a crash, and
+// only that request is refused.
+func TestStreamEmptyRequest(t *testing.T) {
+	e := newEnv(t, defaultSets, envOpts{})
+	st := rawStream(t, e)
+	if err := st.Send(&keydv1.SignStreamRequest{Requests: []*keydv1.SignStreamItem{{Id: 7}, dpopItem(8)}}); err != nil {
 		t.Fatal(err)
 	}
-	resp, err := st.Recv()
-	if err != nil {
-		t.Fatal(err)
+	got := map[uint64]*keydv1.SignStreamResult{}
+	for len(got) < 2 {
+		resp, err := st.Recv()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, r := range resp.Results {
+			got[r.Id] = r
+		}
 	}
-	if resp.Id != 7 || codes.Code(resp.Code) != codes.InvalidArgument {
-		t.Errorf("response %+v", resp)
+	if r := got[7]; codes.Code(r.Code) != codes.InvalidArgument {
+		t.Errorf("request without body: %+v", r)
+	}
+	if r := got[8]; r.Code != 0 || r.Response == nil {
+		t.Errorf("valid request in the same message: %+v", r)
+	} else {
+		verify(t, e, "dpop", r.Response.Jwt)
 	}
 	st.CloseSend()
+}
+
+// Many requests in one message are each served, audited and answered; the
+// answers come back in fewer messages than requests when they are ready
+// together.
+func TestStreamBatch(t *testing.T) {
+	e := newEnv(t, defaultSets, envOpts{})
+	st := rawStream(t, e)
+	const n = 64
+	var items []*keydv1.SignStreamItem
+	for i := range n {
+		items = append(items, dpopItem(uint64(1000+i)))
+	}
+	items[5].Request.Keyset = "forbidden"
+	if err := st.Send(&keydv1.SignStreamRequest{Requests: items}); err != nil {
+		t.Fatal(err)
+	}
+	got := map[uint64]*keydv1.SignStreamResult{}
+	msgs := 0
+	for len(got) < n {
+		resp, err := st.Recv()
+		if err != nil {
+			t.Fatal(err)
+		}
+		msgs++
+		if len(resp.Results) == 0 || len(resp.Results) > n {
+			t.Fatalf("a message with %d results", len(resp.Results))
+		}
+		for _, r := range resp.Results {
+			if _, dup := got[r.Id]; dup {
+				t.Fatalf("result %d twice", r.Id)
+			}
+			got[r.Id] = r
+		}
+	}
+	for i := range n {
+		r := got[uint64(1000+i)]
+		switch {
+		case r == nil:
+			t.Fatalf("no result for %d", 1000+i)
+		case i == 5:
+			if codes.Code(r.Code) != codes.PermissionDenied {
+				t.Errorf("forbidden key set in a batch: %+v", r)
+			}
+		case r.Code != 0 || r.Response == nil:
+			t.Errorf("request %d: %+v", i, r)
+		default:
+			verify(t, e, "dpop", r.Response.Jwt)
+		}
+	}
+	if n := len(e.audit.records()); n != 64 {
+		t.Errorf("%d audit records, want 64", n)
+	}
+	t.Logf("%d results in %d messages", n, msgs)
+	st.CloseSend()
+}
+
+// A message with no request, or with more than the daemon takes, ends the
+// stream with InvalidArgument.
+func TestStreamBadMessages(t *testing.T) {
+	e := newEnv(t, defaultSets, envOpts{})
+	for _, tc := range []struct {
+		name string
+		n    int
+	}{{"empty", 0}, {"65 requests", 65}} {
+		t.Run(tc.name, func(t *testing.T) {
+			st := rawStream(t, e)
+			msg := &keydv1.SignStreamRequest{}
+			for i := range tc.n {
+				msg.Requests = append(msg.Requests, dpopItem(uint64(i)))
+			}
+			if err := st.Send(msg); err != nil {
+				t.Fatal(err)
+			}
+			_, err := st.Recv()
+			if status.Code(err) != codes.InvalidArgument {
+				t.Errorf("err = %v, want InvalidArgument", err)
+			}
+		})
+	}
+	if n := len(e.audit.records()); n != 0 {
+		t.Errorf("%d audit records, want none", n)
+	}
+}
+
+// counter counts what the daemon receives: unary Sign calls, SignStream
+// messages and the requests in them.
+type counter struct {
+	mu                    sync.Mutex
+	unary, msgs, requests int
+	maxPerMsg             int
+}
+
+func (c *counter) opts() []grpc.ServerOption {
+	return []grpc.ServerOption{
+		grpc.ChainUnaryInterceptor(func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+			if info.FullMethod == keydv1.KeyService_Sign_FullMethodName {
+				c.mu.Lock()
+				c.unary++
+				c.mu.Unlock()
+			}
+			return h(ctx, req)
+		}),
+		grpc.ChainStreamInterceptor(func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
+			return h(srv, &countingStream{ServerStream: ss, c: c})
+		}),
+	}
+}
+
+func (c *counter) get() (unary, msgs, requests, maxPerMsg int) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.unary, c.msgs, c.requests, c.maxPerMsg
+}
+
+type countingStream struct {
+	grpc.ServerStream
+	c *counter
+}
+
+func (s *countingStream) RecvMsg(m any) error {
+	err := s.ServerStream.RecvMsg(m)
+	if req, ok := m.(*keydv1.SignStreamRequest); ok && err == nil {
+		s.c.mu.Lock()
+		s.c.msgs++
+		s.c.requests += len(req.Requests)
+		s.c.maxPerMsg = max(s.c.maxPerMsg, len(req.Requests))
+		s.c.mu.Unlock()
+	}
+	return err
+}
+
+// The client sends requests that are in flight together in shared
+// messages, never more than the daemon takes in one, and a request too
+// large to share a message as a unary call that fails alone.
+func TestClientBatches(t *testing.T) {
+	var c counter
+	e := newEnv(t, defaultSets, envOpts{grpcOpts: c.opts()})
+	const callers, each = 64, 25
+	pad := strings.Repeat("x", 2000) // 64 of these exceed one message's 64 KiB
+	var wg sync.WaitGroup
+	errs := make(chan error, callers*each)
+	for range callers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for range each {
+				_, err := e.cl.Sign(ctx(t), client.SignRequest{KeySet: "idt", Claims: map[string]any{
+					"iss": "https://op.example.com", "sub": "s", "aud": "a", "pad": pad, "exp": time.Now().Add(10 * time.Minute).Unix(),
+				}})
+				if err != nil {
+					errs <- err
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	unary, msgs, requests, maxPerMsg := c.get()
+	t.Logf("%d requests in %d messages (at most %d in one), %d unary", requests, msgs, maxPerMsg, unary)
+	if requests != callers*each || unary != 0 {
+		t.Errorf("%d requests over the stream and %d unary, want %d and 0", requests, unary, callers*each)
+	}
+	if msgs >= requests {
+		t.Errorf("%d messages for %d requests from %d concurrent callers: nothing was batched", msgs, requests, callers)
+	}
+	if maxPerMsg > 30 {
+		t.Errorf("a message with %d requests of 2 KiB each: more than 64 KiB", maxPerMsg)
+	}
+
+	// Too large to share a message (40 KiB, under the daemon's 64 KiB per
+	// message but over its 16 KiB for claims): unary, refused alone.
+	big := strings.Repeat("y", 40<<10)
+	_, err := e.cl.Sign(ctx(t), client.SignRequest{KeySet: "idt", Claims: map[string]any{"iss": "https://op.example.com", "pad": big}})
+	if !errors.Is(err, client.ErrInvalidArgument) {
+		t.Errorf("40 KiB claims: %v, want InvalidArgument", err)
+	}
+	if u, _, _, _ := c.get(); u != 1 {
+		t.Errorf("%d unary calls, want the large request's 1", u)
+	}
+	if _, err := e.cl.DPoP("dpop").Proof(ctx(t), "GET", "https://a.example/"); err != nil {
+		t.Errorf("stream after the large request: %v", err)
+	}
 }

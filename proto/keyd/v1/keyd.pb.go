@@ -154,7 +154,7 @@ func (x WatchKeysResponse_Type) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use WatchKeysResponse_Type.Descriptor instead.
 func (WatchKeysResponse_Type) EnumDescriptor() ([]byte, []int) {
-	return file_keyd_v1_keyd_proto_rawDescGZIP(), []int{10, 0}
+	return file_keyd_v1_keyd_proto_rawDescGZIP(), []int{12, 0}
 }
 
 type SignRequest struct {
@@ -322,14 +322,14 @@ func (x *SignResponse) GetAlg() string {
 	return ""
 }
 
+// One message of a SignStream: one or more requests. A client with many
+// signatures in flight sends those it has at hand together, so the cost of
+// a message is shared by all of them; each is still authorized, checked,
+// audited and answered on its own.
 type SignStreamRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// Chosen by the caller to match the response; unique among the caller's
-	// requests in flight on this stream.
-	Id      uint64       `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
-	Request *SignRequest `protobuf:"bytes,2,opt,name=request,proto3" json:"request,omitempty"`
-	// How long the caller waits, in milliseconds (0: the daemon's default).
-	TimeoutMs     uint32 `protobuf:"varint,3,opt,name=timeout_ms,json=timeoutMs,proto3" json:"timeout_ms,omitempty"`
+	// At most 64 requests per message.
+	Requests      []*SignStreamItem `protobuf:"bytes,1,rep,name=requests,proto3" json:"requests,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -364,42 +364,87 @@ func (*SignStreamRequest) Descriptor() ([]byte, []int) {
 	return file_keyd_v1_keyd_proto_rawDescGZIP(), []int{2}
 }
 
-func (x *SignStreamRequest) GetId() uint64 {
+func (x *SignStreamRequest) GetRequests() []*SignStreamItem {
+	if x != nil {
+		return x.Requests
+	}
+	return nil
+}
+
+type SignStreamItem struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Chosen by the caller to match the result; unique among the caller's
+	// requests in flight on this stream.
+	Id      uint64       `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	Request *SignRequest `protobuf:"bytes,2,opt,name=request,proto3" json:"request,omitempty"`
+	// How long the caller waits, in milliseconds (0: the daemon's default).
+	TimeoutMs     uint32 `protobuf:"varint,3,opt,name=timeout_ms,json=timeoutMs,proto3" json:"timeout_ms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SignStreamItem) Reset() {
+	*x = SignStreamItem{}
+	mi := &file_keyd_v1_keyd_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SignStreamItem) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SignStreamItem) ProtoMessage() {}
+
+func (x *SignStreamItem) ProtoReflect() protoreflect.Message {
+	mi := &file_keyd_v1_keyd_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SignStreamItem.ProtoReflect.Descriptor instead.
+func (*SignStreamItem) Descriptor() ([]byte, []int) {
+	return file_keyd_v1_keyd_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *SignStreamItem) GetId() uint64 {
 	if x != nil {
 		return x.Id
 	}
 	return 0
 }
 
-func (x *SignStreamRequest) GetRequest() *SignRequest {
+func (x *SignStreamItem) GetRequest() *SignRequest {
 	if x != nil {
 		return x.Request
 	}
 	return nil
 }
 
-func (x *SignStreamRequest) GetTimeoutMs() uint32 {
+func (x *SignStreamItem) GetTimeoutMs() uint32 {
 	if x != nil {
 		return x.TimeoutMs
 	}
 	return 0
 }
 
+// One message of answers: the results ready when it was sent, in any order.
 type SignStreamResponse struct {
-	state protoimpl.MessageState `protogen:"open.v1"`
-	Id    uint64                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
-	// Set when the request succeeded.
-	Response *SignResponse `protobuf:"bytes,2,opt,name=response,proto3" json:"response,omitempty"`
-	// Otherwise the gRPC status code and message Sign would have returned.
-	Code          int32  `protobuf:"varint,3,opt,name=code,proto3" json:"code,omitempty"`
-	Message       string `protobuf:"bytes,4,opt,name=message,proto3" json:"message,omitempty"`
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Results       []*SignStreamResult    `protobuf:"bytes,1,rep,name=results,proto3" json:"results,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *SignStreamResponse) Reset() {
 	*x = SignStreamResponse{}
-	mi := &file_keyd_v1_keyd_proto_msgTypes[3]
+	mi := &file_keyd_v1_keyd_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -411,7 +456,7 @@ func (x *SignStreamResponse) String() string {
 func (*SignStreamResponse) ProtoMessage() {}
 
 func (x *SignStreamResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keyd_v1_keyd_proto_msgTypes[3]
+	mi := &file_keyd_v1_keyd_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -424,31 +469,80 @@ func (x *SignStreamResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SignStreamResponse.ProtoReflect.Descriptor instead.
 func (*SignStreamResponse) Descriptor() ([]byte, []int) {
-	return file_keyd_v1_keyd_proto_rawDescGZIP(), []int{3}
+	return file_keyd_v1_keyd_proto_rawDescGZIP(), []int{4}
 }
 
-func (x *SignStreamResponse) GetId() uint64 {
+func (x *SignStreamResponse) GetResults() []*SignStreamResult {
+	if x != nil {
+		return x.Results
+	}
+	return nil
+}
+
+type SignStreamResult struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Id    uint64                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	// Set when the request succeeded.
+	Response *SignResponse `protobuf:"bytes,2,opt,name=response,proto3" json:"response,omitempty"`
+	// Otherwise the gRPC status code and message Sign would have returned.
+	Code          int32  `protobuf:"varint,3,opt,name=code,proto3" json:"code,omitempty"`
+	Message       string `protobuf:"bytes,4,opt,name=message,proto3" json:"message,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SignStreamResult) Reset() {
+	*x = SignStreamResult{}
+	mi := &file_keyd_v1_keyd_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SignStreamResult) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SignStreamResult) ProtoMessage() {}
+
+func (x *SignStreamResult) ProtoReflect() protoreflect.Message {
+	mi := &file_keyd_v1_keyd_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SignStreamResult.ProtoReflect.Descriptor instead.
+func (*SignStreamResult) Descriptor() ([]byte, []int) {
+	return file_keyd_v1_keyd_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *SignStreamResult) GetId() uint64 {
 	if x != nil {
 		return x.Id
 	}
 	return 0
 }
 
-func (x *SignStreamResponse) GetResponse() *SignResponse {
+func (x *SignStreamResult) GetResponse() *SignResponse {
 	if x != nil {
 		return x.Response
 	}
 	return nil
 }
 
-func (x *SignStreamResponse) GetCode() int32 {
+func (x *SignStreamResult) GetCode() int32 {
 	if x != nil {
 		return x.Code
 	}
 	return 0
 }
 
-func (x *SignStreamResponse) GetMessage() string {
+func (x *SignStreamResult) GetMessage() string {
 	if x != nil {
 		return x.Message
 	}
@@ -465,7 +559,7 @@ type GetJWKSRequest struct {
 
 func (x *GetJWKSRequest) Reset() {
 	*x = GetJWKSRequest{}
-	mi := &file_keyd_v1_keyd_proto_msgTypes[4]
+	mi := &file_keyd_v1_keyd_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -477,7 +571,7 @@ func (x *GetJWKSRequest) String() string {
 func (*GetJWKSRequest) ProtoMessage() {}
 
 func (x *GetJWKSRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keyd_v1_keyd_proto_msgTypes[4]
+	mi := &file_keyd_v1_keyd_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -490,7 +584,7 @@ func (x *GetJWKSRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetJWKSRequest.ProtoReflect.Descriptor instead.
 func (*GetJWKSRequest) Descriptor() ([]byte, []int) {
-	return file_keyd_v1_keyd_proto_rawDescGZIP(), []int{4}
+	return file_keyd_v1_keyd_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *GetJWKSRequest) GetKeysets() []string {
@@ -511,7 +605,7 @@ type GetJWKSResponse struct {
 
 func (x *GetJWKSResponse) Reset() {
 	*x = GetJWKSResponse{}
-	mi := &file_keyd_v1_keyd_proto_msgTypes[5]
+	mi := &file_keyd_v1_keyd_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -523,7 +617,7 @@ func (x *GetJWKSResponse) String() string {
 func (*GetJWKSResponse) ProtoMessage() {}
 
 func (x *GetJWKSResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keyd_v1_keyd_proto_msgTypes[5]
+	mi := &file_keyd_v1_keyd_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -536,7 +630,7 @@ func (x *GetJWKSResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetJWKSResponse.ProtoReflect.Descriptor instead.
 func (*GetJWKSResponse) Descriptor() ([]byte, []int) {
-	return file_keyd_v1_keyd_proto_rawDescGZIP(), []int{5}
+	return file_keyd_v1_keyd_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *GetJWKSResponse) GetJwks() []byte {
@@ -556,7 +650,7 @@ type ListKeysRequest struct {
 
 func (x *ListKeysRequest) Reset() {
 	*x = ListKeysRequest{}
-	mi := &file_keyd_v1_keyd_proto_msgTypes[6]
+	mi := &file_keyd_v1_keyd_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -568,7 +662,7 @@ func (x *ListKeysRequest) String() string {
 func (*ListKeysRequest) ProtoMessage() {}
 
 func (x *ListKeysRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keyd_v1_keyd_proto_msgTypes[6]
+	mi := &file_keyd_v1_keyd_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -581,7 +675,7 @@ func (x *ListKeysRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListKeysRequest.ProtoReflect.Descriptor instead.
 func (*ListKeysRequest) Descriptor() ([]byte, []int) {
-	return file_keyd_v1_keyd_proto_rawDescGZIP(), []int{6}
+	return file_keyd_v1_keyd_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *ListKeysRequest) GetKeysets() []string {
@@ -600,7 +694,7 @@ type ListKeysResponse struct {
 
 func (x *ListKeysResponse) Reset() {
 	*x = ListKeysResponse{}
-	mi := &file_keyd_v1_keyd_proto_msgTypes[7]
+	mi := &file_keyd_v1_keyd_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -612,7 +706,7 @@ func (x *ListKeysResponse) String() string {
 func (*ListKeysResponse) ProtoMessage() {}
 
 func (x *ListKeysResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keyd_v1_keyd_proto_msgTypes[7]
+	mi := &file_keyd_v1_keyd_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -625,7 +719,7 @@ func (x *ListKeysResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListKeysResponse.ProtoReflect.Descriptor instead.
 func (*ListKeysResponse) Descriptor() ([]byte, []int) {
-	return file_keyd_v1_keyd_proto_rawDescGZIP(), []int{7}
+	return file_keyd_v1_keyd_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *ListKeysResponse) GetKeys() []*KeyVersion {
@@ -664,7 +758,7 @@ type KeyVersion struct {
 
 func (x *KeyVersion) Reset() {
 	*x = KeyVersion{}
-	mi := &file_keyd_v1_keyd_proto_msgTypes[8]
+	mi := &file_keyd_v1_keyd_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -676,7 +770,7 @@ func (x *KeyVersion) String() string {
 func (*KeyVersion) ProtoMessage() {}
 
 func (x *KeyVersion) ProtoReflect() protoreflect.Message {
-	mi := &file_keyd_v1_keyd_proto_msgTypes[8]
+	mi := &file_keyd_v1_keyd_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -689,7 +783,7 @@ func (x *KeyVersion) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeyVersion.ProtoReflect.Descriptor instead.
 func (*KeyVersion) Descriptor() ([]byte, []int) {
-	return file_keyd_v1_keyd_proto_rawDescGZIP(), []int{8}
+	return file_keyd_v1_keyd_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *KeyVersion) GetKeyset() string {
@@ -793,7 +887,7 @@ type WatchKeysRequest struct {
 
 func (x *WatchKeysRequest) Reset() {
 	*x = WatchKeysRequest{}
-	mi := &file_keyd_v1_keyd_proto_msgTypes[9]
+	mi := &file_keyd_v1_keyd_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -805,7 +899,7 @@ func (x *WatchKeysRequest) String() string {
 func (*WatchKeysRequest) ProtoMessage() {}
 
 func (x *WatchKeysRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keyd_v1_keyd_proto_msgTypes[9]
+	mi := &file_keyd_v1_keyd_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -818,7 +912,7 @@ func (x *WatchKeysRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchKeysRequest.ProtoReflect.Descriptor instead.
 func (*WatchKeysRequest) Descriptor() ([]byte, []int) {
-	return file_keyd_v1_keyd_proto_rawDescGZIP(), []int{9}
+	return file_keyd_v1_keyd_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *WatchKeysRequest) GetKeysets() []string {
@@ -842,7 +936,7 @@ type WatchKeysResponse struct {
 
 func (x *WatchKeysResponse) Reset() {
 	*x = WatchKeysResponse{}
-	mi := &file_keyd_v1_keyd_proto_msgTypes[10]
+	mi := &file_keyd_v1_keyd_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -854,7 +948,7 @@ func (x *WatchKeysResponse) String() string {
 func (*WatchKeysResponse) ProtoMessage() {}
 
 func (x *WatchKeysResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keyd_v1_keyd_proto_msgTypes[10]
+	mi := &file_keyd_v1_keyd_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -867,7 +961,7 @@ func (x *WatchKeysResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchKeysResponse.ProtoReflect.Descriptor instead.
 func (*WatchKeysResponse) Descriptor() ([]byte, []int) {
-	return file_keyd_v1_keyd_proto_rawDescGZIP(), []int{10}
+	return file_keyd_v1_keyd_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *WatchKeysResponse) GetType() WatchKeysResponse_Type {
@@ -903,7 +997,7 @@ type RotateRequest struct {
 
 func (x *RotateRequest) Reset() {
 	*x = RotateRequest{}
-	mi := &file_keyd_v1_keyd_proto_msgTypes[11]
+	mi := &file_keyd_v1_keyd_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -915,7 +1009,7 @@ func (x *RotateRequest) String() string {
 func (*RotateRequest) ProtoMessage() {}
 
 func (x *RotateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keyd_v1_keyd_proto_msgTypes[11]
+	mi := &file_keyd_v1_keyd_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -928,7 +1022,7 @@ func (x *RotateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateRequest.ProtoReflect.Descriptor instead.
 func (*RotateRequest) Descriptor() ([]byte, []int) {
-	return file_keyd_v1_keyd_proto_rawDescGZIP(), []int{11}
+	return file_keyd_v1_keyd_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *RotateRequest) GetKeyset() string {
@@ -960,7 +1054,7 @@ type RotateResponse struct {
 
 func (x *RotateResponse) Reset() {
 	*x = RotateResponse{}
-	mi := &file_keyd_v1_keyd_proto_msgTypes[12]
+	mi := &file_keyd_v1_keyd_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -972,7 +1066,7 @@ func (x *RotateResponse) String() string {
 func (*RotateResponse) ProtoMessage() {}
 
 func (x *RotateResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keyd_v1_keyd_proto_msgTypes[12]
+	mi := &file_keyd_v1_keyd_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -985,7 +1079,7 @@ func (x *RotateResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateResponse.ProtoReflect.Descriptor instead.
 func (*RotateResponse) Descriptor() ([]byte, []int) {
-	return file_keyd_v1_keyd_proto_rawDescGZIP(), []int{12}
+	return file_keyd_v1_keyd_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *RotateResponse) GetActive() *KeyVersion {
@@ -1021,7 +1115,7 @@ type RevokeRequest struct {
 
 func (x *RevokeRequest) Reset() {
 	*x = RevokeRequest{}
-	mi := &file_keyd_v1_keyd_proto_msgTypes[13]
+	mi := &file_keyd_v1_keyd_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1033,7 +1127,7 @@ func (x *RevokeRequest) String() string {
 func (*RevokeRequest) ProtoMessage() {}
 
 func (x *RevokeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keyd_v1_keyd_proto_msgTypes[13]
+	mi := &file_keyd_v1_keyd_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1046,7 +1140,7 @@ func (x *RevokeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeRequest.ProtoReflect.Descriptor instead.
 func (*RevokeRequest) Descriptor() ([]byte, []int) {
-	return file_keyd_v1_keyd_proto_rawDescGZIP(), []int{13}
+	return file_keyd_v1_keyd_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *RevokeRequest) GetKid() string {
@@ -1072,7 +1166,7 @@ type RevokeResponse struct {
 
 func (x *RevokeResponse) Reset() {
 	*x = RevokeResponse{}
-	mi := &file_keyd_v1_keyd_proto_msgTypes[14]
+	mi := &file_keyd_v1_keyd_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1084,7 +1178,7 @@ func (x *RevokeResponse) String() string {
 func (*RevokeResponse) ProtoMessage() {}
 
 func (x *RevokeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keyd_v1_keyd_proto_msgTypes[14]
+	mi := &file_keyd_v1_keyd_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1097,7 +1191,7 @@ func (x *RevokeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeResponse.ProtoReflect.Descriptor instead.
 func (*RevokeResponse) Descriptor() ([]byte, []int) {
-	return file_keyd_v1_keyd_proto_rawDescGZIP(), []int{14}
+	return file_keyd_v1_keyd_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *RevokeResponse) GetKey() *KeyVersion {
@@ -1122,13 +1216,17 @@ const file_keyd_v1_keyd_proto_rawDesc = "" +
 	"\fSignResponse\x12\x10\n" +
 	"\x03jwt\x18\x01 \x01(\tR\x03jwt\x12\x10\n" +
 	"\x03kid\x18\x02 \x01(\tR\x03kid\x12\x10\n" +
-	"\x03alg\x18\x03 \x01(\tR\x03alg\"r\n" +
-	"\x11SignStreamRequest\x12\x0e\n" +
+	"\x03alg\x18\x03 \x01(\tR\x03alg\"H\n" +
+	"\x11SignStreamRequest\x123\n" +
+	"\brequests\x18\x01 \x03(\v2\x17.keyd.v1.SignStreamItemR\brequests\"o\n" +
+	"\x0eSignStreamItem\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12.\n" +
 	"\arequest\x18\x02 \x01(\v2\x14.keyd.v1.SignRequestR\arequest\x12\x1d\n" +
 	"\n" +
-	"timeout_ms\x18\x03 \x01(\rR\ttimeoutMs\"\x85\x01\n" +
-	"\x12SignStreamResponse\x12\x0e\n" +
+	"timeout_ms\x18\x03 \x01(\rR\ttimeoutMs\"I\n" +
+	"\x12SignStreamResponse\x123\n" +
+	"\aresults\x18\x01 \x03(\v2\x19.keyd.v1.SignStreamResultR\aresults\"\x83\x01\n" +
+	"\x10SignStreamResult\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x121\n" +
 	"\bresponse\x18\x02 \x01(\v2\x15.keyd.v1.SignResponseR\bresponse\x12\x12\n" +
 	"\x04code\x18\x03 \x01(\x05R\x04code\x12\x18\n" +
@@ -1217,64 +1315,68 @@ func file_keyd_v1_keyd_proto_rawDescGZIP() []byte {
 }
 
 var file_keyd_v1_keyd_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_keyd_v1_keyd_proto_msgTypes = make([]protoimpl.MessageInfo, 15)
+var file_keyd_v1_keyd_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
 var file_keyd_v1_keyd_proto_goTypes = []any{
 	(KeyState)(0),                 // 0: keyd.v1.KeyState
 	(WatchKeysResponse_Type)(0),   // 1: keyd.v1.WatchKeysResponse.Type
 	(*SignRequest)(nil),           // 2: keyd.v1.SignRequest
 	(*SignResponse)(nil),          // 3: keyd.v1.SignResponse
 	(*SignStreamRequest)(nil),     // 4: keyd.v1.SignStreamRequest
-	(*SignStreamResponse)(nil),    // 5: keyd.v1.SignStreamResponse
-	(*GetJWKSRequest)(nil),        // 6: keyd.v1.GetJWKSRequest
-	(*GetJWKSResponse)(nil),       // 7: keyd.v1.GetJWKSResponse
-	(*ListKeysRequest)(nil),       // 8: keyd.v1.ListKeysRequest
-	(*ListKeysResponse)(nil),      // 9: keyd.v1.ListKeysResponse
-	(*KeyVersion)(nil),            // 10: keyd.v1.KeyVersion
-	(*WatchKeysRequest)(nil),      // 11: keyd.v1.WatchKeysRequest
-	(*WatchKeysResponse)(nil),     // 12: keyd.v1.WatchKeysResponse
-	(*RotateRequest)(nil),         // 13: keyd.v1.RotateRequest
-	(*RotateResponse)(nil),        // 14: keyd.v1.RotateResponse
-	(*RevokeRequest)(nil),         // 15: keyd.v1.RevokeRequest
-	(*RevokeResponse)(nil),        // 16: keyd.v1.RevokeResponse
-	(*timestamppb.Timestamp)(nil), // 17: google.protobuf.Timestamp
+	(*SignStreamItem)(nil),        // 5: keyd.v1.SignStreamItem
+	(*SignStreamResponse)(nil),    // 6: keyd.v1.SignStreamResponse
+	(*SignStreamResult)(nil),      // 7: keyd.v1.SignStreamResult
+	(*GetJWKSRequest)(nil),        // 8: keyd.v1.GetJWKSRequest
+	(*GetJWKSResponse)(nil),       // 9: keyd.v1.GetJWKSResponse
+	(*ListKeysRequest)(nil),       // 10: keyd.v1.ListKeysRequest
+	(*ListKeysResponse)(nil),      // 11: keyd.v1.ListKeysResponse
+	(*KeyVersion)(nil),            // 12: keyd.v1.KeyVersion
+	(*WatchKeysRequest)(nil),      // 13: keyd.v1.WatchKeysRequest
+	(*WatchKeysResponse)(nil),     // 14: keyd.v1.WatchKeysResponse
+	(*RotateRequest)(nil),         // 15: keyd.v1.RotateRequest
+	(*RotateResponse)(nil),        // 16: keyd.v1.RotateResponse
+	(*RevokeRequest)(nil),         // 17: keyd.v1.RevokeRequest
+	(*RevokeResponse)(nil),        // 18: keyd.v1.RevokeResponse
+	(*timestamppb.Timestamp)(nil), // 19: google.protobuf.Timestamp
 }
 var file_keyd_v1_keyd_proto_depIdxs = []int32{
-	2,  // 0: keyd.v1.SignStreamRequest.request:type_name -> keyd.v1.SignRequest
-	3,  // 1: keyd.v1.SignStreamResponse.response:type_name -> keyd.v1.SignResponse
-	10, // 2: keyd.v1.ListKeysResponse.keys:type_name -> keyd.v1.KeyVersion
-	0,  // 3: keyd.v1.KeyVersion.state:type_name -> keyd.v1.KeyState
-	17, // 4: keyd.v1.KeyVersion.created_at:type_name -> google.protobuf.Timestamp
-	17, // 5: keyd.v1.KeyVersion.activated_at:type_name -> google.protobuf.Timestamp
-	17, // 6: keyd.v1.KeyVersion.retire_at:type_name -> google.protobuf.Timestamp
-	17, // 7: keyd.v1.KeyVersion.activate_at:type_name -> google.protobuf.Timestamp
-	17, // 8: keyd.v1.KeyVersion.deactivate_at:type_name -> google.protobuf.Timestamp
-	17, // 9: keyd.v1.KeyVersion.destroy_at:type_name -> google.protobuf.Timestamp
-	1,  // 10: keyd.v1.WatchKeysResponse.type:type_name -> keyd.v1.WatchKeysResponse.Type
-	10, // 11: keyd.v1.WatchKeysResponse.key:type_name -> keyd.v1.KeyVersion
-	0,  // 12: keyd.v1.WatchKeysResponse.previous_state:type_name -> keyd.v1.KeyState
-	10, // 13: keyd.v1.RotateResponse.active:type_name -> keyd.v1.KeyVersion
-	10, // 14: keyd.v1.RotateResponse.previous:type_name -> keyd.v1.KeyVersion
-	10, // 15: keyd.v1.RotateResponse.next:type_name -> keyd.v1.KeyVersion
-	10, // 16: keyd.v1.RevokeResponse.key:type_name -> keyd.v1.KeyVersion
-	2,  // 17: keyd.v1.KeyService.Sign:input_type -> keyd.v1.SignRequest
-	4,  // 18: keyd.v1.KeyService.SignStream:input_type -> keyd.v1.SignStreamRequest
-	6,  // 19: keyd.v1.KeyService.GetJWKS:input_type -> keyd.v1.GetJWKSRequest
-	8,  // 20: keyd.v1.KeyService.ListKeys:input_type -> keyd.v1.ListKeysRequest
-	11, // 21: keyd.v1.KeyService.WatchKeys:input_type -> keyd.v1.WatchKeysRequest
-	13, // 22: keyd.v1.KeyAdminService.Rotate:input_type -> keyd.v1.RotateRequest
-	15, // 23: keyd.v1.KeyAdminService.Revoke:input_type -> keyd.v1.RevokeRequest
-	3,  // 24: keyd.v1.KeyService.Sign:output_type -> keyd.v1.SignResponse
-	5,  // 25: keyd.v1.KeyService.SignStream:output_type -> keyd.v1.SignStreamResponse
-	7,  // 26: keyd.v1.KeyService.GetJWKS:output_type -> keyd.v1.GetJWKSResponse
-	9,  // 27: keyd.v1.KeyService.ListKeys:output_type -> keyd.v1.ListKeysResponse
-	12, // 28: keyd.v1.KeyService.WatchKeys:output_type -> keyd.v1.WatchKeysResponse
-	14, // 29: keyd.v1.KeyAdminService.Rotate:output_type -> keyd.v1.RotateResponse
-	16, // 30: keyd.v1.KeyAdminService.Revoke:output_type -> keyd.v1.RevokeResponse
-	24, // [24:31] is the sub-list for method output_type
-	17, // [17:24] is the sub-list for method input_type
-	17, // [17:17] is the sub-list for extension type_name
-	17, // [17:17] is the sub-list for extension extendee
-	0,  // [0:17] is the sub-list for field type_name
+	5,  // 0: keyd.v1.SignStreamRequest.requests:type_name -> keyd.v1.SignStreamItem
+	2,  // 1: keyd.v1.SignStreamItem.request:type_name -> keyd.v1.SignRequest
+	7,  // 2: keyd.v1.SignStreamResponse.results:type_name -> keyd.v1.SignStreamResult
+	3,  // 3: keyd.v1.SignStreamResult.response:type_name -> keyd.v1.SignResponse
+	12, // 4: keyd.v1.ListKeysResponse.keys:type_name -> keyd.v1.KeyVersion
+	0,  // 5: keyd.v1.KeyVersion.state:type_name -> keyd.v1.KeyState
+	19, // 6: keyd.v1.KeyVersion.created_at:type_name -> google.protobuf.Timestamp
+	19, // 7: keyd.v1.KeyVersion.activated_at:type_name -> google.protobuf.Timestamp
+	19, // 8: keyd.v1.KeyVersion.retire_at:type_name -> google.protobuf.Timestamp
+	19, // 9: keyd.v1.KeyVersion.activate_at:type_name -> google.protobuf.Timestamp
+	19, // 10: keyd.v1.KeyVersion.deactivate_at:type_name -> google.protobuf.Timestamp
+	19, // 11: keyd.v1.KeyVersion.destroy_at:type_name -> google.protobuf.Timestamp
+	1,  // 12: keyd.v1.WatchKeysResponse.type:type_name -> keyd.v1.WatchKeysResponse.Type
+	12, // 13: keyd.v1.WatchKeysResponse.key:type_name -> keyd.v1.KeyVersion
+	0,  // 14: keyd.v1.WatchKeysResponse.previous_state:type_name -> keyd.v1.KeyState
+	12, // 15: keyd.v1.RotateResponse.active:type_name -> keyd.v1.KeyVersion
+	12, // 16: keyd.v1.RotateResponse.previous:type_name -> keyd.v1.KeyVersion
+	12, // 17: keyd.v1.RotateResponse.next:type_name -> keyd.v1.KeyVersion
+	12, // 18: keyd.v1.RevokeResponse.key:type_name -> keyd.v1.KeyVersion
+	2,  // 19: keyd.v1.KeyService.Sign:input_type -> keyd.v1.SignRequest
+	4,  // 20: keyd.v1.KeyService.SignStream:input_type -> keyd.v1.SignStreamRequest
+	8,  // 21: keyd.v1.KeyService.GetJWKS:input_type -> keyd.v1.GetJWKSRequest
+	10, // 22: keyd.v1.KeyService.ListKeys:input_type -> keyd.v1.ListKeysRequest
+	13, // 23: keyd.v1.KeyService.WatchKeys:input_type -> keyd.v1.WatchKeysRequest
+	15, // 24: keyd.v1.KeyAdminService.Rotate:input_type -> keyd.v1.RotateRequest
+	17, // 25: keyd.v1.KeyAdminService.Revoke:input_type -> keyd.v1.RevokeRequest
+	3,  // 26: keyd.v1.KeyService.Sign:output_type -> keyd.v1.SignResponse
+	6,  // 27: keyd.v1.KeyService.SignStream:output_type -> keyd.v1.SignStreamResponse
+	9,  // 28: keyd.v1.KeyService.GetJWKS:output_type -> keyd.v1.GetJWKSResponse
+	11, // 29: keyd.v1.KeyService.ListKeys:output_type -> keyd.v1.ListKeysResponse
+	14, // 30: keyd.v1.KeyService.WatchKeys:output_type -> keyd.v1.WatchKeysResponse
+	16, // 31: keyd.v1.KeyAdminService.Rotate:output_type -> keyd.v1.RotateResponse
+	18, // 32: keyd.v1.KeyAdminService.Revoke:output_type -> keyd.v1.RevokeResponse
+	26, // [26:33] is the sub-list for method output_type
+	19, // [19:26] is the sub-list for method input_type
+	19, // [19:19] is the sub-list for extension type_name
+	19, // [19:19] is the sub-list for extension extendee
+	0,  // [0:19] is the sub-list for field type_name
 }
 
 func init() { file_keyd_v1_keyd_proto_init() }
@@ -1288,7 +1390,7 @@ func file_keyd_v1_keyd_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_keyd_v1_keyd_proto_rawDesc), len(file_keyd_v1_keyd_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   15,
+			NumMessages:   17,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

@@ -48,10 +48,11 @@ type KeyServiceClient interface {
 	// retry), DATA_LOSS (the key is gone from the backend).
 	Sign(ctx context.Context, in *SignRequest, opts ...grpc.CallOption) (*SignResponse, error)
 	// SignStream is Sign for callers that sign often: many requests over one
-	// long-lived stream, each answered by id, in any order. A message on an
-	// open stream costs far less than a unary call. Every request is
-	// authorized, checked and audited exactly as by Sign; an error ends only
-	// that request (its response carries the code), not the stream.
+	// long-lived stream, each answered by id, in any order, several to a
+	// message when the caller has several in flight. A message on an open
+	// stream costs far less than a unary call. Every request is authorized,
+	// checked and audited exactly as by Sign; an error ends only that request
+	// (its result carries the code), not the stream.
 	SignStream(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[SignStreamRequest, SignStreamResponse], error)
 	// GetJWKS returns the public keys of the key sets the caller may use.
 	GetJWKS(ctx context.Context, in *GetJWKSRequest, opts ...grpc.CallOption) (*GetJWKSResponse, error)
@@ -150,10 +151,11 @@ type KeyServiceServer interface {
 	// retry), DATA_LOSS (the key is gone from the backend).
 	Sign(context.Context, *SignRequest) (*SignResponse, error)
 	// SignStream is Sign for callers that sign often: many requests over one
-	// long-lived stream, each answered by id, in any order. A message on an
-	// open stream costs far less than a unary call. Every request is
-	// authorized, checked and audited exactly as by Sign; an error ends only
-	// that request (its response carries the code), not the stream.
+	// long-lived stream, each answered by id, in any order, several to a
+	// message when the caller has several in flight. A message on an open
+	// stream costs far less than a unary call. Every request is authorized,
+	// checked and audited exactly as by Sign; an error ends only that request
+	// (its result carries the code), not the stream.
 	SignStream(grpc.BidiStreamingServer[SignStreamRequest, SignStreamResponse]) error
 	// GetJWKS returns the public keys of the key sets the caller may use.
 	GetJWKS(context.Context, *GetJWKSRequest) (*GetJWKSResponse, error)
