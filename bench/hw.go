@@ -508,7 +508,7 @@ func benchPKCS11(ctx context.Context, o options) (sec *hwSection, err error) {
 			}
 		}
 		for _, n := range o.p11Callers {
-			for _, m := range p11Modes {
+			for _, m := range o.p11Modes {
 				if ops[m] == nil {
 					continue
 				}

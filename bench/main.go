@@ -39,6 +39,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"runtime"
+	"runtime/pprof"
 	"slices"
 	"strconv"
 	"strings"
@@ -75,6 +76,8 @@ type options struct {
 	tpmAlgs    []keystore.Algorithm
 	goalRounds int // extra alternating rounds of the pkcs11 goals' pairs
 	keydP11    int // keyd's max_sessions in the pkcs11 section
+	p11Modes   []string
+	cpuProfile string // the bench process's CPU profile
 
 	keyd    string // absolute path of the keyd binary
 	build   bool   // build keyd when the binary is missing
@@ -119,6 +122,19 @@ func run() int {
 		runEmergency()
 		os.Exit(130)
 	}()
+
+	if opts.cpuProfile != "" {
+		f, err := os.Create(opts.cpuProfile)
+		if err == nil {
+			err = pprof.StartCPUProfile(f)
+		}
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "bench: -cpuprofile: %v\n", err)
+			return 2
+		}
+		defer f.Close()
+		defer pprof.StopCPUProfile()
+	}
 
 	failed := false
 	var rep *report
@@ -222,6 +238,8 @@ func parseFlags(args []string) (options, error) {
 	goalRounds := fs.Int("goal-rounds", 2, "pkcs11: extra alternating rounds of direct and keyd at 16 callers; the goals use the median")
 	keyd := fs.String("keyd", "", "keyd binary (default bin/keyd in the repository root; built when missing)")
 	jsonOut := fs.String("json", "", "also write the results as JSON to this file")
+	p11ModeList := fs.String("pkcs11-modes", strings.Join(p11Modes, ","), "pkcs11: comma-separated modes to run, for experiments")
+	cpuProfile := fs.String("cpuprofile", "", "write this process's CPU profile (the callers' side) to this file, for experiments")
 	fs.Func("keyd-env", "NAME=VALUE to add to keyd's environment (repeatable; e.g. GOMAXPROCS=4), for experiments", func(v string) error {
 		if k, _, ok := strings.Cut(v, "="); !ok || k == "" {
 			return fmt.Errorf("want NAME=VALUE, not %q", v)
@@ -235,7 +253,13 @@ func parseFlags(args []string) (options, error) {
 	if fs.NArg() > 0 {
 		return options{}, fmt.Errorf("unexpected arguments: %q", fs.Args())
 	}
-	o := options{duration: *dur, jsonOut: *jsonOut, build: true, goalRounds: *goalRounds, keydP11: *keydP11}
+	o := options{duration: *dur, jsonOut: *jsonOut, build: true, goalRounds: *goalRounds, keydP11: *keydP11, cpuProfile: *cpuProfile}
+	for _, m := range strings.Split(*p11ModeList, ",") {
+		if m = strings.TrimSpace(m); !slices.Contains(p11Modes, m) {
+			return o, fmt.Errorf("-pkcs11-modes: unknown mode %q (known: %s)", m, strings.Join(p11Modes, ", "))
+		}
+		o.p11Modes = append(o.p11Modes, m)
+	}
 	if o.keydP11 < 1 || o.keydP11 > 64 {
 		return o, fmt.Errorf("-pkcs11-keyd-sessions %d: want 1 to 64", o.keydP11)
 	}
