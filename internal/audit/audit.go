@@ -45,13 +45,45 @@ type Record struct {
 	Reason string `json:"reason,omitempty"`
 }
 
-// Log appends records to a writer, one JSON object per line, one write per
-// record. It is safe for concurrent use.
+// maxPending bounds the bytes of records waiting for the writer. A caller
+// whose record would take the pending buffer past it waits until the writer
+// has taken the buffer; a single record larger than the bound is still
+// accepted into an empty buffer.
+const maxPending = 1 << 20
+
+// Log appends records to a writer, one JSON object per line. It is safe for
+// concurrent use.
+//
+// Writes are group commits. A caller that finds no write in progress writes
+// its own record at once, with one Write call, exactly as a lone caller
+// always has. Callers that arrive while a write is in progress append their
+// lines to a pending buffer and wait; when the write in progress completes,
+// its writer hands the writer's role to one of them, which writes the whole
+// pending buffer with one Write call and reports the outcome to every
+// record in it. Record therefore returns nil only after its own line was
+// completely written, and a failed write fails exactly the records it held.
 type Log struct {
-	mu  sync.Mutex
-	w   io.Writer
-	c   io.Closer
-	buf []byte
+	w io.Writer
+	c io.Closer
+
+	mu      sync.Mutex
+	cond    sync.Cond // signalled when the pending buffer is taken or the writer goes idle
+	writing bool      // a writer owns the write; pending lines will be written
+	closed  bool
+	pending []byte // whole lines appended since the last write began
+	cur     *group // the group of the callers waiting on pending; nil when pending is empty
+	spare   []byte // the buffer of the previous write, for reuse
+	limit   int    // maxPending, smaller in tests
+
+	lines sync.Pool // *[]byte buffers records are formatted into, outside the lock
+}
+
+// A group is the records of one Write call whose callers wait for its
+// outcome. ch has room for one token: the writer role is handed to the group
+// by sending the token, and the outcome is published by closing ch.
+type group struct {
+	ch  chan struct{}
+	err error // set before ch is closed
 }
 
 // Open opens (creating with mode 0600) the audit file at path for appending.
@@ -60,30 +92,121 @@ func Open(path string) (*Log, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open audit log: %w", err)
 	}
-	return &Log{w: f, c: f}, nil
+	return newLog(f, f), nil
 }
 
 // New returns a log writing to w.
-func New(w io.Writer) *Log { return &Log{w: w} }
+func New(w io.Writer) *Log { return newLog(w, nil) }
 
-// Record writes r. An error wraps ErrWrite; the caller must then not release
-// whatever the record accounts for.
+func newLog(w io.Writer, c io.Closer) *Log {
+	l := &Log{w: w, c: c, limit: maxPending}
+	l.cond.L = &l.mu
+	return l
+}
+
+// Record writes r. It returns nil only once r's line was completely written
+// to the underlying writer. An error wraps ErrWrite; the caller must then
+// not release whatever the record accounts for. After Close, Record returns
+// an error wrapping ErrWrite and os.ErrClosed.
 func (l *Log) Record(r Record) error {
+	bp, _ := l.lines.Get().(*[]byte)
+	if bp == nil {
+		bp = new([]byte)
+	}
+	line := append(appendJSON((*bp)[:0], &r), '\n')
+
 	l.mu.Lock()
-	defer l.mu.Unlock()
-	l.buf = append(appendJSON(l.buf[:0], &r), '\n')
-	n, err := l.w.Write(l.buf)
-	if err == nil && n < len(l.buf) {
+	for !l.closed && len(l.pending) > 0 && len(l.pending)+len(line) > l.limit {
+		l.cond.Wait()
+	}
+	if l.closed {
+		l.mu.Unlock()
+		l.putLine(bp, line)
+		return fmt.Errorf("%w: %w", ErrWrite, os.ErrClosed)
+	}
+	l.pending = append(l.pending, line...)
+	l.putLine(bp, line)
+	if !l.writing {
+		// Nothing in progress, so nothing was pending: write this record now.
+		l.writing = true
+		return l.write(nil)
+	}
+	g := l.cur
+	if g == nil {
+		g = &group{ch: make(chan struct{}, 1)}
+		l.cur = g
+	}
+	l.mu.Unlock()
+	if _, lead := <-g.ch; lead {
+		// The previous writer handed the write of this group to us.
+		l.mu.Lock()
+		return l.write(g)
+	}
+	return g.err
+}
+
+// write writes the pending lines, which include the caller's own, with one
+// Write call outside the lock, and reports the outcome to g, the callers
+// waiting on them (nil when there are none). Then it hands the writer role
+// to the callers that appended meanwhile, if any, rather than serving them
+// itself, so that no caller's latency grows with the load of others. It is
+// called with l.mu held and l.writing set, and returns with l.mu released.
+func (l *Log) write(g *group) error {
+	buf := l.pending
+	l.pending, l.spare, l.cur = l.spare[:0], nil, nil
+	l.cond.Broadcast() // room in pending again
+	l.mu.Unlock()
+
+	n, err := l.w.Write(buf)
+	if err == nil && n < len(buf) {
 		err = io.ErrShortWrite
 	}
 	if err != nil {
-		return fmt.Errorf("%w: %v", ErrWrite, err)
+		err = fmt.Errorf("%w: %w", ErrWrite, err)
 	}
-	return nil
+
+	l.mu.Lock()
+	if cap(buf) <= 2*l.limit {
+		l.spare = buf[:0]
+	}
+	if g != nil {
+		g.err = err
+		close(g.ch)
+	}
+	if next := l.cur; next != nil {
+		next.ch <- struct{}{} // never blocks: the one token of a group waiting for it
+	} else {
+		l.writing = false
+		l.cond.Broadcast() // Close waits for the writer to go idle
+	}
+	l.mu.Unlock()
+	return err
 }
 
-// Close closes the underlying file, if Open opened it.
+// putLine returns a formatting buffer to the pool, unless a huge record
+// made it too big to keep.
+func (l *Log) putLine(bp *[]byte, line []byte) {
+	if cap(line) <= 64<<10 {
+		*bp = line
+		l.lines.Put(bp)
+	}
+}
+
+// Close waits until every record accepted so far has been written (or has
+// failed), then closes the underlying file, if Open opened it. Records
+// after Close fail. Closing a closed log does nothing and returns nil.
 func (l *Log) Close() error {
+	l.mu.Lock()
+	if l.closed {
+		l.mu.Unlock()
+		return nil
+	}
+	l.closed = true
+	l.cond.Broadcast() // callers waiting for room now fail
+	for l.writing {
+		l.cond.Wait()
+	}
+	l.mu.Unlock()
 	if l.c == nil {
 		return nil
 	}
