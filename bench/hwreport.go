@@ -294,8 +294,9 @@ func (s *hwSection) print(w io.Writer) {
 		fmt.Fprintf(w, "                 p50 = keyd p50 / direct p50\n")
 		fmt.Fprintf(w, "%-6s %7s %6s %6s %6s %6s %6s %6s %6s %7s\n", "alg", "callers", "K", "U", "C", "c", "B", "P", "KP", "p50")
 		for _, r := range s.P11Ratios {
-			fmt.Fprintf(w, "%-6s %7d %6.2f %6.2f %6s %6s %6.2f %6.2f %6.2f %7.2f\n", r.Alg, r.Callers, r.KeydVsDirect, r.UnaryVsDirect,
-				optRatio(r.KeydVsCrypto11), optRatio(r.Crypto11VsDirect), r.BackendVsDirect, r.ProofVsDirect, r.KeydVsProof, r.P50)
+			// A ratio of a mode that did not run (-pkcs11-modes) is 0: n/a.
+			fmt.Fprintf(w, "%-6s %7d %6s %6s %6s %6s %6s %6s %6s %7s\n", r.Alg, r.Callers, optRatio(r.KeydVsDirect), optRatio(r.UnaryVsDirect),
+				optRatio(r.KeydVsCrypto11), optRatio(r.Crypto11VsDirect), optRatio(r.BackendVsDirect), optRatio(r.ProofVsDirect), optRatio(r.KeydVsProof), optRatio(r.P50))
 		}
 	}
 	if len(s.Rounds) > 0 {
