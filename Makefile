@@ -13,6 +13,7 @@ FUZZTIME  ?= 100000x
 FUZZ_TARGETS := \
 	./internal/policy:FuzzPrepare \
 	./internal/policy:FuzzNormalizeHTU \
+	./internal/policy:FuzzParseObjectDifferential \
 	./internal/jws:FuzzEncodeSignature \
 	./internal/jws:FuzzSplitSigningInput \
 	./internal/jws:FuzzJWKUnmarshal \
@@ -22,6 +23,7 @@ FUZZ_TARGETS := \
 	./internal/audit:FuzzAppendString \
 	./keystore/pkcs11:FuzzParseURI \
 	./keystore/tpm:FuzzDecodeKey \
+	./keystore/tpm:FuzzSignResponse \
 	./internal/config:FuzzParse
 FUZZ_LONG ?= 60s
 

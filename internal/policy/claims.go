@@ -38,7 +38,8 @@ var (
 )
 
 func (cc *claimsCheck) dpop() error {
-	for _, name := range cc.c.names {
+	for _, m := range cc.c.members {
+		name := m.name
 		if slices.Contains(dpopClaims, name) {
 			continue
 		}
@@ -93,7 +94,8 @@ func (cc *claimsCheck) dpop() error {
 }
 
 func (cc *claimsCheck) assertion() error {
-	for _, name := range cc.c.names {
+	for _, m := range cc.c.members {
+		name := m.name
 		if slices.Contains(assertionClaims, name) {
 			continue
 		}

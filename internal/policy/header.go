@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"reflect"
 	"strings"
 	"unicode/utf8"
 
@@ -30,7 +29,7 @@ func checkKey(purpose Purpose, k Key) (*object, error) {
 		if purpose == DPoP {
 			return nil, errors.New("a dpop key needs its public JWK")
 		}
-		return &object{vals: map[string]any{}}, nil
+		return &object{}, nil
 	}
 	jwk, v := parseObject(k.JWK, "jwk")
 	if v != nil {
@@ -41,7 +40,7 @@ func checkKey(purpose Purpose, k Key) (*object, error) {
 			return nil, fmt.Errorf("JWK has the private member %q; keyd publishes public keys only", m)
 		}
 	}
-	str := func(name string) string { s, _ := jwk.vals[name].(string); return s }
+	str := func(name string) string { v, _ := jwk.get(name); s, _ := v.(string); return s }
 	var kty, crv string
 	var members []string
 	switch alg {
@@ -72,8 +71,8 @@ func checkKey(purpose Purpose, k Key) (*object, error) {
 // returns the typ to write for a jwt ("" for none).
 func (p Policy) callerHeader(h *object) (string, *Violation) {
 	var typ string
-	for _, name := range h.names {
-		switch name {
+	for _, m := range h.members {
+		switch name := m.name; name {
 		case "alg", "jwk", "kid":
 			return "", violation("header."+name, "is set by keyd from the signing key; do not send it")
 		case "typ":
@@ -81,7 +80,7 @@ func (p Policy) callerHeader(h *object) (string, *Violation) {
 				return "", violation("header.typ", "is set by keyd for a %s key set; do not send it", p.Purpose)
 			}
 			var v *Violation
-			if typ, v = checkJWTTyp(h.vals["typ"]); v != nil {
+			if typ, v = checkJWTTyp(m.val); v != nil {
 				return "", v
 			}
 		default:
@@ -108,9 +107,9 @@ func checkJWTTyp(v any) (string, *Violation) {
 }
 
 // header returns the JOSE header Prepare writes, members in a fixed order.
-func (p Policy) header(k Key, jwk *object, typ string) []byte {
+func (p Policy) header(k Key, typ string) []byte {
 	var b bytes.Buffer
-	member := func(name string, value []byte) {
+	param := func(name string, value []byte) {
 		if b.Len() == 0 {
 			b.WriteByte('{')
 		} else {
@@ -126,20 +125,20 @@ func (p Policy) header(k Key, jwk *object, typ string) []byte {
 		if err := json.Compact(&compact, k.JWK); err != nil {
 			panic("policy: JWK checked but not JSON: " + err.Error()) // checkKey parsed it
 		}
-		member("typ", jsonString(TypDPoP))
-		member("alg", jsonString(k.Alg))
-		member("jwk", compact.Bytes())
+		param("typ", jsonString(TypDPoP))
+		param("alg", jsonString(k.Alg))
+		param("jwk", compact.Bytes())
 	case ClientAssertion:
-		member("alg", jsonString(k.Alg))
-		member("kid", jsonString(k.Kid))
+		param("alg", jsonString(k.Alg))
+		param("kid", jsonString(k.Kid))
 		if t := p.assertionTyp(); t != "" {
-			member("typ", jsonString(t))
+			param("typ", jsonString(t))
 		}
 	case JWT:
-		member("alg", jsonString(k.Alg))
-		member("kid", jsonString(k.Kid))
+		param("alg", jsonString(k.Alg))
+		param("kid", jsonString(k.Kid))
 		if typ != "" {
-			member("typ", jsonString(typ))
+			param("typ", jsonString(typ))
 		}
 	}
 	b.WriteByte('}')
@@ -147,8 +146,8 @@ func (p Policy) header(k Key, jwk *object, typ string) []byte {
 }
 
 // prebuiltHeader checks that h holds exactly the parameters Prepare would
-// write for k, in any order.
-func (p Policy) prebuiltHeader(h *object, k Key, jwk *object) *Violation {
+// write for k, in any order; jwk is k.JWK parsed.
+func (p Policy) prebuiltHeader(h *object, k Key, jwk map[string]any) *Violation {
 	var want []string
 	switch p.Purpose {
 	case DPoP:
@@ -169,8 +168,8 @@ func (p Policy) prebuiltHeader(h *object, k Key, jwk *object) *Violation {
 		}
 		return p.Purpose == JWT && name == "typ"
 	}
-	for _, name := range h.names {
-		if !allowed(name) {
+	for _, m := range h.members {
+		if name := m.name; !allowed(name) {
 			if name == "typ" { // a client assertion without typ
 				return violation("header.typ", "is not allowed: this key set's client assertions carry no typ")
 			}
@@ -182,15 +181,15 @@ func (p Policy) prebuiltHeader(h *object, k Key, jwk *object) *Violation {
 			return violation("header."+name, "is missing")
 		}
 	}
-	if alg := h.vals["alg"]; alg != k.Alg {
+	if alg, _ := h.get("alg"); alg != k.Alg {
 		return violation("header.alg", "is %s but the signing key's algorithm is %q", describe(alg), k.Alg)
 	}
 	switch p.Purpose {
 	case DPoP:
-		if typ := h.vals["typ"]; typ != TypDPoP {
+		if typ, _ := h.get("typ"); typ != TypDPoP {
 			return violation("header.typ", "is %s; a DPoP proof's typ is %q", describe(typ), TypDPoP)
 		}
-		if !reflect.DeepEqual(h.vals["jwk"], jwk.vals) {
+		if hjwk, _ := h.get("jwk"); !equalJSON(hjwk, jwk) {
 			return violation("header.jwk", "is not the public key of the signing key")
 		}
 	case ClientAssertion:

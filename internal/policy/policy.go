@@ -278,9 +278,10 @@ func (p Policy) CheckPrebuilt(now time.Time, k Key, header, claims []byte) (Summ
 // with the same key set and key pays for neither again. It is immutable and
 // safe for concurrent use.
 type Bound struct {
-	p   Policy
-	k   Key
-	jwk *object
+	p Policy
+	k Key
+	// jwk is k.JWK parsed, as the jwk of a header parses.
+	jwk map[string]any
 	// fixed is the header Prepare writes when the caller cannot change it
 	// (dpop and client_assertion); nil for jwt.
 	fixed []byte
@@ -294,9 +295,9 @@ func (p Policy) Bind(k Key) (*Bound, error) {
 	if err != nil {
 		return nil, err
 	}
-	b := &Bound{p: p, k: k, jwk: jwk}
+	b := &Bound{p: p, k: k, jwk: jwk.asMap()}
 	if p.Purpose != JWT {
-		b.fixed = p.header(k, jwk, "")
+		b.fixed = p.header(k, "")
 	}
 	return b, nil
 }
@@ -320,7 +321,9 @@ func (b *Bound) Prepare(now time.Time, header, claims []byte, rand io.Reader) (T
 	if err := cc.run(); err != nil {
 		return Token{}, err
 	}
-	out, err := marshal(c.vals)
+	// The claims encoded as encoding/json encodes a map, members sorted by
+	// name, in one allocation for what keyd adds to the caller's.
+	out, err := c.appendJSON(make([]byte, 0, len(claims)+128))
 	if err != nil {
 		return Token{}, fmt.Errorf("policy: encoding claims: %w", err)
 	}
@@ -329,7 +332,7 @@ func (b *Bound) Prepare(now time.Time, header, claims []byte, rand io.Reader) (T
 	}
 	hdr := b.fixed
 	if hdr == nil {
-		hdr = p.header(b.k, b.jwk, typ)
+		hdr = p.header(b.k, typ)
 	}
 	return Token{Header: hdr, Claims: out, Summary: cc.sum}, nil
 }
