@@ -27,10 +27,23 @@ const (
 // used only by whoever holds the Backend's token.
 type conn interface {
 	// roundTrip sends cmd and returns the response, giving up at deadline.
-	// Any error leaves the connection unusable: the caller closes it.
-	roundTrip(cmd []byte, deadline time.Time) ([]byte, error)
+	// Any error leaves the connection unusable: the caller closes it. The
+	// exception is errInterrupted, from a connection that is
+	// interruptible: ctx ended before the exchange was complete, and it
+	// stays pending: finish completes it.
+	roundTrip(ctx context.Context, cmd []byte, deadline time.Time) ([]byte, error)
+	// interruptible reports whether roundTrip returns when ctx ends;
+	// otherwise it ignores ctx.
+	interruptible() bool
+	// finish completes an exchange roundTrip left with errInterrupted,
+	// giving up at deadline.
+	finish(deadline time.Time) ([]byte, error)
 	close() error
 }
+
+// errInterrupted: the caller's context ended while its command was in
+// flight.
+var errInterrupted = errors.New("TPM command interrupted")
 
 // endpoint says where the TPM is and opens connections to it.
 type endpoint struct {
@@ -91,37 +104,112 @@ func (e endpoint) dial(ctx context.Context, deadline time.Time) (conn, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &streamConn{c: c}, nil
+	return newStreamConn(c), nil
 }
 
 // streamConn speaks the raw TPM command stream over a socket, as swtpm's
 // server port (and the kernel's vTPM proxy) do: the command bytes go out as
-// they are, the response comes back as a header followed by the rest.
+// they are, the response comes back as a header followed by the rest. An
+// exchange can be interrupted by the caller's context (the socket's
+// deadline is moved to the past) and resumed where it stopped.
 type streamConn struct {
-	c   net.Conn
-	buf [headerSize]byte
+	c net.Conn
+
+	// The exchange in progress: cmd[:sent] is written; buf[:got] of the
+	// response is read.
+	cmd  []byte
+	sent int
+	buf  []byte
+	got  int
+
+	interrupt func()        // interrupts the exchange; run by context.AfterFunc
+	fired     chan struct{} // interrupt sends once it has run
 }
 
-func (s *streamConn) roundTrip(cmd []byte, deadline time.Time) ([]byte, error) {
+func newStreamConn(c net.Conn) *streamConn {
+	s := &streamConn{c: c, buf: make([]byte, 4096), fired: make(chan struct{}, 1)}
+	s.interrupt = func() {
+		s.c.SetDeadline(time.Unix(1, 0))
+		s.fired <- struct{}{}
+	}
+	return s
+}
+
+func (s *streamConn) interruptible() bool { return true }
+
+func (s *streamConn) roundTrip(ctx context.Context, cmd []byte, deadline time.Time) ([]byte, error) {
 	if err := s.c.SetDeadline(deadline); err != nil {
 		return nil, err
 	}
-	if _, err := s.c.Write(cmd); err != nil {
+	s.cmd, s.sent, s.got = cmd, 0, 0
+	if ctx.Done() == nil {
+		return s.exchange()
+	}
+	stop := context.AfterFunc(ctx, s.interrupt)
+	rsp, err := s.exchange()
+	if stop() {
+		return rsp, err
+	}
+	// ctx ended: wait until interrupt has moved the deadline (which the
+	// next roundTrip or finish sets again).
+	<-s.fired
+	if err != nil && isTimeout(err) {
+		return nil, errInterrupted
+	}
+	return rsp, err
+}
+
+func (s *streamConn) finish(deadline time.Time) ([]byte, error) {
+	if err := s.c.SetDeadline(deadline); err != nil {
 		return nil, err
 	}
-	if _, err := io.ReadFull(s.c, s.buf[:]); err != nil {
-		return nil, err
+	return s.exchange()
+}
+
+// exchange writes the rest of the command and reads the rest of the
+// response, into buf: usually with one read.
+func (s *streamConn) exchange() ([]byte, error) {
+	for s.sent < len(s.cmd) {
+		n, err := s.c.Write(s.cmd[s.sent:])
+		s.sent += n
+		if err != nil {
+			return nil, err
+		}
 	}
-	size := int(binary.BigEndian.Uint32(s.buf[2:6]))
-	if size < headerSize || size > maxResponse {
-		return nil, fmt.Errorf("%w: response header claims %d bytes", errProtocol, size)
+	size := 0
+	for {
+		if s.got >= headerSize {
+			size = int(binary.BigEndian.Uint32(s.buf[2:6]))
+			if size < headerSize || size > maxResponse {
+				return nil, fmt.Errorf("%w: response header claims %d bytes", errProtocol, size)
+			}
+			if s.got >= size {
+				break
+			}
+			if size > len(s.buf) {
+				s.buf = append(s.buf, make([]byte, size-len(s.buf))...)
+			}
+		}
+		n, err := s.c.Read(s.buf[s.got:])
+		s.got += n
+		if err != nil {
+			return nil, unexpectedEOF(err, s.got)
+		}
 	}
-	rsp := make([]byte, size)
-	copy(rsp, s.buf[:])
-	if _, err := io.ReadFull(s.c, rsp[headerSize:]); err != nil {
-		return nil, err
+	if s.got > size {
+		return nil, fmt.Errorf("%w: %d bytes after a response of %d", errProtocol, s.got-size, size)
 	}
-	return rsp, nil
+	s.cmd = nil
+	return bytes.Clone(s.buf[:size]), nil
+}
+
+// unexpectedEOF is io.ReadFull's error: io.ErrUnexpectedEOF for an end of
+// stream after part of a response.
+func unexpectedEOF(err error, got int) error {
+	if err == io.EOF && got > 0 {
+		return io.ErrUnexpectedEOF
+	}
+	return err
 }
 
 func (s *streamConn) close() error { return s.c.Close() }
@@ -151,7 +239,15 @@ func openDevice(path string) (conn, error) {
 	return &deviceConn{f: f, buf: make([]byte, maxResponse)}, nil
 }
 
-func (d *deviceConn) roundTrip(cmd []byte, deadline time.Time) ([]byte, error) {
+// interruptible is false: a read of the device cannot be relied on to
+// resume after a deadline, so do waits for it in another goroutine.
+func (d *deviceConn) interruptible() bool { return false }
+
+func (d *deviceConn) finish(time.Time) ([]byte, error) {
+	return nil, errors.New("device round trips are never interrupted")
+}
+
+func (d *deviceConn) roundTrip(_ context.Context, cmd []byte, deadline time.Time) ([]byte, error) {
 	// Not every device file can take a deadline (os.ErrNoDeadline).
 	_ = d.f.SetDeadline(deadline)
 	if _, err := d.f.Write(cmd); err != nil {

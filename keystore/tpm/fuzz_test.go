@@ -85,3 +85,16 @@ func FuzzDecodePin(f *testing.F) {
 		}
 	})
 }
+
+// FuzzSignResponse: parseSignResponse never panics, returns the TPM's
+// response code as go-tpm does, accepts only what go-tpm accepts and then
+// returns the same signature, and refuses nothing well-formed that go-tpm
+// accepts.
+func FuzzSignResponse(f *testing.F) {
+	for _, s := range signResponseSeeds() {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, rsp []byte) {
+		compareSignResponse(t, rsp)
+	})
+}

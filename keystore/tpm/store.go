@@ -2,7 +2,6 @@ package tpm
 
 import (
 	"bytes"
-	"crypto/sha256"
 	"encoding/asn1"
 	"encoding/binary"
 	"encoding/hex"
@@ -75,13 +74,6 @@ func newBlob(pub, priv []byte) (*keyBlob, error) {
 		return nil, err
 	}
 	return &keyBlob{pub: pub, priv: priv, kind: kind, key: key}, nil
-}
-
-// name returns the key's TPM Name: its name algorithm (SHA-256, as
-// checkPublic requires) and the SHA-256 of its public area.
-func (k *keyBlob) name() tpm2.TPM2BName {
-	h := sha256.Sum256(k.pub)
-	return tpm2.TPM2BName{Buffer: append([]byte{0x00, byte(tpm2.TPMAlgSHA256)}, h[:]...)}
 }
 
 func sized(b []byte) []byte {

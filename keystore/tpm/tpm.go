@@ -63,19 +63,27 @@
 // the probe found.
 //
 // Sign returns ASN.1 DER for ECDSA (the TPM's r and s as INTEGERs, however
-// short the TPM returns them) and the modulus-sized signature for RSA, and
-// verifies every signature against the stored public key before returning
-// it: a signature that does not verify makes the backend re-initialise the
-// TPM and sign again once.
+// short the TPM returns them) and the modulus-sized signature for RSA. Every
+// signature is checked for its form (the scheme asked for; ECDSA r and s
+// non-zero and within the curve's size; RSA no longer than the modulus), and
+// the first one after each TPM2_Load of a key is verified against the stored
+// public key, proving that the handle names the key: a signature that does
+// not verify makes the backend re-initialise the TPM and sign again once.
+// Later signatures by the same loaded handle are not verified (see
+// Backend.sign for why nothing else can be at that handle). TPM2_Sign, the
+// one command of a signature by a loaded key, is encoded and parsed by keyd
+// itself (sign.go); every other command goes through go-tpm.
 //
 // # The TPM connection
 //
 // The TPM is serial, and a TPM without a resource manager (swtpm) serves one
 // connection: every command goes through one connection owned by whoever
-// holds the backend's token. The caller's context bounds both the wait for
-// the token and the wait for the result: a command in flight when the
-// context ends finishes (or times out) in the background and its result is
-// dropped, since abandoning it half-way would break the connection. Each
+// holds the backend's token, in the caller's goroutine. The caller's
+// context bounds both the wait for the token and the wait for the result: a
+// command in flight when the context ends finishes (or times out) in the
+// background, holding the token, and its result is dropped, since
+// abandoning it half-way would break the connection; no further command is
+// sent for that caller. Each
 // command has a deadline (Config.CommandTimeout; TPM2_Create of
 // an RSA key, Config.KeygenTimeout), so a stopped TPM fails the call with
 // ErrUnavailable instead of hanging keyd; after a timeout or a failed
@@ -123,12 +131,10 @@ import (
 	"crypto/ecdsa"
 	"crypto/rsa"
 	"crypto/x509"
-	"encoding/asn1"
 	"errors"
 	"fmt"
 	"io/fs"
 	"log/slog"
-	"math/big"
 	"os"
 	"path/filepath"
 	"slices"
@@ -551,48 +557,85 @@ func (b *Backend) Sign(ctx context.Context, id string, digest []byte, opts crypt
 		return nil, fmt.Errorf("sign %s: %w", id, err)
 	}
 	for attempt := range 2 {
-		if attempt > 0 {
-			// The TPM signed with something else than this key: start
-			// over from a fresh SRK and a fresh load.
-			if err := b.do(ctx, b.cmdTimeout, func(*op) error { b.invalidate(); return nil }); err != nil {
-				return nil, fmt.Errorf("sign %s: %w", id, b.mapErr(err))
-			}
-		}
 		var sig []byte
 		err := b.do(ctx, b.cmdTimeout, func(o *op) error {
-			h, err := b.load(o, id, blob)
-			if err != nil {
-				return err
-			}
-			rsp, err := tpm2.Sign{
-				KeyHandle:  h,
-				Digest:     tpm2.TPM2BDigest{Buffer: digest},
-				InScheme:   scheme,
-				Validation: tpm2.TPMTTKHashCheck{Tag: tpm2.TPMSTHashCheck, Hierarchy: tpm2.TPMRHNull},
-			}.Execute(o)
-			if err != nil {
-				return err
-			}
-			sig, err = encodeSig(blob, rsp.Signature)
+			var err error
+			sig, err = b.sign(o, id, blob, digest, scheme)
 			return err
 		})
-		if err != nil {
+		if err == nil {
+			return sig, nil
+		}
+		if !errors.Is(err, errBadSignature) {
 			return nil, fmt.Errorf("sign %s: %w", id, b.mapErr(err))
 		}
-		if err := verifySig(blob, digest, scheme.Scheme, sig); err == nil {
-			return sig, nil
-		} else {
-			b.log.Error("TPM signature does not verify against the stored public key", "id", id, "attempt", attempt+1, "err", err)
-		}
+		// The TPM signed with something else than this key: sign has
+		// made the next attempt start over from a fresh SRK and a
+		// fresh load.
+		b.log.Error("TPM signature does not verify against the stored public key", "id", id, "attempt", attempt+1, "err", err)
 	}
 	return nil, fmt.Errorf("sign %s: the TPM's signatures do not verify against the stored public key", id)
 }
 
+// errBadSignature is a signature from the TPM that does not verify against
+// the key's stored public key.
+var errBadSignature = errors.New("TPM signature does not verify")
+
+// sign is Sign's work, by the token holder: one TPM2_Sign by the loaded key
+// (loading it first if needed), hand-encoded (see sign.go).
+//
+// Each signature gets the cheap structural checks of encodeSig: the
+// signature scheme and hash asked for, ECDSA r and s non-zero and no longer
+// than the curve's size, an RSA signature no longer than the modulus. The
+// first signature after each TPM2_Load is also verified against the
+// stored public key, which proves that the handle names this key (and not
+// another object loaded there, as after an unnoticed reset or a handle
+// reused by someone else); a signature that does not verify drops the
+// loaded objects (errBadSignature), and Sign tries once more from a fresh
+// SRK and load. Later signatures by the same loaded handle are not
+// verified (an ECDSA P-256 verification costs ≈ 50 µs, 15 % of a TPM2_Sign
+// on swtpm):
+// the handle cannot name another object while keyd's connection lives.
+// swtpm serves one connection at a time, /dev/tpmrm0 gives each open file
+// its own handles, and /dev/tpm0 opens exclusively, so nobody else can
+// flush the key and load something else at its handle; and whatever makes
+// the TPM forget the key — a reset or restart — shows as TPM_RC_INITIALIZE,
+// a handle error or a broken connection, after which keyd re-creates the
+// SRK and reloads (and verifies) the key.
+func (b *Backend) sign(o *op, id string, blob *keyBlob, digest []byte, scheme sigScheme) ([]byte, error) {
+	h, err := b.load(o, id, blob)
+	if err != nil {
+		return nil, err
+	}
+	st := &b.st
+	st.cmd = appendSignCommand(st.cmd[:0], h, digest, scheme)
+	rsp, err := o.Send(st.cmd)
+	if err != nil {
+		return nil, err
+	}
+	ts, err := parseSignResponse(rsp)
+	if err != nil {
+		return nil, err
+	}
+	sig, err := encodeSig(blob, scheme, ts)
+	if err != nil {
+		return nil, err
+	}
+	if !st.cached.verified {
+		if err := verifySig(blob, digest, scheme.alg, sig); err != nil {
+			b.invalidate()
+			return nil, fmt.Errorf("%w: %v", errBadSignature, err)
+		}
+		st.cached.verified = true
+	}
+	return sig, nil
+}
+
 // scheme checks digest and opts against the key and returns the TPM
 // signature scheme.
-func (b *Backend) scheme(blob *keyBlob, digest []byte, opts crypto.SignerOpts) (tpm2.TPMTSigScheme, error) {
+func (b *Backend) scheme(blob *keyBlob, digest []byte, opts crypto.SignerOpts) (sigScheme, error) {
 	if opts == nil {
-		return tpm2.TPMTSigScheme{}, fmt.Errorf("no signer options: %w", keystore.ErrUnsupportedAlgorithm)
+		return sigScheme{}, fmt.Errorf("no signer options: %w", keystore.ErrUnsupportedAlgorithm)
 	}
 	pssOpts, pss := opts.(*rsa.PSSOptions)
 	var alg tpm2.TPMAlgID
@@ -601,7 +644,7 @@ func (b *Backend) scheme(blob *keyBlob, digest []byte, opts crypto.SignerOpts) (
 	switch {
 	case !blob.kind.isRSA():
 		if pss || opts.HashFunc() != want {
-			return tpm2.TPMTSigScheme{}, fmt.Errorf("%s key signs %v digests, not %T %v: %w", blob.kind, want, opts, opts.HashFunc(), keystore.ErrUnsupportedAlgorithm)
+			return sigScheme{}, fmt.Errorf("%s key signs %v digests, not %T %v: %w", blob.kind, want, opts, opts.HashFunc(), keystore.ErrUnsupportedAlgorithm)
 		}
 		alg, hash = tpm2.TPMAlgECDSA, tpm2.TPMAlgSHA256
 		if want == crypto.SHA384 {
@@ -609,61 +652,104 @@ func (b *Backend) scheme(blob *keyBlob, digest []byte, opts crypto.SignerOpts) (
 		}
 	case pss:
 		if pssOpts.Hash != crypto.SHA256 || (pssOpts.SaltLength != rsa.PSSSaltLengthEqualsHash && pssOpts.SaltLength != crypto.SHA256.Size()) {
-			return tpm2.TPMTSigScheme{}, fmt.Errorf("RSA-PSS with hash %v and salt length %d: %w (PS256 wants SHA-256 and a 32-byte salt)", pssOpts.Hash, pssOpts.SaltLength, keystore.ErrUnsupportedAlgorithm)
+			return sigScheme{}, fmt.Errorf("RSA-PSS with hash %v and salt length %d: %w (PS256 wants SHA-256 and a 32-byte salt)", pssOpts.Hash, pssOpts.SaltLength, keystore.ErrUnsupportedAlgorithm)
 		}
 		if !b.pss {
-			return tpm2.TPMTSigScheme{}, fmt.Errorf("RSA-PSS: %w (%s)", keystore.ErrUnsupportedAlgorithm, b.refused[keystore.PS256])
+			return sigScheme{}, fmt.Errorf("RSA-PSS: %w (%s)", keystore.ErrUnsupportedAlgorithm, b.refused[keystore.PS256])
 		}
 		alg, hash = tpm2.TPMAlgRSAPSS, tpm2.TPMAlgSHA256
 	default:
 		if opts.HashFunc() != crypto.SHA256 {
-			return tpm2.TPMTSigScheme{}, fmt.Errorf("RSA PKCS #1 v1.5 with hash %v: %w (RS256 wants SHA-256)", opts.HashFunc(), keystore.ErrUnsupportedAlgorithm)
+			return sigScheme{}, fmt.Errorf("RSA PKCS #1 v1.5 with hash %v: %w (RS256 wants SHA-256)", opts.HashFunc(), keystore.ErrUnsupportedAlgorithm)
 		}
 		alg, hash = tpm2.TPMAlgRSASSA, tpm2.TPMAlgSHA256
 	}
 	if len(digest) != want.Size() {
-		return tpm2.TPMTSigScheme{}, fmt.Errorf("digest is %d bytes, want %d for %v", len(digest), want.Size(), want)
+		return sigScheme{}, fmt.Errorf("digest is %d bytes, want %d for %v", len(digest), want.Size(), want)
 	}
-	return tpm2.TPMTSigScheme{Scheme: alg, Details: tpm2.NewTPMUSigScheme(alg, &tpm2.TPMSSchemeHash{HashAlg: hash})}, nil
+	return sigScheme{alg: alg, hash: hash}, nil
 }
 
-// encodeSig turns the TPM's signature into what crypto.Signer returns:
-// ASN.1 DER for ECDSA, the modulus-sized signature for RSA.
-func encodeSig(blob *keyBlob, sig tpm2.TPMTSignature) ([]byte, error) {
-	switch sig.SigAlg {
-	case tpm2.TPMAlgECDSA:
-		s, err := sig.Signature.ECDSA()
-		if err != nil {
-			return nil, err
+// encodeSig checks the TPM's signature against what was asked and turns it
+// into what crypto.Signer returns: ASN.1 DER for ECDSA, the modulus-sized
+// signature for RSA. These structural checks are made on every signature;
+// sign verifies some signatures too.
+func encodeSig(blob *keyBlob, scheme sigScheme, sig tpmSignature) ([]byte, error) {
+	if sig.alg != scheme.alg || sig.hash != scheme.hash {
+		return nil, fmt.Errorf("asked the TPM for a signature of scheme %#x with hash %#x, got %#x with %#x",
+			uint16(scheme.alg), uint16(scheme.hash), uint16(sig.alg), uint16(sig.hash))
+	}
+	switch blob.kind {
+	case kindP256, kindP384:
+		if sig.alg != tpm2.TPMAlgECDSA {
+			break
 		}
-		size := blob.key.(*ecdsa.PublicKey).Curve.Params().BitSize / 8
-		if len(s.SignatureR.Buffer) > size || len(s.SignatureS.Buffer) > size {
+		size := 32
+		if blob.kind == kindP384 {
+			size = 48
+		}
+		if len(sig.r) > size || len(sig.s) > size {
 			return nil, fmt.Errorf("ECDSA signature with r or s longer than %d bytes", size)
 		}
 		// r and s may come back shorter than the curve size; as integers
 		// they need no padding, and DER encodes them minimally.
-		return asn1.Marshal(struct{ R, S *big.Int }{
-			new(big.Int).SetBytes(s.SignatureR.Buffer),
-			new(big.Int).SetBytes(s.SignatureS.Buffer),
-		})
-	case tpm2.TPMAlgRSASSA, tpm2.TPMAlgRSAPSS:
-		var s *tpm2.TPMSSignatureRSA
-		var err error
-		if sig.SigAlg == tpm2.TPMAlgRSASSA {
-			s, err = sig.Signature.RSASSA()
-		} else {
-			s, err = sig.Signature.RSAPSS()
+		r, s := trimZeros(sig.r), trimZeros(sig.s)
+		if len(r) == 0 || len(s) == 0 {
+			return nil, errors.New("ECDSA signature with r or s zero")
 		}
-		if err != nil {
-			return nil, err
+		return appendECDSADER(make([]byte, 0, 6+len(r)+len(s)+2), r, s), nil
+	case kindRSA2048, kindRSA3072:
+		if sig.alg != tpm2.TPMAlgRSASSA && sig.alg != tpm2.TPMAlgRSAPSS {
+			break
 		}
 		size := blob.key.(*rsa.PublicKey).Size()
-		if len(s.Sig.Buffer) > size {
-			return nil, fmt.Errorf("RSA signature of %d bytes, longer than the modulus", len(s.Sig.Buffer))
+		if len(sig.sig) > size {
+			return nil, fmt.Errorf("RSA signature of %d bytes, longer than the modulus", len(sig.sig))
 		}
-		return leftPad(s.Sig.Buffer, size), nil
+		if len(trimZeros(sig.sig)) == 0 {
+			return nil, errors.New("RSA signature zero")
+		}
+		out := make([]byte, size) // never the response's memory
+		copy(out[size-len(sig.sig):], sig.sig)
+		return out, nil
 	}
-	return nil, fmt.Errorf("TPM returned a signature of type %#x", uint16(sig.SigAlg))
+	return nil, fmt.Errorf("TPM returned a signature of type %#x for a %s key", uint16(sig.alg), blob.kind)
+}
+
+// trimZeros returns b without its leading zero bytes.
+func trimZeros(b []byte) []byte {
+	for len(b) > 0 && b[0] == 0 {
+		b = b[1:]
+	}
+	return b
+}
+
+// appendECDSADER appends the ASN.1 DER SEQUENCE of INTEGERs r and s, which
+// are non-empty, without leading zeros and at most 48 bytes each (so every
+// length fits in one byte): what asn1.Marshal makes of
+// struct{ R, S *big.Int }.
+func appendECDSADER(dst, r, s []byte) []byte {
+	n := derIntSize(r) + derIntSize(s)
+	dst = append(dst, 0x30, byte(n))
+	dst = appendDERInt(dst, r)
+	return appendDERInt(dst, s)
+}
+
+func derIntSize(v []byte) int {
+	if v[0]&0x80 != 0 {
+		return 3 + len(v)
+	}
+	return 2 + len(v)
+}
+
+func appendDERInt(dst, v []byte) []byte {
+	if v[0]&0x80 != 0 {
+		// A leading zero keeps the INTEGER positive.
+		dst = append(dst, 0x02, byte(len(v)+1), 0)
+	} else {
+		dst = append(dst, 0x02, byte(len(v)))
+	}
+	return append(dst, v...)
 }
 
 func leftPad(b []byte, size int) []byte {
@@ -675,7 +761,7 @@ func leftPad(b []byte, size int) []byte {
 	return out
 }
 
-// verifySig checks a signature before it leaves the backend.
+// verifySig checks a signature against the key's stored public key.
 func verifySig(blob *keyBlob, digest []byte, alg tpm2.TPMAlgID, sig []byte) error {
 	switch k := blob.key.(type) {
 	case *ecdsa.PublicKey:
@@ -792,13 +878,13 @@ func (b *Backend) Close() error {
 	b.tok <- struct{}{}
 	st := &b.st
 	if st.conn != nil {
-		ctx, cancel := context.WithTimeout(context.Background(), 2*b.cmdTimeout)
-		o := &op{b: b, ctx: ctx, timeout: b.cmdTimeout}
+		// Each command has its deadline; no context may interrupt
+		// them, since the connection is closed right after.
+		o := &op{b: b, ctx: context.Background(), timeout: b.cmdTimeout}
 		err := b.flushCached(o)
 		if err == nil && st.srk.Handle != 0 {
 			_, err = tpm2.FlushContext{FlushHandle: st.srk.Handle}.Execute(o)
 		}
-		cancel()
 		if err != nil {
 			b.log.Warn("cannot flush keyd's objects from the TPM at close", "err", err)
 		}
