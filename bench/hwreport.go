@@ -190,15 +190,47 @@ func (s *hwSection) computeTPM() []goal {
 			Limit:  goalTPMP50,
 			Status: s.naStatus(fmt.Sprintf("run tpm with %s and 1 caller", alg)),
 		}
-		for _, r := range s.TPMRatios {
-			if r.Alg == alg && r.Callers == 1 {
-				x.Value, x.Met = r.Keyd, r.Keyd <= goalTPMP50
-				x.Status = metString(x.Met)
+		if ratios := s.tpmRoundRatios(alg); len(ratios) > 0 {
+			x.Value = median(ratios)
+			x.Met = x.Value <= goalTPMP50
+			x.Status = metString(x.Met)
+			if len(ratios) > 1 {
+				x.Name += fmt.Sprintf(", median of %d alternating rounds", len(ratios))
 			}
 		}
 		goals = append(goals, x)
 	}
 	return goals
+}
+
+// tpmRoundRatios returns keyd p50 / direct p50 at 1 caller for alg: the
+// main sweep's (direct: the mean of direct and direct again), then each
+// goal round's (direct: the mean of the direct runs just before and just
+// after that round's keyd).
+func (s *hwSection) tpmRoundRatios(alg string) []float64 {
+	var out []float64
+	prev := 0.0
+	for _, r := range s.TPMRatios {
+		if r.Alg == alg && r.Callers == 1 {
+			out = append(out, r.Keyd)
+			prev = r.DirectP50us
+			if again, ok := s.find(alg, modeDirectAgain, 1); ok {
+				prev = again.P50us
+			}
+		}
+	}
+	if len(out) == 0 {
+		return nil
+	}
+	for _, r := range s.Rounds {
+		if r.Alg != alg || r.Callers != 1 || r.Direct.P50us == 0 {
+			continue
+		}
+		ref := (prev + r.Direct.P50us) / 2
+		out = append(out, r.Keyd.P50us/ref)
+		prev = r.Direct.P50us
+	}
+	return out
 }
 
 // roundRatios returns keyd ops/s / direct ops/s of the main sweep and of
@@ -299,7 +331,7 @@ func (s *hwSection) print(w io.Writer) {
 				optRatio(r.KeydVsCrypto11), optRatio(r.Crypto11VsDirect), optRatio(r.BackendVsDirect), optRatio(r.ProofVsDirect), optRatio(r.KeydVsProof), optRatio(r.P50))
 		}
 	}
-	if len(s.Rounds) > 0 {
+	if len(s.Rounds) > 0 && s.Backend == "pkcs11" {
 		fmt.Fprintf(w, "\ngoal rounds (direct and keyd alternately, again; round 1 is the table's):\n")
 		seen := map[string]bool{}
 		for _, r := range s.Rounds {
@@ -323,6 +355,20 @@ func (s *hwSection) print(w io.Writer) {
 		fmt.Fprintf(w, "%-6s %7s %11s %7s %7s %7s %9s %6s\n", "alg", "callers", "direct µs", "keyd", "unary", "proof", "extra µs", "ops")
 		for _, r := range s.TPMRatios {
 			fmt.Fprintf(w, "%-6s %7d %11.1f %7.3f %7.3f %7.3f %9.1f %6.2f\n", r.Alg, r.Callers, r.DirectP50us, r.Keyd, r.Unary, r.Proof, r.ExtraUs, r.KeydOps)
+		}
+		if s.Backend == "tpm" && len(s.Rounds) > 0 {
+			fmt.Fprintf(w, "\ngoal rounds (keyd started again, then direct; each keyd p50 over the mean of the direct p50s around it; round 1 is the table's):\n")
+			for _, alg := range s.Algs {
+				ratios := s.tpmRoundRatios(alg)
+				if len(ratios) == 0 {
+					continue
+				}
+				var parts []string
+				for _, x := range ratios {
+					parts = append(parts, fmt.Sprintf("%.3f", x))
+				}
+				fmt.Fprintf(w, "  %s 1 caller, keyd/direct p50: %s → median %.3f\n", alg, strings.Join(parts, ", "), median(ratios))
+			}
 		}
 	}
 	if s.RSS.HWMKiB > 0 {

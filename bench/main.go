@@ -74,7 +74,7 @@ type options struct {
 	p11Algs    []keystore.Algorithm
 	tpmCallers []int
 	tpmAlgs    []keystore.Algorithm
-	goalRounds int // extra alternating rounds of the pkcs11 goals' pairs
+	goalRounds int // extra alternating rounds of the pkcs11 and tpm goals' pairs
 	keydP11    int // keyd's max_sessions in the pkcs11 section
 	p11Modes   []string
 	cpuProfile string // the bench process's CPU profile
@@ -235,7 +235,7 @@ func parseFlags(args []string) (options, error) {
 	tpmCallers := fs.String("tpm-callers", "1,4", "tpm: comma-separated numbers of concurrent callers")
 	tpmAlgs := fs.String("tpm-algs", "ES256,RS256", "tpm: comma-separated JWS algorithms (ES256, RS256)")
 	keydP11 := fs.Int("pkcs11-keyd-sessions", p11Sessions, "pkcs11: keyd's max_sessions (the direct modes always use 2), for experiments")
-	goalRounds := fs.Int("goal-rounds", 2, "pkcs11: extra alternating rounds of direct and keyd at 16 callers; the goals use the median")
+	goalRounds := fs.Int("goal-rounds", 2, "pkcs11 and tpm: extra alternating rounds of direct and keyd at the goals' callers (pkcs11 16, tpm 1); the goals use the median")
 	keyd := fs.String("keyd", "", "keyd binary (default bin/keyd in the repository root; built when missing)")
 	jsonOut := fs.String("json", "", "also write the results as JSON to this file")
 	p11ModeList := fs.String("pkcs11-modes", strings.Join(p11Modes, ","), "pkcs11: comma-separated modes to run, for experiments")
