@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"runtime"
 	"sync"
 	"time"
 
@@ -31,7 +32,9 @@ const (
 // finds no send in progress sends its request and every request queued by
 // then in one message, and again while more were queued during its send.
 // A lone caller therefore sends at once, without a hand-off to another
-// goroutine; many callers share each message's cost.
+// goroutine; with others in flight it first yields the processor once, so
+// that callers just woken by their answers queue their next requests into
+// the same message. Many callers share each message's cost.
 type streamSigner struct {
 	keys keydv1.KeyServiceClient
 
@@ -124,6 +127,14 @@ func (st *signStream) enqueue(item *keydv1.SignStreamItem) error {
 		return nil
 	}
 	st.sending = true
+	if st.inFlight() > 1 {
+		// Others' requests are on their way: give their callers, which
+		// may be runnable right now, a moment to queue theirs, so that
+		// they share this message.
+		st.qmu.Unlock()
+		runtime.Gosched()
+		st.qmu.Lock()
+	}
 	var err error
 	for len(st.queue) > 0 && err == nil {
 		q := st.queue
@@ -144,6 +155,13 @@ func (st *signStream) enqueue(item *keydv1.SignStreamItem) error {
 	st.sending = false
 	st.qmu.Unlock()
 	return err
+}
+
+// inFlight returns the number of requests waiting for an answer.
+func (st *signStream) inFlight() int {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	return len(st.pending)
 }
 
 // split returns the first message's worth of q and the rest.

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"log/slog"
+	"runtime"
 	"runtime/debug"
 	"sync"
 	"time"
@@ -49,8 +50,8 @@ func (s *Server) SignStream(stream grpc.BidiStreamingServer[keydv1.SignStreamReq
 		sem:  make(chan struct{}, streamInFlight),
 		jobs: make(chan *keydv1.SignStreamItem),
 		done: make(chan struct{}),
-		out:  outbox{send: stream.Send},
 	}
+	st.out = outbox{send: stream.Send, busy: func() bool { return len(st.sem) > 0 }}
 	defer st.wg.Wait()
 	defer close(st.done)
 	for {
@@ -129,6 +130,8 @@ func (st *streamState) worker(it *keydv1.SignStreamItem) {
 // while more arrived during its send.
 type outbox struct {
 	send func(*keydv1.SignStreamResponse) error
+	// busy reports whether other requests are being served.
+	busy func() bool
 
 	mu      sync.Mutex
 	pending []*keydv1.SignStreamResult
@@ -149,6 +152,13 @@ func (o *outbox) push(r *keydv1.SignStreamResult) {
 		return
 	}
 	o.sending = true
+	if o.busy != nil && o.busy() {
+		// Other requests of the stream are being served: let those
+		// about to finish add their results to this message.
+		o.mu.Unlock()
+		runtime.Gosched()
+		o.mu.Lock()
+	}
 	for len(o.pending) > 0 && !o.broken {
 		batch := o.pending
 		if len(batch) > streamBatch {

@@ -378,8 +378,10 @@ func TestClientBatches(t *testing.T) {
 	if requests != callers*each || unary != 0 {
 		t.Errorf("%d requests over the stream and %d unary, want %d and 0", requests, unary, callers*each)
 	}
-	if msgs >= requests {
-		t.Errorf("%d messages for %d requests from %d concurrent callers: nothing was batched", msgs, requests, callers)
+	// Measured here: ~185 messages for 1600 requests (≈ 1400 before the
+	// sender yielded to the callers about to queue).
+	if msgs > requests/2 {
+		t.Errorf("%d messages for %d requests from %d concurrent callers: hardly batched", msgs, requests, callers)
 	}
 	if maxPerMsg > 30 {
 		t.Errorf("a message with %d requests of 2 KiB each: more than 64 KiB", maxPerMsg)
