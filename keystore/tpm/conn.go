@@ -219,8 +219,16 @@ func (s *streamConn) close() error { return s.c.Close() }
 // A write sends one command and one read returns the whole response. The
 // kernel bounds each command by the TPM's own timeouts; the deadline applies
 // on top where the device supports it.
+//
+// Go opens a character device non-blocking and waits in its poller. The
+// kernel's TPM driver then runs each command asynchronously (Linux ≥ 4.20),
+// and a read before the response is ready returns 0 bytes — which os.File
+// would report as io.EOF (the bug google/go-tpm#75 fixed by polling). So
+// the response is read through the raw descriptor: a read of 0 bytes, or
+// EAGAIN, means "not yet", and keyd waits until the device is readable.
 type deviceConn struct {
 	f   *os.File
+	raw syscall.RawConn
 	buf []byte
 }
 
@@ -236,7 +244,16 @@ func openDevice(path string) (conn, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &deviceConn{f: f, buf: make([]byte, maxResponse)}, nil
+	return newDeviceConn(f)
+}
+
+func newDeviceConn(f *os.File) (*deviceConn, error) {
+	raw, err := f.SyscallConn()
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	return &deviceConn{f: f, raw: raw, buf: make([]byte, maxResponse)}, nil
 }
 
 // interruptible is false: a read of the device cannot be relied on to
@@ -253,9 +270,29 @@ func (d *deviceConn) roundTrip(_ context.Context, cmd []byte, deadline time.Time
 	if _, err := d.f.Write(cmd); err != nil {
 		return nil, err
 	}
-	n, err := d.f.Read(d.buf)
+	var (
+		n    int
+		rerr error
+	)
+	// Go's poller is edge-triggered: after a read of 0 bytes it waits for
+	// the device's next wake-up, which the driver gives when the response
+	// is ready, so even a kernel whose poll said "readable" too early
+	// (before Linux 5.1) does not make this spin.
+	err := d.raw.Read(func(fd uintptr) bool {
+		n, rerr = syscall.Read(int(fd), d.buf)
+		switch {
+		case rerr == syscall.EINTR, rerr == syscall.EAGAIN:
+			return false
+		case rerr == nil && n == 0:
+			return false // no response yet
+		}
+		return true
+	})
 	if err != nil {
-		return nil, err
+		return nil, err // the deadline, or the file was closed
+	}
+	if rerr != nil {
+		return nil, rerr
 	}
 	if n < headerSize || int(binary.BigEndian.Uint32(d.buf[2:6])) != n {
 		return nil, fmt.Errorf("%w: read %d bytes of a response", errProtocol, n)
