@@ -82,7 +82,14 @@ func Dial(target string, opts ...Option) (*Client, error) {
 	if o.tls != nil {
 		creds = credentials.NewTLS(o.tls)
 	}
-	dial := append([]grpc.DialOption{grpc.WithTransportCredentials(creds)}, o.dial...)
+	dial := append([]grpc.DialOption{
+		grpc.WithTransportCredentials(creds),
+		// A fixed window (gRPC's default size) instead of BDP probing,
+		// whose pings and window updates add frames and wake-ups to each
+		// exchange; keyd's answers are small.
+		grpc.WithInitialWindowSize(64 << 10),
+		grpc.WithInitialConnWindowSize(64 << 10),
+	}, o.dial...)
 	conn, err := grpc.NewClient(target, dial...)
 	if err != nil {
 		return nil, fmt.Errorf("dial keyd at %s: %w", target, err)
