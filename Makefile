@@ -20,7 +20,7 @@ FUZZ_TARGETS := \
 	./internal/ecdsasig:FuzzRaw \
 	./internal/ecdsasig:FuzzDER \
 	./internal/server:FuzzSign \
-	./internal/audit:FuzzAppendString \
+	./internal/jsonstr:FuzzAppend \
 	./keystore/pkcs11:FuzzParseURI \
 	./keystore/tpm:FuzzDecodeKey \
 	./keystore/tpm:FuzzSignResponse \

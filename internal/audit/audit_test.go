@@ -35,18 +35,6 @@ func TestEncoderMatchesEncodingJSON(t *testing.T) {
 	}
 }
 
-func FuzzAppendString(f *testing.F) {
-	for _, s := range []string{"", "plain", "quote\"back\\slash", "\x00\x1f\n\t\r", "<>&", "\u2028\u2029", "\xff\xfe", "é日本"} {
-		f.Add(s)
-	}
-	f.Fuzz(func(t *testing.T, s string) {
-		want, _ := json.Marshal(s)
-		if got := appendString(nil, s); !bytes.Equal(got, want) {
-			t.Fatalf("appendString(%q) = %s, want %s", s, got, want)
-		}
-	})
-}
-
 func TestRecordLines(t *testing.T) {
 	p := filepath.Join(t.TempDir(), "audit.jsonl")
 	l, err := Open(p)

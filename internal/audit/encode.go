@@ -3,7 +3,8 @@ package audit
 import (
 	"strconv"
 	"time"
-	"unicode/utf8"
+
+	"github.com/keyd-dev/keyd/internal/jsonstr"
 )
 
 // appendJSON appends r as one JSON object with the members of Record's json
@@ -61,59 +62,6 @@ func optString(b []byte, name, v string) []byte {
 	return appendString(b, v)
 }
 
-const hex = "0123456789abcdef"
-
-// appendString appends s as a JSON string the way encoding/json does:
-// control characters, quotes, backslashes, <, > and & escaped, U+2028 and
-// U+2029 escaped, invalid UTF-8 replaced by U+FFFD.
-func appendString(b []byte, s string) []byte {
-	b = append(b, '"')
-	start := 0
-	for i := 0; i < len(s); {
-		c := s[i]
-		if c < utf8.RuneSelf {
-			if c >= 0x20 && c != '"' && c != '\\' && c != '<' && c != '>' && c != '&' {
-				i++
-				continue
-			}
-			b = append(b, s[start:i]...)
-			switch c {
-			case '"', '\\':
-				b = append(b, '\\', c)
-			case '\n':
-				b = append(b, '\\', 'n')
-			case '\r':
-				b = append(b, '\\', 'r')
-			case '\t':
-				b = append(b, '\\', 't')
-			case '\b':
-				b = append(b, '\\', 'b')
-			case '\f':
-				b = append(b, '\\', 'f')
-			default:
-				b = append(b, '\\', 'u', '0', '0', hex[c>>4], hex[c&0xF])
-			}
-			i++
-			start = i
-			continue
-		}
-		r, size := utf8.DecodeRuneInString(s[i:])
-		if r == utf8.RuneError && size == 1 {
-			b = append(b, s[start:i]...)
-			b = append(b, `\ufffd`...)
-			i += size
-			start = i
-			continue
-		}
-		if r == '\u2028' || r == '\u2029' {
-			b = append(b, s[start:i]...)
-			b = append(b, '\\', 'u', '2', '0', '2', hex[r&0xF])
-			i += size
-			start = i
-			continue
-		}
-		i += size
-	}
-	b = append(b, s[start:]...)
-	return append(b, '"')
-}
+// appendString appends s as encoding/json encodes it by default (HTML
+// characters escaped).
+func appendString(b []byte, s string) []byte { return jsonstr.Append(b, s, true) }

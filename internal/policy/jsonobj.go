@@ -11,6 +11,8 @@ import (
 	"strings"
 	"unicode/utf16"
 	"unicode/utf8"
+
+	"github.com/keyd-dev/keyd/internal/jsonstr"
 )
 
 // MaxJSONSize is the largest header or claims set, in bytes, that keyd
@@ -683,62 +685,9 @@ func isNumber(s string) bool {
 	return err == nil && p.pos == len(s)
 }
 
-// appendString appends s as a JSON string the way encoding/json does without
-// HTML escaping: with the short escapes \" \\ \b \f \n \r \t, \u00XX for the
-// other control characters, \u2028 and \u2029 for the line and paragraph
-// separators, and \ufffd for each byte of invalid UTF-8.
-func appendString(b []byte, s string) []byte {
-	const hex = "0123456789abcdef"
-	b = append(b, '"')
-	start := 0
-	for i := 0; i < len(s); {
-		c := s[i]
-		if c >= 0x20 && c != '"' && c != '\\' && c < utf8.RuneSelf {
-			i++
-			continue
-		}
-		if c < utf8.RuneSelf {
-			b = append(b, s[start:i]...)
-			switch c {
-			case '"', '\\':
-				b = append(b, '\\', c)
-			case '\b':
-				b = append(b, '\\', 'b')
-			case '\f':
-				b = append(b, '\\', 'f')
-			case '\n':
-				b = append(b, '\\', 'n')
-			case '\r':
-				b = append(b, '\\', 'r')
-			case '\t':
-				b = append(b, '\\', 't')
-			default:
-				b = append(b, '\\', 'u', '0', '0', hex[c>>4], hex[c&0xF])
-			}
-			i++
-			start = i
-			continue
-		}
-		r, size := utf8.DecodeRuneInString(s[i:])
-		var esc string
-		switch {
-		case r == utf8.RuneError && size == 1:
-			esc = `\ufffd`
-		case r == '\u2028':
-			esc = `\u2028`
-		case r == '\u2029':
-			esc = `\u2029`
-		}
-		if esc != "" {
-			b = append(b, s[start:i]...)
-			b = append(b, esc...)
-			start = i + size
-		}
-		i += size
-	}
-	b = append(b, s[start:]...)
-	return append(b, '"')
-}
+// appendString appends s as a JSON string the way encoding/json's Encoder
+// with SetEscapeHTML(false) does.
+func appendString(b []byte, s string) []byte { return jsonstr.Append(b, s, false) }
 
 // jsonString encodes s as a JSON string.
 func jsonString(s string) []byte {
