@@ -60,21 +60,50 @@ type ecdsaSignature struct {
 // ErrBadSignature, a key that does not fit alg wraps ErrUnsupportedKey, an
 // unknown alg wraps keystore.ErrUnsupportedAlgorithm.
 func EncodeSignature(alg keystore.Algorithm, pub crypto.PublicKey, sig []byte) ([]byte, error) {
-	p, err := keyFor(alg, pub)
+	e, err := NewSignatureEncoder(alg, pub)
 	if err != nil {
 		return nil, err
 	}
-	switch p.kty {
+	return e.Encode(sig)
+}
+
+// A SignatureEncoder is EncodeSignature for one key and algorithm, whose
+// check of the key (a point on the curve, a sane modulus) is made once, by
+// NewSignatureEncoder, rather than for every signature.
+type SignatureEncoder struct {
+	alg  keystore.Algorithm
+	p    params
+	size int // RSA: the modulus size in bytes
+}
+
+// NewSignatureEncoder checks pub for alg as EncodeSignature does.
+func NewSignatureEncoder(alg keystore.Algorithm, pub crypto.PublicKey) (SignatureEncoder, error) {
+	p, err := keyFor(alg, pub)
+	if err != nil {
+		return SignatureEncoder{}, err
+	}
+	e := SignatureEncoder{alg: alg, p: p}
+	if p.kty == ktyRSA {
+		e.size = pub.(*rsa.PublicKey).Size()
+	}
+	return e, nil
+}
+
+// Encode is EncodeSignature(alg, pub, sig) for the encoder's alg and pub.
+func (e SignatureEncoder) Encode(sig []byte) ([]byte, error) {
+	switch e.p.kty {
 	case ktyEC:
-		return encodeECDSA(alg, p, sig)
+		return encodeECDSA(e.alg, e.p, sig)
 	case ktyRSA:
-		if size := pub.(*rsa.PublicKey).Size(); len(sig) != size {
-			return nil, fmt.Errorf("%s signature of %d bytes, want %d: %w", alg, len(sig), size, ErrBadSignature)
+		if len(sig) != e.size {
+			return nil, fmt.Errorf("%s signature of %d bytes, want %d: %w", e.alg, len(sig), e.size, ErrBadSignature)
 		}
 	case ktyOKP:
 		if len(sig) != ed25519.SignatureSize {
-			return nil, fmt.Errorf("%s signature of %d bytes, want %d: %w", alg, len(sig), ed25519.SignatureSize, ErrBadSignature)
+			return nil, fmt.Errorf("%s signature of %d bytes, want %d: %w", e.alg, len(sig), ed25519.SignatureSize, ErrBadSignature)
 		}
+	default:
+		return nil, fmt.Errorf("a SignatureEncoder not made by NewSignatureEncoder: %w", ErrUnsupportedKey)
 	}
 	return bytes.Clone(sig), nil
 }

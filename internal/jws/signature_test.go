@@ -456,3 +456,32 @@ func TestVerifyRejectsOutOfRangeRS(t *testing.T) {
 		}
 	}
 }
+
+// A SignatureEncoder gives EncodeSignature's answers; the zero value refuses.
+func TestSignatureEncoder(t *testing.T) {
+	for _, s := range testSigners(t) {
+		digest, err := Digest(s.alg, []byte("eyJhbGciOiJFUzI1NiJ9.e30"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		sig := stdSign(t, s, digest)
+		enc, err := NewSignatureEncoder(s.alg, s.pub)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, err := enc.Encode(sig)
+		want, werr := EncodeSignature(s.alg, s.pub, sig)
+		if err != nil || werr != nil || !bytes.Equal(got, want) {
+			t.Errorf("%s: Encode = %x, %v; EncodeSignature = %x, %v", s.alg, got, err, want, werr)
+		}
+		if _, err := enc.Encode(sig[1:]); !errors.Is(err, ErrBadSignature) {
+			t.Errorf("%s: short signature: %v", s.alg, err)
+		}
+	}
+	if _, err := (SignatureEncoder{}).Encode(make([]byte, 64)); !errors.Is(err, ErrUnsupportedKey) {
+		t.Errorf("zero SignatureEncoder: %v", err)
+	}
+	if _, err := NewSignatureEncoder(keystore.ES256, nil); !errors.Is(err, ErrUnsupportedKey) {
+		t.Errorf("nil key: %v", err)
+	}
+}

@@ -5,7 +5,6 @@ package server
 
 import (
 	"context"
-	"crypto"
 	"crypto/rand"
 	"encoding/json"
 	"errors"
@@ -243,7 +242,7 @@ func (s *Server) sign(ctx context.Context, c authz.Caller, req *keydv1.SignReque
 	if !lease.Valid() {
 		return nil, fmt.Errorf("kid %s was revoked while signing: %w", v.Kid, rotation.ErrNotSignable)
 	}
-	sig, err := jws.EncodeSignature(v.Alg, pk.pub, der)
+	sig, err := pk.sig.Encode(der)
 	if err != nil {
 		return nil, err
 	}
@@ -498,14 +497,15 @@ func stateToProto(s rotation.State) keydv1.KeyState {
 // service escape its limit by reconnecting from a new process).
 func callerKey(c authz.Caller) string { return c.Principal() }
 
-// keyCache keeps, per kid, the parsed public key and the key set's policy
-// bound to it (validated once, with the DPoP header precomputed). A kid is a
-// thumbprint of one key of one key set, so an entry never goes stale.
+// keyCache keeps, per kid, the key set's policy bound to the public key (with
+// the DPoP header precomputed) and the key's signature encoder, both
+// validated once. A kid is a thumbprint of one key of one key set, so an
+// entry never goes stale.
 type keyCache struct{ m sync.Map }
 
 type publicKey struct {
-	pub    crypto.PublicKey
 	policy *policy.Bound
+	sig    jws.SignatureEncoder // the key checked once for its algorithm
 }
 
 func (c *keyCache) get(v rotation.Version, p policy.Policy) (publicKey, error) {
@@ -529,7 +529,11 @@ func (c *keyCache) get(v rotation.Version, p policy.Policy) (publicKey, error) {
 	if err != nil {
 		return publicKey{}, err
 	}
-	pk := publicKey{pub: pub, policy: bound}
+	enc, err := jws.NewSignatureEncoder(v.Alg, pub)
+	if err != nil {
+		return publicKey{}, fmt.Errorf("recorded JWK of kid %s: %w", v.Kid, err)
+	}
+	pk := publicKey{policy: bound, sig: enc}
 	c.m.Store(v.Kid, pk)
 	return pk, nil
 }
