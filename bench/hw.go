@@ -784,6 +784,15 @@ func benchTPM(ctx context.Context, o options) (sec *hwSection, err error) {
 			direct.disconnect()
 		}
 	}
+	if slices.Contains(o.tpmCallers, 1) && o.tpmSlices > 0 {
+		var ts []tpmSetup
+		for _, s := range setups {
+			ts = append(ts, tpmSetup{alg: s.alg, direct: directOp(s)})
+		}
+		if err := tpmInterleaved(ctx, o, sec, direct, ts); err != nil {
+			return sec, fmt.Errorf("interleaved: %w", err)
+		}
+	}
 	sec.Notes = append(sec.Notes,
 		"direct = one TPM2_Sign through go-tpm on a resident key of the bench's own (same template as keyd's, same SRK); keyd keeps one key loaded too (its last used), so each keyd proof also costs one TPM2_Sign",
 		"keyd = a whole DPoP proof through keyd (policy, claims JSON, TPM2_Sign encoded by keyd itself, audit record, gRPC; keyd verifies the first signature after each load of a key)",
@@ -791,6 +800,144 @@ func benchTPM(ctx context.Context, o options) (sec *hwSection, err error) {
 	)
 	sortResults(sec)
 	return sec, nil
+}
+
+// tpmSetup is what the interleaved measurement needs of a tpm setup.
+type tpmSetup struct {
+	alg    keystore.Algorithm
+	direct op
+}
+
+// tpmInterleaved measures what keyd adds to a TPM2_Sign without the drift
+// of the TPM's own latency over a run: a second fresh swtpm (B) next to the
+// first (A, with the bench's direct keys), and short alternating slices of
+// each side. First direct on A against direct on B (B's own keys), which
+// shows how alike the two instances are; then direct on A against keyd on
+// B.
+func tpmInterleaved(ctx context.Context, o options, sec *hwSection, directA *tpmDirect, setups []tpmSetup) error {
+	w, err := newWorkDir()
+	if err != nil {
+		return err
+	}
+	defer atEmergency(w.remove)()
+	defer w.remove()
+	stateDir := filepath.Join(w.dir, "swtpm")
+	progress("tpm: interleaved: starting a second swtpm in %s…", stateDir)
+	ex, err := runScript(ctx, o, []string{"SWTPM_NO_INSTALL=1"}, "swtpm.sh", "start", "-d", stateDir)
+	if err != nil {
+		return err
+	}
+	stopTPM := func() {
+		cmd := exec.Command(filepath.Join(o.root, "softhsm-test", "swtpm.sh"), "stop", stateDir)
+		if out, err := cmd.CombinedOutput(); err != nil {
+			fmt.Fprintf(os.Stderr, "bench: swtpm.sh stop %s: %v %s\n", stateDir, err, out)
+		}
+	}
+	defer atEmergency(stopTPM)()
+	defer stopTPM()
+	addrB, ok := strings.CutPrefix(ex["KEYD_TPM_ADDRESS"], "tcp://")
+	if !ok {
+		return fmt.Errorf("swtpm.sh printed KEYD_TPM_ADDRESS=%q", ex["KEYD_TPM_ADDRESS"])
+	}
+	if err := directA.reconnect(ctx); err != nil {
+		return err
+	}
+	defer directA.disconnect()
+
+	// Calibration: direct on A and on B.
+	directB, err := dialTPMDirect(ctx, addrB)
+	if err != nil {
+		return err
+	}
+	in := map[keystore.Algorithm][]byte{}
+	for _, s := range setups {
+		if err := directB.create(s.alg); err != nil {
+			directB.disconnect()
+			return err
+		}
+		in[s.alg] = newBareInput(s.alg).digest
+	}
+	results := map[keystore.Algorithm]*interleaved{}
+	for _, s := range setups {
+		x := &interleaved{Alg: string(s.alg), Slices: o.tpmSlices}
+		results[s.alg] = x
+		progress("tpm %s interleaved: direct on A vs direct on B, %d slices…", s.alg, o.tpmSlices)
+		a, b, err := alternate(ctx, o.tpmSlices, s.direct, func(context.Context) error {
+			_, _, err := directB.signTPM(s.alg, in[s.alg])
+			return err
+		})
+		if err != nil {
+			directB.disconnect()
+			return err
+		}
+		x.CalAP50, x.CalBP50 = a, b
+	}
+	directB.disconnect()
+
+	// keyd on B.
+	backend := fmt.Sprintf("  tpm:\n    address: %s\n", strconv.Quote("tcp://"+addrB))
+	progress("tpm: interleaved: starting keyd on the second swtpm…")
+	_, keyd, err := startKeyd(ctx, o, w, keydConfigFor(w, backend, o.tpmAlgs, os.Geteuid()), 5*time.Minute)
+	if err != nil {
+		return err
+	}
+	defer keyd.stop()
+	kc, err := client.Dial(w.keydSocket)
+	if err != nil {
+		return err
+	}
+	defer kc.Close()
+	for _, s := range setups {
+		dp := kc.DPoP(keySetName(s.alg))
+		progress("tpm %s interleaved: direct on A vs keyd on B, %d slices…", s.alg, o.tpmSlices)
+		a, k, err := alternate(ctx, o.tpmSlices, s.direct, func(ctx context.Context) error {
+			_, err := dp.Proof(ctx, proofMethod, proofURL)
+			return err
+		})
+		if err != nil {
+			return keydFailed(err, keyd)
+		}
+		x := results[s.alg]
+		x.DirectP5, x.KeydP50 = a, k
+		sec.Interleaved = append(sec.Interleaved, *x)
+	}
+	return nil
+}
+
+// interleaveSlice is the length of one side's slice in tpmInterleaved.
+const interleaveSlice = 250 * time.Millisecond
+
+// alternate runs a and b at 1 caller in n alternating slices each (after
+// one warm-up slice each) and returns their p50 latencies in µs.
+func alternate(ctx context.Context, n int, a, b op) (p50a, p50b float64, err error) {
+	var la, lb []time.Duration
+	run := func(f op, into *[]time.Duration, keep bool) error {
+		end := time.Now().Add(interleaveSlice)
+		for time.Now().Before(end) {
+			if err := ctx.Err(); err != nil {
+				return err
+			}
+			t0 := time.Now()
+			if err := f(ctx); err != nil {
+				return err
+			}
+			if keep {
+				*into = append(*into, time.Since(t0))
+			}
+		}
+		return nil
+	}
+	for i := -1; i < n; i++ {
+		if err := run(a, &la, i >= 0); err != nil {
+			return 0, 0, err
+		}
+		if err := run(b, &lb, i >= 0); err != nil {
+			return 0, 0, err
+		}
+	}
+	slices.Sort(la)
+	slices.Sort(lb)
+	return us(percentile(la, 0.5)), us(percentile(lb, 0.5)), nil
 }
 
 // sortResults orders sec.Results by algorithm, callers and mode, as the

@@ -24,7 +24,10 @@ type hwSection struct {
 	// round 0 is the main sweep's.
 	Rounds    []goalRound `json:"goal_rounds,omitempty"`
 	TPMRatios []tpmRatio  `json:"tpm_ratios,omitempty"`
-	RSS       struct {
+	// Interleaved is the tpm section's measurement on two swtpm
+	// instances in alternating short slices.
+	Interleaved []interleaved `json:"tpm_interleaved,omitempty"`
+	RSS         struct {
 		EndKiB int64 `json:"end_kib"`
 		HWMKiB int64 `json:"hwm_kib"`
 	} `json:"keyd_rss"`
@@ -53,6 +56,19 @@ type p11Ratio struct {
 	KeydVsProof float64 `json:"keyd_vs_direct_proof"`
 	// P50 is keyd p50 / direct p50.
 	P50 float64 `json:"p50_keyd_vs_direct"`
+}
+
+// interleaved compares, at 1 caller, direct TPM2_Sign on one fresh swtpm
+// (A) with direct on a second (B, the calibration) and then with keyd on B,
+// alternating short slices so that both sides see the same moments of the
+// machine.
+type interleaved struct {
+	Alg      string  `json:"alg"`
+	Slices   int     `json:"slices"`
+	CalAP50  float64 `json:"calibration_direct_a_p50_us"`
+	CalBP50  float64 `json:"calibration_direct_b_p50_us"`
+	DirectP5 float64 `json:"direct_a_p50_us"`
+	KeydP50  float64 `json:"keyd_b_p50_us"`
 }
 
 // goalRound is one extra alternating measurement of a goal's pair.
@@ -355,6 +371,14 @@ func (s *hwSection) print(w io.Writer) {
 		fmt.Fprintf(w, "%-6s %7s %11s %7s %7s %7s %9s %6s\n", "alg", "callers", "direct µs", "keyd", "unary", "proof", "extra µs", "ops")
 		for _, r := range s.TPMRatios {
 			fmt.Fprintf(w, "%-6s %7d %11.1f %7.3f %7.3f %7.3f %9.1f %6.2f\n", r.Alg, r.Callers, r.DirectP50us, r.Keyd, r.Unary, r.Proof, r.ExtraUs, r.KeydOps)
+		}
+		if len(s.Interleaved) > 0 {
+			fmt.Fprintf(w, "\ninterleaved (1 caller, two fresh swtpm A and B, %d alternating slices of each side; B vs A first with direct on both, then keyd on B):\n", s.Interleaved[0].Slices)
+			fmt.Fprintf(w, "%-6s %15s %15s %7s %15s %12s %7s %9s\n", "alg", "direct A µs", "direct B µs", "B/A", "direct A µs", "keyd B µs", "keyd/A", "extra µs")
+			for _, x := range s.Interleaved {
+				fmt.Fprintf(w, "%-6s %15.1f %15.1f %7.3f %15.1f %12.1f %7.3f %9.1f\n", x.Alg, x.CalAP50, x.CalBP50, div(x.CalBP50, x.CalAP50),
+					x.DirectP5, x.KeydP50, div(x.KeydP50, x.DirectP5), x.KeydP50-x.DirectP5)
+			}
 		}
 		if s.Backend == "tpm" && len(s.Rounds) > 0 {
 			fmt.Fprintf(w, "\ngoal rounds (keyd started again, then direct; each keyd p50 over the mean of the direct p50s around it; round 1 is the table's):\n")

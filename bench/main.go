@@ -77,6 +77,7 @@ type options struct {
 	goalRounds int // extra alternating rounds of the pkcs11 and tpm goals' pairs
 	keydP11    int // keyd's max_sessions in the pkcs11 section
 	p11Modes   []string
+	tpmSlices  int    // alternating slices of the interleaved tpm measurement (0: none)
 	cpuProfile string // the bench process's CPU profile
 
 	keyd    string // absolute path of the keyd binary
@@ -239,6 +240,7 @@ func parseFlags(args []string) (options, error) {
 	keyd := fs.String("keyd", "", "keyd binary (default bin/keyd in the repository root; built when missing)")
 	jsonOut := fs.String("json", "", "also write the results as JSON to this file")
 	p11ModeList := fs.String("pkcs11-modes", strings.Join(p11Modes, ","), "pkcs11: comma-separated modes to run, for experiments")
+	tpmSlices := fs.Int("tpm-slices", 12, "tpm: alternating 250 ms slices of each side in the interleaved measurement on two swtpm instances (0: skip it)")
 	cpuProfile := fs.String("cpuprofile", "", "write this process's CPU profile (the callers' side) to this file, for experiments")
 	fs.Func("keyd-env", "NAME=VALUE to add to keyd's environment (repeatable; e.g. GOMAXPROCS=4), for experiments", func(v string) error {
 		if k, _, ok := strings.Cut(v, "="); !ok || k == "" {
@@ -253,7 +255,10 @@ func parseFlags(args []string) (options, error) {
 	if fs.NArg() > 0 {
 		return options{}, fmt.Errorf("unexpected arguments: %q", fs.Args())
 	}
-	o := options{duration: *dur, jsonOut: *jsonOut, build: true, goalRounds: *goalRounds, keydP11: *keydP11, cpuProfile: *cpuProfile}
+	o := options{duration: *dur, jsonOut: *jsonOut, build: true, goalRounds: *goalRounds, keydP11: *keydP11, cpuProfile: *cpuProfile, tpmSlices: *tpmSlices}
+	if o.tpmSlices < 0 || o.tpmSlices > 1000 {
+		return o, fmt.Errorf("-tpm-slices %d: want 0 to 1000", o.tpmSlices)
+	}
 	for _, m := range strings.Split(*p11ModeList, ",") {
 		if m = strings.TrimSpace(m); !slices.Contains(p11Modes, m) {
 			return o, fmt.Errorf("-pkcs11-modes: unknown mode %q (known: %s)", m, strings.Join(p11Modes, ", "))
