@@ -10,10 +10,8 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
-	"io"
 	"io/fs"
 	"os"
-	"syscall"
 
 	"github.com/keyd-dev/keyd/keystore"
 	"github.com/keyd-dev/keyd/keystore/internal/keyfile"
@@ -24,7 +22,6 @@ const (
 	// maxKeyFile bounds what loadKey reads; an RSA-3072 PKCS #8 PEM is
 	// about 2.5 KB.
 	maxKeyFile = 64 << 10
-	noFollow   = syscall.O_NOFOLLOW
 )
 
 // checkFile checks the key file at path without following a symlink. It fails
@@ -44,40 +41,11 @@ func checkFile(path string) (fs.FileInfo, error) {
 // with ErrNotFound, ErrInsecureStorage, ErrKeyLost (the file is unreadable as
 // a key) or ErrUnsupportedAlgorithm (a key keyd does not sign with).
 func loadKey(path string) (crypto.Signer, error) {
-	fi, err := checkFile(path)
+	data, err := keyfile.Read(path, "key file", keyfile.KeyRule, maxKeyFile)
 	if err != nil {
 		return nil, err
 	}
-	// O_NOFOLLOW and O_NONBLOCK: a symlink or FIFO swapped in after the
-	// Lstat neither gets followed nor blocks the open.
-	f, err := os.OpenFile(path, os.O_RDONLY|noFollow|syscall.O_NONBLOCK, 0)
-	switch {
-	case errors.Is(err, fs.ErrNotExist):
-		return nil, keystore.ErrNotFound
-	case errors.Is(err, syscall.ELOOP):
-		return nil, fmt.Errorf("key file %s is a symlink: %w", path, keystore.ErrInsecureStorage)
-	case err != nil:
-		return nil, fmt.Errorf("%w: %v", keystore.ErrUnavailable, err)
-	}
-	defer f.Close()
-	ofi, err := f.Stat()
-	if err != nil {
-		return nil, fmt.Errorf("%w: %v", keystore.ErrUnavailable, err)
-	}
-	if err := keyfile.CheckInfo(path, "key file", ofi, keyfile.KeyRule); err != nil {
-		return nil, err
-	}
-	if !os.SameFile(fi, ofi) {
-		return nil, fmt.Errorf("key file %s was replaced while being opened: %w", path, keystore.ErrInsecureStorage)
-	}
-	data, err := io.ReadAll(io.LimitReader(f, maxKeyFile+1))
 	defer clear(data)
-	if err != nil {
-		return nil, fmt.Errorf("%w: %v", keystore.ErrUnavailable, err)
-	}
-	if len(data) > maxKeyFile {
-		return nil, fmt.Errorf("key file %s is larger than %d bytes: %w", path, maxKeyFile, keystore.ErrKeyLost)
-	}
 	block, _ := pem.Decode(data)
 	if block == nil || block.Type != pemType {
 		return nil, fmt.Errorf("key file %s has no PEM %q block: %w", path, pemType, keystore.ErrKeyLost)

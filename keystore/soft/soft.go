@@ -199,7 +199,7 @@ func (b *Backend) Generate(ctx context.Context, id string, spec keystore.KeySpec
 		return nil, fmt.Errorf("generate %s: %w", id, err)
 	}
 	// Fail early, before the slow part; the link below is what guarantees it.
-	if err := b.checkFree(id); err != nil {
+	if err := keyfile.CheckFree(b.keyPath(id), b.tombstonePath(id)); err != nil {
 		return nil, fmt.Errorf("generate %s: %w", id, err)
 	}
 	key, err := b.generate(ctx, spec)
@@ -211,7 +211,7 @@ func (b *Backend) Generate(ctx context.Context, id string, spec keystore.KeySpec
 	}
 
 	b.wmu.Lock()
-	err = b.checkFree(id)
+	err = keyfile.CheckFree(b.keyPath(id), b.tombstonePath(id))
 	if err == nil {
 		err = b.writeKey(id, key)
 	}
@@ -266,21 +266,6 @@ func (b *Backend) generate(ctx context.Context, spec keystore.KeySpec) (crypto.S
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	}
-}
-
-// checkFree reports ErrAlreadyExists if id has a key file or a tombstone.
-func (b *Backend) checkFree(id string) error {
-	if _, err := os.Lstat(b.keyPath(id)); err == nil {
-		return keystore.ErrAlreadyExists
-	} else if !errors.Is(err, os.ErrNotExist) {
-		return fmt.Errorf("%w: %v", keystore.ErrUnavailable, err)
-	}
-	if _, err := os.Lstat(b.tombstonePath(id)); err == nil {
-		return fmt.Errorf("%w (destroyed; key IDs are never reused)", keystore.ErrAlreadyExists)
-	} else if !errors.Is(err, os.ErrNotExist) {
-		return fmt.Errorf("%w: %v", keystore.ErrUnavailable, err)
-	}
-	return nil
 }
 
 // Public returns the public key of id.

@@ -8,8 +8,6 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
-	"io"
-	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
@@ -195,57 +193,13 @@ func isTemp(name string) bool {
 		(base == pinFile || strings.HasSuffix(base, keySuffix))
 }
 
-// The rules readChecked applies (keyfile.CheckInfo).
+// The rules keyfile.Read applies (keyfile.CheckInfo).
 var (
 	keyFileRule = keyfile.KeyRule
 	pinRule     = keyfile.Rule{Mask: 0o022}
 	// The owner auth file may be root's, readable by keyd's group.
 	authFileRule = keyfile.Rule{Mask: 0o007, RootOK: true}
 )
-
-// readChecked reads the file at path after checking it with checkInfo,
-// without following a symlink or blocking on a FIFO. A missing file is
-// ErrNotFound.
-func readChecked(path string, rule keyfile.Rule) ([]byte, error) {
-	fi, err := os.Lstat(path)
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil, keystore.ErrNotFound
-	}
-	if err != nil {
-		return nil, fmt.Errorf("%w: %v", keystore.ErrUnavailable, err)
-	}
-	if err := keyfile.CheckInfo(path, "file", fi, rule); err != nil {
-		return nil, err
-	}
-	f, err := os.OpenFile(path, os.O_RDONLY|noFollow|syscall.O_NONBLOCK, 0)
-	switch {
-	case errors.Is(err, fs.ErrNotExist):
-		return nil, keystore.ErrNotFound
-	case errors.Is(err, syscall.ELOOP):
-		return nil, fmt.Errorf("%s is a symlink: %w", path, keystore.ErrInsecureStorage)
-	case err != nil:
-		return nil, fmt.Errorf("%w: %v", keystore.ErrUnavailable, err)
-	}
-	defer f.Close()
-	ofi, err := f.Stat()
-	if err != nil {
-		return nil, fmt.Errorf("%w: %v", keystore.ErrUnavailable, err)
-	}
-	if err := keyfile.CheckInfo(path, "file", ofi, rule); err != nil {
-		return nil, err
-	}
-	if !os.SameFile(fi, ofi) {
-		return nil, fmt.Errorf("%s was replaced while being opened: %w", path, keystore.ErrInsecureStorage)
-	}
-	data, err := io.ReadAll(io.LimitReader(f, maxFile+1))
-	if err != nil {
-		return nil, fmt.Errorf("%w: %v", keystore.ErrUnavailable, err)
-	}
-	if len(data) > maxFile {
-		return nil, fmt.Errorf("%s is larger than %d bytes: %w", path, maxFile, keystore.ErrKeyLost)
-	}
-	return data, nil
-}
 
 // lockDir takes an exclusive lock on dir/lock, held until the file is
 // closed, so two processes never share a state directory.

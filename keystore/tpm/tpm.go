@@ -292,7 +292,7 @@ func newBackend(ctx context.Context, cfg Config, hook func(cmd []byte) ([]byte, 
 	}
 	var auth []byte
 	if cfg.OwnerAuthFile != "" {
-		data, err := readChecked(cfg.OwnerAuthFile, authFileRule)
+		data, err := keyfile.Read(cfg.OwnerAuthFile, "file", authFileRule, maxFile)
 		if err != nil {
 			if errors.Is(err, keystore.ErrNotFound) {
 				err = fs.ErrNotExist
@@ -335,7 +335,7 @@ func (b *Backend) open(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	data, err := readChecked(b.pinPath(), pinRule)
+	data, err := keyfile.Read(b.pinPath(), "file", pinRule, maxFile)
 	switch {
 	case errors.Is(err, keystore.ErrNotFound):
 		if n > 0 {
@@ -400,7 +400,7 @@ func (b *Backend) scan() (int, error) {
 			continue
 		}
 		n++
-		if _, err := readChecked(path, keyFileRule); err != nil {
+		if _, err := keyfile.Read(path, "file", keyFileRule, maxFile); err != nil {
 			b.log.Error("key file refused; Public and Sign of this key will fail", "id", id, "err", err)
 		}
 	}
@@ -449,7 +449,7 @@ func (b *Backend) Generate(ctx context.Context, id string, spec keystore.KeySpec
 	if err != nil {
 		return nil, fmt.Errorf("generate %s %v: %w", id, spec, err)
 	}
-	if err := b.checkFree(id); err != nil {
+	if err := keyfile.CheckFree(b.keyPath(id), b.tombstonePath(id)); err != nil {
 		return nil, fmt.Errorf("generate %s: %w", id, err)
 	}
 	timeout := b.cmdTimeout
@@ -482,7 +482,7 @@ func (b *Backend) Generate(ctx context.Context, id string, spec keystore.KeySpec
 		return nil, fmt.Errorf("generate %s: %w", id, err)
 	}
 	b.wmu.Lock()
-	err = b.checkFree(id)
+	err = keyfile.CheckFree(b.keyPath(id), b.tombstonePath(id))
 	if err == nil {
 		err = keyfile.WriteNew(b.dir, id+keySuffix, data, b.fail)
 	}
@@ -502,21 +502,6 @@ func (b *Backend) Generate(ctx context.Context, id string, spec keystore.KeySpec
 		return nil, fmt.Errorf("generate %s: %w", id, err)
 	}
 	return pub, nil
-}
-
-// checkFree reports ErrAlreadyExists if id has a key file or a tombstone.
-func (b *Backend) checkFree(id string) error {
-	if _, err := os.Lstat(b.keyPath(id)); err == nil {
-		return keystore.ErrAlreadyExists
-	} else if !errors.Is(err, fs.ErrNotExist) {
-		return fmt.Errorf("%w: %v", keystore.ErrUnavailable, err)
-	}
-	if _, err := os.Lstat(b.tombstonePath(id)); err == nil {
-		return fmt.Errorf("%w (destroyed; key IDs are never reused)", keystore.ErrAlreadyExists)
-	} else if !errors.Is(err, fs.ErrNotExist) {
-		return fmt.Errorf("%w: %v", keystore.ErrUnavailable, err)
-	}
-	return nil
 }
 
 // Public returns the public key of id, from its key file: it works while
@@ -938,7 +923,7 @@ func (b *Backend) blob(id string) (*keyBlob, error) {
 		return blob, nil
 	}
 	path := b.keyPath(id)
-	data, err := readChecked(path, keyFileRule)
+	data, err := keyfile.Read(path, "file", keyFileRule, maxFile)
 	if err == nil {
 		blob, err = decodeKey(data)
 		if err != nil {

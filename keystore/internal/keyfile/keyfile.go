@@ -6,6 +6,7 @@ package keyfile
 import (
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -195,4 +196,69 @@ func List(dir, suffix string) ([]string, error) {
 	}
 	slices.Sort(ids)
 	return ids, nil
+}
+
+// Read reads the file at path, at most max bytes, after checking it with
+// CheckInfo (what names it in messages), without following a symlink or
+// blocking on a FIFO swapped in after the check, and only if the file
+// opened is the one checked. A missing file is keystore.ErrNotFound; one
+// larger than max is keystore.ErrKeyLost; an unsafe one
+// keystore.ErrInsecureStorage.
+func Read(path, what string, rule Rule, max int) ([]byte, error) {
+	fi, err := os.Lstat(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, keystore.ErrNotFound
+	}
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", keystore.ErrUnavailable, err)
+	}
+	if err := CheckInfo(path, what, fi, rule); err != nil {
+		return nil, err
+	}
+	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_NONBLOCK, 0)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return nil, keystore.ErrNotFound
+	case errors.Is(err, syscall.ELOOP):
+		return nil, fmt.Errorf("%s %s is a symlink: %w", what, path, keystore.ErrInsecureStorage)
+	case err != nil:
+		return nil, fmt.Errorf("%w: %v", keystore.ErrUnavailable, err)
+	}
+	defer f.Close()
+	ofi, err := f.Stat()
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", keystore.ErrUnavailable, err)
+	}
+	if err := CheckInfo(path, what, ofi, rule); err != nil {
+		return nil, err
+	}
+	if !os.SameFile(fi, ofi) {
+		return nil, fmt.Errorf("%s %s was replaced while being opened: %w", what, path, keystore.ErrInsecureStorage)
+	}
+	data, err := io.ReadAll(io.LimitReader(f, int64(max)+1))
+	if err != nil {
+		clear(data)
+		return nil, fmt.Errorf("%w: %v", keystore.ErrUnavailable, err)
+	}
+	if len(data) > max {
+		clear(data)
+		return nil, fmt.Errorf("%s %s is larger than %d bytes: %w", what, path, max, keystore.ErrKeyLost)
+	}
+	return data, nil
+}
+
+// CheckFree reports keystore.ErrAlreadyExists if the key file keyPath or
+// its tombstone tombPath exists: key IDs are never reused.
+func CheckFree(keyPath, tombPath string) error {
+	if _, err := os.Lstat(keyPath); err == nil {
+		return keystore.ErrAlreadyExists
+	} else if !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("%w: %v", keystore.ErrUnavailable, err)
+	}
+	if _, err := os.Lstat(tombPath); err == nil {
+		return fmt.Errorf("%w (destroyed; key IDs are never reused)", keystore.ErrAlreadyExists)
+	} else if !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("%w: %v", keystore.ErrUnavailable, err)
+	}
+	return nil
 }
