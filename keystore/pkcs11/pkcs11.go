@@ -976,8 +976,9 @@ func lockWithin[T any](mu *sync.Mutex, stop <-chan T) bool {
 	return true
 }
 
-// begin checks that b is open and not locked and ctx is live.
-func (b *Backend) begin(ctx context.Context) error {
+// usable reports ErrClosed if b is closed and the lock error if a wrong PIN
+// locked it.
+func (b *Backend) usable() error {
 	b.mu.RLock()
 	closed, locked := b.closed, b.locked
 	b.mu.RUnlock()
@@ -986,6 +987,14 @@ func (b *Backend) begin(ctx context.Context) error {
 		return keystore.ErrClosed
 	case locked != nil:
 		return locked
+	}
+	return nil
+}
+
+// begin checks that b is open and not locked and ctx is live.
+func (b *Backend) begin(ctx context.Context) error {
+	if err := b.usable(); err != nil {
+		return err
 	}
 	return ctx.Err()
 }
@@ -1006,14 +1015,8 @@ func (b *Backend) beginID(ctx context.Context, id string) error {
 func (b *Backend) do(ctx context.Context, abandon bool, fn func(*session) error) error {
 	fresh := false
 	for attempt := 0; ; attempt++ {
-		b.mu.RLock()
-		closed, locked := b.closed, b.locked
-		b.mu.RUnlock()
-		switch {
-		case closed:
-			return keystore.ErrClosed
-		case locked != nil:
-			return locked
+		if err := b.usable(); err != nil {
+			return err
 		}
 		ep, err := b.attempt(ctx, abandon, fresh, fn)
 		if err == nil {
