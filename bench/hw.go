@@ -573,32 +573,14 @@ func benchTPM(ctx context.Context, o options) (sec *hwSection, err error) {
 	defer atEmergency(w.remove)()
 	defer w.remove()
 
-	stateDir := filepath.Join(w.dir, "swtpm")
-	var env []string
-	if swtpmInstalled() {
-		env = append(env, "SWTPM_NO_INSTALL=1")
-	}
-	progress("tpm: starting swtpm in %s…", stateDir)
-	ex, err := runScript(ctx, o, env, "swtpm.sh", "start", "-d", stateDir)
+	progress("tpm: starting swtpm in %s…", filepath.Join(w.dir, "swtpm"))
+	addr, pid, stopTPM, err := startSwtpm(ctx, o, filepath.Join(w.dir, "swtpm"))
 	if err != nil {
 		return sec, err
 	}
-	stopTPM := func() {
-		cmd := exec.Command(filepath.Join(o.root, "softhsm-test", "swtpm.sh"), "stop", stateDir)
-		if out, err := cmd.CombinedOutput(); err != nil {
-			fmt.Fprintf(os.Stderr, "bench: swtpm.sh stop %s: %v %s\n", stateDir, err, out)
-		}
-	}
-	defer atEmergency(stopTPM)()
 	defer stopTPM()
-	addr, ok := strings.CutPrefix(ex["KEYD_TPM_ADDRESS"], "tcp://")
-	if !ok {
-		return sec, fmt.Errorf("swtpm.sh printed KEYD_TPM_ADDRESS=%q, want tcp://host:port", ex["KEYD_TPM_ADDRESS"])
-	}
-	sec.Notes = append(sec.Notes, fmt.Sprintf("swtpm pid %s on %s (fresh state)", ex["KEYD_TPM_PID"], addr))
-	if pid, err := strconv.Atoi(ex["KEYD_TPM_PID"]); err == nil && pid > 0 {
-		sec.swtpmPID = pid
-	}
+	sec.Notes = append(sec.Notes, fmt.Sprintf("swtpm pid %d on %s (fresh state)", pid, addr))
+	sec.swtpmPID = pid
 
 	htu, err := policy.NormalizeHTU(proofURL)
 	if err != nil {
@@ -802,6 +784,38 @@ func benchTPM(ctx context.Context, o options) (sec *hwSection, err error) {
 	return sec, nil
 }
 
+// startSwtpm starts a fresh swtpm with its state in stateDir (installing
+// swtpm first if it is missing) and returns its TCP address (host:port), its
+// pid (0 if swtpm.sh did not say) and the function that stops it, which an
+// emergency clean-up also runs until it has.
+func startSwtpm(ctx context.Context, o options, stateDir string) (addr string, pid int, stop func(), err error) {
+	var env []string
+	if swtpmInstalled() {
+		env = append(env, "SWTPM_NO_INSTALL=1")
+	}
+	ex, err := runScript(ctx, o, env, "swtpm.sh", "start", "-d", stateDir)
+	if err != nil {
+		return "", 0, nil, err
+	}
+	stopTPM := func() {
+		cmd := exec.Command(filepath.Join(o.root, "softhsm-test", "swtpm.sh"), "stop", stateDir)
+		if out, err := cmd.CombinedOutput(); err != nil {
+			fmt.Fprintf(os.Stderr, "bench: swtpm.sh stop %s: %v %s\n", stateDir, err, out)
+		}
+	}
+	unregister := atEmergency(stopTPM)
+	stop = func() { stopTPM(); unregister() }
+	addr, ok := strings.CutPrefix(ex["KEYD_TPM_ADDRESS"], "tcp://")
+	if !ok {
+		stop()
+		return "", 0, nil, fmt.Errorf("swtpm.sh printed KEYD_TPM_ADDRESS=%q, want tcp://host:port", ex["KEYD_TPM_ADDRESS"])
+	}
+	if n, err := strconv.Atoi(ex["KEYD_TPM_PID"]); err == nil && n > 0 {
+		pid = n
+	}
+	return addr, pid, stop, nil
+}
+
 // tpmSetup is what the interleaved measurement needs of a tpm setup.
 type tpmSetup struct {
 	alg    keystore.Algorithm
@@ -821,24 +835,12 @@ func tpmInterleaved(ctx context.Context, o options, sec *hwSection, directA *tpm
 	}
 	defer atEmergency(w.remove)()
 	defer w.remove()
-	stateDir := filepath.Join(w.dir, "swtpm")
-	progress("tpm: interleaved: starting a second swtpm in %s…", stateDir)
-	ex, err := runScript(ctx, o, []string{"SWTPM_NO_INSTALL=1"}, "swtpm.sh", "start", "-d", stateDir)
+	progress("tpm: interleaved: starting a second swtpm in %s…", filepath.Join(w.dir, "swtpm"))
+	addrB, _, stopTPM, err := startSwtpm(ctx, o, filepath.Join(w.dir, "swtpm"))
 	if err != nil {
 		return err
 	}
-	stopTPM := func() {
-		cmd := exec.Command(filepath.Join(o.root, "softhsm-test", "swtpm.sh"), "stop", stateDir)
-		if out, err := cmd.CombinedOutput(); err != nil {
-			fmt.Fprintf(os.Stderr, "bench: swtpm.sh stop %s: %v %s\n", stateDir, err, out)
-		}
-	}
-	defer atEmergency(stopTPM)()
 	defer stopTPM()
-	addrB, ok := strings.CutPrefix(ex["KEYD_TPM_ADDRESS"], "tcp://")
-	if !ok {
-		return fmt.Errorf("swtpm.sh printed KEYD_TPM_ADDRESS=%q", ex["KEYD_TPM_ADDRESS"])
-	}
 	if err := directA.reconnect(ctx); err != nil {
 		return err
 	}
@@ -898,7 +900,7 @@ func tpmInterleaved(ctx context.Context, o options, sec *hwSection, directA *tpm
 			return keydFailed(err, keyd)
 		}
 		x := results[s.alg]
-		x.DirectP5, x.KeydP50 = a, k
+		x.DirectAP50, x.KeydP50 = a, k
 		sec.Interleaved = append(sec.Interleaved, *x)
 	}
 	return nil

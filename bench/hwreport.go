@@ -63,12 +63,12 @@ type p11Ratio struct {
 // alternating short slices so that both sides see the same moments of the
 // machine.
 type interleaved struct {
-	Alg      string  `json:"alg"`
-	Slices   int     `json:"slices"`
-	CalAP50  float64 `json:"calibration_direct_a_p50_us"`
-	CalBP50  float64 `json:"calibration_direct_b_p50_us"`
-	DirectP5 float64 `json:"direct_a_p50_us"`
-	KeydP50  float64 `json:"keyd_b_p50_us"`
+	Alg        string  `json:"alg"`
+	Slices     int     `json:"slices"`
+	CalAP50    float64 `json:"calibration_direct_a_p50_us"`
+	CalBP50    float64 `json:"calibration_direct_b_p50_us"`
+	DirectAP50 float64 `json:"direct_a_p50_us"`
+	KeydP50    float64 `json:"keyd_b_p50_us"`
 }
 
 // goalRound is one extra alternating measurement of a goal's pair.
@@ -377,7 +377,7 @@ func (s *hwSection) print(w io.Writer) {
 			fmt.Fprintf(w, "%-6s %15s %15s %7s %15s %12s %7s %9s\n", "alg", "direct A µs", "direct B µs", "B/A", "direct A µs", "keyd B µs", "keyd/A", "extra µs")
 			for _, x := range s.Interleaved {
 				fmt.Fprintf(w, "%-6s %15.1f %15.1f %7.3f %15.1f %12.1f %7.3f %9.1f\n", x.Alg, x.CalAP50, x.CalBP50, div(x.CalBP50, x.CalAP50),
-					x.DirectP5, x.KeydP50, div(x.KeydP50, x.DirectP5), x.KeydP50-x.DirectP5)
+					x.DirectAP50, x.KeydP50, div(x.KeydP50, x.DirectAP50), x.KeydP50-x.DirectAP50)
 			}
 		}
 		if s.Backend == "tpm" && len(s.Rounds) > 0 {
