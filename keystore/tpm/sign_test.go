@@ -360,9 +360,17 @@ func (r *tpmRecorder) Send(cmd []byte) ([]byte, error) {
 	return rsp, err
 }
 
-// TestECDSADER: appendECDSADER is asn1.Marshal of struct{ R, S *big.Int },
-// for r and s of every length up to 48 bytes, with and without the high bit.
+// TestECDSADER: encodeSig's DER of an ECDSA signature is asn1.Marshal of
+// struct{ R, S *big.Int }, for r and s of every length up to 48 bytes (the
+// TPM may return them shorter than the curve size), with and without the
+// high bit.
 func TestECDSADER(t *testing.T) {
+	k, err := ecdsa.GenerateKey(elliptic.P384(), crand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	blob := &keyBlob{kind: kindP384, key: &k.PublicKey}
+	es384 := sigScheme{tpm2.TPMAlgECDSA, tpm2.TPMAlgSHA384}
 	for n := 1; n <= 48; n++ {
 		for _, first := range []byte{0x01, 0x7f, 0x80, 0xff} {
 			r := bytes.Repeat([]byte{0xa5}, n)
@@ -376,8 +384,9 @@ func TestECDSADER(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if got := appendECDSADER(nil, r, s); !bytes.Equal(got, want) {
-				t.Fatalf("r %x s %x: appendECDSADER %x, asn1 %x", r, s, got, want)
+			got, err := encodeSig(blob, es384, tpmSignature{alg: tpm2.TPMAlgECDSA, hash: tpm2.TPMAlgSHA384, r: r, s: s})
+			if err != nil || !bytes.Equal(got, want) {
+				t.Fatalf("r %x s %x: encodeSig %x, %v; asn1 %x", r, s, got, err, want)
 			}
 		}
 	}

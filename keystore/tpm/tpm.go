@@ -126,6 +126,7 @@
 package tpm
 
 import (
+	"bytes"
 	"context"
 	"crypto"
 	"crypto/ecdsa"
@@ -144,6 +145,7 @@ import (
 
 	"github.com/google/go-tpm/tpm2"
 
+	"github.com/keyd-dev/keyd/internal/ecdsasig"
 	"github.com/keyd-dev/keyd/keystore"
 	"github.com/keyd-dev/keyd/keystore/internal/keyfile"
 )
@@ -676,13 +678,17 @@ func encodeSig(blob *keyBlob, scheme sigScheme, sig tpmSignature) ([]byte, error
 		if len(sig.r) > size || len(sig.s) > size {
 			return nil, fmt.Errorf("ECDSA signature with r or s longer than %d bytes", size)
 		}
-		// r and s may come back shorter than the curve size; as integers
-		// they need no padding, and DER encodes them minimally.
-		r, s := trimZeros(sig.r), trimZeros(sig.s)
-		if len(r) == 0 || len(s) == 0 {
-			return nil, errors.New("ECDSA signature with r or s zero")
+		// r and s may come back shorter than the curve size: left-padded
+		// to r ‖ s, which ecdsasig encodes minimally (and refuses when r
+		// or s is zero).
+		raw := make([]byte, 2*size)
+		copy(raw[size-len(sig.r):size], sig.r)
+		copy(raw[2*size-len(sig.s):], sig.s)
+		der, err := ecdsasig.DER(raw, size)
+		if err != nil {
+			return nil, fmt.Errorf("ECDSA signature from the TPM: %w", err)
 		}
-		return appendECDSADER(make([]byte, 0, 6+len(r)+len(s)+2), r, s), nil
+		return der, nil
 	case kindRSA2048, kindRSA3072:
 		if sig.alg != tpm2.TPMAlgRSASSA && sig.alg != tpm2.TPMAlgRSAPSS {
 			break
@@ -691,7 +697,7 @@ func encodeSig(blob *keyBlob, scheme sigScheme, sig tpmSignature) ([]byte, error
 		if len(sig.sig) > size {
 			return nil, fmt.Errorf("RSA signature of %d bytes, longer than the modulus", len(sig.sig))
 		}
-		if len(trimZeros(sig.sig)) == 0 {
+		if len(bytes.TrimLeft(sig.sig, "\x00")) == 0 {
 			return nil, errors.New("RSA signature zero")
 		}
 		out := make([]byte, size) // never the response's memory
@@ -699,42 +705,6 @@ func encodeSig(blob *keyBlob, scheme sigScheme, sig tpmSignature) ([]byte, error
 		return out, nil
 	}
 	return nil, fmt.Errorf("TPM returned a signature of type %#x for a %s key", uint16(sig.alg), blob.kind)
-}
-
-// trimZeros returns b without its leading zero bytes.
-func trimZeros(b []byte) []byte {
-	for len(b) > 0 && b[0] == 0 {
-		b = b[1:]
-	}
-	return b
-}
-
-// appendECDSADER appends the ASN.1 DER SEQUENCE of INTEGERs r and s, which
-// are non-empty, without leading zeros and at most 48 bytes each (so every
-// length fits in one byte): what asn1.Marshal makes of
-// struct{ R, S *big.Int }.
-func appendECDSADER(dst, r, s []byte) []byte {
-	n := derIntSize(r) + derIntSize(s)
-	dst = append(dst, 0x30, byte(n))
-	dst = appendDERInt(dst, r)
-	return appendDERInt(dst, s)
-}
-
-func derIntSize(v []byte) int {
-	if v[0]&0x80 != 0 {
-		return 3 + len(v)
-	}
-	return 2 + len(v)
-}
-
-func appendDERInt(dst, v []byte) []byte {
-	if v[0]&0x80 != 0 {
-		// A leading zero keeps the INTEGER positive.
-		dst = append(dst, 0x02, byte(len(v)+1), 0)
-	} else {
-		dst = append(dst, 0x02, byte(len(v)))
-	}
-	return append(dst, v...)
 }
 
 func leftPad(b []byte, size int) []byte {
