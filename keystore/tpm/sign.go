@@ -15,14 +15,17 @@ import (
 // and parseSignResponse accepts nothing go-tpm would refuse and returns
 // what go-tpm returns (TestSignResponse, FuzzSignResponse).
 
-// Constants of TPM 2.0 Part 2 used by the hand-encoded TPM2_Sign.
+// go-tpm's constants of TPM 2.0 Part 2, as the integers the hand-encoded
+// TPM2_Sign writes.
 const (
-	tagSessions  = 0x8002     // TPM_ST_SESSIONS
-	tagHashCheck = 0x8024     // TPM_ST_HASHCHECK
-	ccSign       = 0x0000015D // TPM_CC_Sign
-	rsPW         = 0x40000009 // TPM_RS_PW, the password pseudo-session
-	rhNull       = 0x40000007 // TPM_RH_NULL
+	tagSessions  = uint16(tpm2.TPMSTSessions)
+	tagHashCheck = uint16(tpm2.TPMSTHashCheck)
+	ccSign       = uint32(tpm2.TPMCCSign)
+	rsPW         = uint32(tpm2.TPMRSPW) // the password pseudo-session
+	rhNull       = uint32(tpm2.TPMRHNull)
+)
 
+const (
 	// pwAuthSize is the size of the authorization area with one password
 	// session and an empty password: sessionHandle (4), nonceCaller
 	// (2 + 0), sessionAttributes (1), hmac (2 + 0).
