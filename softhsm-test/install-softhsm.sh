@@ -37,36 +37,7 @@ if installed; then
 	exit 0
 fi
 
-sudo=""
-if [ "$(id -u)" -ne 0 ]; then
-	if command -v sudo >/dev/null 2>&1; then
-		sudo="sudo -n"
-	else
-		echo "install-softhsm.sh: softhsm2 is missing and this is not root (no sudo): install the Debian package softhsm2" >&2
-		exit 1
-	fi
-fi
-
-apt_get() {
-	$sudo env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout="$lock_timeout" -y -q "$@"
-}
-
-for i in $(seq 1 "$tries"); do
-	# A stale or missing package list makes the install fail; update first
-	# only when the package is unknown, so a warm machine skips the update.
-	if ! apt-cache show softhsm2 >/dev/null 2>&1; then
-		apt_get update >&2 || true
-	fi
-	if apt_get install --no-install-recommends softhsm2 >&2; then
-		break
-	fi
-	if [ "$i" -eq "$tries" ]; then
-		echo "install-softhsm.sh: apt-get install softhsm2 failed $tries times" >&2
-		exit 1
-	fi
-	echo "install-softhsm.sh: apt-get install failed (attempt $i/$tries); the dpkg lock may be held, retrying in $((i * 5))s" >&2
-	sleep $((i * 5))
-done
+"$(dirname "${BASH_SOURCE[0]}")/apt-install.sh" install-softhsm.sh "$tries" "$lock_timeout" softhsm2
 
 if ! installed; then
 	echo "install-softhsm.sh: softhsm2 installed but softhsm2-util or libsofthsm2.so not found" >&2

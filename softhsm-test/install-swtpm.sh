@@ -41,39 +41,7 @@ if installed; then
 	exit 0
 fi
 
-sudo=""
-if [ "$(id -u)" -ne 0 ]; then
-	if command -v sudo >/dev/null 2>&1; then
-		sudo="sudo -n"
-	else
-		echo "install-swtpm.sh: swtpm or tpm2-tools is missing and this is not root (no sudo): install the Debian packages ${packages[*]}" >&2
-		exit 1
-	fi
-fi
-
-apt_get() {
-	$sudo env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout="$lock_timeout" -y -q "$@"
-}
-
-for i in $(seq 1 "$tries"); do
-	# A stale or missing package list makes the install fail; update first
-	# only when a package is unknown, so a warm machine skips the update.
-	for p in "${packages[@]}"; do
-		if ! apt-cache show "$p" >/dev/null 2>&1; then
-			apt_get update >&2 || true
-			break
-		fi
-	done
-	if apt_get install --no-install-recommends "${packages[@]}" >&2; then
-		break
-	fi
-	if [ "$i" -eq "$tries" ]; then
-		echo "install-swtpm.sh: apt-get install ${packages[*]} failed $tries times" >&2
-		exit 1
-	fi
-	echo "install-swtpm.sh: apt-get install failed (attempt $i/$tries); the dpkg lock may be held, retrying in $((i * 5))s" >&2
-	sleep $((i * 5))
-done
+"$(dirname "${BASH_SOURCE[0]}")/apt-install.sh" install-swtpm.sh "$tries" "$lock_timeout" "${packages[@]}"
 
 if ! installed; then
 	echo "install-swtpm.sh: packages installed but swtpm, swtpm_ioctl, tpm2_getcap, tpm2_clear or the swtpm TCTI is missing" >&2
