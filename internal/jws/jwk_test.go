@@ -149,31 +149,18 @@ func TestThumbprintLeadingZeroCoordinates(t *testing.T) {
 	}
 }
 
-// testKeys returns one fresh public key of every kind keyd supports.
+// testKeys returns one fresh public key of every kind keyd supports, those
+// of testSigners.
 func testKeys(t testing.TB) map[string]crypto.PublicKey {
 	t.Helper()
-	p256, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
+	names := map[keystore.Algorithm]string{keystore.ES256: "P-256", keystore.ES384: "P-384", keystore.RS256: "RSA", keystore.EdDSA: "Ed25519"}
+	keys := map[string]crypto.PublicKey{}
+	for _, s := range testSigners(t) {
+		if name, ok := names[s.alg]; ok {
+			keys[name] = s.pub
+		}
 	}
-	p384, err := ecdsa.GenerateKey(elliptic.P384(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	rsa2048, err := rsa.GenerateKey(rand.Reader, 2048)
-	if err != nil {
-		t.Fatal(err)
-	}
-	edPub, _, err := ed25519.GenerateKey(rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return map[string]crypto.PublicKey{
-		"P-256":   &p256.PublicKey,
-		"P-384":   &p384.PublicKey,
-		"RSA":     &rsa2048.PublicKey,
-		"Ed25519": edPub,
-	}
+	return keys
 }
 
 func TestJWKAgainstGoJose(t *testing.T) {
