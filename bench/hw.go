@@ -826,8 +826,9 @@ type tpmSetup struct {
 // of the TPM's own latency over a run: a second fresh swtpm (B) next to the
 // first (A, with the bench's direct keys), and short alternating slices of
 // each side. First direct on A against direct on B (B's own keys), which
-// shows how alike the two instances are; then direct on A against keyd on
-// B.
+// shows how alike the two instances are; then direct on A against the same
+// direct TPM2_Sign on B through the bare relay (see serveTPMRelay), what
+// one more process hop adds; then direct on A against keyd on B.
 func tpmInterleaved(ctx context.Context, o options, sec *hwSection, directA *tpmDirect, setups []tpmSetup) error {
 	w, err := newWorkDir()
 	if err != nil {
@@ -875,6 +876,41 @@ func tpmInterleaved(ctx context.Context, o options, sec *hwSection, directA *tpm
 		x.CalAP50, x.CalBP50 = a, b
 	}
 	directB.disconnect()
+
+	// The bare relay to B: the same direct TPM2_Sign with one more local
+	// process hop and nothing else.
+	self, err := os.Executable()
+	if err != nil {
+		return err
+	}
+	relaySocket := filepath.Join(w.dir, "relay.sock")
+	relay, err := startChild("tpm relay", filepath.Join(w.dir, "relay.log"), self, "-tpm-relay", relaySocket, addrB)
+	if err != nil {
+		return err
+	}
+	defer relay.stop()
+	if err := waitSocket(ctx, relay, relaySocket, 20*time.Second); err != nil {
+		return err
+	}
+	directB.network, directB.addr = "unix", relaySocket
+	if err := directB.reconnect(ctx); err != nil {
+		return fmt.Errorf("direct TPM through the relay: %w", err)
+	}
+	for _, s := range setups {
+		progress("tpm %s interleaved: direct on A vs direct through the bare relay to B, %d slices…", s.alg, o.tpmSlices)
+		a, r, err := alternate(ctx, o.tpmSlices, s.direct, func(context.Context) error {
+			_, _, err := directB.signTPM(s.alg, in[s.alg])
+			return err
+		})
+		if err != nil {
+			directB.disconnect()
+			return fmt.Errorf("direct TPM through the relay: %w%s", err, relay.logTail())
+		}
+		x := results[s.alg]
+		x.RelayAP50, x.RelayP50 = a, r
+	}
+	directB.disconnect()
+	relay.stop()
 
 	// keyd on B.
 	backend := fmt.Sprintf("  tpm:\n    address: %s\n", strconv.Quote("tcp://"+addrB))

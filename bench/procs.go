@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -187,22 +188,39 @@ func ensureKeyd(ctx context.Context, o options) error {
 // waitServing polls the health service at socket until it answers SERVING,
 // the child exits, or the timeout passes.
 func waitServing(ctx context.Context, c *child, socket string, timeout time.Duration) error {
+	return waitFor(ctx, c, socket, timeout, func() error {
+		if _, err := os.Stat(socket); err != nil {
+			return err
+		}
+		return healthOnce(ctx, socket)
+	})
+}
+
+// waitSocket waits until c accepts connections on the Unix socket.
+func waitSocket(ctx context.Context, c *child, socket string, timeout time.Duration) error {
+	return waitFor(ctx, c, socket, timeout, func() error {
+		conn, err := net.Dial("unix", socket)
+		if err == nil {
+			conn.Close()
+		}
+		return err
+	})
+}
+
+// waitFor calls probe every 20 ms until it succeeds, the child exits, or
+// the timeout passes.
+func waitFor(ctx context.Context, c *child, socket string, timeout time.Duration, probe func() error) error {
 	deadline := time.Now().Add(timeout)
-	var last error
 	for {
 		if c.exited() {
 			return fmt.Errorf("%s exited before serving (%v)%s", c.name, c.err, c.logTail())
 		}
-		if _, err := os.Stat(socket); err == nil {
-			last = healthOnce(ctx, socket)
-			if last == nil {
-				return nil
-			}
-		} else {
-			last = err
+		err := probe()
+		if err == nil {
+			return nil
 		}
 		if time.Now().After(deadline) {
-			return fmt.Errorf("%s does not serve on %s after %v: %v%s", c.name, socket, timeout, last, c.logTail())
+			return fmt.Errorf("%s does not serve on %s after %v: %v%s", c.name, socket, timeout, err, c.logTail())
 		}
 		select {
 		case <-ctx.Done():

@@ -28,12 +28,13 @@ import (
 // and stay loaded: every signature is one TPM2_Sign, as with keyd's cached
 // key. A mutex serializes the callers, as keyd's token does.
 type tpmDirect struct {
-	mu   sync.Mutex
-	addr string
-	conn net.Conn
-	hdr  [10]byte
-	srk  tpm2.NamedHandle
-	keys map[keystore.Algorithm]*tpmKey
+	mu      sync.Mutex
+	network string // "tcp", or "unix" for the relay
+	addr    string
+	conn    net.Conn
+	hdr     [10]byte
+	srk     tpm2.NamedHandle
+	keys    map[keystore.Algorithm]*tpmKey
 }
 
 type tpmKey struct {
@@ -52,7 +53,7 @@ const tpmRetries = 5
 // dialTPMDirect connects to the swtpm command port at addr (host:port),
 // flushes any transient object left there and re-creates the SRK.
 func dialTPMDirect(ctx context.Context, addr string) (*tpmDirect, error) {
-	d := &tpmDirect{addr: addr, keys: map[keystore.Algorithm]*tpmKey{}}
+	d := &tpmDirect{network: "tcp", addr: addr, keys: map[keystore.Algorithm]*tpmKey{}}
 	if err := d.connect(ctx); err != nil {
 		return nil, err
 	}
@@ -63,9 +64,9 @@ func (d *tpmDirect) connect(ctx context.Context) error {
 	dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	var dl net.Dialer
-	c, err := dl.DialContext(dctx, "tcp", d.addr)
+	c, err := dl.DialContext(dctx, d.network, d.addr)
 	if err != nil {
-		return fmt.Errorf("connect to swtpm %s: %w", d.addr, err)
+		return fmt.Errorf("connect to the TPM at %s: %w", d.addr, err)
 	}
 	d.conn = c
 	// Whatever an earlier user left in the TPM's three transient slots.
