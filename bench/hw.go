@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto"
 	"errors"
 	"fmt"
 	"os"
@@ -34,10 +35,11 @@ const (
 	modeCrypto11    = "crypto11"     // the same key through ThalesGroup/crypto11 (FindKeyPair, Sign), 2 sessions
 	modeKeydBackend = "keyd backend" // diagnostic: keyd's keystore/pkcs11 Backend.Sign in-process, 2 sessions
 	modeDirectProof = "direct proof" // the whole DPoP proof in-process, signed by the direct signer
+	modeBareRelay   = "bare relay"   // direct's signature made in a relay process, over a Unix socket (see p11relay.go)
 	modeDirectAgain = "direct again" // tpm: direct TPM2_Sign once more, after keyd let the TPM go
 )
 
-var p11Modes = []string{modeDirect, modeCrypto11, modeKeydBackend, modeDirectProof, modeKeydUnary, modeKeyd}
+var p11Modes = []string{modeDirect, modeCrypto11, modeKeydBackend, modeDirectProof, modeBareRelay, modeKeydUnary, modeKeyd}
 
 // Sessions of every pool in the pkcs11 section (the "two sessions").
 const p11Sessions = 2
@@ -246,17 +248,20 @@ func hwMeasure(ctx context.Context, o options, rec *recorder, sec *hwSection, al
 			return fail(err)
 		}
 	}
-	keydPID, swtpmPID := sec.KeydPID, sec.swtpmPID
+	keydPID, swtpmPID, relayPID := sec.KeydPID, sec.swtpmPID, 0
 	if !sec.keydUp {
 		keydPID = 0
 	}
+	if mode == modeBareRelay {
+		relayPID = sec.relayPID
+	}
 	self := os.Getpid()
-	self0, keyd0, swtpm0 := cpuOf(self), cpuOf(keydPID), cpuOf(swtpmPID)
+	self0, keyd0, swtpm0, relay0 := cpuOf(self), cpuOf(keydPID), cpuOf(swtpmPID), cpuOf(relayPID)
 	st, err := rec.measure(ctx, n, 0, o.duration, fn)
 	if err != nil {
 		return fail(err)
 	}
-	self1, keyd1, swtpm1 := cpuOf(self), cpuOf(keydPID), cpuOf(swtpmPID)
+	self1, keyd1, swtpm1, relay1 := cpuOf(self), cpuOf(keydPID), cpuOf(swtpmPID), cpuOf(relayPID)
 	per := func(a, b time.Duration) float64 {
 		if a < 0 || b < 0 {
 			return 0
@@ -274,6 +279,9 @@ func hwMeasure(ctx context.Context, o options, rec *recorder, sec *hwSection, al
 	}
 	if swtpmPID != 0 {
 		r.CPUSwtpmUs = per(swtpm0, swtpm1)
+	}
+	if relayPID != 0 {
+		r.CPURelayUs = per(relay0, relay1)
 	}
 	return r, nil
 }
@@ -416,6 +424,7 @@ func benchPKCS11(ctx context.Context, o options) (sec *hwSection, err error) {
 		dp   *client.DPoP
 		udp  *client.DPoP
 		name string
+		pub  crypto.PublicKey
 	}
 	var setups []setup
 	for i, alg := range o.p11Algs {
@@ -428,7 +437,7 @@ func benchPKCS11(ctx context.Context, o options) (sec *hwSection, err error) {
 		if err != nil {
 			return sec, err
 		}
-		s := setup{alg: alg, id: v.ID, in: newBareInput(alg), name: name, dp: kc.DPoP(name), udp: uc.DPoP(name)}
+		s := setup{alg: alg, id: v.ID, in: newBareInput(alg), name: name, dp: kc.DPoP(name), udp: uc.DPoP(name), pub: pub}
 		if err := direct.addKey(v.ID, alg); err != nil {
 			return sec, fmt.Errorf("%s: direct pkcs11: %w", alg, err)
 		}
@@ -475,10 +484,45 @@ func benchPKCS11(ctx context.Context, o options) (sec *hwSection, err error) {
 		}
 		setups = append(setups, s)
 	}
+	var relay *p11RelayClient
+	if slices.Contains(o.p11Modes, modeBareRelay) {
+		var keys []string
+		for _, s := range setups {
+			keys = append(keys, s.id+":"+string(s.alg))
+		}
+		self, err := os.Executable()
+		if err != nil {
+			return sec, err
+		}
+		socket := filepath.Join(w.dir, "relay.sock")
+		rc, err := startChild("pkcs11 relay", filepath.Join(w.dir, "relay.log"), self, "-pkcs11-relay", socket, module, token, pinFile, strings.Join(keys, ","))
+		if err != nil {
+			return sec, err
+		}
+		defer rc.stop()
+		if err := waitSocket(ctx, rc, socket, 20*time.Second); err != nil {
+			return sec, err
+		}
+		sec.relayPID = rc.pid()
+		relay = newP11RelayClient(socket)
+		defer relay.close()
+		for i, s := range setups {
+			sig, err := relay.sign(byte(i), s.in.raw)
+			if err == nil {
+				err = verifyRaw(s.pub, s.in.digest, s.in.msg, sig)
+			}
+			if err != nil {
+				return sec, fmt.Errorf("%s: bare relay signature: %w%s", s.alg, err, rc.logTail())
+			}
+		}
+	}
 	progress("pkcs11: validated every mode's signatures against keyd's keys (%d algorithms)", len(setups))
+	if relay != nil {
+		sec.Notes = append(sec.Notes, "bare relay = direct's signature made by a relay process (direct's 2-session pool, one goroutine per connection) over a Unix socket, one connection per caller: no proof, no gRPC, no policy or audit; the daemon CPU column of that mode is the relay's")
+	}
 
 	rec := newRecorder(o.p11Callers, o.duration, 100_000)
-	for _, s := range setups {
+	for i, s := range setups {
 		ops := map[string]op{
 			modeDirect: func(context.Context) error {
 				_, err := direct.signRaw(s.id, s.in.raw)
@@ -501,6 +545,12 @@ func benchPKCS11(ctx context.Context, o options) (sec *hwSection, err error) {
 				return err
 			},
 		}
+		if relay != nil {
+			ops[modeBareRelay] = func(context.Context) error {
+				_, err := relay.sign(byte(i), s.in.raw)
+				return err
+			}
+		}
 		if s.c11 != nil {
 			ops[modeCrypto11] = func(context.Context) error {
 				_, err := s.c11.sign(s.in)
@@ -521,7 +571,7 @@ func benchPKCS11(ctx context.Context, o options) (sec *hwSection, err error) {
 	// The goals' pairs once more, alternating, so that a noisy moment
 	// does not decide a verdict alone.
 	for round := 1; round <= o.goalRounds; round++ {
-		for _, s := range setups {
+		for i, s := range setups {
 			if !slices.Contains(o.p11Callers, goalP11N) || (s.alg != keystore.ES256 && s.alg != keystore.RS256) {
 				continue
 			}
@@ -533,6 +583,17 @@ func benchPKCS11(ctx context.Context, o options) (sec *hwSection, err error) {
 			if err != nil {
 				return sec, err
 			}
+			var rr *result
+			if relay != nil {
+				r, err := hwMeasure(ctx, o, rec, sec, s.alg, modeBareRelay, goalP11N, func(context.Context) error {
+					_, err := relay.sign(byte(i), s.in.raw)
+					return err
+				}, note)
+				if err != nil {
+					return sec, err
+				}
+				rr = &r
+			}
 			k, err := hwMeasure(ctx, o, rec, sec, s.alg, modeKeyd, goalP11N, func(ctx context.Context) error {
 				_, err := s.dp.Proof(ctx, proofMethod, proofURL)
 				return err
@@ -540,7 +601,7 @@ func benchPKCS11(ctx context.Context, o options) (sec *hwSection, err error) {
 			if err != nil {
 				return sec, err
 			}
-			sec.Rounds = append(sec.Rounds, goalRound{Alg: string(s.alg), Callers: goalP11N, Round: round, Direct: d, Keyd: k})
+			sec.Rounds = append(sec.Rounds, goalRound{Alg: string(s.alg), Callers: goalP11N, Round: round, Direct: d, Keyd: k, Relay: rr})
 		}
 	}
 	if sec.RSS.EndKiB, sec.RSS.HWMKiB, err = procStatus(keyd.pid()); err != nil {

@@ -34,6 +34,7 @@ type hwSection struct {
 
 	keydUp   bool // keyd runs: measure its CPU time
 	swtpmPID int
+	relayPID int // the bare relay child, while it runs
 }
 
 // p11Ratio compares throughputs (ops/s) of the pkcs11 modes at one number
@@ -54,6 +55,9 @@ type p11Ratio struct {
 	ProofVsDirect float64 `json:"direct_proof_vs_direct"`
 	// KeydVsProof is keyd / direct proof: the same work, through keyd.
 	KeydVsProof float64 `json:"keyd_vs_direct_proof"`
+	// RelayVsDirect is bare relay / direct: direct's signature made in
+	// another process, one Unix socket round trip away.
+	RelayVsDirect float64 `json:"bare_relay_vs_direct"`
 	// P50 is keyd p50 / direct p50.
 	P50 float64 `json:"p50_keyd_vs_direct"`
 }
@@ -83,6 +87,9 @@ type goalRound struct {
 	Round   int    `json:"round"`
 	Direct  result `json:"direct"`
 	Keyd    result `json:"keyd"`
+	// Relay is the pkcs11 bare relay, measured between direct and keyd
+	// when that mode runs.
+	Relay *result `json:"bare_relay,omitempty"`
 }
 
 // tpmRatio compares p50 latencies of the tpm modes at one number of callers.
@@ -152,6 +159,7 @@ func (s *hwSection) computeP11() []goal {
 				BackendVsDirect:  ops(alg, modeKeydBackend, n) / d,
 				ProofVsDirect:    ops(alg, modeDirectProof, n) / d,
 				KeydVsProof:      div(k, ops(alg, modeDirectProof, n)),
+				RelayVsDirect:    ops(alg, modeBareRelay, n) / d,
 				P50:              div(kr.P50us, dr.P50us),
 			})
 		}
@@ -174,6 +182,9 @@ func (s *hwSection) computeP11() []goal {
 				x.Status = metString(x.Met)
 				if len(ratios) > 1 {
 					x.Name += fmt.Sprintf(", median of %d alternating rounds", len(ratios))
+				}
+				if rr := s.relayRatios(g.alg, goalP11N); len(rr) > 0 {
+					x.Name += fmt.Sprintf(" [a bare relay process, the floor of any daemon: %.2f]", median(rr))
 				}
 			}
 		}
@@ -260,18 +271,29 @@ func (s *hwSection) tpmRoundRatios(alg string) []float64 {
 	return out
 }
 
-// roundRatios returns keyd ops/s / direct ops/s of the main sweep and of
-// every extra round, for alg at n callers.
+// roundRatios returns keyd ops/s / direct ops/s at n callers for alg: the
+// main sweep's, then each goal round's.
 func (s *hwSection) roundRatios(alg string, n int) []float64 {
+	return s.ratiosOf(alg, n, modeKeyd, func(r goalRound) *result { return &r.Keyd })
+}
+
+// relayRatios is roundRatios for the bare relay (rounds that measured it).
+func (s *hwSection) relayRatios(alg string, n int) []float64 {
+	return s.ratiosOf(alg, n, modeBareRelay, func(r goalRound) *result { return r.Relay })
+}
+
+// ratiosOf returns mode's ops/s / direct ops/s at n callers for alg in the
+// main sweep and in each goal round where pick finds it.
+func (s *hwSection) ratiosOf(alg string, n int, mode string, pick func(goalRound) *result) []float64 {
 	var out []float64
 	d, ok1 := s.find(alg, modeDirect, n)
-	k, ok2 := s.find(alg, modeKeyd, n)
+	m, ok2 := s.find(alg, mode, n)
 	if ok1 && ok2 && d.OpsPerSec > 0 {
-		out = append(out, k.OpsPerSec/d.OpsPerSec)
+		out = append(out, m.OpsPerSec/d.OpsPerSec)
 	}
 	for _, r := range s.Rounds {
-		if r.Alg == alg && r.Callers == n && r.Direct.OpsPerSec > 0 {
-			out = append(out, r.Keyd.OpsPerSec/r.Direct.OpsPerSec)
+		if x := pick(r); r.Alg == alg && r.Callers == n && x != nil && r.Direct.OpsPerSec > 0 {
+			out = append(out, x.OpsPerSec/r.Direct.OpsPerSec)
 		}
 	}
 	return out
@@ -325,6 +347,9 @@ func (s *hwSection) print(w io.Writer) {
        keyd backend  diagnostic: keyd's own keystore/pkcs11 Backend.Sign in this process, max_sessions 2
        direct proof  a whole DPoP proof in-process, signed by "direct" (what keyd does per proof, minus
                      gRPC and the audit record)
+       bare relay    direct's signature made by a relay process (direct's pool in a process of its own,
+                     one goroutine per connection) over a Unix socket, one connection per caller: raw
+                     bytes, no proof, no gRPC; the floor of what any signing daemon costs here
        keyd unary    client.DPoP(keyset).Proof through keyd, one unary Sign call per proof
        keyd          the same over the client's SignStream (the default)
 `)
@@ -350,12 +375,13 @@ func (s *hwSection) print(w io.Writer) {
 		fmt.Fprintf(w, "\nratios of ops/s: K = keyd / direct   (goal at %d callers: ES256 ≥ %.2f, RS256 ≥ %.2f)\n", goalP11N, goalP11ES256, goalP11RS256)
 		fmt.Fprintf(w, "                 U = keyd unary / direct     C = keyd / crypto11     c = crypto11 / direct\n")
 		fmt.Fprintf(w, "                 B = keyd backend / direct   P = direct proof / direct   KP = keyd / direct proof\n")
-		fmt.Fprintf(w, "                 p50 = keyd p50 / direct p50\n")
-		fmt.Fprintf(w, "%-6s %7s %6s %6s %6s %6s %6s %6s %6s %7s\n", "alg", "callers", "K", "U", "C", "c", "B", "P", "KP", "p50")
+		fmt.Fprintf(w, "                 R = bare relay / direct     p50 = keyd p50 / direct p50\n")
+		fmt.Fprintf(w, "%-6s %7s %6s %6s %6s %6s %6s %6s %6s %6s %7s\n", "alg", "callers", "K", "U", "C", "c", "B", "P", "KP", "R", "p50")
 		for _, r := range s.P11Ratios {
 			// A ratio of a mode that did not run (-pkcs11-modes) is 0: n/a.
-			fmt.Fprintf(w, "%-6s %7d %6s %6s %6s %6s %6s %6s %6s %7s\n", r.Alg, r.Callers, optRatio(r.KeydVsDirect), optRatio(r.UnaryVsDirect),
-				optRatio(r.KeydVsCrypto11), optRatio(r.Crypto11VsDirect), optRatio(r.BackendVsDirect), optRatio(r.ProofVsDirect), optRatio(r.KeydVsProof), optRatio(r.P50))
+			fmt.Fprintf(w, "%-6s %7d %6s %6s %6s %6s %6s %6s %6s %6s %7s\n", r.Alg, r.Callers, optRatio(r.KeydVsDirect), optRatio(r.UnaryVsDirect),
+				optRatio(r.KeydVsCrypto11), optRatio(r.Crypto11VsDirect), optRatio(r.BackendVsDirect), optRatio(r.ProofVsDirect), optRatio(r.KeydVsProof),
+				optRatio(r.RelayVsDirect), optRatio(r.P50))
 		}
 	}
 	if len(s.Rounds) > 0 && s.Backend == "pkcs11" {
@@ -374,6 +400,13 @@ func (s *hwSection) print(w io.Writer) {
 				parts = append(parts, fmt.Sprintf("%.0f/%.0f = %.2f", k, d, x))
 			}
 			fmt.Fprintf(w, "  %s %d callers, keyd/direct ops/s: %s → median %.2f\n", r.Alg, r.Callers, strings.Join(parts, ", "), median(ratios))
+			if rr := s.relayRatios(r.Alg, r.Callers); len(rr) > 0 {
+				parts = parts[:0]
+				for _, x := range rr {
+					parts = append(parts, fmt.Sprintf("%.2f", x))
+				}
+				fmt.Fprintf(w, "  %s %d callers, bare relay/direct ops/s: %s → median %.2f\n", r.Alg, r.Callers, strings.Join(parts, ", "), median(rr))
+			}
 		}
 	}
 	if len(s.TPMRatios) > 0 {
@@ -459,7 +492,7 @@ func printResults(w io.Writer, rs []result, modeWidth int) {
 // printHWResults prints a results table with the CPU time per operation of
 // the bench process, keyd and swtpm.
 func printHWResults(w io.Writer, rs []result) {
-	fmt.Fprintf(w, "%-6s %7s  %-12s %9s %9s %9s %9s %8s  %s\n", "alg", "callers", "mode", "ops/s", "p50 µs", "p99 µs", "mean µs", "ops", "CPU µs/op: bench keyd swtpm")
+	fmt.Fprintf(w, "%-6s %7s  %-12s %9s %9s %9s %9s %8s  %s\n", "alg", "callers", "mode", "ops/s", "p50 µs", "p99 µs", "mean µs", "ops", "CPU µs/op: bench daemon swtpm")
 	prev := ""
 	cpu := func(v float64) string {
 		if v == 0 {
@@ -473,8 +506,12 @@ func printHWResults(w io.Writer, rs []result) {
 			fmt.Fprintln(w)
 		}
 		prev = key
+		daemon := x.CPUKeydUs // keyd's, or the bare relay's in that mode
+		if x.CPURelayUs > 0 {
+			daemon = x.CPURelayUs
+		}
 		fmt.Fprintf(w, "%-6s %7d  %-12s %9.0f %9.1f %9.1f %9.1f %8d  %s %s %s\n", x.Alg, x.Callers, x.Mode, x.OpsPerSec, x.P50us, x.P99us, x.MeanUs, x.Ops,
-			cpu(x.CPUSelfUs), cpu(x.CPUKeydUs), cpu(x.CPUSwtpmUs))
+			cpu(x.CPUSelfUs), cpu(daemon), cpu(x.CPUSwtpmUs))
 	}
 }
 

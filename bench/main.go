@@ -87,6 +87,14 @@ type options struct {
 }
 
 func main() {
+	// Child mode: the bare pkcs11 relay (see p11relay.go).
+	if len(os.Args) > 1 && os.Args[1] == "-pkcs11-relay" {
+		if err := servePKCS11Relay(os.Args[2:]); err != nil {
+			fmt.Fprintf(os.Stderr, "bench pkcs11 relay: %v\n", err)
+			os.Exit(1)
+		}
+		return
+	}
 	// Child mode: the bare TPM relay (see tpmrelay.go).
 	if len(os.Args) > 1 && os.Args[1] == "-tpm-relay" {
 		if err := serveTPMRelay(os.Args[2:]); err != nil {

@@ -22,8 +22,10 @@ type result struct {
 	// CPU time per operation during the measured phase (pkcs11 and tpm
 	// sections): this process (callers, and the token when it signs
 	// in-process), keyd, and swtpm.
-	CPUSelfUs  float64 `json:"cpu_self_us_per_op,omitempty"`
-	CPUKeydUs  float64 `json:"cpu_keyd_us_per_op,omitempty"`
+	CPUSelfUs float64 `json:"cpu_self_us_per_op,omitempty"`
+	CPUKeydUs float64 `json:"cpu_keyd_us_per_op,omitempty"`
+	// CPURelayUs is the bare relay child's (pkcs11 section, bare relay).
+	CPURelayUs float64 `json:"cpu_relay_us_per_op,omitempty"`
 	CPUSwtpmUs float64 `json:"cpu_swtpm_us_per_op,omitempty"`
 }
 

@@ -8,8 +8,6 @@ import (
 	"io"
 	"net"
 	"os"
-	"os/signal"
-	"syscall"
 	"time"
 )
 
@@ -25,36 +23,19 @@ import (
 // TPM2_Sign: what one more local process hop adds on this machine, the floor
 // of what any daemon in the path adds.
 //
-// It serves one connection at a time (swtpm does too) until SIGTERM/SIGINT.
+// Each connection has its own connection to the TPM (swtpm serves one at a
+// time, so one caller at a time). It serves until SIGTERM/SIGINT (see
+// serveConns).
 func serveTPMRelay(args []string) error {
 	if len(args) != 2 {
 		return errors.New("usage: bench -tpm-relay SOCKET HOST:PORT")
 	}
 	socket, tpmAddr := args[0], args[1]
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
-	lis, err := net.Listen("unix", socket)
-	if err != nil {
-		return err
-	}
-	go func() {
-		<-ctx.Done()
-		lis.Close()
-	}()
-	for {
-		c, err := lis.Accept()
-		if err != nil {
-			if ctx.Err() != nil {
-				return nil
-			}
-			return err
-		}
-		err = relayConn(ctx, c, tpmAddr)
-		c.Close()
-		if err != nil && ctx.Err() == nil {
+	return serveConns(socket, func(ctx context.Context, c net.Conn) {
+		if err := relayConn(ctx, c, tpmAddr); err != nil && ctx.Err() == nil {
 			fmt.Fprintf(os.Stderr, "bench tpm relay: %v\n", err)
 		}
-	}
+	})
 }
 
 // relayConn forwards the TPM commands of one caller connection to a new
