@@ -184,7 +184,7 @@ func (s *hwSection) computeP11() []goal {
 					x.Name += fmt.Sprintf(", median of %d alternating rounds", len(ratios))
 				}
 				if rr := s.relayRatios(g.alg, goalP11N); len(rr) > 0 {
-					x.Name += fmt.Sprintf(" [a bare relay process, the floor of any daemon: %.2f]", median(rr))
+					x.Name += fmt.Sprintf(" [the bare relay, one socket round trip per signature and nothing else: %.2f]", median(rr))
 				}
 			}
 		}
@@ -232,7 +232,7 @@ func (s *hwSection) computeTPM() []goal {
 		}
 		for _, il := range s.Interleaved {
 			if il.Alg == alg && il.DirectAP50 > 0 && il.RelayAP50 > 0 {
-				x.Name += fmt.Sprintf(" [interleaved: keyd %.2f; a bare one-hop relay, the floor of any daemon, %.2f]",
+				x.Name += fmt.Sprintf(" [interleaved: keyd %.2f; the bare relay, one socket round trip and nothing else: %.2f]",
 					div(il.KeydP50, il.DirectAP50), div(il.RelayP50, il.RelayAP50))
 			}
 		}
@@ -349,7 +349,7 @@ func (s *hwSection) print(w io.Writer) {
                      gRPC and the audit record)
        bare relay    direct's signature made by a relay process (direct's pool in a process of its own,
                      one goroutine per connection) over a Unix socket, one connection per caller: raw
-                     bytes, no proof, no gRPC; the floor of what any signing daemon costs here
+                     bytes, no proof, no gRPC: what the least daemon costs here
        keyd unary    client.DPoP(keyset).Proof through keyd, one unary Sign call per proof
        keyd          the same over the client's SignStream (the default)
 `)
@@ -426,7 +426,7 @@ func (s *hwSection) print(w io.Writer) {
 					x.RelayAP50, x.RelayP50, div(x.RelayP50, x.RelayAP50), x.RelayP50-x.RelayAP50,
 					x.DirectAP50, x.KeydP50, div(x.KeydP50, x.DirectAP50), x.KeydP50-x.DirectAP50)
 			}
-			fmt.Fprintf(w, "  the relay's extra is the floor of what any process between caller and TPM adds here; the goal (≤ %.2f) allows %.0f%% of the TPM's latency\n", goalTPMP50, (goalTPMP50-1)*100)
+			fmt.Fprintf(w, "  the relay's extra is what the least daemon (a blocking socket round trip per command) adds here; the goal (≤ %.2f) allows %.0f%% of the TPM's latency\n", goalTPMP50, (goalTPMP50-1)*100)
 		}
 		if s.Backend == "tpm" && len(s.Rounds) > 0 {
 			fmt.Fprintf(w, "\ngoal rounds (keyd started again, then direct; each keyd p50 over the mean of the direct p50s around it; round 1 is the table's):\n")

@@ -24,7 +24,7 @@ import (
 // sign as the mechanism wants them; the answer is a status (0 or 1), a
 // length and the signature or the error text. No gRPC, no proof, no policy,
 // no audit. The "bare relay" mode signs through it: what one more local
-// process hop costs a signature on this machine, the floor for any daemon.
+// process hop costs a signature on this machine, for the least daemon.
 //
 // It serves until SIGTERM/SIGINT (see serveConns).
 func servePKCS11Relay(args []string) error {

@@ -20,8 +20,8 @@ import (
 // to the TPM at HOST:PORT over a connection of its own, then the response
 // back. No gRPC, no policy, no parsing beyond the 10-byte header that gives
 // the length. tpmInterleaved measures TPM2_Sign through it beside direct
-// TPM2_Sign: what one more local process hop adds on this machine, the floor
-// of what any daemon in the path adds.
+// TPM2_Sign: what one more local process hop adds on this machine, what the
+// least daemon in the path adds.
 //
 // Each connection has its own connection to the TPM (swtpm serves one at a
 // time, so one caller at a time). It serves until SIGTERM/SIGINT (see
