@@ -202,6 +202,19 @@ func (m *Manager) reconcile(ctx context.Context) error {
 			m.log.Warn("cleaned up an interrupted key generation", "keyset", v.KeySet, "id", v.ID, "in_backend", inBackend[v.ID])
 			changed = true
 			continue
+		case v.State == Destroyed && inBackend[v.ID]:
+			// P11: the backend holds a key recorded destroyed. A delete
+			// that reported success but left the object behind (SoftHSM
+			// leaves the object file when it cannot unlink it, and the
+			// key comes back at the next start), or a token restored from
+			// a backup. Destroy it again; the version stays destroyed.
+			if err := m.backend.Destroy(ctx, v.ID); err != nil && !errors.Is(err, keystore.ErrNotFound) {
+				m.log.Error("a key recorded destroyed is back in the backend and could not be destroyed again; it cannot sign (its version is destroyed), the next start tries again",
+					"keyset", v.KeySet, "kid", v.Kid, "id", v.ID, "err", err)
+			} else {
+				m.log.Warn("a key recorded destroyed was back in the backend; destroyed it again",
+					"keyset", v.KeySet, "kid", v.Kid, "id", v.ID)
+			}
 		case v.State == Destroyed || v.State == Lost:
 		case !inBackend[v.ID] && (v.State == Retired || v.State == Revoked):
 			// Unpublished already: a destroy that was interrupted after the

@@ -4,6 +4,8 @@ import (
 	"context"
 	"crypto"
 	"errors"
+	"os"
+	"path/filepath"
 	"sync"
 	"testing"
 	"time"
@@ -337,5 +339,56 @@ func TestManualRotatePrepublishes(t *testing.T) {
 	now, err := m.Rotate(context.Background(), "as", true)
 	if err != nil || now.Active.Kid != res.Next.Kid || now.Previous.Kid != first.Kid || now.Previous.State != rotation.Draining {
 		t.Fatalf("rotate now: %+v %v", now, err)
+	}
+}
+
+// P11: a key recorded destroyed that is back in the backend (a delete that
+// left the object behind, as SoftHSM does when it cannot unlink the file; a
+// restored backup) is destroyed again at the next start, and its version
+// stays destroyed.
+func TestResurrectedKeyIsDestroyedAgain(t *testing.T) {
+	f := newFixture(t)
+	clock := newClock()
+	m := scheduled(t, f, clock, nil)
+	first := active(t, m, "as")
+	keyFile := filepath.Join(f.dir, "keys", first.ID+".key")
+	saved, err := os.ReadFile(keyFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.Rotate(context.Background(), "as", true); err != nil {
+		t.Fatal(err)
+	}
+	clock.Advance(2 * time.Hour) // drain over
+	if err := m.Tick(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	clock.Advance(24 * time.Hour) // retain over
+	if err := m.Tick(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if got := states(m)[rotation.Destroyed]; len(got) != 1 || got[0] != first.Kid {
+		t.Fatalf("destroyed versions %v, want [%s]", got, first.Kid)
+	}
+
+	// The key comes back while keyd is down.
+	f.store.Close()
+	f.backend.Close()
+	if err := os.WriteFile(keyFile, saved, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	f.open(t)
+	if _, err := f.backend.Public(context.Background(), first.ID); err != nil {
+		t.Fatalf("the restored key is not in the backend: %v", err)
+	}
+	m = scheduled(t, f, clock, nil)
+	if _, err := f.backend.Public(context.Background(), first.ID); !errors.Is(err, keystore.ErrNotFound) {
+		t.Errorf("the resurrected key is still in the backend after the start: %v", err)
+	}
+	if got := states(m)[rotation.Destroyed]; len(got) != 1 || got[0] != first.Kid {
+		t.Errorf("destroyed versions after the start %v, want [%s]", got, first.Kid)
+	}
+	if _, err := m.Acquire("as", first.Kid); !errors.Is(err, rotation.ErrNotSignable) {
+		t.Errorf("acquire the resurrected key: %v, want ErrNotSignable", err)
 	}
 }

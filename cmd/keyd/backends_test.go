@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -92,6 +93,7 @@ func runBackendScripts(t *testing.T, extra []string, setup func(*testscript.Env)
 			"jwtpart":   cmdJWTPart,
 			"asuser":    shared.cmdAsUser,
 			"sleep":     cmdSleep,
+			"waitstate": cmdWaitState,
 		},
 	})
 }
@@ -109,7 +111,7 @@ func TestScriptsOnPKCS11(t *testing.T) {
 		}
 		t.Skip("SoftHSM2 not installed")
 	}
-	runBackendScripts(t, []string{"testdata/pkcs11/faults.txtar"}, func(env *testscript.Env) error {
+	runBackendScripts(t, []string{"testdata/pkcs11/faults.txtar", "testdata/pkcs11/destroy.txtar"}, func(env *testscript.Env) error {
 		dir := filepath.Join(env.WorkDir, "softhsm")
 		cmd := exec.Command(script, "keyd")
 		cmd.Env = append(os.Environ(), "SOFTHSM_TEST_DIR="+dir)
@@ -149,6 +151,38 @@ func cmdSleep(ts *testscript.TestScript, neg bool, args []string) {
 		ts.Fatalf("sleep: bad duration %q", args[0])
 	}
 	time.Sleep(d)
+}
+
+// cmdWaitState waits until `keyd keys list --json --keyset KEYSET` shows the
+// version KID in STATE: waitstate KEYSET KID STATE TIMEOUT (at most 60s).
+func cmdWaitState(ts *testscript.TestScript, neg bool, args []string) {
+	if neg || len(args) != 4 {
+		ts.Fatalf("usage: waitstate KEYSET KID STATE TIMEOUT")
+	}
+	timeout, err := time.ParseDuration(args[3])
+	if err != nil || timeout <= 0 || timeout > time.Minute {
+		ts.Fatalf("waitstate: bad timeout %q", args[3])
+	}
+	deadline := time.Now().Add(timeout)
+	last := "no answer"
+	for time.Now().Before(deadline) {
+		if err := ts.Exec("keyd", "keys", "list", "--json", "--keyset", args[0]); err != nil {
+			last = err.Error()
+		} else {
+			var vs []struct{ Kid, State string }
+			if err := json.Unmarshal([]byte(ts.ReadFile("stdout")), &vs); err != nil {
+				ts.Fatalf("waitstate: keys list: %v", err)
+			}
+			last = fmt.Sprintf("%+v", vs)
+			for _, v := range vs {
+				if v.Kid == args[1] && v.State == args[2] {
+					return
+				}
+			}
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	ts.Fatalf("waitstate: %s is not %s after %v; last: %s", args[1], args[2], timeout, last)
 }
 
 // TestWrongPINExitStatus: keyd serve with a wrong PIN exits 77, which the
