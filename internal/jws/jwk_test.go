@@ -111,6 +111,8 @@ func ecKeyWithLeadingZero(t *testing.T, coord int) *ecdsa.PublicKey {
 	return nil
 }
 
+// RELIABILITY P13: EC coordinates with a leading zero byte stay 32 bytes in
+// the JWK and in the RFC 7638 thumbprint.
 func TestThumbprintLeadingZeroCoordinates(t *testing.T) {
 	for coord, name := range []string{"x", "y"} {
 		t.Run(name, func(t *testing.T) {

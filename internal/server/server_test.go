@@ -719,10 +719,11 @@ func (b *slowBackend) Sign(ctx context.Context, id string, d []byte, o crypto.Si
 	return b.Backend.Sign(ctx, id, d, o)
 }
 
+// A key revoked while a signature with it is inside the backend: the
+// signature is discarded (FAILED_PRECONDITION). Revocation is enforced here,
+// above the backend, never by a token logout (RELIABILITY P5).
 func TestRevokedWhileSigningIsDiscarded(t *testing.T) {
 	sb := &slowBackend{entered: make(chan struct{}, 1), release: make(chan struct{})}
-	var first = true
-	_ = first
 	e := newEnv(t, defaultSets[:1], envOpts{wrap: func(b keystore.Backend) keystore.Backend { sb.Backend = b; return sb }})
 	keys, _ := e.cl.ListKeys(ctx(t), "dpop")
 	errc := make(chan error, 1)

@@ -1,12 +1,16 @@
 package pkcs11
 
 import (
+	"bytes"
 	"context"
 	"crypto"
 	"encoding/asn1"
 	"errors"
 	"fmt"
 	"math/big"
+	"os"
+	"path/filepath"
+	"reflect"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -991,4 +995,67 @@ func TestECDSAManySignatures(t *testing.T) {
 		}
 		t.Logf("%s: %d of 300 signatures had an r or s with a leading zero byte", alg, short)
 	}
+}
+
+// P5: C_Logout is no authorization boundary: on SoftHSM 2.6 a C_Sign that
+// was initialized before a logout (by any part of the application) still
+// returns a signature. keyd never logs out to withhold signatures (the
+// module interface it calls through has no Logout at all); revocation is
+// enforced above the backend, which discards a signature made with a key
+// revoked mid-sign (internal/server TestRevokedWhileSigningIsDiscarded).
+func TestLogoutIsNoBoundary(t *testing.T) {
+	checkGoroutines(t)
+	if _, ok := reflect.TypeFor[module]().MethodByName("Logout"); ok {
+		t.Error("the module interface has Logout: keyd must not use C_Logout as a boundary")
+	}
+	srcs, err := filepath.Glob("*.go")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range srcs {
+		if strings.HasSuffix(f, "_test.go") {
+			continue
+		}
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if bytes.Contains(b, []byte(".Logout(")) {
+			t.Errorf("%s calls Logout", f)
+		}
+	}
+
+	// What a token does with a sign in flight across a logout, for real.
+	f := newFaultModule()
+	b, _ := faultBackend(t, f, options{})
+	pub := mustKey(t, b, "k")
+	a, other := rawSession(t, b), rawSession(t, b)
+	defer b.lib.ctx.CloseSession(a)
+	defer b.lib.ctx.CloseSession(other)
+	priv := rawFind(t, b, a, "k", p11.CKO_PRIVATE_KEY)
+	if len(priv) != 1 {
+		t.Fatalf("found %d private keys", len(priv))
+	}
+	d := keystoretest.Digest(keystore.ES256, []byte("in flight across a logout"))
+	if err := b.lib.ctx.SignInit(a, []*p11.Mechanism{p11.NewMechanism(p11.CKM_ECDSA, nil)}, priv[0]); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.lib.ctx.Logout(other); err != nil {
+		t.Fatal(err)
+	}
+	raw, err := b.lib.ctx.Sign(a, d)
+	if err != nil {
+		t.Logf("this module refuses a sign in flight after a logout (%v); keyd does not depend on it either way", err)
+	} else {
+		der, err := ecdsaDER(raw, 32)
+		if err == nil {
+			err = keystoretest.VerifyDER(keystore.ES256, pub, d, der)
+		}
+		if err != nil {
+			t.Fatalf("signature after the logout: %v", err)
+		}
+		t.Log("the module signed after the logout: a logout does not stop a signature in flight")
+	}
+	// keyd logs in again by itself (P4) and goes on signing.
+	signOK(t, b, "k", pub)
 }
