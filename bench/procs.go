@@ -19,13 +19,13 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
-	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
 	"github.com/keyd-dev/keyd/client"
 	"github.com/keyd-dev/keyd/internal/authz"
 	"github.com/keyd-dev/keyd/internal/config"
+	"github.com/keyd-dev/keyd/internal/daemon"
 	"github.com/keyd-dev/keyd/internal/listener"
 	"github.com/keyd-dev/keyd/internal/policy"
 	"github.com/keyd-dev/keyd/keystore"
@@ -253,8 +253,9 @@ func healthOnce(ctx context.Context, socket string) error {
 //	bench -echo-server SOCKET KEYDIR ALG[,ALG...]
 //
 // It serves, on a Unix socket made like keyd's and with keyd's server
-// options that shape the transport (peer-credential handshake, message and
-// stream limits, keepalive) but none of its interceptors:
+// options that shape the transport (daemon.ServerOptions: peer-credential
+// handshake, message and stream limits, fixed flow-control windows,
+// keepalive) but none of its interceptors:
 //
 //   - the standard gRPC health service, whose unary Check is the bare
 //     transport ("echo");
@@ -285,14 +286,7 @@ func serveEcho(args []string) error {
 	if err != nil {
 		return err
 	}
-	g := grpc.NewServer(
-		grpc.Creds(authz.PeerCredentials()),
-		grpc.MaxRecvMsgSize(64<<10),
-		grpc.MaxConcurrentStreams(64),
-		grpc.ConnectionTimeout(5*time.Second),
-		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 30 * time.Second, PermitWithoutStream: true}),
-		grpc.KeepaliveParams(keepalive.ServerParameters{MaxConnectionIdle: 15 * time.Minute}),
-	)
+	g := grpc.NewServer(daemon.ServerOptions(authz.PeerCredentials())...)
 	h := health.NewServer()
 	h.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
 	healthpb.RegisterHealthServer(g, h)

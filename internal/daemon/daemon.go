@@ -231,27 +231,36 @@ func New(ctx context.Context, cfg *config.Config, opts Options) (_ *Daemon, err 
 // newGRPCServer makes a gRPC server with keyd's limits and services over
 // creds: the Unix socket and the mutual-TLS listener get one each.
 func (d *Daemon) newGRPCServer(creds credentials.TransportCredentials, register func(*grpc.Server)) *grpc.Server {
-	g := grpc.NewServer(
+	g := grpc.NewServer(append(ServerOptions(creds),
+		grpc.ChainUnaryInterceptor(d.unaryInterceptor),
+		grpc.ChainStreamInterceptor(d.streamInterceptor),
+	)...)
+	register(g)
+	healthpb.RegisterHealthServer(g, d.health)
+	reflection.Register(g)
+	return g
+}
+
+// ServerOptions are the options of keyd's gRPC servers that shape the
+// transport and its limits, without keyd's interceptors and services: the
+// benchmark's echo and relay servers use them to measure the same
+// transport.
+func ServerOptions(creds credentials.TransportCredentials) []grpc.ServerOption {
+	return []grpc.ServerOption{
 		grpc.Creds(creds),
-		grpc.MaxRecvMsgSize(64<<10),
+		grpc.MaxRecvMsgSize(64 << 10),
 		grpc.MaxConcurrentStreams(64),
 		// A fixed flow-control window of gRPC's default size instead of
 		// BDP probing: the probe's pings and window updates add frames and
 		// wake-ups to the exchanges of a lone caller (≈ 10–25 µs of p50
 		// measured), keyd's messages are small, and a window that cannot
 		// grow also bounds what a peer can make keyd buffer.
-		grpc.InitialWindowSize(64<<10),
-		grpc.InitialConnWindowSize(64<<10),
-		grpc.ConnectionTimeout(5*time.Second),
+		grpc.InitialWindowSize(64 << 10),
+		grpc.InitialConnWindowSize(64 << 10),
+		grpc.ConnectionTimeout(5 * time.Second),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 30 * time.Second, PermitWithoutStream: true}),
 		grpc.KeepaliveParams(keepalive.ServerParameters{MaxConnectionIdle: 15 * time.Minute}),
-		grpc.ChainUnaryInterceptor(d.unaryInterceptor),
-		grpc.ChainStreamInterceptor(d.streamInterceptor),
-	)
-	register(g)
-	healthpb.RegisterHealthServer(g, d.health)
-	reflection.Register(g)
-	return g
+	}
 }
 
 func supports(b keystore.Backend, a keystore.Algorithm) bool {
