@@ -2,10 +2,12 @@ package server_test
 
 import (
 	"context"
+	"crypto"
 	"errors"
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -103,6 +105,59 @@ func TestStreamCallerDeadline(t *testing.T) {
 	}()
 	if _, err := e.cl.DPoP("dpop").Proof(ctx(t), "GET", "https://a.example/"); err != nil {
 		t.Errorf("stream unusable after a caller gave up: %v", err)
+	}
+}
+
+// firstBlocks holds the first signature after armed is set until
+// released; the others pass.
+type firstBlocks struct {
+	keystore.Backend
+	armed   atomic.Bool
+	once    sync.Once
+	entered chan struct{}
+	release chan struct{}
+}
+
+func (b *firstBlocks) Sign(ctx context.Context, id string, d []byte, o crypto.SignerOpts) ([]byte, error) {
+	first := false
+	if b.armed.Load() {
+		b.once.Do(func() { first = true })
+	}
+	if first {
+		close(b.entered)
+		<-b.release
+	}
+	return b.Backend.Sign(ctx, id, d, o)
+}
+
+// A request arriving while another one of the stream is still inside the
+// backend is received and answered all the same, not queued behind it (as
+// it would be if the receiving goroutine served lone requests itself).
+func TestLoneRequestDoesNotBlockTheStream(t *testing.T) {
+	fb := &firstBlocks{entered: make(chan struct{}), release: make(chan struct{})}
+	e := newEnv(t, defaultSets[:1], envOpts{wrap: func(b keystore.Backend) keystore.Backend { fb.Backend = b; return fb }})
+	dp := e.cl.DPoP("dpop")
+	if _, err := dp.Proof(ctx(t), "GET", "https://a.example/warm"); err != nil {
+		t.Fatal(err)
+	}
+	fb.armed.Store(true)
+	errc := make(chan error, 1)
+	go func() {
+		_, err := dp.Proof(ctx(t), "GET", "https://a.example/slow")
+		errc <- err
+	}()
+	<-fb.entered
+	for i := range 3 {
+		c, cancel := context.WithTimeout(ctx(t), 5*time.Second)
+		_, err := dp.Proof(c, "GET", "https://a.example/next")
+		cancel()
+		if err != nil {
+			t.Fatalf("request %d while another one is inside the backend: %v", i, err)
+		}
+	}
+	close(fb.release)
+	if err := <-errc; err != nil {
+		t.Fatal(err)
 	}
 }
 
