@@ -889,7 +889,9 @@ type tpmSetup struct {
 // each side. First direct on A against direct on B (B's own keys), which
 // shows how alike the two instances are; then direct on A against the same
 // direct TPM2_Sign on B through the bare relay (see serveTPMRelay), what
-// one more process hop adds; then direct on A against keyd on B.
+// one more process hop adds, and through the gRPC relay (see
+// serveTPMGRPCRelay), what keyd's transport adds; then direct on A against
+// keyd on B.
 func tpmInterleaved(ctx context.Context, o options, sec *hwSection, directA *tpmDirect, setups []tpmSetup) error {
 	w, err := newWorkDir()
 	if err != nil {
@@ -923,55 +925,64 @@ func tpmInterleaved(ctx context.Context, o options, sec *hwSection, directA *tpm
 	}
 	results := map[keystore.Algorithm]*interleaved{}
 	for _, s := range setups {
-		x := &interleaved{Alg: string(s.alg), Slices: o.tpmSlices}
-		results[s.alg] = x
-		progress("tpm %s interleaved: direct on A vs direct on B, %d slices…", s.alg, o.tpmSlices)
-		a, b, err := alternate(ctx, o.tpmSlices, s.direct, func(context.Context) error {
-			_, _, err := directB.signTPM(s.alg, in[s.alg])
-			return err
-		})
-		if err != nil {
-			directB.disconnect()
-			return err
-		}
-		x.CalAP50, x.CalBP50 = a, b
+		results[s.alg] = &interleaved{Alg: string(s.alg), Slices: o.tpmSlices}
 	}
+	// pass alternates direct on A with directB, connected as it is, for
+	// every algorithm, and keeps the two p50s with set.
+	pass := func(what string, set func(x *interleaved, a, b float64)) error {
+		for _, s := range setups {
+			progress("tpm %s interleaved: direct on A vs %s, %d slices…", s.alg, what, o.tpmSlices)
+			a, b, err := alternate(ctx, o.tpmSlices, s.direct, func(context.Context) error {
+				_, _, err := directB.signTPM(s.alg, in[s.alg])
+				return err
+			})
+			if err != nil {
+				return err
+			}
+			set(results[s.alg], a, b)
+		}
+		return nil
+	}
+	err = pass("direct on B", func(x *interleaved, a, b float64) { x.CalAP50, x.CalBP50 = a, b })
 	directB.disconnect()
+	if err != nil {
+		return err
+	}
 
-	// The bare relay to B: the same direct TPM2_Sign with one more local
-	// process hop and nothing else.
+	// The same direct TPM2_Sign on B through a relay child (this program
+	// started with -flag SOCKET addrB) that directB reaches over network.
 	self, err := os.Executable()
 	if err != nil {
 		return err
 	}
-	relaySocket := filepath.Join(w.dir, "relay.sock")
-	relay, err := startChild("tpm relay", filepath.Join(w.dir, "relay.log"), self, "-tpm-relay", relaySocket, addrB)
-	if err != nil {
-		return err
-	}
-	defer relay.stop()
-	if err := waitSocket(ctx, relay, relaySocket, 20*time.Second); err != nil {
-		return err
-	}
-	directB.network, directB.addr = "unix", relaySocket
-	if err := directB.reconnect(ctx); err != nil {
-		return fmt.Errorf("direct TPM through the relay: %w", err)
-	}
-	for _, s := range setups {
-		progress("tpm %s interleaved: direct on A vs direct through the bare relay to B, %d slices…", s.alg, o.tpmSlices)
-		a, r, err := alternate(ctx, o.tpmSlices, s.direct, func(context.Context) error {
-			_, _, err := directB.signTPM(s.alg, in[s.alg])
-			return err
-		})
+	throughRelay := func(name, flag, network string, set func(x *interleaved, a, b float64)) error {
+		socket := filepath.Join(w.dir, flag+".sock")
+		rc, err := startChild(name, filepath.Join(w.dir, flag+".log"), self, "-"+flag, socket, addrB)
 		if err != nil {
-			directB.disconnect()
-			return fmt.Errorf("direct TPM through the relay: %w%s", err, relay.logTail())
+			return err
 		}
-		x := results[s.alg]
-		x.RelayAP50, x.RelayP50 = a, r
+		defer rc.stop()
+		if err := waitSocket(ctx, rc, socket, 20*time.Second); err != nil {
+			return err
+		}
+		directB.network, directB.addr = network, socket
+		if err := directB.reconnect(ctx); err != nil {
+			return fmt.Errorf("direct TPM through the %s: %w%s", name, err, rc.logTail())
+		}
+		defer directB.disconnect()
+		if err := pass("direct through the "+name+" to B", set); err != nil {
+			return fmt.Errorf("direct TPM through the %s: %w%s", name, err, rc.logTail())
+		}
+		return nil
 	}
-	directB.disconnect()
-	relay.stop()
+	// The bare relay: one more local process hop and nothing else.
+	if err := throughRelay("bare relay", "tpm-relay", "unix", func(x *interleaved, a, b float64) { x.RelayAP50, x.RelayP50 = a, b }); err != nil {
+		return err
+	}
+	// The gRPC relay: keyd's transport, nothing of keyd's own.
+	if err := throughRelay("gRPC relay", "tpm-grpc-relay", "grpc", func(x *interleaved, a, b float64) { x.GRPCAP50, x.GRPCP50 = a, b }); err != nil {
+		return err
+	}
 
 	// keyd on B.
 	backend := fmt.Sprintf("  tpm:\n    address: %s\n", strconv.Quote("tcp://"+addrB))

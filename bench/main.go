@@ -95,6 +95,14 @@ func main() {
 		}
 		return
 	}
+	// Child mode: the gRPC TPM relay (see tpmrelay.go).
+	if len(os.Args) > 1 && os.Args[1] == "-tpm-grpc-relay" {
+		if err := serveTPMGRPCRelay(os.Args[2:]); err != nil {
+			fmt.Fprintf(os.Stderr, "bench tpm grpc relay: %v\n", err)
+			os.Exit(1)
+		}
+		return
+	}
 	// Child mode: the bare TPM relay (see tpmrelay.go).
 	if len(os.Args) > 1 && os.Args[1] == "-tpm-relay" {
 		if err := serveTPMRelay(os.Args[2:]); err != nil {

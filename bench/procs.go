@@ -282,15 +282,24 @@ func serveEcho(args []string) error {
 		return err
 	}
 	defer pe.be.Close()
+	return serveGRPC(ctx, socket, func(g *grpc.Server) {
+		h := health.NewServer()
+		h.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
+		healthpb.RegisterHealthServer(g, h)
+		g.RegisterService(&proofEchoDesc, pe)
+	})
+}
+
+// serveGRPC serves, until ctx ends, a gRPC server with keyd's transport
+// options (daemon.ServerOptions) and the services register adds, on a Unix
+// socket made like keyd's.
+func serveGRPC(ctx context.Context, socket string, register func(*grpc.Server)) error {
 	lis, err := listener.Unix(socket, 0o600, -1)
 	if err != nil {
 		return err
 	}
 	g := grpc.NewServer(daemon.ServerOptions(authz.PeerCredentials())...)
-	h := health.NewServer()
-	h.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
-	healthpb.RegisterHealthServer(g, h)
-	g.RegisterService(&proofEchoDesc, pe)
+	register(g)
 	errc := make(chan error, 1)
 	go func() { errc <- g.Serve(lis) }()
 	select {

@@ -29,9 +29,9 @@ import (
 // key. A mutex serializes the callers, as keyd's token does.
 type tpmDirect struct {
 	mu      sync.Mutex
-	network string // "tcp", or "unix" for the relay
+	network string // "tcp"; "unix" for the relay, "grpc" for the gRPC relay (addr: its socket)
 	addr    string
-	conn    net.Conn
+	conn    tpmConn
 	hdr     [10]byte
 	srk     tpm2.NamedHandle
 	keys    map[keystore.Algorithm]*tpmKey
@@ -63,12 +63,20 @@ func dialTPMDirect(ctx context.Context, addr string) (*tpmDirect, error) {
 func (d *tpmDirect) connect(ctx context.Context) error {
 	dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	var dl net.Dialer
-	c, err := dl.DialContext(dctx, d.network, d.addr)
-	if err != nil {
-		return fmt.Errorf("connect to the TPM at %s: %w", d.addr, err)
+	if d.network == "grpc" {
+		g, err := dialGRPCTPM(d.addr)
+		if err != nil {
+			return fmt.Errorf("connect to the gRPC relay at %s: %w", d.addr, err)
+		}
+		d.conn = g
+	} else {
+		var dl net.Dialer
+		c, err := dl.DialContext(dctx, d.network, d.addr)
+		if err != nil {
+			return fmt.Errorf("connect to the TPM at %s: %w", d.addr, err)
+		}
+		d.conn = c
 	}
-	d.conn = c
 	// Whatever an earlier user left in the TPM's three transient slots.
 	rsp, err := tpm2.GetCapability{Capability: tpm2.TPMCapHandles, Property: uint32(tpm2.TPMHTTransient) << 24, PropertyCount: 16}.Execute(d)
 	if err != nil {
@@ -128,6 +136,13 @@ func (d *tpmDirect) Send(cmd []byte) ([]byte, error) {
 		}
 		return rsp, nil
 	}
+}
+
+// tpmConn is tpmDirect's connection to the TPM: a net.Conn, or the gRPC
+// relay's grpcTPMConn.
+type tpmConn interface {
+	io.ReadWriteCloser
+	SetDeadline(time.Time) error
 }
 
 // template is the TPM2_Create template of keyd's keys of alg (see

@@ -8,7 +8,16 @@ import (
 	"io"
 	"net"
 	"os"
+	"os/signal"
+	"syscall"
 	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/wrapperspb"
+
+	"github.com/keyd-dev/keyd/client"
 )
 
 // serveTPMRelay is the TPM relay child, started as
@@ -89,4 +98,130 @@ func readTPMMessage(r io.Reader, buf []byte) ([]byte, error) {
 		return nil, fmt.Errorf("TPM message of %d bytes: %w", n, err)
 	}
 	return buf[:n], nil
+}
+
+// serveTPMGRPCRelay is the gRPC TPM relay child, started as
+//
+//	bench -tpm-grpc-relay SOCKET HOST:PORT
+//
+// It is serveTPMRelay over keyd's transport: a gRPC server on a Unix socket
+// made like keyd's, with keyd's transport options (daemon.ServerOptions)
+// and none of its interceptors, whose one method is a bidirectional stream,
+// as keyd's SignStream: each message carries a TPM command, as bytes, which
+// it forwards to the TPM at HOST:PORT, and the response goes back as the
+// next message. What it adds to a TPM2_Sign is what gRPC adds, with nothing
+// of keyd's own.
+//
+// It serves until SIGTERM/SIGINT.
+func serveTPMGRPCRelay(args []string) error {
+	if len(args) != 2 {
+		return errors.New("usage: bench -tpm-grpc-relay SOCKET HOST:PORT")
+	}
+	socket, tpmAddr := args[0], args[1]
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	return serveGRPC(ctx, socket, func(g *grpc.Server) { g.RegisterService(&tpmRelayDesc, tpmAddr) })
+}
+
+// relayStream serves one stream of the gRPC relay over a connection of its
+// own to the TPM at tpmAddr.
+func relayStream(tpmAddr string, stream grpc.ServerStream) error {
+	var dl net.Dialer
+	t, err := dl.DialContext(stream.Context(), "tcp", tpmAddr)
+	if err != nil {
+		return status.Error(codes.Unavailable, err.Error())
+	}
+	defer t.Close()
+	buf := make([]byte, tpmMaxMessage)
+	for {
+		in := new(wrapperspb.BytesValue)
+		if err := stream.RecvMsg(in); err != nil {
+			if errors.Is(err, io.EOF) {
+				return nil
+			}
+			return err
+		}
+		_, err := t.Write(in.Value)
+		var rsp []byte
+		if err == nil {
+			rsp, err = readTPMMessage(t, buf)
+		}
+		if err != nil {
+			return status.Error(codes.Unavailable, err.Error())
+		}
+		if err := stream.SendMsg(wrapperspb.Bytes(rsp)); err != nil {
+			return err
+		}
+	}
+}
+
+// tpmRelayMethod is the gRPC relay's one method.
+const tpmRelayMethod = "/keydbench.TPMRelay/Relay"
+
+var tpmRelayDesc = grpc.ServiceDesc{
+	ServiceName: "keydbench.TPMRelay",
+	HandlerType: (*any)(nil),
+	Streams: []grpc.StreamDesc{{
+		StreamName:    "Relay",
+		ServerStreams: true,
+		ClientStreams: true,
+		Handler: func(srv any, stream grpc.ServerStream) error {
+			return relayStream(srv.(string), stream)
+		},
+	}},
+}
+
+// grpcTPMConn is the caller's side of the gRPC relay, as tpmDirect's
+// connection: Write sends a command on the stream and waits for the
+// response, which Read then returns.
+type grpcTPMConn struct {
+	cl     *client.Client
+	stream grpc.ClientStream
+	cancel context.CancelFunc
+	rsp    []byte
+}
+
+func dialGRPCTPM(socket string) (*grpcTPMConn, error) {
+	cl, err := client.Dial(socket)
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	stream, err := cl.Conn().NewStream(ctx, &tpmRelayDesc.Streams[0], tpmRelayMethod)
+	if err != nil {
+		cancel()
+		cl.Close()
+		return nil, err
+	}
+	return &grpcTPMConn{cl: cl, stream: stream, cancel: cancel}, nil
+}
+
+func (g *grpcTPMConn) Write(p []byte) (int, error) {
+	if err := g.stream.SendMsg(wrapperspb.Bytes(p)); err != nil {
+		return 0, err
+	}
+	out := new(wrapperspb.BytesValue)
+	if err := g.stream.RecvMsg(out); err != nil {
+		return 0, err
+	}
+	g.rsp = out.Value
+	return len(p), nil
+}
+
+func (g *grpcTPMConn) Read(p []byte) (int, error) {
+	if len(g.rsp) == 0 {
+		return 0, io.EOF
+	}
+	n := copy(p, g.rsp)
+	g.rsp = g.rsp[n:]
+	return n, nil
+}
+
+// SetDeadline does nothing: the relay's calls end with the stream.
+func (g *grpcTPMConn) SetDeadline(time.Time) error { return nil }
+
+func (g *grpcTPMConn) Close() error {
+	g.stream.CloseSend()
+	g.cancel()
+	return g.cl.Close()
 }
