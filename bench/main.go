@@ -86,38 +86,25 @@ type options struct {
 	root    string // repository root
 }
 
+// children are the modes in which the bench re-executes itself as a
+// child process: the bare gRPC echo server (procs.go), and the relays
+// (p11relay.go, tpmrelay.go).
+var children = map[string]func(args []string) error{
+	"-echo-server":    serveEcho,
+	"-pkcs11-relay":   servePKCS11Relay,
+	"-tpm-relay":      serveTPMRelay,
+	"-tpm-grpc-relay": serveTPMGRPCRelay,
+}
+
 func main() {
-	// Child mode: the bare pkcs11 relay (see p11relay.go).
-	if len(os.Args) > 1 && os.Args[1] == "-pkcs11-relay" {
-		if err := servePKCS11Relay(os.Args[2:]); err != nil {
-			fmt.Fprintf(os.Stderr, "bench pkcs11 relay: %v\n", err)
-			os.Exit(1)
+	if len(os.Args) > 1 {
+		if serve := children[os.Args[1]]; serve != nil {
+			if err := serve(os.Args[2:]); err != nil {
+				fmt.Fprintf(os.Stderr, "bench %s: %v\n", strings.TrimPrefix(os.Args[1], "-"), err)
+				os.Exit(1)
+			}
+			return
 		}
-		return
-	}
-	// Child mode: the gRPC TPM relay (see tpmrelay.go).
-	if len(os.Args) > 1 && os.Args[1] == "-tpm-grpc-relay" {
-		if err := serveTPMGRPCRelay(os.Args[2:]); err != nil {
-			fmt.Fprintf(os.Stderr, "bench tpm grpc relay: %v\n", err)
-			os.Exit(1)
-		}
-		return
-	}
-	// Child mode: the bare TPM relay (see tpmrelay.go).
-	if len(os.Args) > 1 && os.Args[1] == "-tpm-relay" {
-		if err := serveTPMRelay(os.Args[2:]); err != nil {
-			fmt.Fprintf(os.Stderr, "bench tpm relay: %v\n", err)
-			os.Exit(1)
-		}
-		return
-	}
-	// Child mode: the bare gRPC echo server.
-	if len(os.Args) > 1 && os.Args[1] == "-echo-server" {
-		if err := serveEcho(os.Args[2:]); err != nil {
-			fmt.Fprintf(os.Stderr, "bench echo server: %v\n", err)
-			os.Exit(1)
-		}
-		return
 	}
 	os.Exit(run())
 }
