@@ -32,14 +32,6 @@ func keyFor(alg keystore.Algorithm, pub crypto.PublicKey) (params, error) {
 	return p, nil
 }
 
-// ecdsaSignature is the ASN.1 form of an ECDSA signature (RFC 3279 §2.2.3,
-// SEC 1 §C.8) for encoding/asn1: SEQUENCE { r INTEGER, s INTEGER }.
-// encodeECDSA decodes with internal/ecdsasig instead; the tests use this
-// type to build and check DER.
-type ecdsaSignature struct {
-	R, S *big.Int
-}
-
 // EncodeSignature turns sig, a signature that a keystore.Backend (or any
 // crypto.Signer) made with pub for alg over Digest(alg, signingInput), into
 // the JWS signature of RFC 7518 and RFC 8037:

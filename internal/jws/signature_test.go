@@ -29,6 +29,14 @@ type signer struct {
 }
 
 // testSigners returns one key per algorithm keyd supports.
+// ecdsaSignature is the ASN.1 form of an ECDSA signature (RFC 3279 §2.2.3,
+// SEC 1 §C.8) for encoding/asn1: SEQUENCE { r INTEGER, s INTEGER }; the
+// tests build and check DER with it (the package decodes with
+// internal/ecdsasig).
+type ecdsaSignature struct {
+	R, S *big.Int
+}
+
 func testSigners(t testing.TB) []signer {
 	t.Helper()
 	p256, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
