@@ -80,6 +80,21 @@ func (f *oauthFlags) config() client.OAuthConfig {
 	}
 }
 
+// open dials keyd and sets up the OAuth client the flags describe. done
+// closes the connection and ends ctx, the command's timeout.
+func (f *oauthFlags) open(c *cli) (o *client.OAuth, ctx context.Context, done func(), err error) {
+	cl, ctx, done, err := f.clientFlags.dial()
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	o, err = cl.OAuth(ctx, withLogger(f.config(), c))
+	if err != nil {
+		done()
+		return nil, nil, nil, err
+	}
+	return o, ctx, done, nil
+}
+
 // token implements `keyd token`: client credentials with private_key_jwt
 // and DPoP, printing the token endpoint's JSON response (plus
 // keyd_dpop_kid, the kid of the key the token is bound to).
@@ -92,15 +107,11 @@ func (c *cli) token(args []string) error {
 	if err := of.check(); err != nil {
 		return err
 	}
-	cl, ctx, done, err := of.clientFlags.dial()
+	o, ctx, done, err := of.open(c)
 	if err != nil {
 		return err
 	}
 	defer done()
-	o, err := cl.OAuth(ctx, withLogger(of.config(), c))
-	if err != nil {
-		return err
-	}
 	tok, err := o.ClientCredentialsToken(ctx)
 	if err != nil {
 		return err
@@ -158,15 +169,11 @@ func (c *cli) request(args []string) error {
 		}
 	}
 
-	cl, ctx, done, err := of.clientFlags.dial()
+	o, ctx, done, err := of.open(c)
 	if err != nil {
 		return err
 	}
 	defer done()
-	o, err := cl.OAuth(ctx, withLogger(of.config(), c))
-	if err != nil {
-		return err
-	}
 	var reqBody io.Reader
 	if dataSet {
 		reqBody = bytes.NewReader(body)
