@@ -77,13 +77,9 @@ type inproc struct {
 }
 
 func newInproc(be signBackend, pol policy.Policy, v rotation.Version) (*inproc, error) {
-	var k jws.JWK
-	if err := json.Unmarshal(v.JWK, &k); err != nil {
-		return nil, fmt.Errorf("JWK of kid %s: %w", v.Kid, err)
-	}
-	pub, err := k.PublicKey()
+	pub, err := publicOf(v)
 	if err != nil {
-		return nil, fmt.Errorf("JWK of kid %s: %w", v.Kid, err)
+		return nil, err
 	}
 	in, err := newInprocKey(be, pol, v.Alg, v.ID, pub)
 	if err != nil {
