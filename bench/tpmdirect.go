@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"crypto"
 	"crypto/rsa"
@@ -32,7 +33,7 @@ type tpmDirect struct {
 	network string // "tcp"; "unix" for the relay, "grpc" for the gRPC relay (addr: its socket)
 	addr    string
 	conn    tpmConn
-	hdr     [10]byte
+	buf     []byte // a response being read (tpmMaxMessage bytes)
 	srk     tpm2.NamedHandle
 	keys    map[keystore.Algorithm]*tpmKey
 }
@@ -115,18 +116,14 @@ func (d *tpmDirect) Send(cmd []byte) ([]byte, error) {
 		if _, err := d.conn.Write(cmd); err != nil {
 			return nil, err
 		}
-		if _, err := io.ReadFull(d.conn, d.hdr[:]); err != nil {
+		if d.buf == nil {
+			d.buf = make([]byte, tpmMaxMessage)
+		}
+		msg, err := readTPMMessage(d.conn, d.buf)
+		if err != nil {
 			return nil, err
 		}
-		size := int(binary.BigEndian.Uint32(d.hdr[2:6]))
-		if size < len(d.hdr) || size > 64<<10 {
-			return nil, fmt.Errorf("TPM response header claims %d bytes", size)
-		}
-		rsp := make([]byte, size)
-		copy(rsp, d.hdr[:])
-		if _, err := io.ReadFull(d.conn, rsp[len(d.hdr):]); err != nil {
-			return nil, err
-		}
+		rsp := bytes.Clone(msg)
 		switch tpm2.TPMRC(binary.BigEndian.Uint32(rsp[6:10])) {
 		case tpm2.TPMRCRetry, tpm2.TPMRCYielded, tpm2.TPMRCTesting:
 			if attempt < tpmRetries {
