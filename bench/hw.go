@@ -522,6 +522,7 @@ func benchPKCS11(ctx context.Context, o options) (sec *hwSection, err error) {
 	}
 
 	rec := newRecorder(o.p11Callers, o.duration, 100_000)
+	opsOf := make([]map[string]op, len(setups)) // each setup's operation by mode
 	for i, s := range setups {
 		ops := map[string]op{
 			modeDirect: func(context.Context) error {
@@ -557,6 +558,7 @@ func benchPKCS11(ctx context.Context, o options) (sec *hwSection, err error) {
 				return err
 			}
 		}
+		opsOf[i] = ops
 		for _, n := range o.p11Callers {
 			for _, m := range o.p11Modes {
 				if ops[m] == nil {
@@ -576,28 +578,20 @@ func benchPKCS11(ctx context.Context, o options) (sec *hwSection, err error) {
 				continue
 			}
 			note := fmt.Sprintf(" (goal round %d of %d)", round+1, o.goalRounds+1)
-			d, err := hwMeasure(ctx, o, rec, sec, s.alg, modeDirect, goalP11N, func(context.Context) error {
-				_, err := direct.signRaw(s.id, s.in.raw)
-				return err
-			}, note)
+			ops := opsOf[i]
+			d, err := hwMeasure(ctx, o, rec, sec, s.alg, modeDirect, goalP11N, ops[modeDirect], note)
 			if err != nil {
 				return sec, err
 			}
 			var rr *result
-			if relay != nil {
-				r, err := hwMeasure(ctx, o, rec, sec, s.alg, modeBareRelay, goalP11N, func(context.Context) error {
-					_, err := relay.sign(byte(i), s.in.raw)
-					return err
-				}, note)
+			if ops[modeBareRelay] != nil {
+				r, err := hwMeasure(ctx, o, rec, sec, s.alg, modeBareRelay, goalP11N, ops[modeBareRelay], note)
 				if err != nil {
 					return sec, err
 				}
 				rr = &r
 			}
-			k, err := hwMeasure(ctx, o, rec, sec, s.alg, modeKeyd, goalP11N, func(ctx context.Context) error {
-				_, err := s.dp.Proof(ctx, proofMethod, proofURL)
-				return err
-			}, note)
+			k, err := hwMeasure(ctx, o, rec, sec, s.alg, modeKeyd, goalP11N, ops[modeKeyd], note)
 			if err != nil {
 				return sec, err
 			}
