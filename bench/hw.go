@@ -598,6 +598,27 @@ func benchPKCS11(ctx context.Context, o options) (sec *hwSection, err error) {
 			sec.Rounds = append(sec.Rounds, goalRound{Alg: string(s.alg), Callers: goalP11N, Round: round, Direct: d, Keyd: k, Relay: rr})
 		}
 	}
+	// And side by side, in short slices: the steadiest of the three.
+	for i, s := range setups {
+		if o.p11Cycles == 0 || !slices.Contains(o.p11Callers, goalP11N) || (s.alg != keystore.ES256 && s.alg != keystore.RS256) {
+			continue
+		}
+		var modes []string
+		for _, m := range []string{modeDirect, modeBareRelay, modeKeyd} {
+			if slices.Contains(o.p11Modes, m) && opsOf[i][m] != nil {
+				modes = append(modes, m)
+			}
+		}
+		if !slices.Contains(modes, modeDirect) || !slices.Contains(modes, modeKeyd) {
+			continue
+		}
+		progress("pkcs11 %s interleaved: %s at %d callers, %d cycles of %v slices…", s.alg, strings.Join(modes, ", "), goalP11N, o.p11Cycles, p11Slice)
+		x, err := p11Interleave(ctx, rec, string(s.alg), goalP11N, o.p11Cycles, modes, opsOf[i])
+		if err != nil {
+			return sec, keydFailed(err, keyd)
+		}
+		sec.P11Interleaved = append(sec.P11Interleaved, x)
+	}
 	if sec.RSS.EndKiB, sec.RSS.HWMKiB, err = procStatus(keyd.pid()); err != nil {
 		return sec, err
 	}

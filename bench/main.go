@@ -78,6 +78,7 @@ type options struct {
 	keydP11    int // keyd's max_sessions in the pkcs11 section
 	p11Modes   []string
 	tpmSlices  int    // alternating slices of the interleaved tpm measurement (0: none)
+	p11Cycles  int    // cycles of the interleaved pkcs11 goal measurement (0: none)
 	cpuProfile string // the bench process's CPU profile
 
 	keyd    string // absolute path of the keyd binary
@@ -251,6 +252,7 @@ func parseFlags(args []string) (options, error) {
 	keyd := fs.String("keyd", "", "keyd binary (default bin/keyd in the repository root; built when missing)")
 	jsonOut := fs.String("json", "", "also write the results as JSON to this file")
 	p11ModeList := fs.String("pkcs11-modes", strings.Join(p11Modes, ","), "pkcs11: comma-separated modes to run, for experiments")
+	p11Cycles := fs.Int("pkcs11-cycles", 8, "pkcs11: cycles of the interleaved goal measurement at 16 callers, each a 300 ms slice of direct, bare relay and keyd in turn (0: skip it)")
 	tpmSlices := fs.Int("tpm-slices", 12, "tpm: alternating 250 ms slices of each side in the interleaved measurement on two swtpm instances (0: skip it)")
 	cpuProfile := fs.String("cpuprofile", "", "write this process's CPU profile (the callers' side) to this file, for experiments")
 	fs.Func("keyd-env", "NAME=VALUE to add to keyd's environment (repeatable; e.g. GOMAXPROCS=4), for experiments", func(v string) error {
@@ -266,7 +268,10 @@ func parseFlags(args []string) (options, error) {
 	if fs.NArg() > 0 {
 		return options{}, fmt.Errorf("unexpected arguments: %q", fs.Args())
 	}
-	o := options{duration: *dur, jsonOut: *jsonOut, build: true, goalRounds: *goalRounds, keydP11: *keydP11, cpuProfile: *cpuProfile, tpmSlices: *tpmSlices}
+	o := options{duration: *dur, jsonOut: *jsonOut, build: true, goalRounds: *goalRounds, keydP11: *keydP11, cpuProfile: *cpuProfile, tpmSlices: *tpmSlices, p11Cycles: *p11Cycles}
+	if o.p11Cycles < 0 || o.p11Cycles > 1000 {
+		return o, fmt.Errorf("-pkcs11-cycles %d: want 0 to 1000", o.p11Cycles)
+	}
 	if o.tpmSlices < 0 || o.tpmSlices > 1000 {
 		return o, fmt.Errorf("-tpm-slices %d: want 0 to 1000", o.tpmSlices)
 	}
