@@ -390,6 +390,12 @@ func (b *Backend) recoverable(err error) bool {
 	case staleHandle(err):
 		b.invalidate()
 		return true
+	case errors.Is(err, tpm2.TPMRCObjectMemory):
+		// No free slot: something keyd lost track of is still loaded
+		// (a flush that failed on a TPM that keeps objects). prepare
+		// flushes every transient object.
+		b.invalidate()
+		return true
 	}
 	return false
 }
@@ -407,6 +413,11 @@ func staleHandle(err error) bool {
 	var f1 tpm2.TPMFmt1Error
 	if errors.As(rc, &f1) {
 		if isHandle, _ := f1.Handle(); isHandle && (rc.Is(tpm2.TPMRCHandle) || rc.Is(tpm2.TPMRCValue)) {
+			return true
+		}
+		// TPM2_FlushContext takes its handle as a parameter: a handle
+		// that names no loaded object is TPM_RC_HANDLE on parameter 1.
+		if isParam, _ := f1.Parameter(); isParam && rc.Is(tpm2.TPMRCHandle) {
 			return true
 		}
 	}
@@ -469,12 +480,9 @@ func (b *Backend) prepare(o *op) error {
 	}
 	for _, h := range handles {
 		if _, err := (tpm2.FlushContext{FlushHandle: h}).Execute(o); err != nil {
-			var ce *connError
-			if errors.As(err, &ce) || o.ctx.Err() != nil {
-				return err
-			}
-			b.log.Warn("cannot flush a stale transient object", "handle", fmt.Sprintf("%#x", uint32(h)), "err", err)
-			continue
+			// Going on would leave the slot taken for good; the next
+			// use prepares again.
+			return fmt.Errorf("flush the stale transient object %#x: %w", uint32(h), err)
 		}
 		b.log.Info("flushed a transient object left in the TPM", "handle", fmt.Sprintf("%#x", uint32(h)))
 	}
@@ -552,11 +560,16 @@ func (b *Backend) flushCached(o *op) error {
 	if c.h == 0 {
 		return nil
 	}
-	h := c.h
-	*c = cachedKey{}
-	if _, err := (tpm2.FlushContext{FlushHandle: h}).Execute(o); err != nil {
+	if _, err := (tpm2.FlushContext{FlushHandle: c.h}).Execute(o); err != nil {
+		// The key may still be loaded (the TPM asked to retry once
+		// too often, or the caller gave up during a backoff): keyd no
+		// longer knows what the TPM holds, and release forgets it all,
+		// so that prepare flushes every transient object at the next
+		// use instead of a slot leaking for good.
+		b.st.dirty = true
 		return fmt.Errorf("flush key: %w", err)
 	}
+	*c = cachedKey{}
 	return nil
 }
 
@@ -586,11 +599,18 @@ func (b *Backend) load(o *op, id string, blob *keyBlob) (tpm2.TPMHandle, error) 
 // loadFailed classifies a TPM2_Load error. A blob that the TPM rejects
 // (integrity, binding, a bad size or value) under the right SRK is lost for
 // good; but if the SRK handle no longer names the pinned SRK, the state is
-// stale and the load is retried after re-initialising.
+// stale and the load is retried after re-initialising. Any other refusal
+// (the TPM needs a self-test, is in field upgrade, failed) says nothing
+// about the blob: it is ErrUnavailable, never a lost key, because the
+// rotation layer records a lost key for good.
 func (b *Backend) loadFailed(o *op, err error) error {
 	var rc tpm2.TPMRC
-	if !errors.As(err, &rc) || rc.IsWarning() || staleHandle(err) || errors.Is(err, tpm2.TPMRCInitialize) {
+	if !errors.As(err, &rc) || rc.IsWarning() || staleHandle(err) || errors.Is(err, tpm2.TPMRCInitialize) ||
+		errors.Is(err, tpm2.TPMRCObjectMemory) {
 		return err
+	}
+	if !blobRefused(rc) {
+		return fmt.Errorf("%w: TPM2_Load: %v", keystore.ErrUnavailable, err)
 	}
 	rp, rerr := tpm2.ReadPublic{ObjectHandle: b.st.srk.Handle}.Execute(o)
 	if rerr != nil {
@@ -610,6 +630,23 @@ func (b *Backend) loadFailed(o *op, err error) error {
 	return fmt.Errorf("%w: the TPM refuses the key blob under the right storage root key (%v)", keystore.ErrKeyLost, err)
 }
 
+// blobRefused reports whether rc, the answer to a TPM2_Load, says that the
+// TPM finds the key blob itself wrong: an error on inPrivate or inPublic
+// (parameters 1 and 2: integrity, binding, size, key, value, attributes,
+// a scheme or type), or a sensitive area that does not unmarshal after
+// decryption.
+func blobRefused(rc tpm2.TPMRC) bool {
+	if rc.Is(tpm2.TPMRCSensitive) {
+		return true
+	}
+	var f1 tpm2.TPMFmt1Error
+	if !errors.As(rc, &f1) {
+		return false
+	}
+	isParam, n := f1.Parameter()
+	return isParam && (n == 1 || n == 2)
+}
+
 // mapErr turns a TPM or transport error into one wrapping a keystore
 // sentinel, keeping the TPM's detail in the text.
 func (b *Backend) mapErr(err error) error {
@@ -627,7 +664,7 @@ func (b *Backend) mapErr(err error) error {
 	if errors.As(err, &ce) {
 		return fmt.Errorf("%w: TPM %s: %v", keystore.ErrUnavailable, b.ep, err)
 	}
-	if errors.Is(err, errStale) {
+	if errors.Is(err, errStale) || errors.Is(err, errProtocol) {
 		return fmt.Errorf("%w: %v", keystore.ErrUnavailable, err)
 	}
 	var rc tpm2.TPMRC

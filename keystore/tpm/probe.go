@@ -1,6 +1,7 @@
 package tpm
 
 import (
+	"context"
 	"crypto"
 	"crypto/rand"
 	"crypto/rsa"
@@ -55,9 +56,8 @@ func (b *Backend) probe(o *op) error {
 				KeyBits:   3072,
 			}),
 		}}.Execute(o)
-		var ce *connError
-		if errors.As(err, &ce) {
-			return err
+		if probeFailed(o, err) {
+			return fmt.Errorf("probe RSA-3072: %w", err)
 		}
 		b.rsa3072 = err == nil
 	}
@@ -66,9 +66,8 @@ func (b *Backend) probe(o *op) error {
 		b.refused[keystore.PS256] = "this TPM lacks RSAPSS with SHA-256"
 	default:
 		err := b.pssSelfTest(o)
-		var ce *connError
-		if errors.As(err, &ce) {
-			return err
+		if probeFailed(o, err) {
+			return fmt.Errorf("PS256 self-test: %w", err)
 		}
 		if err != nil {
 			b.refused[keystore.PS256] = "PS256 is disabled: " + err.Error()
@@ -88,6 +87,23 @@ func (b *Backend) probe(o *op) error {
 		return errors.New("the TPM supports none of ES256, ES384, RS256, PS256")
 	}
 	return nil
+}
+
+// probeFailed reports whether err, from a probe's command, says nothing
+// about what the TPM supports: the connection failed, the caller gave up,
+// or the TPM answered with a warning (still testing, asked to retry once
+// too often) or a failure. Start-up then fails rather than refuse an
+// algorithm for the process's lifetime over a passing condition.
+func probeFailed(o *op, err error) bool {
+	if err == nil {
+		return false
+	}
+	var ce *connError
+	if errors.As(err, &ce) || o.ctx.Err() != nil || errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+		return true
+	}
+	var rc tpm2.TPMRC
+	return errors.As(err, &rc) && (rc.IsWarning() || rc == tpm2.TPMRCFailure || rc == tpm2.TPMRCNeedsTest || rc == tpm2.TPMRCInitialize)
 }
 
 func capAlgs(o *op) (map[tpm2.TPMAlgID]bool, error) {

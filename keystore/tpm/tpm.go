@@ -561,7 +561,7 @@ func (b *Backend) Sign(ctx context.Context, id string, digest []byte, opts crypt
 		// fresh load.
 		b.log.Error("TPM signature does not verify against the stored public key", "id", id, "attempt", attempt+1, "err", err)
 	}
-	return nil, fmt.Errorf("sign %s: the TPM's signatures do not verify against the stored public key", id)
+	return nil, fmt.Errorf("sign %s: %w: the TPM's signatures do not verify against the stored public key", id, keystore.ErrUnavailable)
 }
 
 // errBadSignature is a signature from the TPM that does not verify against

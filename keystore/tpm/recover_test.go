@@ -1,0 +1,202 @@
+package tpm
+
+import (
+	"context"
+	"crypto"
+	"errors"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/google/go-tpm/tpm2"
+
+	"github.com/keyd-dev/keyd/keystore"
+	"github.com/keyd-dev/keyd/keystore/keystoretest"
+)
+
+// injector answers the next n commands with code cc by rc, then lets
+// every command through to the TPM.
+type injector struct {
+	mu   sync.Mutex
+	cc   tpm2.TPMCC
+	rc   uint32
+	n    int
+	seen int
+	// before, if set, runs instead of answering (the command then goes
+	// to the TPM).
+	before func()
+}
+
+func (in *injector) hook(cmd []byte) ([]byte, bool, error) {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	if tpm2.TPMCC(commandCode(cmd)) != in.cc || in.n == 0 {
+		return nil, false, nil
+	}
+	in.n--
+	in.seen++
+	if in.before != nil {
+		in.before()
+		return nil, false, nil
+	}
+	return errorResponse(in.rc), true, nil
+}
+
+func (in *injector) arm(cc tpm2.TPMCC, rc uint32, n int) {
+	in.mu.Lock()
+	in.cc, in.rc, in.n, in.seen = cc, rc, n, 0
+	in.mu.Unlock()
+}
+
+func (in *injector) count() int {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	return in.seen
+}
+
+// twoKeys returns a backend on a fresh swtpm with injector in, its
+// footprint after New, and keys k1 and k2 (ES256).
+func twoKeys(t *testing.T, in *injector) (*Backend, tpmInfo, map[string]crypto.PublicKey) {
+	t.Helper()
+	s := startSWTPM(t)
+	b, err := newTestBackendErr(t, s, Config{}, in.hook)
+	if err != nil {
+		t.Fatal(err)
+	}
+	base := inspect(t, b)
+	pubs := map[string]crypto.PublicKey{}
+	for _, id := range []string{"k1", "k2"} {
+		if pubs[id], err = b.Generate(t.Context(), id, keystore.KeySpec{Algorithm: keystore.ES256}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return b, base, pubs
+}
+
+// TestFlushFailureLeaksNoSlot (T3): a TPM2_FlushContext of the cached key
+// that fails (TPM_RC_RETRY past the retries) leaves the key loaded; keyd
+// must not forget it there, or every such failure takes one of swtpm's
+// three slots for good and signing ends in TPM_RC_OBJECT_MEMORY.
+func TestFlushFailureLeaksNoSlot(t *testing.T) {
+	in := &injector{}
+	b, base, pubs := twoKeys(t, in)
+	d := keystoretest.Digest(keystore.ES256, []byte("m"))
+	mustSign(t, b, "k1", keystore.ES256, pubs["k1"], d)
+	for i := range 3 {
+		// Switching keys flushes the cached one first: make it fail.
+		in.arm(tpm2.TPMCCFlushContext, uint32(tpm2.TPMRCRetry), maxRetries+1)
+		id := []string{"k2", "k1"}[i%2]
+		if _, err := b.Sign(t.Context(), id, d, crypto.SHA256); !errors.Is(err, keystore.ErrUnavailable) {
+			t.Fatalf("sign %s with the flush failing: %v, want ErrUnavailable", id, err)
+		}
+		if got := in.count(); got != maxRetries+1 {
+			t.Fatalf("the flush was answered TPM_RC_RETRY %d times, want %d", got, maxRetries+1)
+		}
+	}
+	in.arm(0, 0, 0)
+	for _, id := range []string{"k2", "k1", "k2"} {
+		mustSign(t, b, id, keystore.ES256, pubs[id], d)
+	}
+	checkFootprint(t, b, base)
+}
+
+// TestObjectMemoryRecovers (T3): TPM_RC_OBJECT_MEMORY (no free slot, as
+// when something keyd lost track of is still loaded) makes keyd flush the
+// TPM's transient objects and run the command once more.
+func TestObjectMemoryRecovers(t *testing.T) {
+	in := &injector{}
+	b, base, pubs := twoKeys(t, in)
+	d := keystoretest.Digest(keystore.ES256, []byte("m"))
+	in.arm(tpm2.TPMCCLoad, uint32(tpm2.TPMRCObjectMemory), 1)
+	mustSign(t, b, "k1", keystore.ES256, pubs["k1"], d)
+	if in.count() != 1 {
+		t.Fatalf("TPM2_Load was answered TPM_RC_OBJECT_MEMORY %d times, want 1", in.count())
+	}
+	checkFootprint(t, b, base)
+}
+
+// TestLoadRefusalIsNotLoss (T6): a TPM2_Load refused for a reason that says
+// nothing about the blob (the TPM needs a self-test, is in field upgrade)
+// is ErrUnavailable, never ErrKeyLost — the rotation layer records a lost
+// key for good — and the key signs again once the TPM accepts it. A blob
+// the TPM finds wrong (an integrity error on inPrivate) stays ErrKeyLost.
+func TestLoadRefusalIsNotLoss(t *testing.T) {
+	in := &injector{}
+	b, base, pubs := twoKeys(t, in)
+	d := keystoretest.Digest(keystore.ES256, []byte("m"))
+	for _, rc := range []tpm2.TPMRC{tpm2.TPMRCNeedsTest, tpm2.TPMRCUpgrade, tpm2.TPMRCFailure} {
+		dropCache(t, b)
+		in.arm(tpm2.TPMCCLoad, uint32(rc), 1)
+		_, err := b.Sign(t.Context(), "k1", d, crypto.SHA256)
+		if !errors.Is(err, keystore.ErrUnavailable) || errors.Is(err, keystore.ErrKeyLost) {
+			t.Errorf("TPM2_Load answered %#x: Sign = %v, want ErrUnavailable and not ErrKeyLost", uint32(rc), err)
+		}
+		mustSign(t, b, "k1", keystore.ES256, pubs["k1"], d)
+	}
+	dropCache(t, b)
+	integrityP1 := uint32(tpm2.TPMRCIntegrity) + 0x040 + 0x100 // TPM_RC_INTEGRITY on parameter 1 (inPrivate)
+	in.arm(tpm2.TPMCCLoad, integrityP1, 1)
+	if _, err := b.Sign(t.Context(), "k2", d, crypto.SHA256); !errors.Is(err, keystore.ErrKeyLost) {
+		t.Errorf("TPM2_Load answered TPM_RC_INTEGRITY on inPrivate: Sign = %v, want ErrKeyLost", err)
+	}
+	in.arm(0, 0, 0)
+	checkFootprint(t, b, base)
+}
+
+// TestStaleFlushHandle (T2): TPM2_FlushContext of a handle that no longer
+// names a loaded object (TPM_RC_HANDLE on parameter 1: the TPM was reset
+// and started by someone else) is a stale state, re-initialised and run
+// once more, not an internal error.
+func TestStaleFlushHandle(t *testing.T) {
+	in := &injector{}
+	b, base, pubs := twoKeys(t, in)
+	d := keystoretest.Digest(keystore.ES256, []byte("m"))
+	mustSign(t, b, "k1", keystore.ES256, pubs["k1"], d)
+	handleP1 := uint32(tpm2.TPMRCHandle) + 0x040 + 0x100
+	in.arm(tpm2.TPMCCFlushContext, handleP1, 1)
+	mustSign(t, b, "k2", keystore.ES256, pubs["k2"], d)
+	if in.count() != 1 {
+		t.Fatalf("the flush was answered TPM_RC_HANDLE %d times, want 1", in.count())
+	}
+	checkFootprint(t, b, base)
+}
+
+// TestProbeFailureFailsStart (T5, T9): a start-up probe that meets a passing
+// condition — the TPM still testing after the retries, or the caller
+// giving up — fails New instead of refusing PS256 (or RSA-3072) for the
+// process's lifetime.
+func TestProbeFailureFailsStart(t *testing.T) {
+	s := startSWTPM(t)
+	in := &injector{}
+	in.arm(tpm2.TPMCCSign, uint32(tpm2.TPMRCTesting), maxRetries+1)
+	b, err := newTestBackendErr(t, s, Config{}, in.hook)
+	if err == nil {
+		t.Fatalf("New with the PS256 self-test answered TPM_RC_TESTING: nil error; algorithms %v, refused %v", b.algs, b.refused)
+	}
+	if !errors.Is(err, keystore.ErrUnavailable) {
+		t.Errorf("New with the PS256 self-test answered TPM_RC_TESTING: %v, want ErrUnavailable", err)
+	}
+
+	ctx, cancel := context.WithCancel(t.Context())
+	in = &injector{}
+	in.arm(tpm2.TPMCCTestParms, 0, 1)
+	in.before = cancel
+	cfg := Config{Address: s.addr(), StateDir: t.TempDir() + "/state", CommandTimeout: 5 * time.Second}
+	cfg.Logger, _ = testLogger(t)
+	b, err = newBackend(ctx, cfg, in.hook)
+	if err == nil {
+		b.Close()
+		t.Fatalf("New cancelled during the probe: nil error; algorithms %v, refused %v", b.algs, b.refused)
+	}
+	if !errors.Is(err, context.Canceled) {
+		t.Errorf("New cancelled during the probe: %v, want context.Canceled", err)
+	}
+
+	// And with nothing injected, PS256 passes (swtpm uses salt = hash
+	// length), so the failures above came from the injected conditions.
+	b = newTestBackend(t, s, Config{})
+	if !slices.Contains(b.algs, keystore.PS256) {
+		t.Fatalf("algorithms %v, want PS256 among them", b.algs)
+	}
+}
