@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -37,6 +38,46 @@ type faultModule struct {
 
 	logins, opens, signs atomic.Int32
 	inSign, maxInSign    atomic.Int32
+
+	// With gen set (trackHandles), the module generation in which each
+	// object handle was last handed out, and the C_SignInit calls that
+	// used a handle not handed out since the last C_Initialize.
+	gen   func() uint64
+	found map[p11.ObjectHandle]uint64
+	stale []string
+}
+
+// trackHandles makes f check that C_SignInit only uses object handles that
+// C_FindObjects or C_GenerateKeyPair handed out since the module was last
+// initialized; gen returns the module's generation (read inside the
+// module's calls, where it cannot change).
+func (f *faultModule) trackHandles(gen func() uint64) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.gen, f.found = gen, map[p11.ObjectHandle]uint64{}
+}
+
+func (f *faultModule) handedOut(hs ...p11.ObjectHandle) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.gen == nil {
+		return
+	}
+	for _, h := range hs {
+		f.found[h] = f.gen()
+	}
+}
+
+func (f *faultModule) staleUses() []string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return slices.Clone(f.stale)
+}
+
+func (f *faultModule) FindObjects(sh p11.SessionHandle, max int) ([]p11.ObjectHandle, bool, error) {
+	hs, more, err := f.module.FindObjects(sh, max)
+	f.handedOut(hs...)
+	return hs, more, err
 }
 
 func newFaultModule() *faultModule {
@@ -95,6 +136,32 @@ func times(n int, code uint) func() error {
 		}
 		return nil
 	}
+}
+
+// sequence fails the next calls with codes in turn (0: the real call),
+// then lets every call through.
+func sequence(codes ...uint) func() error {
+	var mu sync.Mutex
+	return func() error {
+		mu.Lock()
+		defer mu.Unlock()
+		if len(codes) == 0 {
+			return nil
+		}
+		c := codes[0]
+		codes = codes[1:]
+		if c == 0 {
+			return nil
+		}
+		return p11.Error(c)
+	}
+}
+
+func (f *faultModule) GetAttributeValue(sh p11.SessionHandle, o p11.ObjectHandle, a []*p11.Attribute) ([]*p11.Attribute, error) {
+	if err := f.fault("GetAttributeValue"); err != nil {
+		return nil, err
+	}
+	return f.module.GetAttributeValue(sh, o, a)
 }
 
 func (f *faultModule) Login(sh p11.SessionHandle, userType uint, pin string) error {
@@ -161,6 +228,13 @@ func (f *faultModule) SignInit(sh p11.SessionHandle, m []*p11.Mechanism, o p11.O
 	if err := f.fault("SignInit"); err != nil {
 		return err
 	}
+	f.mu.Lock()
+	if f.gen != nil {
+		if g, ok := f.found[o]; !ok || g != f.gen() {
+			f.stale = append(f.stale, fmt.Sprintf("C_SignInit with object handle %d, handed out in generation %d (found: %v), now %d", o, g, ok, f.gen()))
+		}
+	}
+	f.mu.Unlock()
 	return f.module.SignInit(sh, m, o)
 }
 
@@ -195,7 +269,11 @@ func (f *faultModule) GenerateKeyPair(sh p11.SessionHandle, m []*p11.Mechanism, 
 	if err := f.fault("GenerateKeyPair"); err != nil {
 		return 0, 0, err
 	}
-	return f.module.GenerateKeyPair(sh, m, pub, priv)
+	ph, kh, err := f.module.GenerateKeyPair(sh, m, pub, priv)
+	if err == nil {
+		f.handedOut(ph, kh)
+	}
+	return ph, kh, err
 }
 
 // waitIdle waits until no call holds a pooled session (abandoned calls
@@ -448,6 +526,52 @@ func TestConcurrentRecovery(t *testing.T) {
 		t.Errorf("%d C_Login calls for 3 re-initializations; recoveries are not shared", n)
 	}
 	keyIntact(t, b, "k", pub)
+}
+
+// P2 with the module re-initialized by another part of the process, which
+// logged in again: this Backend's next calls run on sessions opened after
+// the re-initialization, which are logged in and work, so no error ever
+// tells it to recover. Its cached object handles are from before, and
+// SoftHSM numbers handles afresh after C_Initialize, in the order objects
+// are touched: here k2's public and private objects are touched first, so
+// k1's old private handle now names k2's private key. Every signature must
+// still come from a handle found since the re-initialization, and verify.
+func TestCachedHandleAfterReinitElsewhere(t *testing.T) {
+	checkGoroutines(t)
+	f := newFaultModule()
+	b, tok := faultBackend(t, f, options{})
+	f.trackHandles(func() uint64 { return b.lib.gen })
+	pubs := map[string]crypto.PublicKey{}
+	for _, id := range []string{"k1", "k2"} {
+		pubs[id] = mustKey(t, b, id)
+	}
+	for _, id := range []string{"k1", "k2"} {
+		signOK(t, b, id, pubs[id])
+	}
+	b.lib.mu.Lock()
+	seen := b.lib.gen
+	b.lib.mu.Unlock()
+	if _, err := b.lib.reinitialize(b.lib.ctx, seen, 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	h := rawSession(t, b)
+	if err := b.lib.ctx.Login(h, p11.CKU_USER, tok.config(t).PIN.s); err != nil {
+		t.Fatal(err)
+	}
+	rawFind(t, b, h, "k2", p11.CKO_PUBLIC_KEY)
+	rawFind(t, b, h, "k2", p11.CKO_PRIVATE_KEY)
+	b.drainIdle() // the next calls open sessions of the new generation
+	for range 3 {
+		for _, id := range []string{"k1", "k2"} {
+			if err := signVerify(t.Context(), b, id, pubs[id]); err != nil {
+				t.Errorf("after the re-initialization elsewhere: %v", err)
+			}
+		}
+	}
+	for _, s := range f.staleUses() {
+		t.Error(s)
+	}
+	_ = b.lib.ctx.CloseSession(h)
 }
 
 // Stale session handles, for real: the pool's idle sessions are closed
@@ -1058,4 +1182,98 @@ func TestLogoutIsNoBoundary(t *testing.T) {
 	}
 	// keyd logs in again by itself (P4) and goes on signing.
 	signOK(t, b, "k", pub)
+}
+
+// copyPublicObject creates, in a raw session, a token public key object
+// with key id's CKA_ID, EC parameters and point, labelled label: what
+// `pkcs11-tool --write-object --type pubkey --id …` leaves on a token.
+func copyPublicObject(t *testing.T, b *Backend, h p11.SessionHandle, id, label string) {
+	t.Helper()
+	ctx := b.lib.ctx
+	pubs := rawFind(t, b, h, id, p11.CKO_PUBLIC_KEY)
+	if len(pubs) != 1 {
+		t.Fatalf("%d public objects labelled %q", len(pubs), labelPrefix+id)
+	}
+	a, err := ctx.GetAttributeValue(h, pubs[0], []*p11.Attribute{
+		p11.NewAttribute(p11.CKA_ID, nil), p11.NewAttribute(p11.CKA_EC_PARAMS, nil), p11.NewAttribute(p11.CKA_EC_POINT, nil),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := []*p11.Attribute{
+		p11.NewAttribute(p11.CKA_CLASS, p11.CKO_PUBLIC_KEY), p11.NewAttribute(p11.CKA_KEY_TYPE, p11.CKK_EC),
+		p11.NewAttribute(p11.CKA_TOKEN, true), p11.NewAttribute(p11.CKA_VERIFY, true),
+		a[0], a[1], a[2],
+	}
+	if label != "" {
+		tmpl = append(tmpl, p11.NewAttribute(p11.CKA_LABEL, label))
+	}
+	if _, err := ctx.CreateObject(h, tmpl); err != nil {
+		t.Fatalf("C_CreateObject: %v", err)
+	}
+}
+
+// forgetHandles empties b's handle cache, so the next call finds the key
+// on the token again, as a new Backend would.
+func forgetHandles(b *Backend) {
+	b.mu.Lock()
+	clear(b.cache)
+	b.mu.Unlock()
+}
+
+// P1, P10: another public key object with the key's CKA_ID (a tool's
+// convention) is not keyd's and does not make the key lost; two public
+// objects with keyd's label are an error keyd will not guess through, but
+// not a lost key either (the rotation layer records a lost key for good);
+// only the public object gone, seen twice, is ErrKeyLost.
+func TestForeignPublicObject(t *testing.T) {
+	checkGoroutines(t)
+	f := newFaultModule()
+	b, _ := faultBackend(t, f, options{})
+	pub := mustKey(t, b, "k")
+	h := rawSession(t, b)
+	defer b.lib.ctx.CloseSession(h)
+
+	copyPublicObject(t, b, h, "k", "")
+	copyPublicObject(t, b, h, "k", "imported by a tool")
+	forgetHandles(b)
+	keyIntact(t, b, "k", pub)
+
+	copyPublicObject(t, b, h, "k", labelPrefix+"k")
+	forgetHandles(b)
+	err := signVerify(t.Context(), b, "k", pub)
+	if err == nil || errors.Is(err, keystore.ErrKeyLost) || !strings.Contains(err.Error(), "several public key objects") {
+		t.Errorf("Sign with two public objects labelled keyd:k: %v; want an error naming them, not ErrKeyLost", err)
+	}
+
+	for _, o := range rawFind(t, b, h, "k", p11.CKO_PUBLIC_KEY) {
+		if err := b.lib.ctx.DestroyObject(h, o); err != nil {
+			t.Fatal(err)
+		}
+	}
+	forgetHandles(b)
+	if err := signVerify(t.Context(), b, "k", pub); !errors.Is(err, keystore.ErrKeyLost) {
+		t.Errorf("Sign with keyd's public object gone: %v, want ErrKeyLost", err)
+	}
+}
+
+// P10: Generate's second attempt (after a dead session) looks for the key
+// the first one may have made. A stale handle there is no proof that the
+// objects labelled keyd:<id> are someone else's: the call fails with
+// ErrUnavailable (retryable), not ErrAlreadyExists.
+func TestGenerateAdoptStaleHandle(t *testing.T) {
+	checkGoroutines(t)
+	f := newFaultModule()
+	b, _ := faultBackend(t, f, options{})
+	// The first GetAttributeValue (reading the new public key) meets a
+	// dead session; on the second attempt both objects' CKA_ID reads
+	// meet stale handles.
+	f.set("GetAttributeValue", sequence(p11.CKR_SESSION_HANDLE_INVALID, p11.CKR_OBJECT_HANDLE_INVALID, p11.CKR_OBJECT_HANDLE_INVALID))
+	_, err := b.Generate(t.Context(), "k", keystore.KeySpec{Algorithm: keystore.ES256})
+	if !errors.Is(err, keystore.ErrUnavailable) || errors.Is(err, keystore.ErrAlreadyExists) {
+		t.Fatalf("Generate with stale handles on its second attempt: %v, want ErrUnavailable", err)
+	}
+	f.clear()
+	pub := mustKey(t, b, "k2")
+	keyIntact(t, b, "k2", pub)
 }

@@ -245,7 +245,12 @@ type session struct {
 
 // key is a key found on the token in one epoch.
 type key struct {
+	// epoch and gen are those of the session that found the key: the
+	// handle is good only on sessions of the same epoch and module
+	// generation (another part of the process may initialize the module
+	// again, and handles are numbered afresh after C_Initialize).
 	epoch uint64
+	gen   uint64
 	ckaID []byte
 	priv  p11.ObjectHandle
 	kind  kind
@@ -580,7 +585,16 @@ func (b *Backend) Generate(ctx context.Context, id string, spec keystore.KeySpec
 			// before its session died: adopt it rather than fail.
 			for _, h := range hs {
 				a, err := b.m.GetAttributeValue(s.h, h, []*p11.Attribute{p11.NewAttribute(p11.CKA_ID, nil)})
-				if err == nil && bytes.Equal(a[0].Value, ckaID) {
+				if isCode(err, p11.CKR_ATTRIBUTE_TYPE_INVALID) {
+					continue // an object without CKA_ID is not keyd's
+				}
+				if err != nil {
+					// A dead session or stale handle recovers and
+					// runs this again; anything else fails the call
+					// rather than pass for someone else's object.
+					return fmt.Errorf("C_GetAttributeValue: %w", err)
+				}
+				if bytes.Equal(a[0].Value, ckaID) {
 					k, err := b.lookup(s, id)
 					if err != nil {
 						return err
@@ -1219,7 +1233,13 @@ func (b *Backend) recover(ctx context.Context, ep uint64, cause error) error {
 			ckrName(cause), time.Since(b.lastFail).Round(time.Millisecond), cause)
 	}
 	anchors := b.anchors
-	if err := b.reconnect(cause); err != nil {
+	giveBack, err := b.reconnect(cause)
+	// The pool's places, if reconnect took them, go back only after the
+	// epoch moved on: a caller waiting for one must open its session in
+	// the new epoch, or its session would count as one of before (and be
+	// forgotten, not closed, if the anchor died).
+	defer giveBack()
+	if err != nil {
 		b.lastFail = time.Now()
 		if errors.Is(err, keystore.ErrLocked) {
 			return err
@@ -1245,8 +1265,11 @@ func (b *Backend) recover(ctx context.Context, ep uint64, cause error) error {
 }
 
 // reconnect makes the anchor session live and logged in, doing as little
-// as it can. The caller holds b.dev and is not inside the module.
-func (b *Backend) reconnect(cause error) error {
+// as it can. The caller holds b.dev and is not inside the module. If
+// reconnect took the pool's places (to re-initialize the module), giveBack
+// returns them; the caller calls it in any case, after moving the epoch on.
+func (b *Backend) reconnect(cause error) (giveBack func(), err error) {
+	giveBack = func() {}
 	done := b.lib.reading()
 	light, err := b.reconnectLight(cause)
 	if !light {
@@ -1254,31 +1277,30 @@ func (b *Backend) reconnect(cause error) error {
 	}
 	done()
 	if light {
-		return err
+		return giveBack, err
 	}
 	// The module or the device is gone: initialize the module again and
 	// find the token, whose slot may have changed. First stop this
 	// Backend's own calls, so they cannot keep the module busy.
 	giveBack, ok := b.quiesce(b.opts.closeWait)
 	if !ok {
-		return fmt.Errorf("calls still running after %v; not re-initializing the module under them", b.opts.closeWait)
+		return func() {}, fmt.Errorf("calls still running after %v; not re-initializing the module under them", b.opts.closeWait)
 	}
-	defer giveBack()
 	gen, err := b.lib.reinitialize(b.m, b.libGen, b.opts.closeWait)
 	if err != nil {
-		return err
+		return giveBack, err
 	}
 	b.libGen = gen
 	defer b.lib.reading()()
 	slot, _, err := b.findToken()
 	if err != nil {
-		return err
+		return giveBack, err
 	}
 	b.mu.Lock()
 	b.slot = slot
 	b.mu.Unlock()
 	b.log.Warn("PKCS#11 module initialized again", "token", b.label, "slot", slot)
-	return b.openAnchor(slot)
+	return giveBack, b.openAnchor(slot)
 }
 
 // quiesce takes every place in the pool, waiting up to wait for running
@@ -1386,7 +1408,7 @@ func (b *Backend) lookup(s *session, id string) (*key, error) {
 	b.mu.RLock()
 	k, known, forget := b.cache[id], b.known[id], b.forget
 	b.mu.RUnlock()
-	if k != nil && k.epoch == s.epoch {
+	if k != nil && k.epoch == s.epoch && k.gen == s.gen {
 		return k, nil
 	}
 	tmpl := []*p11.Attribute{
@@ -1423,23 +1445,34 @@ func (b *Backend) lookup(s *session, id string) (*key, error) {
 		}
 		return nil, &missing{keystore.ErrNotFound}
 	}
+	// keyd's public object has the private key's label and CKA_ID; a tool
+	// may add another public object with the same CKA_ID (a common
+	// convention), which keyd leaves alone.
 	pubs, err := b.find(s, []*p11.Attribute{
 		p11.NewAttribute(p11.CKA_CLASS, p11.CKO_PUBLIC_KEY),
 		p11.NewAttribute(p11.CKA_TOKEN, true),
+		p11.NewAttribute(p11.CKA_LABEL, labelPrefix+id),
 		p11.NewAttribute(p11.CKA_ID, ckaID),
 	}, 2)
 	if err != nil {
 		return nil, err
 	}
-	if len(pubs) != 1 {
-		return nil, fmt.Errorf("%w: token %q has %d public key objects for the key (CKA_ID %x), want 1",
-			keystore.ErrKeyLost, b.label, len(pubs), ckaID)
+	switch len(pubs) {
+	case 0:
+		// Believed only if a second look says so too (see do): the
+		// rotation layer records a lost key for good.
+		return nil, &missing{fmt.Errorf("%w: token %q has the private key (CKA_ID %x) but no longer its public key object %q; keyd will not make a replacement",
+			keystore.ErrKeyLost, b.label, ckaID, labelPrefix+id)}
+	case 1:
+	default:
+		return nil, fmt.Errorf("token %q has several public key objects labelled %q with CKA_ID %x; keyd will not guess which to use",
+			b.label, labelPrefix+id, ckaID)
 	}
 	k, err = b.readPublic(s, pubs[0])
 	if err != nil {
 		return nil, err
 	}
-	k.ckaID, k.priv, k.epoch = ckaID, hs[0], s.epoch
+	k.ckaID, k.priv, k.epoch, k.gen = ckaID, hs[0], s.epoch, s.gen
 	b.mu.Lock()
 	if b.epoch == s.epoch && b.forget == forget && !b.closed {
 		b.cache[id] = k
