@@ -75,6 +75,25 @@ func pinFailed(err error) bool {
 	return false
 }
 
+// loginUnjudged reports whether err, from C_Login, says that the login
+// could not be attempted (the session, the device or the module failed)
+// rather than anything about the PIN. Every other failure counts as a
+// refused PIN: a module may report a wrong PIN with a code of its own
+// (CKR_FUNCTION_FAILED, CKR_GENERAL_ERROR…), and logging in again after
+// each recovery would lock a real HSM's PIN.
+func loginUnjudged(err error) bool {
+	switch code(err) {
+	case p11.CKR_SESSION_HANDLE_INVALID, p11.CKR_SESSION_CLOSED,
+		p11.CKR_DEVICE_REMOVED, p11.CKR_DEVICE_ERROR, p11.CKR_TOKEN_NOT_PRESENT,
+		p11.CKR_CRYPTOKI_NOT_INITIALIZED, p11.CKR_SLOT_ID_INVALID,
+		p11.CKR_DEVICE_MEMORY, p11.CKR_HOST_MEMORY, p11.CKR_FUNCTION_CANCELED:
+		return true
+	case 0:
+		return true // not the module's answer
+	}
+	return false
+}
+
 // classify wraps a PKCS#11 error that is not recoverable with the keystore
 // sentinel it means; other errors are returned as they are. The CKR code
 // stays in the chain (errors.As(err, new(pkcs11.Error)) works) for logs.

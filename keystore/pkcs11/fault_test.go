@@ -774,9 +774,12 @@ func TestWrongPIN(t *testing.T) {
 	}
 }
 
-// P3, injected: a token that says its PIN is locked or expired.
+// P3, injected: a token that says its PIN is locked or expired, or that
+// refuses the login with a code that says nothing (a module may report a
+// wrong PIN so): one C_Login, then locked.
 func TestPINLockedInjected(t *testing.T) {
-	for name, c := range map[string]uint{"CKR_PIN_LOCKED": p11.CKR_PIN_LOCKED, "CKR_PIN_EXPIRED": p11.CKR_PIN_EXPIRED} {
+	for name, c := range map[string]uint{"CKR_PIN_LOCKED": p11.CKR_PIN_LOCKED, "CKR_PIN_EXPIRED": p11.CKR_PIN_EXPIRED,
+		"CKR_FUNCTION_FAILED": p11.CKR_FUNCTION_FAILED, "CKR_GENERAL_ERROR": p11.CKR_GENERAL_ERROR} {
 		t.Run(name, func(t *testing.T) {
 			checkGoroutines(t)
 			f := newFaultModule()
@@ -802,6 +805,12 @@ func TestPINLockedInjected(t *testing.T) {
 // it, and the Backend locks: two C_Login calls in all, however many calls
 // follow.
 func TestPINChangedWhileRunning(t *testing.T) {
+	for name, c := range map[string]uint{"CKR_PIN_INCORRECT": p11.CKR_PIN_INCORRECT, "CKR_FUNCTION_FAILED": p11.CKR_FUNCTION_FAILED} {
+		t.Run(name, func(t *testing.T) { pinChangedWhileRunning(t, c) })
+	}
+}
+
+func pinChangedWhileRunning(t *testing.T, refusal uint) {
 	checkGoroutines(t)
 	f := newFaultModule()
 	b, _ := faultBackend(t, f, options{recoverBackoff: time.Millisecond})
@@ -812,7 +821,7 @@ func TestPINChangedWhileRunning(t *testing.T) {
 	if err := b.lib.ctx.Logout(h); err != nil {
 		t.Fatal(err)
 	}
-	f.set("Login", always(p11.CKR_PIN_INCORRECT))
+	f.set("Login", always(refusal))
 	for range 5 {
 		if _, err := b.Sign(t.Context(), "k", make([]byte, 32), crypto.SHA256); !errors.Is(err, keystore.ErrLocked) {
 			t.Fatalf("Sign = %v; want ErrLocked", err)

@@ -513,17 +513,23 @@ func (b *Backend) closeAnchor() {
 // number may be another session's by now.
 func (b *Backend) forgetAnchor() { b.haveAnchor = false }
 
-// login calls C_Login once. A refused PIN locks the Backend for good.
+// login calls C_Login once. A refused PIN — or a login failure that does
+// not say it could not be attempted (see loginUnjudged) — locks the Backend
+// for good.
 func (b *Backend) login(h p11.SessionHandle) error {
 	err := b.m.Login(h, p11.CKU_USER, b.pin.s)
 	if err == nil || isCode(err, p11.CKR_USER_ALREADY_LOGGED_IN) {
 		return nil
 	}
-	if !pinFailed(err) {
+	if loginUnjudged(err) {
 		return fmt.Errorf("C_Login: %w", err)
 	}
-	lerr := fmt.Errorf("%w: token %q refused the PIN (%s); keyd tries a PIN once and will not try it again: fix the PIN (pin_file) and restart keyd: %w",
-		keystore.ErrLocked, b.label, ckrName(err), err)
+	why := "refused the PIN"
+	if !pinFailed(err) {
+		why = "refused the login without saying why, which keyd takes for a refused PIN"
+	}
+	lerr := fmt.Errorf("%w: token %q %s (%s); keyd tries a PIN once and will not try it again: fix the PIN (pin_file) and restart keyd: %w",
+		keystore.ErrLocked, b.label, why, ckrName(err), err)
 	b.mu.Lock()
 	b.locked = lerr
 	b.mu.Unlock()
