@@ -45,6 +45,9 @@ type faultModule struct {
 	gen   func() uint64
 	found map[p11.ObjectHandle]uint64
 	stale []string
+
+	// tokenInfo, if set, changes what C_GetTokenInfo returns.
+	tokenInfo func(p11.TokenInfo) p11.TokenInfo
 }
 
 // trackHandles makes f check that C_SignInit only uses object handles that
@@ -191,7 +194,14 @@ func (f *faultModule) GetTokenInfo(slot uint) (p11.TokenInfo, error) {
 	if err := f.fault("GetTokenInfo"); err != nil {
 		return p11.TokenInfo{}, err
 	}
-	return f.module.GetTokenInfo(slot)
+	ti, err := f.module.GetTokenInfo(slot)
+	f.mu.Lock()
+	change := f.tokenInfo
+	f.mu.Unlock()
+	if err == nil && change != nil {
+		ti = change(ti)
+	}
+	return ti, err
 }
 
 func (f *faultModule) GetMechanismList(slot uint) ([]*p11.Mechanism, error) {
@@ -1285,4 +1295,44 @@ func TestGenerateAdoptStaleHandle(t *testing.T) {
 	f.clear()
 	pub := mustKey(t, b, "k2")
 	keyIntact(t, b, "k2", pub)
+}
+
+// P2, P3: the anchor session dies and, by the time keyd opens a new one,
+// another token sits in the slot (same label, another serial: a token
+// swapped in its reader). keyd must not send its PIN there: the recovery
+// fails with ErrUnavailable naming both serials, without a C_Login; with
+// keyd's token back, keyd signs again.
+func TestTokenSwappedInSlot(t *testing.T) {
+	checkGoroutines(t)
+	f := newFaultModule()
+	b, _ := faultBackend(t, f, options{recoverBackoff: time.Millisecond})
+	pub := mustKey(t, b, "k")
+	signOK(t, b, "k", pub)
+	logins := f.logins.Load()
+
+	f.mu.Lock()
+	f.tokenInfo = func(ti p11.TokenInfo) p11.TokenInfo {
+		ti.SerialNumber = "0123456789abcdef"
+		return ti
+	}
+	f.mu.Unlock()
+	f.set("GetSessionInfo", always(p11.CKR_SESSION_HANDLE_INVALID))
+	f.set("Sign", times(1, p11.CKR_SESSION_HANDLE_INVALID))
+	err := signVerify(t.Context(), b, "k", pub)
+	if !errors.Is(err, keystore.ErrUnavailable) || !strings.Contains(err.Error(), "0123456789abcdef") {
+		t.Errorf("Sign with another token in the slot: %v; want ErrUnavailable naming its serial", err)
+	}
+	if n := f.logins.Load(); n != logins {
+		t.Errorf("%d C_Login calls with another token in the slot; want none", n-logins)
+	}
+
+	f.mu.Lock()
+	f.tokenInfo = nil
+	f.mu.Unlock()
+	f.clear()
+	time.Sleep(2 * time.Millisecond)
+	keyIntact(t, b, "k", pub)
+	if n := f.logins.Load(); n > logins+1 {
+		t.Errorf("%d C_Login calls to recover on keyd's token; want at most 1", n-logins)
+	}
 }

@@ -178,10 +178,14 @@ type Backend struct {
 	uri   URI
 	pin   PIN
 	label string // the token's label, for messages
-	n     int    // pool size
-	caps  map[keystore.Algorithm]capability
-	algs  []keystore.Algorithm
-	opts  options
+	// serial is the serial number of the token opened at start: keyd
+	// never logs in to another token, even one the URI would match (a
+	// token swapped in the same reader).
+	serial string
+	n      int // pool size
+	caps   map[keystore.Algorithm]capability
+	algs   []keystore.Algorithm
+	opts   options
 
 	// sem holds one token per session checked out of the pool (or being
 	// opened); idle holds the sessions not in use.
@@ -358,7 +362,7 @@ func (b *Backend) start(maxSessions int) error {
 	if err != nil {
 		return err
 	}
-	b.slot, b.label = slot, ti.Label
+	b.slot, b.label, b.serial = slot, ti.Label, ti.SerialNumber
 	if err := b.probeMechanisms(slot); err != nil {
 		return err
 	}
@@ -428,6 +432,10 @@ func (b *Backend) findToken() (uint, p11.TokenInfo, error) {
 		}
 		return 0, p11.TokenInfo{}, fmt.Errorf("%w: no initialized token matches %s (tokens: %s)", keystore.ErrUnavailable, b.uri, list)
 	case 1:
+		if b.serial != "" && infos[0].SerialNumber != b.serial {
+			return 0, p11.TokenInfo{}, fmt.Errorf("%w: the token matching %s in slot %d has serial %q, not %q, the one keyd opened at start; keyd will not log in to another token (restart keyd to use it)",
+				keystore.ErrUnavailable, b.uri, matches[0], strings.TrimRight(infos[0].SerialNumber, " "), strings.TrimRight(b.serial, " "))
+		}
 		return matches[0], infos[0], nil
 	}
 	return 0, p11.TokenInfo{}, fmt.Errorf("%d tokens match %s: add serial= to the URI to choose one", len(matches), b.uri)
@@ -1352,11 +1360,20 @@ func (b *Backend) reconnectLight(cause error) (light bool, err error) {
 		}
 	}
 	// The anchor died (or another Backend initialized the module again)
-	// but the module answers: a new anchor.
+	// but the module answers: a new anchor — on the token keyd opened at
+	// start, found again (another may sit in its slot by now: the PIN
+	// must not go to it).
 	b.forgetAnchor()
-	b.mu.RLock()
-	slot := b.slot
-	b.mu.RUnlock()
+	slot, _, err := b.findToken()
+	if err != nil {
+		if deviceGone(err) {
+			return false, nil
+		}
+		return true, err
+	}
+	b.mu.Lock()
+	b.slot = slot
+	b.mu.Unlock()
 	if err := b.openAnchor(slot); err == nil || !deviceGone(err) {
 		return true, err
 	}
