@@ -167,6 +167,13 @@ func (f *faultModule) GetAttributeValue(sh p11.SessionHandle, o p11.ObjectHandle
 	return f.module.GetAttributeValue(sh, o, a)
 }
 
+func (f *faultModule) Initialize(opts ...p11.InitializeOption) error {
+	if err := f.fault("Initialize"); err != nil {
+		return err
+	}
+	return f.module.Initialize(opts...)
+}
+
 func (f *faultModule) Login(sh p11.SessionHandle, userType uint, pin string) error {
 	f.logins.Add(1)
 	if err := f.fault("Login"); err != nil {
@@ -1335,4 +1342,66 @@ func TestTokenSwappedInSlot(t *testing.T) {
 	if n := f.logins.Load(); n > logins+1 {
 		t.Errorf("%d C_Login calls to recover on keyd's token; want at most 1", n-logins)
 	}
+}
+
+// P2, P7: the device goes away and C_Initialize then hangs (a network HSM
+// that does not answer). Health and Sign with deadlines return
+// ErrUnavailable (or their deadline) in time instead of waiting for the
+// recovery, which goes on in the background; health therefore reports
+// NOT_SERVING. Once the module answers, keyd signs again and no goroutine
+// is left.
+func TestRecoveryHangs(t *testing.T) {
+	checkGoroutines(t)
+	f := newFaultModule()
+	b, _ := faultBackend(t, f, options{})
+	pub := mustKey(t, b, "k")
+	signOK(t, b, "k", pub)
+
+	const hang = 2 * time.Second
+	released := make(chan struct{})
+	var once sync.Once
+	f.set("GetSessionInfo", always(p11.CKR_DEVICE_REMOVED))
+	f.set("Initialize", func() error {
+		cgoblock.Sleep(hang) // inside C, as a hung module would be
+		once.Do(func() { close(released) })
+		return nil
+	})
+	for _, call := range []struct {
+		name string
+		run  func(context.Context) error
+	}{
+		{"Health", b.Health},
+		{"Sign", func(ctx context.Context) error { return signVerify(ctx, b, "k", pub) }},
+		{"Health again", b.Health},
+	} {
+		ctx, cancel := context.WithTimeout(t.Context(), 200*time.Millisecond)
+		start := time.Now()
+		err := call.run(ctx)
+		took := time.Since(start)
+		cancel()
+		if !errors.Is(err, keystore.ErrUnavailable) && !errors.Is(err, context.DeadlineExceeded) {
+			t.Errorf("%s while the recovery hangs: %v; want ErrUnavailable or the deadline", call.name, err)
+		}
+		if took > time.Second {
+			t.Errorf("%s while the recovery hangs took %v; want about its 200ms deadline", call.name, took)
+		}
+	}
+	select {
+	case <-released:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the hung C_Initialize never returned")
+	}
+	f.clear()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		err := signVerify(t.Context(), b, "k", pub)
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("Sign after the module answers again: %v", err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	keyIntact(t, b, "k", pub)
 }

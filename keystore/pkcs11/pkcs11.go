@@ -1225,12 +1225,30 @@ func (b *Backend) drainIdle() {
 
 // recover re-connects after cause, a recoverable error seen in epoch ep. If
 // another call recovered since ep, there is nothing to do. It waits for a
-// recovery already running only until ctx ends.
+// recovery already running, and for its own, only until ctx ends: a
+// recovery calls into the module (C_Finalize, C_Initialize, C_Login…),
+// which may hang on a device that has gone away, so it runs on a goroutine
+// of its own that holds b.dev until it is done, and the caller — a Sign
+// with a deadline, a health probe — gets ErrUnavailable in time.
 func (b *Backend) recover(ctx context.Context, ep uint64, cause error) error {
 	if !lockWithin(&b.dev, ctx.Done()) {
-		return fmt.Errorf("waiting for a recovery of token %q: %w", b.label, ctx.Err())
+		return fmt.Errorf("%w: token %q: waiting for a recovery: %w", keystore.ErrUnavailable, b.label, ctx.Err())
 	}
-	defer b.dev.Unlock()
+	ch := make(chan error, 1)
+	go func() {
+		defer b.dev.Unlock()
+		ch <- b.recoverLocked(ep, cause)
+	}()
+	select {
+	case err := <-ch:
+		return err
+	case <-ctx.Done():
+		return fmt.Errorf("%w: token %q: recovering from %s goes on in the background: %w", keystore.ErrUnavailable, b.label, ckrName(cause), ctx.Err())
+	}
+}
+
+// recoverLocked is recover's work, with b.dev held.
+func (b *Backend) recoverLocked(ep uint64, cause error) error {
 	b.mu.RLock()
 	cur, closed, locked := b.epoch, b.closed, b.locked
 	b.mu.RUnlock()
