@@ -1236,8 +1236,12 @@ func (b *Backend) recover(ctx context.Context, ep uint64, cause error) error {
 	}
 	ch := make(chan error, 1)
 	go func() {
-		defer b.dev.Unlock()
-		ch <- b.recoverLocked(ep, cause)
+		// The lock is released before the caller hears the outcome,
+		// so that its next call finds the anchor free.
+		ch <- func() error {
+			defer b.dev.Unlock()
+			return b.recoverLocked(ep, cause)
+		}()
 	}()
 	select {
 	case err := <-ch:
