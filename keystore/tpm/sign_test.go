@@ -150,8 +150,9 @@ func rawSignResponse(params []byte) []byte {
 // compareSignResponse checks parseSignResponse against go-tpm's parsing of
 // rsp: the same TPM response code; a success only where go-tpm succeeds,
 // with the same signature; and a success wherever go-tpm succeeds on a
-// response whose header is consistent and whose parameter area is exactly
-// an ECDSA, RSASSA or RSAPSS signature.
+// response whose header is consistent, whose parameter area is exactly an
+// ECDSA, RSASSA or RSAPSS signature and whose authorization area is the
+// password session's.
 func compareSignResponse(t *testing.T, rsp []byte) {
 	t.Helper()
 	mine, err := parseSignResponse(rsp)
@@ -183,8 +184,10 @@ func compareSignResponse(t *testing.T, rsp []byte) {
 	// go-tpm accepts it; keyd may refuse only what it is stricter about.
 	sig := theirs.Signature
 	be := binary.BigEndian
+	n := len(tpm2.Marshal(sig))
 	strict := be.Uint16(rsp) == tagSessions && int(be.Uint32(rsp[2:])) == len(rsp) &&
-		len(rsp) >= 14 && int(be.Uint32(rsp[10:])) == len(tpm2.Marshal(sig))
+		len(rsp) >= 14+n && int(be.Uint32(rsp[10:])) == n &&
+		string(rsp[14+n:]) == string(pwAuthResponse[:]) // go-tpm ignores the authorization area
 	switch sig.SigAlg {
 	case tpm2.TPMAlgECDSA, tpm2.TPMAlgRSASSA, tpm2.TPMAlgRSAPSS:
 	default:
