@@ -605,9 +605,8 @@ func (b *Backend) load(o *op, id string, blob *keyBlob) (tpm2.TPMHandle, error) 
 // rotation layer records a lost key for good.
 func (b *Backend) loadFailed(o *op, err error) error {
 	var rc tpm2.TPMRC
-	if !errors.As(err, &rc) || rc.IsWarning() || staleHandle(err) || errors.Is(err, tpm2.TPMRCInitialize) ||
-		errors.Is(err, tpm2.TPMRCObjectMemory) {
-		return err
+	if !errors.As(err, &rc) || rc.IsWarning() || staleHandle(err) || errors.Is(err, tpm2.TPMRCInitialize) {
+		return err // TPM_RC_OBJECT_MEMORY is a warning too: recoverable sees it
 	}
 	if !blobRefused(rc) {
 		return fmt.Errorf("%w: TPM2_Load: %v", keystore.ErrUnavailable, err)
@@ -647,6 +646,13 @@ func blobRefused(rc tpm2.TPMRC) bool {
 	return isParam && (n == 1 || n == 2)
 }
 
+// passingCondition reports whether rc is the TPM's state rather than an
+// answer about the command: a warning (retry, testing, lockout, no slot…),
+// a failure, not started, or a self-test needed.
+func passingCondition(rc tpm2.TPMRC) bool {
+	return rc.IsWarning() || rc == tpm2.TPMRCFailure || rc == tpm2.TPMRCInitialize || rc == tpm2.TPMRCNeedsTest
+}
+
 // mapErr turns a TPM or transport error into one wrapping a keystore
 // sentinel, keeping the TPM's detail in the text.
 func (b *Backend) mapErr(err error) error {
@@ -672,7 +678,7 @@ func (b *Backend) mapErr(err error) error {
 		switch {
 		case rc == tpm2.TPMRCLockout:
 			return fmt.Errorf("%w: the TPM is in dictionary-attack lockout (keyd's keys are noDA; something else used bad authorization): %v", keystore.ErrUnavailable, err)
-		case rc.IsWarning(), rc == tpm2.TPMRCFailure, rc == tpm2.TPMRCInitialize, rc == tpm2.TPMRCNeedsTest:
+		case passingCondition(rc):
 			return fmt.Errorf("%w: %v", keystore.ErrUnavailable, err)
 		case rc.Is(tpm2.TPMRCBadAuth), rc.Is(tpm2.TPMRCAuthFail):
 			return fmt.Errorf("%w: owner hierarchy authorization refused (check owner_auth_file): %v", keystore.ErrLocked, err)

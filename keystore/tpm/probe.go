@@ -1,7 +1,6 @@
 package tpm
 
 import (
-	"context"
 	"crypto"
 	"crypto/rand"
 	"crypto/rsa"
@@ -98,12 +97,14 @@ func probeFailed(o *op, err error) bool {
 	if err == nil {
 		return false
 	}
+	// Once the op's context has ended, its commands fail with the
+	// context's error (see op.Send).
 	var ce *connError
-	if errors.As(err, &ce) || o.ctx.Err() != nil || errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+	if errors.As(err, &ce) || o.ctx.Err() != nil {
 		return true
 	}
 	var rc tpm2.TPMRC
-	return errors.As(err, &rc) && (rc.IsWarning() || rc == tpm2.TPMRCFailure || rc == tpm2.TPMRCNeedsTest || rc == tpm2.TPMRCInitialize)
+	return errors.As(err, &rc) && passingCondition(rc)
 }
 
 func capAlgs(o *op) (map[tpm2.TPMAlgID]bool, error) {
