@@ -82,11 +82,11 @@ func pinFailed(err error) bool {
 // (CKR_FUNCTION_FAILED, CKR_GENERAL_ERROR…), and logging in again after
 // each recovery would lock a real HSM's PIN.
 func loginUnjudged(err error) bool {
+	if deviceGone(err) || sessionDead(err) {
+		return true
+	}
 	switch code(err) {
-	case p11.CKR_SESSION_HANDLE_INVALID, p11.CKR_SESSION_CLOSED,
-		p11.CKR_DEVICE_REMOVED, p11.CKR_DEVICE_ERROR, p11.CKR_TOKEN_NOT_PRESENT,
-		p11.CKR_CRYPTOKI_NOT_INITIALIZED, p11.CKR_SLOT_ID_INVALID,
-		p11.CKR_DEVICE_MEMORY, p11.CKR_HOST_MEMORY, p11.CKR_FUNCTION_CANCELED:
+	case p11.CKR_DEVICE_MEMORY, p11.CKR_HOST_MEMORY, p11.CKR_FUNCTION_CANCELED:
 		return true
 	case 0:
 		return true // not the module's answer
