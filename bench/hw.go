@@ -574,7 +574,7 @@ func benchPKCS11(ctx context.Context, o options) (sec *hwSection, err error) {
 	// does not decide a verdict alone.
 	for round := 1; round <= o.goalRounds; round++ {
 		for i, s := range setups {
-			if !slices.Contains(o.p11Callers, goalP11N) || (s.alg != keystore.ES256 && s.alg != keystore.RS256) {
+			if !p11GoalPair(o, s.alg) {
 				continue
 			}
 			note := fmt.Sprintf(" (goal round %d of %d)", round+1, o.goalRounds+1)
@@ -600,7 +600,7 @@ func benchPKCS11(ctx context.Context, o options) (sec *hwSection, err error) {
 	}
 	// And side by side, in short slices: the steadiest of the three.
 	for i, s := range setups {
-		if o.p11Cycles == 0 || !slices.Contains(o.p11Callers, goalP11N) || (s.alg != keystore.ES256 && s.alg != keystore.RS256) {
+		if o.p11Cycles == 0 || !p11GoalPair(o, s.alg) {
 			continue
 		}
 		var modes []string
@@ -631,6 +631,12 @@ func benchPKCS11(ctx context.Context, o options) (sec *hwSection, err error) {
 		"keyd backend can outrun direct with more callers than sessions: it makes each C_Sign on a goroutine of its own (to be able to abandon it), which spares Go's scheduler the P hand-offs a plain pool meets when both Ps sit in cgo calls; direct is the plain pool",
 	)
 	return sec, nil
+}
+
+// p11GoalPair reports whether the run measures a pkcs11 goal for alg: the
+// goals are ES256 and RS256 at goalP11N callers.
+func p11GoalPair(o options, alg keystore.Algorithm) bool {
+	return slices.Contains(o.p11Callers, goalP11N) && (alg == keystore.ES256 || alg == keystore.RS256)
 }
 
 // ---- tpm ------------------------------------------------------------------
