@@ -547,6 +547,17 @@ func (s *suite) testClosed(t *testing.T) {
 	}
 }
 
+// MustGenerate generates an ES256 key id in b for a test and returns its
+// public key, failing the test if it cannot.
+func MustGenerate(t testing.TB, b keystore.Backend, id string) crypto.PublicKey {
+	t.Helper()
+	pub, err := b.Generate(t.Context(), id, keystore.KeySpec{Algorithm: keystore.ES256})
+	if err != nil {
+		t.Fatalf("Generate(%q): %v", id, err)
+	}
+	return pub
+}
+
 // Digest returns what Sign takes for alg over msg: the alg.Hash() digest, or
 // msg itself for EdDSA.
 func Digest(alg keystore.Algorithm, msg []byte) []byte {

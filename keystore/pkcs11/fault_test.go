@@ -313,16 +313,6 @@ func faultBackend(t *testing.T, f *faultModule, o options) (*Backend, *testToken
 	return openBackend(t, tok.config(t), f.options(o)), tok
 }
 
-// mustKey generates an ES256 key and returns its public key.
-func mustKey(t *testing.T, b *Backend, id string) crypto.PublicKey {
-	t.Helper()
-	pub, err := b.Generate(t.Context(), id, keystore.KeySpec{Algorithm: keystore.ES256})
-	if err != nil {
-		t.Fatalf("Generate(%q): %v", id, err)
-	}
-	return pub
-}
-
 // signOK signs with key id and verifies the signature.
 func signOK(t *testing.T, b *Backend, id string, pub crypto.PublicKey) {
 	t.Helper()
@@ -374,7 +364,7 @@ func TestTokenWiped(t *testing.T) {
 	checkGoroutines(t)
 	f := newFaultModule()
 	b, tok := faultBackend(t, f, options{recoverBackoff: time.Millisecond})
-	pub := mustKey(t, b, "k")
+	pub := keystoretest.MustGenerate(t, b, "k")
 	signOK(t, b, "k", pub)
 	if err := b.Health(t.Context()); err != nil {
 		t.Fatalf("Health before the wipe: %v", err)
@@ -413,7 +403,7 @@ func TestTokenWipedUnknownKey(t *testing.T) {
 	checkGoroutines(t)
 	tok := newToken(t)
 	b := openBackend(t, tok.config(t), options{})
-	mustKey(t, b, "k")
+	keystoretest.MustGenerate(t, b, "k")
 	if err := b.Close(); err != nil {
 		t.Fatal(err)
 	}
@@ -432,8 +422,8 @@ func TestKeyDestroyedElsewhere(t *testing.T) {
 	checkGoroutines(t)
 	tok := newToken(t)
 	b := openBackend(t, tok.config(t), options{})
-	pub := mustKey(t, b, "k")
-	keep := mustKey(t, b, "keep")
+	pub := keystoretest.MustGenerate(t, b, "k")
+	keep := keystoretest.MustGenerate(t, b, "keep")
 	signOK(t, b, "k", pub)
 	h := rawSession(t, b)
 	for _, o := range rawFind(t, b, h, "k", p11.CKO_PRIVATE_KEY) {
@@ -462,7 +452,7 @@ func TestModuleReinitialized(t *testing.T) {
 	checkGoroutines(t)
 	f := newFaultModule()
 	b, _ := faultBackend(t, f, options{})
-	pub := mustKey(t, b, "k")
+	pub := keystoretest.MustGenerate(t, b, "k")
 	signOK(t, b, "k", pub)
 
 	raw := b.lib.ctx
@@ -501,7 +491,7 @@ func TestConcurrentRecovery(t *testing.T) {
 	checkGoroutines(t)
 	f := newFaultModule()
 	b, _ := faultBackend(t, f, options{})
-	pub := mustKey(t, b, "k")
+	pub := keystoretest.MustGenerate(t, b, "k")
 	var wg sync.WaitGroup
 	stop := make(chan struct{})
 	var ok, unavailable atomic.Int32
@@ -560,7 +550,7 @@ func TestCachedHandleAfterReinitElsewhere(t *testing.T) {
 	f.trackHandles(func() uint64 { return b.lib.gen })
 	pubs := map[string]crypto.PublicKey{}
 	for _, id := range []string{"k1", "k2"} {
-		pubs[id] = mustKey(t, b, id)
+		pubs[id] = keystoretest.MustGenerate(t, b, id)
 	}
 	for _, id := range []string{"k1", "k2"} {
 		signOK(t, b, id, pubs[id])
@@ -598,7 +588,7 @@ func TestStaleSessions(t *testing.T) {
 	checkGoroutines(t)
 	f := newFaultModule()
 	b, _ := faultBackend(t, f, options{})
-	pub := mustKey(t, b, "k")
+	pub := keystoretest.MustGenerate(t, b, "k")
 	signOK(t, b, "k", pub)
 
 	var idle []*session
@@ -651,7 +641,7 @@ func TestRecoverInjected(t *testing.T) {
 			checkGoroutines(t)
 			f := newFaultModule()
 			b, _ := faultBackend(t, f, options{recoverBackoff: 50 * time.Millisecond})
-			pub := mustKey(t, b, "k")
+			pub := keystoretest.MustGenerate(t, b, "k")
 			signOK(t, b, "k", pub)
 
 			f.set("Sign", times(1, c))
@@ -694,7 +684,7 @@ func TestRecoverInjectedOtherCalls(t *testing.T) {
 	checkGoroutines(t)
 	f := newFaultModule()
 	b, _ := faultBackend(t, f, options{recoverBackoff: time.Millisecond})
-	pub := mustKey(t, b, "k")
+	pub := keystoretest.MustGenerate(t, b, "k")
 	for _, call := range []string{"OpenSession", "FindObjectsInit", "GetSessionInfo"} {
 		f.set(call, always(p11.CKR_SESSION_HANDLE_INVALID))
 		b.mu.Lock()
@@ -732,7 +722,7 @@ func TestRecoverBackoff(t *testing.T) {
 	checkGoroutines(t)
 	f := newFaultModule()
 	b, _ := faultBackend(t, f, options{recoverBackoff: time.Hour})
-	pub := mustKey(t, b, "k")
+	pub := keystoretest.MustGenerate(t, b, "k")
 	f.set("Sign", always(p11.CKR_DEVICE_REMOVED))
 	f.set("OpenSession", always(p11.CKR_DEVICE_REMOVED)) // the anchor cannot come back
 	if _, err := b.Sign(t.Context(), "k", make([]byte, 32), crypto.SHA256); !errors.Is(err, keystore.ErrUnavailable) {
@@ -831,7 +821,7 @@ func pinChangedWhileRunning(t *testing.T, refusal uint) {
 	checkGoroutines(t)
 	f := newFaultModule()
 	b, _ := faultBackend(t, f, options{recoverBackoff: time.Millisecond})
-	pub := mustKey(t, b, "k")
+	pub := keystoretest.MustGenerate(t, b, "k")
 	signOK(t, b, "k", pub)
 
 	h := rawSession(t, b)
@@ -864,7 +854,7 @@ func TestLogoutElsewhere(t *testing.T) {
 	checkGoroutines(t)
 	f := newFaultModule()
 	b, tok := faultBackend(t, f, options{})
-	pub := mustKey(t, b, "k")
+	pub := keystoretest.MustGenerate(t, b, "k")
 	signOK(t, b, "k", pub)
 
 	h := rawSession(t, b)
@@ -904,7 +894,7 @@ func TestSessionPoolBounded(t *testing.T) {
 	checkGoroutines(t)
 	f := newFaultModule()
 	b, _ := faultBackend(t, f, options{})
-	pub := mustKey(t, b, "k")
+	pub := keystoretest.MustGenerate(t, b, "k")
 	opens := f.opens.Load()
 
 	var wg sync.WaitGroup
@@ -979,7 +969,7 @@ func TestHungDevice(t *testing.T) {
 	checkGoroutines(t)
 	f := newFaultModule()
 	b, _ := faultBackend(t, f, options{hangAfter: 100 * time.Millisecond})
-	pub := mustKey(t, b, "k")
+	pub := keystoretest.MustGenerate(t, b, "k")
 	signOK(t, b, "k", pub)
 	threadsBefore := threads(t)
 
@@ -1037,7 +1027,7 @@ func TestCloseWithHungCall(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	pub := mustKey(t, b, "k")
+	pub := keystoretest.MustGenerate(t, b, "k")
 	release := make(chan struct{})
 	f.mu.Lock()
 	f.block = release
@@ -1178,7 +1168,7 @@ func TestLogoutIsNoBoundary(t *testing.T) {
 	// What a token does with a sign in flight across a logout, for real.
 	f := newFaultModule()
 	b, _ := faultBackend(t, f, options{})
-	pub := mustKey(t, b, "k")
+	pub := keystoretest.MustGenerate(t, b, "k")
 	a, other := rawSession(t, b), rawSession(t, b)
 	defer b.lib.ctx.CloseSession(a)
 	defer b.lib.ctx.CloseSession(other)
@@ -1256,7 +1246,7 @@ func TestForeignPublicObject(t *testing.T) {
 	checkGoroutines(t)
 	f := newFaultModule()
 	b, _ := faultBackend(t, f, options{})
-	pub := mustKey(t, b, "k")
+	pub := keystoretest.MustGenerate(t, b, "k")
 	h := rawSession(t, b)
 	defer b.lib.ctx.CloseSession(h)
 
@@ -1300,7 +1290,7 @@ func TestGenerateAdoptStaleHandle(t *testing.T) {
 		t.Fatalf("Generate with stale handles on its second attempt: %v, want ErrUnavailable", err)
 	}
 	f.clear()
-	pub := mustKey(t, b, "k2")
+	pub := keystoretest.MustGenerate(t, b, "k2")
 	keyIntact(t, b, "k2", pub)
 }
 
@@ -1313,7 +1303,7 @@ func TestTokenSwappedInSlot(t *testing.T) {
 	checkGoroutines(t)
 	f := newFaultModule()
 	b, _ := faultBackend(t, f, options{recoverBackoff: time.Millisecond})
-	pub := mustKey(t, b, "k")
+	pub := keystoretest.MustGenerate(t, b, "k")
 	signOK(t, b, "k", pub)
 	logins := f.logins.Load()
 
@@ -1354,7 +1344,7 @@ func TestRecoveryHangs(t *testing.T) {
 	checkGoroutines(t)
 	f := newFaultModule()
 	b, _ := faultBackend(t, f, options{})
-	pub := mustKey(t, b, "k")
+	pub := keystoretest.MustGenerate(t, b, "k")
 	signOK(t, b, "k", pub)
 
 	const hang = 2 * time.Second

@@ -108,14 +108,8 @@ func TestInterrupted(t *testing.T) {
 	b := newTestBackend(t, s, Config{CommandTimeout: timeout, Logger: log})
 	ctx := t.Context()
 	base := inspect(t, b)
-	pub, err := b.Generate(ctx, "k", keystore.KeySpec{Algorithm: keystore.ES256})
-	if err != nil {
-		t.Fatal(err)
-	}
-	pub2, err := b.Generate(ctx, "k2", keystore.KeySpec{Algorithm: keystore.ES256})
-	if err != nil {
-		t.Fatal(err)
-	}
+	pub := keystoretest.MustGenerate(t, b, "k")
+	pub2 := keystoretest.MustGenerate(t, b, "k2")
 	d := keystoretest.Digest(keystore.ES256, []byte("m"))
 	mustSign(t, b, "k", keystore.ES256, pub, d)
 	// reloaded reports whether keyd started over since mark (prepare
@@ -182,7 +176,7 @@ func TestInterrupted(t *testing.T) {
 	// a flush not sent leaves an object keyd no longer tracks.
 	mark = len(logged())
 	cctx, cancel = context.WithCancel(ctx)
-	err = b.do(cctx, timeout, func(o *op) error {
+	err := b.do(cctx, timeout, func(o *op) error {
 		cancel()
 		return b.flushCached(o)
 	})

@@ -5,7 +5,6 @@ import (
 	"crypto"
 	"errors"
 	"slices"
-	"sync"
 	"testing"
 	"time"
 
@@ -14,46 +13,6 @@ import (
 	"github.com/keyd-dev/keyd/keystore"
 	"github.com/keyd-dev/keyd/keystore/keystoretest"
 )
-
-// injector answers the next n commands with code cc by rc, then lets
-// every command through to the TPM.
-type injector struct {
-	mu   sync.Mutex
-	cc   tpm2.TPMCC
-	rc   uint32
-	n    int
-	seen int
-	// before, if set, runs instead of answering (the command then goes
-	// to the TPM).
-	before func()
-}
-
-func (in *injector) hook(cmd []byte) ([]byte, bool, error) {
-	in.mu.Lock()
-	defer in.mu.Unlock()
-	if tpm2.TPMCC(commandCode(cmd)) != in.cc || in.n == 0 {
-		return nil, false, nil
-	}
-	in.n--
-	in.seen++
-	if in.before != nil {
-		in.before()
-		return nil, false, nil
-	}
-	return errorResponse(in.rc), true, nil
-}
-
-func (in *injector) arm(cc tpm2.TPMCC, rc uint32, n int) {
-	in.mu.Lock()
-	in.cc, in.rc, in.n, in.seen = cc, rc, n, 0
-	in.mu.Unlock()
-}
-
-func (in *injector) count() int {
-	in.mu.Lock()
-	defer in.mu.Unlock()
-	return in.seen
-}
 
 // twoKeys returns a backend on a fresh swtpm with injector in, its
 // footprint after New, and keys k1 and k2 (ES256).
@@ -65,13 +24,7 @@ func twoKeys(t *testing.T, in *injector) (*Backend, tpmInfo, map[string]crypto.P
 		t.Fatal(err)
 	}
 	base := inspect(t, b)
-	pubs := map[string]crypto.PublicKey{}
-	for _, id := range []string{"k1", "k2"} {
-		if pubs[id], err = b.Generate(t.Context(), id, keystore.KeySpec{Algorithm: keystore.ES256}); err != nil {
-			t.Fatal(err)
-		}
-	}
-	return b, base, pubs
+	return b, base, map[string]crypto.PublicKey{"k1": keystoretest.MustGenerate(t, b, "k1"), "k2": keystoretest.MustGenerate(t, b, "k2")}
 }
 
 // TestFlushFailureLeaksNoSlot (T3): a TPM2_FlushContext of the cached key

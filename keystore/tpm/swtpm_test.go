@@ -227,6 +227,46 @@ func newTestBackendErr(t *testing.T, s *swtpm, cfg Config, hook func([]byte) ([]
 	return b, nil
 }
 
+// injector answers the next n commands with code cc by rc, then lets
+// every command through to the TPM.
+type injector struct {
+	mu   sync.Mutex
+	cc   tpm2.TPMCC
+	rc   uint32
+	n    int
+	seen int
+	// before, if set, runs instead of answering (the command then goes
+	// to the TPM).
+	before func()
+}
+
+func (in *injector) hook(cmd []byte) ([]byte, bool, error) {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	if tpm2.TPMCC(commandCode(cmd)) != in.cc || in.n == 0 {
+		return nil, false, nil
+	}
+	in.n--
+	in.seen++
+	if in.before != nil {
+		in.before()
+		return nil, false, nil
+	}
+	return errorResponse(in.rc), true, nil
+}
+
+func (in *injector) arm(cc tpm2.TPMCC, rc uint32, n int) {
+	in.mu.Lock()
+	in.cc, in.rc, in.n, in.seen = cc, rc, n, 0
+	in.mu.Unlock()
+}
+
+func (in *injector) count() int {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	return in.seen
+}
+
 // tpmInfo is what the TPM says about keyd's footprint.
 type tpmInfo struct {
 	transients []tpm2.TPMHandle // loaded transient objects

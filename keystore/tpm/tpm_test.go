@@ -207,28 +207,13 @@ func errorResponse(rc uint32) []byte {
 // place, at most three times, then reported as ErrUnavailable.
 func TestRetry(t *testing.T) {
 	s := startSWTPM(t)
-	var mu sync.Mutex
-	var left, seen int
-	var code uint32
-	hook := func(cmd []byte) ([]byte, bool, error) {
-		mu.Lock()
-		defer mu.Unlock()
-		if tpm2.TPMCC(commandCode(cmd)) != tpm2.TPMCCSign || left == 0 {
-			return nil, false, nil
-		}
-		left--
-		seen++
-		return errorResponse(code), true, nil
-	}
-	b, err := newTestBackendErr(t, s, Config{}, hook)
+	in := &injector{}
+	b, err := newTestBackendErr(t, s, Config{}, in.hook)
 	if err != nil {
 		t.Fatal(err)
 	}
 	base := inspect(t, b)
-	pub, err := b.Generate(t.Context(), "k", keystore.KeySpec{Algorithm: keystore.ES256})
-	if err != nil {
-		t.Fatal(err)
-	}
+	pub := keystoretest.MustGenerate(t, b, "k")
 	d := keystoretest.Digest(keystore.ES256, []byte("m"))
 	for _, tc := range []struct {
 		code    tpm2.TPMRC
@@ -241,14 +226,9 @@ func TestRetry(t *testing.T) {
 		{tpm2.TPMRCTesting, 1, nil, 1},
 		{tpm2.TPMRCRetry, 10, keystore.ErrUnavailable, 4},
 	} {
-		mu.Lock()
-		code, left, seen = uint32(tc.code), tc.n, 0
-		mu.Unlock()
+		in.arm(tpm2.TPMCCSign, uint32(tc.code), tc.n)
 		sig, err := b.Sign(t.Context(), "k", d, crypto.SHA256)
-		mu.Lock()
-		got := seen
-		mu.Unlock()
-		if got != tc.sent {
+		if got := in.count(); got != tc.sent {
 			t.Errorf("%v ×%d: the TPM saw TPM2_Sign answered with it %d times, want %d", tc.code, tc.n, got, tc.sent)
 		}
 		if tc.wantErr != nil {
@@ -265,9 +245,7 @@ func TestRetry(t *testing.T) {
 			t.Error(err)
 		}
 	}
-	mu.Lock()
-	left = 0
-	mu.Unlock()
+	in.arm(0, 0, 0)
 	checkFootprint(t, b, base)
 }
 
@@ -280,17 +258,14 @@ func TestFrozen(t *testing.T) {
 	b := newTestBackend(t, s, Config{CommandTimeout: timeout})
 	ctx := t.Context()
 	base := inspect(t, b)
-	pub, err := b.Generate(ctx, "k", keystore.KeySpec{Algorithm: keystore.ES256})
-	if err != nil {
-		t.Fatal(err)
-	}
+	pub := keystoretest.MustGenerate(t, b, "k")
 	d := keystoretest.Digest(keystore.ES256, []byte("m"))
 	mustSign(t, b, "k", keystore.ES256, pub, d)
 	g0, th0 := baseline()
 
 	s.signal(t, syscall.SIGSTOP)
 	start := time.Now()
-	_, err = b.Sign(ctx, "k", d, crypto.SHA256)
+	_, err := b.Sign(ctx, "k", d, crypto.SHA256)
 	elapsed := time.Since(start)
 	if !errors.Is(err, keystore.ErrUnavailable) {
 		t.Fatalf("Sign on a stopped TPM = %v, want ErrUnavailable", err)
@@ -418,10 +393,7 @@ func TestReset(t *testing.T) {
 		t.Errorf("Health after a reset: %v", err)
 	}
 	// A key generated after a reset is under the same (re-created) SRK.
-	pub2, err := b.Generate(ctx, "k2", keystore.KeySpec{Algorithm: keystore.ES256})
-	if err != nil {
-		t.Fatal(err)
-	}
+	pub2 := keystoretest.MustGenerate(t, b, "k2")
 	s.reset(t)
 	mustSign(t, b, "k2", keystore.ES256, pub2, keystoretest.Digest(keystore.ES256, []byte("k2")))
 	checkFootprint(t, b, base)
@@ -689,10 +661,7 @@ func TestCleared(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "state")
 	ctx := t.Context()
 	b := newTestBackend(t, s, Config{StateDir: dir})
-	pub, err := b.Generate(ctx, "k", keystore.KeySpec{Algorithm: keystore.ES256})
-	if err != nil {
-		t.Fatal(err)
-	}
+	pub := keystoretest.MustGenerate(t, b, "k")
 	d := keystoretest.Digest(keystore.ES256, []byte("m"))
 	mustSign(t, b, "k", keystore.ES256, pub, d)
 
@@ -726,7 +695,7 @@ func TestCleared(t *testing.T) {
 	}
 	b.Close()
 
-	_, err = newTestBackendErr(t, s, Config{StateDir: dir}, nil)
+	_, err := newTestBackendErr(t, s, Config{StateDir: dir}, nil)
 	if !errors.Is(err, keystore.ErrKeyLost) {
 		t.Fatalf("New after TPM2_Clear = %v, want ErrKeyLost", err)
 	}
@@ -821,10 +790,7 @@ func TestOwnerAuth(t *testing.T) {
 	}
 	t.Logf("wrong owner auth: %v", err)
 	b := newTestBackend(t, s, Config{OwnerAuthFile: good})
-	pub, err := b.Generate(t.Context(), "k", keystore.KeySpec{Algorithm: keystore.ES256})
-	if err != nil {
-		t.Fatal(err)
-	}
+	pub := keystoretest.MustGenerate(t, b, "k")
 	mustSign(t, b, "k", keystore.ES256, pub, keystoretest.Digest(keystore.ES256, []byte("m")))
 	if info := inspect(t, b); info.lockout != 0 {
 		t.Errorf("lockout counter %d after wrong owner auths, want 0", info.lockout)
@@ -1082,10 +1048,7 @@ func TestDeadlines(t *testing.T) {
 	}
 	ctx := t.Context()
 	base := inspect(t, b)
-	k, err := b.Generate(ctx, "k", keystore.KeySpec{Algorithm: keystore.ES256})
-	if err != nil {
-		t.Fatal(err)
-	}
+	k := keystoretest.MustGenerate(t, b, "k")
 	g0, _ := baseline()
 
 	stuck.Store(true)

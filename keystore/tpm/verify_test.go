@@ -110,14 +110,8 @@ func TestVerifyAfterLoad(t *testing.T) {
 	}
 	ctx := t.Context()
 	base := inspect(t, b)
-	pub, err := b.Generate(ctx, "k", keystore.KeySpec{Algorithm: keystore.ES256})
-	if err != nil {
-		t.Fatal(err)
-	}
-	pub2, err := b.Generate(ctx, "k2", keystore.KeySpec{Algorithm: keystore.ES256})
-	if err != nil {
-		t.Fatal(err)
-	}
+	pub := keystoretest.MustGenerate(t, b, "k")
+	pub2 := keystoretest.MustGenerate(t, b, "k2")
 	d := keystoretest.Digest(keystore.ES256, []byte("m"))
 
 	// The first signature after the first load is wrong: caught, and
