@@ -3,6 +3,7 @@ package ecdsasig
 import (
 	"bytes"
 	"crypto/ecdsa"
+	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/asn1"
@@ -51,19 +52,27 @@ func newRaw(der []byte, size int, order []byte) ([]byte, error) {
 	return raw, nil
 }
 
+// benchSignature returns an ASN.1 DER ECDSA signature by a fresh key on
+// curve.
+func benchSignature(b *testing.B, curve elliptic.Curve) []byte {
+	b.Helper()
+	k, err := ecdsa.GenerateKey(curve, rand.Reader)
+	if err != nil {
+		b.Fatal(err)
+	}
+	d := sha256.Sum256([]byte("bench"))
+	sig, err := ecdsa.SignASN1(rand.Reader, k, d[:])
+	if err != nil {
+		b.Fatal(err)
+	}
+	return sig
+}
+
 // BenchmarkDER compares converting a raw r ‖ s from CKM_ECDSA to DER the
 // old way (math/big and encoding/asn1, as keystore/pkcs11 did) and with DER.
 func BenchmarkDER(b *testing.B) {
 	for _, c := range curves {
-		k, err := ecdsa.GenerateKey(c.curve, rand.Reader)
-		if err != nil {
-			b.Fatal(err)
-		}
-		d := sha256.Sum256([]byte("bench"))
-		sig, err := ecdsa.SignASN1(rand.Reader, k, d[:])
-		if err != nil {
-			b.Fatal(err)
-		}
+		sig := benchSignature(b, c.curve)
 		raw, err := Raw(sig, c.size)
 		if err != nil {
 			b.Fatal(err)
@@ -92,15 +101,7 @@ func BenchmarkDER(b *testing.B) {
 // internal/jws did) and with Raw plus a byte comparison with the order.
 func BenchmarkRaw(b *testing.B) {
 	for _, c := range curves {
-		k, err := ecdsa.GenerateKey(c.curve, rand.Reader)
-		if err != nil {
-			b.Fatal(err)
-		}
-		d := sha256.Sum256([]byte("bench"))
-		sig, err := ecdsa.SignASN1(rand.Reader, k, d[:])
-		if err != nil {
-			b.Fatal(err)
-		}
+		sig := benchSignature(b, c.curve)
 		n := c.curve.Params().N
 		order := n.FillBytes(make([]byte, c.size))
 		b.Run(c.name+"/old", func(b *testing.B) {
