@@ -629,7 +629,7 @@ func (b *Backend) Generate(ctx context.Context, id string, spec keystore.KeySpec
 		if err != nil {
 			return fmt.Errorf("read the new public key: %w", err)
 		}
-		k.ckaID, k.priv, k.epoch = ckaID, privH, s.epoch
+		k.ckaID, k.priv, k.epoch, k.gen = ckaID, privH, s.epoch, s.gen
 		b.mu.Lock()
 		if !b.closed {
 			b.known[id] = ckaID
