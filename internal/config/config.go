@@ -144,6 +144,10 @@ type PKCS11Backend struct {
 	PINEnv string `yaml:"pin_env"`
 	// MaxSessions bounds the session pool (default min(GOMAXPROCS, 4)).
 	MaxSessions int `yaml:"max_sessions"`
+	// SessionCopies, true by default, signs with session copies of the
+	// keys made inside the token (C_CopyObject); false signs with the
+	// token objects.
+	SessionCopies *bool `yaml:"session_copies"`
 }
 
 // TPMBackend configures the TPM 2.0 keystore.
@@ -724,7 +728,8 @@ func (c *Config) PKCS11Config() (pkcs11.Config, error) {
 	if err != nil {
 		return pkcs11.Config{}, fmt.Errorf("backend.pkcs11: %w", err)
 	}
-	return pkcs11.Config{Module: b.Module, URI: b.URI, PIN: pin, MaxSessions: b.MaxSessions}, nil
+	return pkcs11.Config{Module: b.Module, URI: b.URI, PIN: pin, MaxSessions: b.MaxSessions,
+		NoSessionCopies: b.SessionCopies != nil && !*b.SessionCopies}, nil
 }
 
 // SoftDir is the soft keystore's directory.

@@ -228,3 +228,26 @@ func FuzzParse(f *testing.F) {
 		}
 	})
 }
+
+// backend.pkcs11.session_copies: on unless set to false.
+func TestPKCS11SessionCopies(t *testing.T) {
+	t.Setenv("KEYD_TEST_PIN", "1234")
+	for _, tc := range []struct {
+		line string
+		off  bool
+	}{{"", false}, {"session_copies: true", false}, {"session_copies: false", true}} {
+		y := strings.Replace(good, "soft: {}", "pkcs11: {module: /x.so, uri: \"pkcs11:token=a\", pin_env: KEYD_TEST_PIN"+
+			map[bool]string{true: ", " + tc.line, false: ""}[tc.line != ""]+"}", 1)
+		c, err := Parse([]byte(y), "keyd.yaml")
+		if err != nil {
+			t.Fatalf("%q: %v", tc.line, err)
+		}
+		p, err := c.PKCS11Config()
+		if err != nil {
+			t.Fatalf("%q: %v", tc.line, err)
+		}
+		if p.NoSessionCopies != tc.off {
+			t.Errorf("%q: NoSessionCopies = %v; want %v", tc.line, p.NoSessionCopies, tc.off)
+		}
+	}
+}

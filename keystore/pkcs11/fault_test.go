@@ -36,8 +36,8 @@ type faultModule struct {
 	noMech map[uint]bool           // mechanisms hidden from C_GetMechanismList
 	info   map[uint]p11.MechanismInfo
 
-	logins, opens, signs atomic.Int32
-	inSign, maxInSign    atomic.Int32
+	logins, opens, signs, copies atomic.Int32
+	inSign, maxInSign            atomic.Int32
 
 	// With gen set (trackHandles), the module generation in which each
 	// object handle was last handed out, and the C_SignInit calls that
@@ -45,6 +45,9 @@ type faultModule struct {
 	gen   func() uint64
 	found map[p11.ObjectHandle]uint64
 	stale []string
+
+	// signedWith is the object handle of the last C_SignInit.
+	signedWith p11.ObjectHandle
 
 	// tokenInfo, if set, changes what C_GetTokenInfo returns.
 	tokenInfo func(p11.TokenInfo) p11.TokenInfo
@@ -246,6 +249,7 @@ func (f *faultModule) SignInit(sh p11.SessionHandle, m []*p11.Mechanism, o p11.O
 		return err
 	}
 	f.mu.Lock()
+	f.signedWith = o
 	if f.gen != nil {
 		if g, ok := f.found[o]; !ok || g != f.gen() {
 			f.stale = append(f.stale, fmt.Sprintf("C_SignInit with object handle %d, handed out in generation %d (found: %v), now %d", o, g, ok, f.gen()))
@@ -291,6 +295,18 @@ func (f *faultModule) GenerateKeyPair(sh p11.SessionHandle, m []*p11.Mechanism, 
 		f.handedOut(ph, kh)
 	}
 	return ph, kh, err
+}
+
+func (f *faultModule) CopyObject(sh p11.SessionHandle, o p11.ObjectHandle, a []*p11.Attribute) (p11.ObjectHandle, error) {
+	f.copies.Add(1)
+	if err := f.fault("CopyObject"); err != nil {
+		return 0, err
+	}
+	h, err := f.module.CopyObject(sh, o, a)
+	if err == nil {
+		f.handedOut(h)
+	}
+	return h, err
 }
 
 // waitIdle waits until no call holds a pooled session (abandoned calls
@@ -356,14 +372,16 @@ func keyIntact(t *testing.T, b *Backend, id string, pub crypto.PublicKey) {
 
 // P1: the token directory is deleted under a running Backend. SoftHSM keeps
 // the session logged in and the slot listed, but the objects are gone and
-// C_GetTokenInfo fails (CKR_GENERAL_ERROR). Sign of the key the Backend knew
-// fails with ErrKeyLost (DATA_LOSS) — never a signature from the cached
-// handle — and Health reports ErrUnavailable; List fails rather than report
-// an empty token; Generate makes no replacement.
+// C_GetTokenInfo fails (CKR_GENERAL_ERROR). Once Health has seen that, Sign
+// of the key the Backend knew fails with ErrKeyLost (DATA_LOSS) — never a
+// signature from the key's session copy or cached handle — and Health
+// keeps reporting ErrUnavailable; List fails rather than report an empty
+// token; Generate makes no replacement.
 func TestTokenWiped(t *testing.T) {
 	checkGoroutines(t)
 	f := newFaultModule()
-	b, tok := faultBackend(t, f, options{recoverBackoff: time.Millisecond})
+	// No recheck by time: only what Health saw stops the session copy.
+	b, tok := faultBackend(t, f, options{recoverBackoff: time.Millisecond, recheck: time.Hour})
 	pub := keystoretest.MustGenerate(t, b, "k")
 	signOK(t, b, "k", pub)
 	if err := b.Health(t.Context()); err != nil {
@@ -371,6 +389,9 @@ func TestTokenWiped(t *testing.T) {
 	}
 
 	tok.wipe(t)
+	if err := b.Health(t.Context()); !errors.Is(err, keystore.ErrUnavailable) {
+		t.Fatalf("Health after the wipe = %v; want ErrUnavailable", err)
+	}
 	for i := range 3 {
 		_, err := b.Sign(t.Context(), "k", make([]byte, 32), crypto.SHA256)
 		if !errors.Is(err, keystore.ErrKeyLost) {
@@ -397,6 +418,25 @@ func TestTokenWiped(t *testing.T) {
 	}
 }
 
+// P1 without a health probe: the session copy of a key signs on in
+// SoftHSM's memory after the token directory is gone, but only until keyd
+// looks at the key's token object again (recheck): from then on Sign
+// fails with ErrKeyLost.
+func TestTokenWipedRecheck(t *testing.T) {
+	checkGoroutines(t)
+	const recheck = 50 * time.Millisecond
+	b, tok := faultBackend(t, newFaultModule(), options{recoverBackoff: time.Millisecond, recheck: recheck})
+	pub := keystoretest.MustGenerate(t, b, "k")
+	signOK(t, b, "k", pub)
+	tok.wipe(t)
+	time.Sleep(recheck + 10*time.Millisecond)
+	for i := range 3 {
+		if _, err := b.Sign(t.Context(), "k", make([]byte, 32), crypto.SHA256); !errors.Is(err, keystore.ErrKeyLost) {
+			t.Fatalf("Sign #%d %v after the wipe = %v; want ErrKeyLost", i, recheck, err)
+		}
+	}
+}
+
 // P1, a key this Backend never saw: after a restart (a new Backend), a wiped
 // token gives ErrNotFound, which keyd's rotation layer turns into a lost key.
 func TestTokenWipedUnknownKey(t *testing.T) {
@@ -417,25 +457,33 @@ func TestTokenWipedUnknownKey(t *testing.T) {
 	}
 }
 
-// A key destroyed behind keyd's back (another tool) is lost, not replaced.
+// A key destroyed behind keyd's back (another tool) is lost, not replaced:
+// its session copy signs until keyd looks at the token object again
+// (recheck), then Sign fails with ErrKeyLost and the copy is destroyed.
 func TestKeyDestroyedElsewhere(t *testing.T) {
 	checkGoroutines(t)
+	const recheck = 50 * time.Millisecond
 	tok := newToken(t)
-	b := openBackend(t, tok.config(t), options{})
+	b := openBackend(t, tok.config(t), options{recheck: recheck})
 	pub := keystoretest.MustGenerate(t, b, "k")
 	keep := keystoretest.MustGenerate(t, b, "keep")
 	signOK(t, b, "k", pub)
 	h := rawSession(t, b)
+	defer b.lib.ctx.CloseSession(h)
+	if n := len(rawCopies(t, b, h, "k")); n != 1 {
+		t.Fatalf("%d session copies of k after signing; want 1", n)
+	}
 	for _, o := range rawFind(t, b, h, "k", p11.CKO_PRIVATE_KEY) {
 		if err := b.lib.ctx.DestroyObject(h, o); err != nil {
 			t.Fatal(err)
 		}
 	}
-	if err := b.lib.ctx.CloseSession(h); err != nil {
-		t.Fatal(err)
-	}
+	time.Sleep(recheck + 10*time.Millisecond)
 	if _, err := b.Sign(t.Context(), "k", make([]byte, 32), crypto.SHA256); !errors.Is(err, keystore.ErrKeyLost) {
-		t.Errorf("Sign = %v; want ErrKeyLost", err)
+		t.Errorf("Sign %v after the destroy = %v; want ErrKeyLost", recheck, err)
+	}
+	if n := len(rawCopies(t, b, h, "k")); n != 0 {
+		t.Errorf("%d session copies of k after it was found lost; want 0", n)
 	}
 	keyIntact(t, b, "keep", keep)
 	if err := b.Health(t.Context()); err != nil {

@@ -31,6 +31,7 @@ type module interface {
 	GetAttributeValue(sh p11.SessionHandle, o p11.ObjectHandle, a []*p11.Attribute) ([]*p11.Attribute, error)
 	GenerateKeyPair(sh p11.SessionHandle, m []*p11.Mechanism, public, private []*p11.Attribute) (p11.ObjectHandle, p11.ObjectHandle, error)
 	DestroyObject(sh p11.SessionHandle, oh p11.ObjectHandle) error
+	CopyObject(sh p11.SessionHandle, o p11.ObjectHandle, temp []*p11.Attribute) (p11.ObjectHandle, error)
 	SignInit(sh p11.SessionHandle, m []*p11.Mechanism, o p11.ObjectHandle) error
 	Sign(sh p11.SessionHandle, message []byte) ([]byte, error)
 }

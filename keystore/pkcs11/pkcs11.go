@@ -137,6 +137,11 @@ type Config struct {
 	// only add latency. It is lowered to what the token allows.
 	MaxSessions int
 
+	// NoSessionCopies makes keyd sign with the keys' token objects
+	// instead of session copies of them made inside the token (see
+	// signHandle), for a token whose policy must not see C_CopyObject.
+	NoSessionCopies bool
+
 	// Logger receives lifecycle events and failures; nil discards them.
 	Logger *slog.Logger
 }
@@ -168,6 +173,9 @@ type options struct {
 	// closeWait bounds how long Close waits for running device calls, and a
 	// re-initialization for the calls inside the module to return.
 	closeWait time.Duration
+	// recheck is how long a key's session copy is used without looking
+	// at the key's token object.
+	recheck time.Duration
 }
 
 // Backend is the PKCS#11 keystore.Backend. It is safe for concurrent use.
@@ -186,6 +194,10 @@ type Backend struct {
 	caps   map[keystore.Algorithm]capability
 	algs   []keystore.Algorithm
 	opts   options
+	// noCopies is Config.NoSessionCopies; copyRefused is set when the
+	// token refused C_CopyObject.
+	noCopies    bool
+	copyRefused atomic.Bool
 
 	// sem holds one token per session checked out of the pool (or being
 	// opened); idle holds the sessions not in use.
@@ -204,6 +216,9 @@ type Backend struct {
 	libGen     uint64    // the module generation the anchor was opened in
 	anchors    uint64    // counts anchors opened (handle numbers repeat)
 	lastFail   time.Time // when the last recovery failed
+	// copies are the keys' session copies, by key ID, made on the anchor
+	// (one of this or an earlier anchor: see live).
+	copies map[string]*sessionCopy
 
 	// probing limits Health to one device probe at a time.
 	probing sync.Mutex
@@ -256,9 +271,17 @@ type key struct {
 	epoch uint64
 	gen   uint64
 	ckaID []byte
-	priv  p11.ObjectHandle
+	priv  p11.ObjectHandle // the private key's token object
 	kind  kind
 	pub   crypto.PublicKey
+
+	// copy is the session copy C_SignInit uses (see signHandle), once
+	// made; copyFailed is set if the token would not make it in this
+	// epoch. seen is when the token object was last seen (unix
+	// nanoseconds).
+	copy       atomic.Pointer[sessionCopy]
+	copyFailed atomic.Bool
+	seen       atomic.Int64
 }
 
 var _ keystore.Backend = (*Backend)(nil)
@@ -308,6 +331,9 @@ func open(ctx context.Context, cfg Config, o options) (*Backend, error) {
 	if o.closeWait == 0 {
 		o.closeWait = defaultCloseWait
 	}
+	if o.recheck == 0 {
+		o.recheck = defaultRecheck
+	}
 	log := cfg.Logger
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
@@ -332,6 +358,8 @@ func open(ctx context.Context, cfg Config, o options) (*Backend, error) {
 		uri:      uri,
 		pin:      cfg.PIN,
 		opts:     o,
+		noCopies: cfg.NoSessionCopies,
+		copies:   map[string]*sessionCopy{},
 		done:     make(chan struct{}),
 		libGen:   gen,
 		cache:    map[string]*key{},
@@ -690,7 +718,11 @@ func (b *Backend) Sign(ctx context.Context, id string, digest []byte, opts crypt
 		if err != nil {
 			return err
 		}
-		if err := b.m.SignInit(s.h, []*p11.Mechanism{mech}, k.priv); err != nil {
+		h, err := b.signHandle(s, id, k)
+		if err != nil {
+			return err
+		}
+		if err := b.m.SignInit(s.h, []*p11.Mechanism{mech}, h); err != nil {
 			return fmt.Errorf("C_SignInit: %w", err)
 		}
 		out, err := b.m.Sign(s.h, data)
@@ -710,6 +742,9 @@ func (b *Backend) Sign(ctx context.Context, id string, digest []byte, opts crypt
 		return nil
 	})
 	if err != nil {
+		if errors.Is(err, keystore.ErrKeyLost) || errors.Is(err, keystore.ErrNotFound) {
+			b.discardCopy(ctx, id)
+		}
 		return nil, fmt.Errorf("sign %s: %w", id, err)
 	}
 	return sig, nil
@@ -834,6 +869,9 @@ func (b *Backend) Destroy(ctx context.Context, id string) error {
 		b.forget++
 		b.mu.Unlock()
 	}
+	// The copy goes too, whatever became of the token objects: a key
+	// that stays is copied again when it signs.
+	b.discardCopy(ctx, id)
 	if err != nil {
 		return fmt.Errorf("destroy %s: %w", id, err)
 	}

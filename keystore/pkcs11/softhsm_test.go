@@ -217,12 +217,26 @@ func rawSession(t *testing.T, b *Backend) p11.SessionHandle {
 	return h
 }
 
-// rawFind finds the objects labelled keyd:<id> in a raw session.
+// rawFind finds the token objects labelled keyd:<id> in a raw session.
 func rawFind(t *testing.T, b *Backend, h p11.SessionHandle, id string, class uint) []p11.ObjectHandle {
+	t.Helper()
+	return rawFindOn(t, b, h, id, class, true)
+}
+
+// rawCopies finds the session objects labelled keyd:<id> in a raw session:
+// the key's session copies (session objects are visible to every session
+// of the process).
+func rawCopies(t *testing.T, b *Backend, h p11.SessionHandle, id string) []p11.ObjectHandle {
+	t.Helper()
+	return rawFindOn(t, b, h, id, p11.CKO_PRIVATE_KEY, false)
+}
+
+func rawFindOn(t *testing.T, b *Backend, h p11.SessionHandle, id string, class uint, token bool) []p11.ObjectHandle {
 	t.Helper()
 	ctx := b.lib.ctx
 	if err := ctx.FindObjectsInit(h, []*p11.Attribute{
 		p11.NewAttribute(p11.CKA_CLASS, class),
+		p11.NewAttribute(p11.CKA_TOKEN, token),
 		p11.NewAttribute(p11.CKA_LABEL, labelPrefix+id),
 	}); err != nil {
 		t.Fatal(err)
@@ -252,16 +266,22 @@ func (p probed) PrivateMaterialProbe(t *testing.T, id string) {
 
 func checkPrivateMaterial(t *testing.T, b *Backend, id string) {
 	t.Helper()
-	ctx := b.lib.ctx
 	h := rawSession(t, b)
-	defer ctx.CloseSession(h)
+	defer b.lib.ctx.CloseSession(h)
 	privs := rawFind(t, b, h, id, p11.CKO_PRIVATE_KEY)
 	if len(privs) != 1 {
 		t.Fatalf("%d private key objects labelled %q, want 1", len(privs), labelPrefix+id)
 	}
-	priv := privs[0]
+	checkProtected(t, b, h, privs[0], true)
+}
+
+// checkProtected checks the private key object priv as
+// checkPrivateMaterial says; token is the CKA_TOKEN it must have.
+func checkProtected(t *testing.T, b *Backend, h p11.SessionHandle, priv p11.ObjectHandle, token bool) {
+	t.Helper()
+	ctx := b.lib.ctx
 	want := map[uint]bool{
-		p11.CKA_TOKEN:             true,
+		p11.CKA_TOKEN:             token,
 		p11.CKA_PRIVATE:           true,
 		p11.CKA_SENSITIVE:         true,
 		p11.CKA_ALWAYS_SENSITIVE:  true,

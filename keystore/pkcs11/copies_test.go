@@ -1,0 +1,190 @@
+package pkcs11
+
+import (
+	"crypto"
+	"testing"
+
+	p11 "github.com/miekg/pkcs11"
+
+	"github.com/keyd-dev/keyd/keystore"
+	"github.com/keyd-dev/keyd/keystore/keystoretest"
+)
+
+// lastSignedWith returns the object handle of f's last C_SignInit.
+func (f *faultModule) lastSignedWith() p11.ObjectHandle {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.signedWith
+}
+
+// Each key signs through one session copy made inside the token, as
+// protected as the key (P16: private, sensitive, never extractable, the
+// secret unreadable), made once and used by every later signature.
+func TestSessionCopy(t *testing.T) {
+	checkGoroutines(t)
+	f := newFaultModule()
+	b, _ := faultBackend(t, f, options{})
+	h := rawSession(t, b)
+	defer b.lib.ctx.CloseSession(h)
+	for i, alg := range []keystore.Algorithm{keystore.ES256, keystore.RS256, keystore.EdDSA} {
+		id := "k-" + string(alg)
+		pub, err := b.Generate(t.Context(), id, keystore.KeySpec{Algorithm: alg})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for range 5 {
+			if err := signVerifyAlg(t, b, id, alg, pub); err != nil {
+				t.Fatal(err)
+			}
+		}
+		copies := rawCopies(t, b, h, id)
+		if len(copies) != 1 {
+			t.Fatalf("%s: %d session copies after 5 signatures; want 1", alg, len(copies))
+		}
+		if n := f.copies.Load(); n != int32(i+1) {
+			t.Errorf("%s: %d C_CopyObject calls for %d keys; want one per key", alg, n, i+1)
+		}
+		if got := f.lastSignedWith(); got != copies[0] {
+			t.Errorf("%s: C_SignInit used object %d; want the session copy %d", alg, got, copies[0])
+		}
+		checkProtected(t, b, h, copies[0], false)
+		a, err := b.lib.ctx.GetAttributeValue(h, copies[0], []*p11.Attribute{p11.NewAttribute(p11.CKA_ID, nil)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		b.mu.RLock()
+		want := b.known[id]
+		b.mu.RUnlock()
+		if string(a[0].Value) != string(want) {
+			t.Errorf("%s: the copy's CKA_ID %x; want the key's %x", alg, a[0].Value, want)
+		}
+	}
+}
+
+// signVerifyAlg signs a digest of alg with id and verifies the signature.
+func signVerifyAlg(t *testing.T, b *Backend, id string, alg keystore.Algorithm, pub crypto.PublicKey) error {
+	t.Helper()
+	d := keystoretest.Digest(alg, []byte("copy test "+id))
+	sig, err := b.Sign(t.Context(), id, d, alg.SignerOpts())
+	if err != nil {
+		return err
+	}
+	return keystoretest.VerifyDER(alg, pub, d, sig)
+}
+
+// Destroy destroys the key's session copy with its token objects: no copy
+// of a destroyed key stays in the token's memory until the login ends.
+func TestSessionCopyDestroyed(t *testing.T) {
+	checkGoroutines(t)
+	b, _ := faultBackend(t, newFaultModule(), options{})
+	pub := keystoretest.MustGenerate(t, b, "k")
+	signOK(t, b, "k", pub)
+	h := rawSession(t, b)
+	defer b.lib.ctx.CloseSession(h)
+	if n := len(rawCopies(t, b, h, "k")); n != 1 {
+		t.Fatalf("%d session copies after a signature; want 1", n)
+	}
+	if err := b.Destroy(t.Context(), "k"); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(rawCopies(t, b, h, "k")); n != 0 {
+		t.Errorf("%d session copies after Destroy; want 0", n)
+	}
+	if n := len(rawFind(t, b, h, "k", p11.CKO_PRIVATE_KEY)); n != 0 {
+		t.Errorf("%d private token objects after Destroy; want 0", n)
+	}
+}
+
+// A recovery that keeps the anchor (a stale handle, a dead pooled session)
+// finds the copy again instead of making another: copies do not pile up in
+// the token's memory.
+func TestSessionCopyKeptAcrossRecovery(t *testing.T) {
+	checkGoroutines(t)
+	f := newFaultModule()
+	b, _ := faultBackend(t, f, options{})
+	pub := keystoretest.MustGenerate(t, b, "k")
+	signOK(t, b, "k", pub)
+	for range 3 {
+		f.set("SignInit", times(1, p11.CKR_OBJECT_HANDLE_INVALID))
+		signOK(t, b, "k", pub)
+	}
+	h := rawSession(t, b)
+	defer b.lib.ctx.CloseSession(h)
+	if n := len(rawCopies(t, b, h, "k")); n != 1 {
+		t.Errorf("%d session copies after 3 recoveries; want 1", n)
+	}
+	if n := f.copies.Load(); n != 1 {
+		t.Errorf("%d C_CopyObject calls; want 1", n)
+	}
+}
+
+// A logout destroys the private session objects, the copies with them: the
+// recovery logs in again and makes a new copy.
+func TestSessionCopyAfterLogout(t *testing.T) {
+	checkGoroutines(t)
+	f := newFaultModule()
+	b, _ := faultBackend(t, f, options{})
+	pub := keystoretest.MustGenerate(t, b, "k")
+	signOK(t, b, "k", pub)
+	h := rawSession(t, b)
+	defer b.lib.ctx.CloseSession(h)
+	if err := b.lib.ctx.Logout(h); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(rawCopies(t, b, h, "k")); n != 0 {
+		t.Fatalf("%d session copies after the logout; want 0 (SoftHSM destroys them)", n)
+	}
+	signOK(t, b, "k", pub)
+	if n := len(rawCopies(t, b, h, "k")); n != 1 {
+		t.Errorf("%d session copies after signing again; want 1", n)
+	}
+	if n := f.logins.Load(); n != 2 {
+		t.Errorf("%d C_Login calls; want 2", n)
+	}
+}
+
+// A token whose policy refuses C_CopyObject is signed with through the
+// token objects: asked once, never again, and every signature works.
+func TestSessionCopyRefused(t *testing.T) {
+	checkGoroutines(t)
+	f := newFaultModule()
+	f.set("CopyObject", always(p11.CKR_ACTION_PROHIBITED))
+	b, _ := faultBackend(t, f, options{})
+	pub := keystoretest.MustGenerate(t, b, "k")
+	pub2 := keystoretest.MustGenerate(t, b, "k2")
+	for range 5 {
+		signOK(t, b, "k", pub)
+		signOK(t, b, "k2", pub2)
+	}
+	if n := f.copies.Load(); n != 1 {
+		t.Errorf("%d C_CopyObject calls; want 1 (refused once, then not asked again)", n)
+	}
+	h := rawSession(t, b)
+	defer b.lib.ctx.CloseSession(h)
+	privs := rawFind(t, b, h, "k2", p11.CKO_PRIVATE_KEY)
+	if len(privs) != 1 || f.lastSignedWith() != privs[0] {
+		t.Errorf("C_SignInit used object %d; want k2's token object %v", f.lastSignedWith(), privs)
+	}
+}
+
+// Config.NoSessionCopies: no C_CopyObject at all, the token objects sign.
+func TestNoSessionCopies(t *testing.T) {
+	checkGoroutines(t)
+	f := newFaultModule()
+	tok := newToken(t)
+	cfg := tok.config(t)
+	cfg.NoSessionCopies = true
+	b := openBackend(t, cfg, f.options(options{}))
+	pub := keystoretest.MustGenerate(t, b, "k")
+	for range 3 {
+		signOK(t, b, "k", pub)
+	}
+	if n := f.copies.Load(); n != 0 {
+		t.Errorf("%d C_CopyObject calls; want 0", n)
+	}
+	h := rawSession(t, b)
+	defer b.lib.ctx.CloseSession(h)
+	if n := len(rawCopies(t, b, h, "k")); n != 0 {
+		t.Errorf("%d session copies; want 0", n)
+	}
+}
