@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"slices"
 	"testing"
 	"time"
 
@@ -77,5 +78,23 @@ func TestMeasure(t *testing.T) {
 	}
 	if st.ops < 30 || st.p50 < time.Millisecond || st.p99 < st.p50 || st.elapsed < 50*time.Millisecond {
 		t.Fatalf("stats %+v", st)
+	}
+}
+
+func TestParseFlagsSlices(t *testing.T) {
+	o, err := parseFlags(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if o.p11Slice != time.Second || o.p11SliceWarmup != 250*time.Millisecond || o.p11Cycles != 6 {
+		t.Errorf("defaults: slice %v, warm-up %v, cycles %d", o.p11Slice, o.p11SliceWarmup, o.p11Cycles)
+	}
+	if !slices.Contains(o.p11Modes, modeDirectCopy) {
+		t.Errorf("default modes %q lack %q", o.p11Modes, modeDirectCopy)
+	}
+	for _, bad := range [][]string{{"-pkcs11-slice", "10ms"}, {"-pkcs11-slice-warmup", "-1s"}, {"-pkcs11-slice", "2m"}} {
+		if _, err := parseFlags(bad); err == nil {
+			t.Errorf("%q: no error", bad)
+		}
 	}
 }

@@ -32,14 +32,15 @@ var allBackends = []string{"soft", "pkcs11", "tpm"}
 // them.
 const (
 	modeDirect      = "direct"       // C_SignInit+C_Sign through miekg/pkcs11, 2 pooled sessions, cached handle
+	modeDirectCopy  = "direct copy"  // the same on a session copy of the key, as keyd signs (see p11direct.go)
 	modeCrypto11    = "crypto11"     // the same key through ThalesGroup/crypto11 (FindKeyPair, Sign), 2 sessions
 	modeKeydBackend = "keyd backend" // diagnostic: keyd's keystore/pkcs11 Backend.Sign in-process, 2 sessions
 	modeDirectProof = "direct proof" // the whole DPoP proof in-process, signed by the direct signer
-	modeBareRelay   = "bare relay"   // direct's signature made in a relay process, over a Unix socket (see p11relay.go)
+	modeBareRelay   = "bare relay"   // direct copy's signature made in a relay process, over a Unix socket (see p11relay.go)
 	modeDirectAgain = "direct again" // tpm: direct TPM2_Sign once more, after keyd let the TPM go
 )
 
-var p11Modes = []string{modeDirect, modeCrypto11, modeKeydBackend, modeDirectProof, modeBareRelay, modeKeydUnary, modeKeyd}
+var p11Modes = []string{modeDirect, modeDirectCopy, modeCrypto11, modeKeydBackend, modeDirectProof, modeBareRelay, modeKeydUnary, modeKeyd}
 
 // Sessions of every pool in the pkcs11 section (the "two sessions").
 const p11Sessions = 2
@@ -395,11 +396,16 @@ func benchPKCS11(ctx context.Context, o options) (sec *hwSection, err error) {
 	} else {
 		defer c11.Close()
 	}
-	direct, err := openP11Direct(module, token, pin, p11Sessions)
+	direct, err := openP11Direct(module, token, pin, p11Sessions, false)
 	if err != nil {
 		return sec, fmt.Errorf("direct pkcs11: %w", err)
 	}
 	defer direct.close()
+	directCopy, err := openP11Direct(module, token, pin, p11Sessions, true)
+	if err != nil {
+		return sec, fmt.Errorf("direct pkcs11 with session copies: %w", err)
+	}
+	defer directCopy.close()
 	kcfg, err := cfg.PKCS11Config()
 	if err != nil {
 		return sec, err
@@ -438,15 +444,17 @@ func benchPKCS11(ctx context.Context, o options) (sec *hwSection, err error) {
 			return sec, err
 		}
 		s := setup{alg: alg, id: v.ID, in: newBareInput(alg), name: name, dp: kc.DPoP(name), udp: uc.DPoP(name), pub: pub}
-		if err := direct.addKey(v.ID, alg); err != nil {
-			return sec, fmt.Errorf("%s: direct pkcs11: %w", alg, err)
-		}
-		sig, err := direct.signRaw(v.ID, s.in.raw)
-		if err == nil {
-			err = verifyRaw(pub, s.in.digest, s.in.msg, sig)
-		}
-		if err != nil {
-			return sec, fmt.Errorf("%s: direct pkcs11 signature: %w", alg, err)
+		for _, d := range []*p11Direct{direct, directCopy} {
+			if err := d.addKey(v.ID, alg); err != nil {
+				return sec, fmt.Errorf("%s: direct pkcs11 (copies %v): %w", alg, d.copies, err)
+			}
+			sig, err := d.signRaw(v.ID, s.in.raw)
+			if err == nil {
+				err = verifyRaw(pub, s.in.digest, s.in.msg, sig)
+			}
+			if err != nil {
+				return sec, fmt.Errorf("%s: direct pkcs11 signature (copies %v): %w", alg, d.copies, err)
+			}
 		}
 		if c11 != nil {
 			cs, err := c11Find(c11, v.ID)
@@ -462,7 +470,7 @@ func benchPKCS11(ctx context.Context, o options) (sec *hwSection, err error) {
 				s.c11 = &cs
 			}
 		}
-		sig, err = kb.Sign(ctx, v.ID, s.in.digest, s.in.opts)
+		sig, err := kb.Sign(ctx, v.ID, s.in.digest, s.in.opts)
 		if err == nil {
 			err = verifyRaw(pub, s.in.digest, s.in.msg, sig)
 		}
@@ -518,7 +526,7 @@ func benchPKCS11(ctx context.Context, o options) (sec *hwSection, err error) {
 	}
 	progress("pkcs11: validated every mode's signatures against keyd's keys (%d algorithms)", len(setups))
 	if relay != nil {
-		sec.Notes = append(sec.Notes, "bare relay = direct's signature made by a relay process (direct's 2-session pool, one goroutine per connection) over a Unix socket, one connection per caller: no proof, no gRPC, no policy or audit; the daemon CPU column of that mode is the relay's")
+		sec.Notes = append(sec.Notes, "bare relay = direct copy's signature made by a relay process (a 2-session pool signing with session copies, one goroutine per connection) over a Unix socket, one connection per caller: no proof, no gRPC, no policy or audit; the daemon CPU column of that mode is the relay's")
 	}
 
 	rec := newRecorder(o.p11Callers, o.duration, 100_000)
@@ -527,6 +535,10 @@ func benchPKCS11(ctx context.Context, o options) (sec *hwSection, err error) {
 		ops := map[string]op{
 			modeDirect: func(context.Context) error {
 				_, err := direct.signRaw(s.id, s.in.raw)
+				return err
+			},
+			modeDirectCopy: func(context.Context) error {
+				_, err := directCopy.signRaw(s.id, s.in.raw)
 				return err
 			},
 			modeKeydBackend: func(ctx context.Context) error {
@@ -604,7 +616,7 @@ func benchPKCS11(ctx context.Context, o options) (sec *hwSection, err error) {
 			continue
 		}
 		var modes []string
-		for _, m := range []string{modeDirect, modeBareRelay, modeKeyd} {
+		for _, m := range []string{modeDirect, modeDirectCopy, modeBareRelay, modeKeyd} {
 			if slices.Contains(o.p11Modes, m) && opsOf[i][m] != nil {
 				modes = append(modes, m)
 			}
@@ -612,8 +624,9 @@ func benchPKCS11(ctx context.Context, o options) (sec *hwSection, err error) {
 		if !slices.Contains(modes, modeDirect) || !slices.Contains(modes, modeKeyd) {
 			continue
 		}
-		progress("pkcs11 %s interleaved: %s at %d callers, %d cycles of %v slices…", s.alg, strings.Join(modes, ", "), goalP11N, o.p11Cycles, p11Slice)
-		x, err := p11Interleave(ctx, rec, string(s.alg), goalP11N, o.p11Cycles, modes, opsOf[i])
+		progress("pkcs11 %s interleaved: %s at %d callers, %d cycles of %v slices (after %v warm-up each)…",
+			s.alg, strings.Join(modes, ", "), goalP11N, o.p11Cycles, o.p11Slice, o.p11SliceWarmup)
+		x, err := p11Interleave(ctx, rec, string(s.alg), goalP11N, o.p11Cycles, o.p11Slice, o.p11SliceWarmup, modes, opsOf[i])
 		if err != nil {
 			return sec, keydFailed(err, keyd)
 		}
@@ -626,7 +639,7 @@ func benchPKCS11(ctx context.Context, o options) (sec *hwSection, err error) {
 		return sec, errors.New("keyd exited during the run")
 	}
 	sec.Notes = append(sec.Notes,
-		fmt.Sprintf("SoftHSM2 token %q (fresh, in the bench's temporary directory); keyd: backend pkcs11, max_sessions %d; keys are token objects made by keyd, labelled keyd:<id>", token, o.keydP11),
+		fmt.Sprintf("SoftHSM2 token %q (fresh, in the bench's temporary directory); keyd: backend pkcs11, max_sessions %d; keys are token objects made by keyd, labelled keyd:<id>; keyd, keyd backend, direct copy and the bare relay sign with session copies of them (C_CopyObject inside the token), direct and crypto11 with the token objects", token, o.keydP11),
 		"bare modes (direct, crypto11, keyd backend) sign a fixed SHA-256 digest (EdDSA: a 400-byte message); keyd signs a whole DPoP proof (policy, claims JSON, jti, the audit record) and returns it over gRPC",
 		"keyd backend can outrun direct with more callers than sessions: it makes each C_Sign on a goroutine of its own (to be able to abandon it), which spares Go's scheduler the P hand-offs a plain pool meets when both Ps sit in cgo calls; direct is the plain pool",
 	)

@@ -191,15 +191,22 @@ func (s *hwSection) computeP11() []goal {
 					how = "%d run"
 				}
 				how = fmt.Sprintf(how, len(ratios))
+				sameWork := 0.0
 				if il := s.p11Interleaved(g.alg); il != nil {
 					how = fmt.Sprintf("interleaved, %d cycles of %d ms slices (the %s: %.2f)", il.Cycles, il.SliceMs, how, x.Value)
 					x.Value, relay = il.ratio(modeKeyd), il.ratio(modeBareRelay)
+					if c := il.OpsPerSec[modeDirectCopy]; c > 0 {
+						sameWork = il.OpsPerSec[modeKeyd] / c
+					}
 				}
 				x.Met = x.Value >= g.limit
 				x.Status = metString(x.Met)
 				x.Name += ", " + how
 				if relay > 0 {
 					x.Name += fmt.Sprintf(" [the bare relay, one socket round trip per signature and nothing else: %.2f]", relay)
+				}
+				if sameWork > 0 {
+					x.Name += fmt.Sprintf(" [keyd / direct copy, the same SoftHSM work per signature: %.2f]", sameWork)
 				}
 			}
 		}
@@ -368,14 +375,17 @@ func (s *hwSection) print(w io.Writer) {
 		fmt.Fprint(w, `modes: direct        in-process C_SignInit+C_Sign through miekg/pkcs11 on the same token and key:
                      2 logged-in pooled sessions, handle cached (found once by CKA_LABEL keyd:<id>);
                      CKM_ECDSA over a SHA-256 digest, CKM_RSA_PKCS over DigestInfo, CKM_EDDSA
+       direct copy   the same, signing with a session copy of the key (C_CopyObject, CKA_TOKEN false),
+                     as keyd does: the SoftHSM work keyd's signatures cost, which skips the token
+                     object's file checks that "direct" pays on each C_SignInit
        crypto11      the same key through ThalesGroup/crypto11 v1.5.0 (FindKeyPair by label, Signer.Sign),
                      MaxSessions 3 = 2 pooled sessions + its login session
        keyd backend  diagnostic: keyd's own keystore/pkcs11 Backend.Sign in this process, max_sessions 2
        direct proof  a whole DPoP proof in-process, signed by "direct" (what keyd does per proof, minus
                      gRPC and the audit record)
-       bare relay    direct's signature made by a relay process (direct's pool in a process of its own,
-                     one goroutine per connection) over a Unix socket, one connection per caller: raw
-                     bytes, no proof, no gRPC: what the least daemon costs here
+       bare relay    direct copy's signature made by a relay process (its pool in a process of its
+                     own, one goroutine per connection) over a Unix socket, one connection per caller:
+                     raw bytes, no proof, no gRPC: what the least daemon costs here
        keyd unary    client.DPoP(keyset).Proof through keyd, one unary Sign call per proof
        keyd          the same over the client's SignStream (the default)
 `)

@@ -80,6 +80,9 @@ type options struct {
 	tpmSlices  int    // alternating slices of the interleaved tpm measurement (0: none)
 	p11Cycles  int    // cycles of the interleaved pkcs11 goal measurement (0: none)
 	cpuProfile string // the bench process's CPU profile
+	// p11Slice is each mode's measured slice in a cycle, after
+	// p11SliceWarmup of the same operation, not measured.
+	p11Slice, p11SliceWarmup time.Duration
 
 	keyd    string // absolute path of the keyd binary
 	build   bool   // build keyd when the binary is missing
@@ -252,7 +255,9 @@ func parseFlags(args []string) (options, error) {
 	keyd := fs.String("keyd", "", "keyd binary (default bin/keyd in the repository root; built when missing)")
 	jsonOut := fs.String("json", "", "also write the results as JSON to this file")
 	p11ModeList := fs.String("pkcs11-modes", strings.Join(p11Modes, ","), "pkcs11: comma-separated modes to run, for experiments")
-	p11Cycles := fs.Int("pkcs11-cycles", 8, "pkcs11: cycles of the interleaved goal measurement at 16 callers, each a 300 ms slice of direct, bare relay and keyd in turn (0: skip it)")
+	p11Cycles := fs.Int("pkcs11-cycles", 6, "pkcs11: cycles of the interleaved goal measurement at 16 callers, each a slice of direct, direct copy, bare relay and keyd in turn (0: skip it)")
+	p11Slice := fs.Duration("pkcs11-slice", time.Second, "pkcs11: measured length of each mode's slice in the interleaved measurement")
+	p11SliceWarmup := fs.Duration("pkcs11-slice-warmup", 250*time.Millisecond, "pkcs11: unmeasured warm-up before each slice (a daemon that sat idle through the other modes' slices needs it)")
 	tpmSlices := fs.Int("tpm-slices", 12, "tpm: alternating 250 ms slices of each side in the interleaved measurement on two swtpm instances (0: skip it)")
 	cpuProfile := fs.String("cpuprofile", "", "write this process's CPU profile (the callers' side) to this file, for experiments")
 	fs.Func("keyd-env", "NAME=VALUE to add to keyd's environment (repeatable; e.g. GOMAXPROCS=4), for experiments", func(v string) error {
@@ -268,7 +273,11 @@ func parseFlags(args []string) (options, error) {
 	if fs.NArg() > 0 {
 		return options{}, fmt.Errorf("unexpected arguments: %q", fs.Args())
 	}
-	o := options{duration: *dur, jsonOut: *jsonOut, build: true, goalRounds: *goalRounds, keydP11: *keydP11, cpuProfile: *cpuProfile, tpmSlices: *tpmSlices, p11Cycles: *p11Cycles}
+	o := options{duration: *dur, jsonOut: *jsonOut, build: true, goalRounds: *goalRounds, keydP11: *keydP11, cpuProfile: *cpuProfile, tpmSlices: *tpmSlices, p11Cycles: *p11Cycles,
+		p11Slice: *p11Slice, p11SliceWarmup: *p11SliceWarmup}
+	if o.p11Slice < 50*time.Millisecond || o.p11Slice > time.Minute || o.p11SliceWarmup < 0 || o.p11SliceWarmup > time.Minute {
+		return o, fmt.Errorf("-pkcs11-slice %v, -pkcs11-slice-warmup %v: want 50ms to 1m, and 0 to 1m", o.p11Slice, o.p11SliceWarmup)
+	}
 	if o.p11Cycles < 0 || o.p11Cycles > 1000 {
 		return o, fmt.Errorf("-pkcs11-cycles %d: want 0 to 1000", o.p11Cycles)
 	}

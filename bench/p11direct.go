@@ -31,9 +31,14 @@ var digestInfoSHA256 = []byte{0x30, 0x31, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x
 // channel) serves the signatures; each key's private object handle is found
 // once by its CKA_LABEL and cached. A signature is C_SignInit + C_Sign on a
 // pooled session, nothing else: no recovery, no cancellation, no checks.
+//
+// With copies, each key signs through a session copy of it (C_CopyObject
+// on the anchor, CKA_TOKEN false), as keyd does: the same SoftHSM work as
+// keyd's per signature, without the token object's file checks.
 type p11Direct struct {
 	ctx    *p11.Ctx
 	ours   bool // this C_Initialize was the process's first
+	copies bool
 	anchor p11.SessionHandle
 	all    []p11.SessionHandle
 	pool   chan p11.SessionHandle
@@ -50,12 +55,12 @@ type p11Key struct {
 // openP11Direct initializes module (tolerating an initialization by another
 // user in this process), finds the token labelled token, logs in once and
 // opens sessions pooled sessions.
-func openP11Direct(module, token, pin string, sessions int) (_ *p11Direct, err error) {
+func openP11Direct(module, token, pin string, sessions int, copies bool) (_ *p11Direct, err error) {
 	ctx := p11.New(module)
 	if ctx == nil {
 		return nil, fmt.Errorf("cannot load PKCS#11 module %s", module)
 	}
-	d := &p11Direct{ctx: ctx, pool: make(chan p11.SessionHandle, sessions), keys: map[string]p11Key{}}
+	d := &p11Direct{ctx: ctx, copies: copies, pool: make(chan p11.SessionHandle, sessions), keys: map[string]p11Key{}}
 	switch err := ctx.Initialize(); {
 	case err == nil:
 		d.ours = true
@@ -106,10 +111,12 @@ func isP11(err error, code uint) bool {
 	return errors.As(err, &e) && uint(e) == code
 }
 
-// addKey finds the private key labelled "keyd:<id>" and caches its handle.
+// addKey finds the private key labelled "keyd:<id>" (its token object)
+// and caches its handle, or that of a session copy of it made now.
 func (d *p11Direct) addKey(id string, alg keystore.Algorithm) error {
 	tmpl := []*p11.Attribute{
 		p11.NewAttribute(p11.CKA_CLASS, p11.CKO_PRIVATE_KEY),
+		p11.NewAttribute(p11.CKA_TOKEN, true),
 		p11.NewAttribute(p11.CKA_LABEL, "keyd:"+id),
 	}
 	if err := d.ctx.FindObjectsInit(d.anchor, tmpl); err != nil {
@@ -125,8 +132,14 @@ func (d *p11Direct) addKey(id string, alg keystore.Algorithm) error {
 	if len(hs) != 1 {
 		return fmt.Errorf("%d private keys labelled keyd:%s on the token, want 1", len(hs), id)
 	}
+	h := hs[0]
+	if d.copies {
+		if h, err = d.ctx.CopyObject(d.anchor, h, []*p11.Attribute{p11.NewAttribute(p11.CKA_TOKEN, false)}); err != nil {
+			return fmt.Errorf("C_CopyObject: %w", err)
+		}
+	}
 	d.mu.Lock()
-	d.keys[id] = p11Key{h: hs[0], alg: alg}
+	d.keys[id] = p11Key{h: h, alg: alg}
 	d.mu.Unlock()
 	return nil
 }

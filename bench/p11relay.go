@@ -17,8 +17,9 @@ import (
 //
 //	bench -pkcs11-relay SOCKET MODULE TOKEN PINFILE ID:ALG[,ID:ALG...]
 //
-// It is the least a signing daemon can be: the "direct" signer (two pooled
-// sessions, cached handles) in a process of its own, answering requests on
+// It is the least a signing daemon can be: the "direct copy" signer (two
+// pooled sessions, cached handles of session copies, the SoftHSM work keyd
+// does per signature) in a process of its own, answering requests on
 // a Unix socket, one goroutine per connection. A request is the key's index
 // in the list (1 byte), the length (2 bytes, big-endian) and the bytes to
 // sign as the mechanism wants them; the answer is a status (0 or 1), a
@@ -36,7 +37,7 @@ func servePKCS11Relay(args []string) error {
 	if err != nil {
 		return err
 	}
-	d, err := openP11Direct(module, token, strings.TrimRight(string(pinBytes), "\r\n"), p11Sessions)
+	d, err := openP11Direct(module, token, strings.TrimRight(string(pinBytes), "\r\n"), p11Sessions, true)
 	if err != nil {
 		return err
 	}
