@@ -26,10 +26,12 @@ import (
 // A copy would go on signing after its token object is deleted (the token
 // wiped, the key destroyed by another tool). So keyd looks at the token
 // object (C_GetAttributeValue of its CKA_ID, for which SoftHSM checks its
-// file) before using a copy if it has not seen the object for recheck, and
-// before every use while a failure is recorded (Health saw the token fail,
-// or a call failed even after recovering): a key gone from the token fails
-// as ErrKeyLost within recheck at the most — at once after Health noticed.
+// file) before using a copy if it has not seen the object for recheck
+// (100 ms; the look costs about what a C_SignInit with the token object
+// does, so at most ten times a second per key), and before every use while
+// a failure is recorded (Health saw the token fail, or a call failed even
+// after recovering): a key gone from the token fails as ErrKeyLost within
+// recheck at the most — at once after Health noticed.
 // Destroy destroys the copy with the key.
 //
 // A token that refuses the copy (an HSM whose policy forbids C_CopyObject)
@@ -37,7 +39,7 @@ import (
 
 // defaultRecheck is how long a session copy is used without looking at its
 // token object.
-const defaultRecheck = time.Second
+const defaultRecheck = 100 * time.Millisecond
 
 // sessionCopy is a session copy of a key, made on one anchor session.
 type sessionCopy struct {
