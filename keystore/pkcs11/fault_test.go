@@ -281,6 +281,10 @@ func (f *faultModule) Sign(sh p11.SessionHandle, msg []byte) ([]byte, error) {
 		}
 	}
 	if err := f.fault("Sign"); err != nil {
+		// A failed C_Sign ends the signing operation (PKCS#11 2.40
+		// §5.11): end it for real, so that the session is as a module
+		// that failed would leave it.
+		_, _ = f.module.Sign(sh, msg)
 		return nil, err
 	}
 	return f.module.Sign(sh, msg)
@@ -1442,4 +1446,42 @@ func TestRecoveryHangs(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 	keyIntact(t, b, "k", pub)
+}
+
+// A fault that only C_Sign meets, and that re-initializing the module does
+// not cure (CKR_DEVICE_ERROR on every C_Sign), keeps Health failing: once a
+// failure is recorded the probe signs, and only a probe that signs clears
+// it. A probe that only asked for the session and token info used to pass
+// and report the Backend healthy while every signature failed. Once the
+// fault is gone, Health heals without any Sign.
+func TestHealthSignFault(t *testing.T) {
+	checkGoroutines(t)
+	f := newFaultModule()
+	b, _ := faultBackend(t, f, options{recoverBackoff: time.Millisecond})
+	pub := keystoretest.MustGenerate(t, b, "k")
+	signOK(t, b, "k", pub)
+	if err := b.Health(t.Context()); err != nil {
+		t.Fatalf("Health before the fault: %v", err)
+	}
+
+	f.set("Sign", always(p11.CKR_DEVICE_ERROR))
+	if _, err := b.Sign(t.Context(), "k", make([]byte, 32), crypto.SHA256); !errors.Is(err, keystore.ErrUnavailable) {
+		t.Fatalf("Sign with C_Sign failing = %v; want ErrUnavailable", err)
+	}
+	for i := range 5 {
+		time.Sleep(5 * time.Millisecond) // past recoverBackoff: a fresh probe each time
+		if err := b.Health(t.Context()); !errors.Is(err, keystore.ErrUnavailable) {
+			t.Fatalf("Health #%d with C_Sign failing = %v; want ErrUnavailable", i, err)
+		}
+	}
+
+	f.clear()
+	time.Sleep(5 * time.Millisecond)
+	if err := b.Health(t.Context()); err != nil {
+		t.Fatalf("Health once C_Sign works again = %v; want nil", err)
+	}
+	if err := b.Health(t.Context()); err != nil {
+		t.Fatalf("Health again = %v; want nil", err)
+	}
+	signOK(t, b, "k", pub)
 }

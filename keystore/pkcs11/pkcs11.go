@@ -889,8 +889,11 @@ func (b *Backend) Destroy(ctx context.Context, id string) error {
 // and it returns when ctx ends even if the device does not answer. A probe
 // that finds the anchor's session or login gone recovers them (at most
 // once a second after a failed recovery), so the Backend heals without
-// traffic; a probe that passes clears an earlier failure, whose cause the
-// next call will meet again if it lasts.
+// traffic. While a failure is recorded, the probe also signs a fixed digest
+// with one of the keys this Backend knows (found again on the anchor by
+// CKA_ID), and only a probe that signs clears the failure: a fault that only
+// C_SignInit or C_Sign meet keeps Health failing, instead of flapping to
+// healthy each time a probe that never signs passes.
 func (b *Backend) Health(ctx context.Context) error {
 	b.mu.RLock()
 	closed, locked, slot, ep := b.closed, b.locked, b.slot, b.epoch
@@ -904,45 +907,65 @@ func (b *Backend) Health(ctx context.Context) error {
 	if d := b.stuck(); d > 0 {
 		return fmt.Errorf("%w: token %q: a PKCS#11 call has been running for %v", keystore.ErrUnavailable, b.label, d.Round(time.Millisecond))
 	}
-	if f := b.failing.Load(); f != nil && time.Since(f.at) < b.opts.recoverBackoff {
+	f := b.failing.Load()
+	if f != nil && time.Since(f.at) < b.opts.recoverBackoff {
 		return f.err
 	}
+	sign := f != nil
+	for attempt := 0; ; attempt++ {
+		err := b.probeWithin(ctx, slot, sign)
+		switch {
+		case err == nil:
+			if b.failing.Load() != nil {
+				b.failing.Store(nil)
+			}
+			return nil
+		case errors.Is(err, errBusy), ctx.Err() != nil:
+			return fmt.Errorf("%w: token %q: %w", keystore.ErrUnavailable, b.label, err)
+		case attempt == 0 && recoverable(err) && !isCode(err, p11.CKR_GENERAL_ERROR):
+			// The anchor lost its session or its login, or the
+			// signing probe met a stale handle or a failed device:
+			// recover now, then probe once more if it signed.
+			if rerr := b.recover(ctx, ep, err); rerr != nil || !sign {
+				return rerr
+			}
+			b.mu.RLock()
+			slot, ep = b.slot, b.epoch
+			b.mu.RUnlock()
+			continue
+		}
+		werr := fmt.Errorf("%w: token %q: %w", keystore.ErrUnavailable, b.label, err)
+		b.setFailing(werr)
+		return werr
+	}
+}
+
+// probeWithin runs probe on a goroutine of its own, one probe at a time,
+// and returns its outcome or, if ctx ends first, ctx's error (the probe goes
+// on in the background).
+func (b *Backend) probeWithin(ctx context.Context, slot uint, sign bool) error {
 	if !b.probing.TryLock() {
 		return fmt.Errorf("%w: token %q: the previous health probe is still waiting for the device", keystore.ErrUnavailable, b.label)
 	}
 	ch := make(chan error, 1)
 	go func() {
 		defer b.probing.Unlock()
-		ch <- b.probe(slot)
+		ch <- b.probe(slot, sign)
 	}()
-	var err error
 	select {
-	case err = <-ch:
+	case err := <-ch:
+		return err
 	case <-ctx.Done():
 		return fmt.Errorf("health: %w", ctx.Err())
 	}
-	switch {
-	case err == nil:
-		if b.failing.Load() != nil {
-			b.failing.Store(nil)
-		}
-		return nil
-	case errors.Is(err, errBusy):
-		return fmt.Errorf("%w: token %q: %w", keystore.ErrUnavailable, b.label, err)
-	case recoverable(err) && !isCode(err, p11.CKR_GENERAL_ERROR):
-		// The anchor lost its session or its login: recover now.
-		return b.recover(ctx, ep, err)
-	}
-	werr := fmt.Errorf("%w: token %q: %w", keystore.ErrUnavailable, b.label, err)
-	b.setFailing(werr)
-	return werr
 }
 
 // errBusy is what a health probe says while a recovery holds the anchor.
 var errBusy = errors.New("recovery in progress")
 
-// probe checks the anchor session is logged in and the token answers.
-func (b *Backend) probe(slot uint) error {
+// probe checks the anchor session is logged in and the token answers, and
+// with sign that the token signs (see probeSign).
+func (b *Backend) probe(slot uint, sign bool) error {
 	if !b.dev.TryLock() {
 		return errBusy
 	}
@@ -960,6 +983,71 @@ func (b *Backend) probe(slot uint) error {
 	}
 	if _, err := b.m.GetTokenInfo(slot); err != nil {
 		return fmt.Errorf("C_GetTokenInfo: %w", err)
+	}
+	if sign {
+		return b.probeSign()
+	}
+	return nil
+}
+
+// probeSign signs a fixed digest on the anchor with one of the keys this
+// Backend knows, found by its CKA_ID (so no cached handle is trusted). It
+// returns nil if the Backend knows no key, or if the key is no longer on
+// the token: a lost key is Sign's DATA_LOSS, not a failed device. The
+// caller holds b.dev and is inside the module.
+func (b *Backend) probeSign() error {
+	var ckaID []byte
+	b.mu.RLock()
+	for _, id := range b.known {
+		ckaID = id
+		break
+	}
+	b.mu.RUnlock()
+	if ckaID == nil {
+		return nil
+	}
+	anchor := &session{h: b.anchor}
+	hs, err := b.find(anchor, []*p11.Attribute{
+		p11.NewAttribute(p11.CKA_CLASS, p11.CKO_PRIVATE_KEY),
+		p11.NewAttribute(p11.CKA_TOKEN, true),
+		p11.NewAttribute(p11.CKA_ID, ckaID),
+	}, 1)
+	if err != nil || len(hs) == 0 {
+		return err
+	}
+	a, err := b.m.GetAttributeValue(b.anchor, hs[0], []*p11.Attribute{p11.NewAttribute(p11.CKA_KEY_TYPE, nil)})
+	if err != nil {
+		return fmt.Errorf("C_GetAttributeValue: %w", err)
+	}
+	kt := ulong(a[0].Value)
+	var params []byte
+	if kt != p11.CKK_RSA {
+		a, err := b.m.GetAttributeValue(b.anchor, hs[0], []*p11.Attribute{p11.NewAttribute(p11.CKA_EC_PARAMS, nil)})
+		if err != nil {
+			return fmt.Errorf("C_GetAttributeValue: %w", err)
+		}
+		params = a[0].Value
+	}
+	var digest []byte
+	var opts crypto.SignerOpts
+	k := kindOf(kt, params)
+	switch k {
+	case kindP384:
+		digest, opts = make([]byte, crypto.SHA384.Size()), crypto.SHA384
+	case kindEd25519:
+		digest, opts = []byte("keyd health probe"), crypto.Hash(0)
+	default:
+		digest, opts = make([]byte, crypto.SHA256.Size()), crypto.SHA256
+	}
+	mech, data, err := signParams(k, digest, opts)
+	if err != nil {
+		return nil // a key keyd cannot sign with says nothing about the device
+	}
+	if err := b.m.SignInit(b.anchor, []*p11.Mechanism{mech}, hs[0]); err != nil {
+		return fmt.Errorf("C_SignInit (health probe): %w", err)
+	}
+	if _, err := b.m.Sign(b.anchor, data); err != nil {
+		return fmt.Errorf("C_Sign (health probe): %w", err)
 	}
 	return nil
 }
