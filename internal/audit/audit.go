@@ -62,6 +62,12 @@ const maxPending = 1 << 20
 // pending buffer with one Write call and reports the outcome to every
 // record in it. Record therefore returns nil only after its own line was
 // completely written, and a failed write fails exactly the records it held.
+//
+// A write that fails part-way (a full disk) leaves no half line behind: on
+// a file the bytes it wrote are truncated away, so the log holds exactly the
+// records whose callers were told they succeeded; on a writer that cannot
+// be truncated, the next write starts with a newline, so the torn line stays
+// a line of its own and every later record still parses.
 type Log struct {
 	w io.Writer
 	c io.Closer
@@ -74,6 +80,7 @@ type Log struct {
 	cur     *group // the group of the callers waiting on pending; nil when pending is empty
 	spare   []byte // the buffer of the previous write, for reuse
 	limit   int    // maxPending, smaller in tests
+	torn    bool   // the last write failed part-way and could not be undone; only the writer touches it
 
 	lines sync.Pool // *[]byte buffers records are formatted into, outside the lock
 }
@@ -157,12 +164,21 @@ func (l *Log) write(g *group) error {
 	l.cond.Broadcast() // room in pending again
 	l.mu.Unlock()
 
-	n, err := l.w.Write(buf)
-	if err == nil && n < len(buf) {
+	out := buf
+	if l.torn {
+		out = append([]byte{'\n'}, buf...)
+	}
+	n, err := l.w.Write(out)
+	if err == nil && n < len(out) {
 		err = io.ErrShortWrite
 	}
 	if err != nil {
 		err = fmt.Errorf("%w: %w", ErrWrite, err)
+		if n > 0 && !l.untear(n) {
+			l.torn = true // else the log is as before this write, torn or not
+		}
+	} else {
+		l.torn = false
 	}
 
 	l.mu.Lock()
@@ -181,6 +197,27 @@ func (l *Log) write(g *group) error {
 	}
 	l.mu.Unlock()
 	return err
+}
+
+// truncater is a writer whose end can be cut off: an *os.File.
+type truncater interface {
+	Seek(offset int64, whence int) (int64, error)
+	Truncate(size int64) error
+}
+
+// untear removes the last n bytes written, those of a failed write, if the
+// writer is a file opened for appending (whose offset is then its end). It
+// reports whether it did.
+func (l *Log) untear(n int) bool {
+	t, ok := l.w.(truncater)
+	if !ok {
+		return false
+	}
+	end, err := t.Seek(0, io.SeekCurrent)
+	if err != nil || end < int64(n) {
+		return false
+	}
+	return t.Truncate(end-int64(n)) == nil
 }
 
 // putLine returns a formatting buffer to the pool, unless a huge record

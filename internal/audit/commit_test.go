@@ -2,12 +2,15 @@ package audit
 
 import (
 	"bytes"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"os"
 	"path/filepath"
+	"reflect"
 	"runtime"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -570,4 +573,120 @@ func BenchmarkRecordSerial(b *testing.B) {
 			}
 		})
 	}
+}
+
+// tearingFile is an audit file whose next writes fail part-way, as on a
+// full disk: they write the first half of what they get, then fail.
+type tearingFile struct {
+	*os.File
+	tear int // writes left to tear
+}
+
+func (f *tearingFile) Write(p []byte) (int, error) {
+	if f.tear == 0 {
+		return f.File.Write(p)
+	}
+	f.tear--
+	n, err := f.File.Write(p[:len(p)/2])
+	if err != nil {
+		return n, err
+	}
+	return n, syscall.ENOSPC
+}
+
+// tearingWriter is the same for a writer that cannot be truncated.
+type tearingWriter struct {
+	bytes.Buffer
+	tear int
+}
+
+func (w *tearingWriter) Write(p []byte) (int, error) {
+	if w.tear == 0 {
+		return w.Buffer.Write(p)
+	}
+	w.tear--
+	n, _ := w.Buffer.Write(p[:len(p)/2])
+	return n, syscall.ENOSPC
+}
+
+// A write that fails part-way leaves no half line in an audit file: the
+// file holds exactly the records that succeeded, each a whole line.
+func TestTornWriteTruncated(t *testing.T) {
+	f, err := os.OpenFile(filepath.Join(t.TempDir(), "audit.jsonl"), os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	tf := &tearingFile{File: f}
+	l := New(tf)
+	if err := l.Record(rec("a")); err != nil {
+		t.Fatal(err)
+	}
+	tf.tear = 2
+	for _, k := range []string{"b", "c"} {
+		if err := l.Record(rec(k)); !errors.Is(err, ErrWrite) || !errors.Is(err, syscall.ENOSPC) {
+			t.Fatalf("Record(%s) on a full disk = %v; want ErrWrite wrapping ENOSPC", k, err)
+		}
+	}
+	if err := l.Record(rec("d")); err != nil {
+		t.Fatal(err)
+	}
+	data, err := os.ReadFile(f.Name())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := jtisOf(t, data); !reflect.DeepEqual(got, []string{"a", "d"}) {
+		t.Errorf("audit file holds %q; want the records that succeeded, [a d]\n%s", got, data)
+	}
+}
+
+// On a writer that cannot be truncated, the record after a torn write
+// starts on a line of its own and parses.
+func TestTornWriteNewline(t *testing.T) {
+	w := &tearingWriter{}
+	l := New(w)
+	if err := l.Record(rec("a")); err != nil {
+		t.Fatal(err)
+	}
+	w.tear = 1
+	if err := l.Record(rec("b")); !errors.Is(err, ErrWrite) {
+		t.Fatalf("Record(b) = %v; want ErrWrite", err)
+	}
+	for _, k := range []string{"c", "d"} {
+		if err := l.Record(rec(k)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	lines := strings.Split(strings.TrimSuffix(w.String(), "\n"), "\n")
+	if len(lines) != 4 {
+		t.Fatalf("%d lines; want 4 (a, the torn half of b, c, d):\n%s", len(lines), w.String())
+	}
+	var parsed []string
+	for i, ln := range lines {
+		var r Record
+		if err := json.Unmarshal([]byte(ln), &r); err != nil {
+			if i == 1 {
+				continue // the torn line
+			}
+			t.Fatalf("line %d does not parse: %v\n%s", i, err, ln)
+		}
+		parsed = append(parsed, r.Jti)
+	}
+	if !reflect.DeepEqual(parsed, []string{"a", "c", "d"}) {
+		t.Errorf("parsed %q; want [a c d]", parsed)
+	}
+}
+
+// jtisOf parses data as JSON lines and returns each record's jti.
+func jtisOf(t *testing.T, data []byte) []string {
+	t.Helper()
+	var out []string
+	for i, ln := range strings.Split(strings.TrimSuffix(string(data), "\n"), "\n") {
+		var r Record
+		if err := json.Unmarshal([]byte(ln), &r); err != nil {
+			t.Fatalf("line %d does not parse: %v\n%s", i, err, ln)
+		}
+		out = append(out, r.Jti)
+	}
+	return out
 }
