@@ -149,7 +149,7 @@ start() {
 			--pid file="$dir/swtpm.pid" \
 			--log file="$log",level=1 \
 			--daemon 2>>"$log"; then
-			if pid=$(pid_of "$dir") && wait_port "$((p + 1))" "$pid"; then
+			if pid=$(pid_of "$dir") && wait_port "$((p + 1))" "$pid" && wait_port "$p" "$pid"; then
 				port=$p
 				started=1
 				break

@@ -117,15 +117,26 @@ func (s *swtpm) start() error {
 			return fmt.Errorf("swtpm exited: %s", strings.TrimSpace(stderr.String()))
 		default:
 		}
-		c, err := net.DialTimeout("tcp", s.ctrlAddr(), 200*time.Millisecond)
-		if err == nil {
-			c.Close()
+		// Both ports: swtpm opens the control port first, and a test
+		// that dialed the command port in between was refused.
+		if s.accepts(s.ctrlAddr()) && s.accepts(fmt.Sprintf("127.0.0.1:%d", s.port)) {
 			return nil
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
 	s.kill()
-	return errors.New("swtpm did not open its control port in 10s")
+	return errors.New("swtpm did not open its control and command ports in 10s")
+}
+
+// accepts reports whether addr accepts a TCP connection (closed at once;
+// swtpm then waits for the next).
+func (s *swtpm) accepts(addr string) bool {
+	c, err := net.DialTimeout("tcp", addr, 200*time.Millisecond)
+	if err != nil {
+		return false
+	}
+	c.Close()
+	return true
 }
 
 // kill stops swtpm for good (SIGKILL by PID) and waits until it is gone.
