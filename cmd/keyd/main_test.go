@@ -606,19 +606,31 @@ func (s *sharedBinary) cmdAsUser(ts *testscript.TestScript, neg bool, args []str
 
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, bin, args[3:]...)
-	cmd.Args[0] = "keyd" // testscript.Main dispatches on the program name
-	cmd.Dir = "/"
-	cmd.Env = []string{"PATH=" + ts.Getenv("PATH"), "TMPDIR=/tmp"}
-	for _, name := range []string{"KEYD_SOCKET", "GORACE"} {
-		if v := ts.Getenv(name); v != "" {
-			cmd.Env = append(cmd.Env, name+"="+v)
-		}
-	}
-	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid), Groups: groups}}
 	var stdout, stderr strings.Builder
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	err = cmd.Run()
+	// The copy was just written, and a process forked meanwhile by another
+	// script holds the written descriptor until it execs (golang/go#22315):
+	// exec then fails with ETXTBSY for a moment. Try again, a few times.
+	for try := 0; ; try++ {
+		cmd := exec.CommandContext(ctx, bin, args[3:]...)
+		cmd.Args[0] = "keyd" // testscript.Main dispatches on the program name
+		cmd.Dir = "/"
+		cmd.Env = []string{"PATH=" + ts.Getenv("PATH"), "TMPDIR=/tmp"}
+		for _, name := range []string{"KEYD_SOCKET", "GORACE"} {
+			if v := ts.Getenv(name); v != "" {
+				cmd.Env = append(cmd.Env, name+"="+v)
+			}
+		}
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid), Groups: groups}}
+		cmd.Stdout, cmd.Stderr = &stdout, &stderr
+		if err = cmd.Start(); errors.Is(err, syscall.ETXTBSY) && try < 50 {
+			time.Sleep(10 * time.Millisecond)
+			continue
+		}
+		if err == nil {
+			err = cmd.Wait()
+		}
+		break
+	}
 	io.WriteString(ts.Stdout(), stdout.String())
 	io.WriteString(ts.Stderr(), stderr.String())
 	var exit *exec.ExitError
