@@ -7,6 +7,8 @@ import (
 	"time"
 
 	p11 "github.com/miekg/pkcs11"
+
+	"github.com/keyd-dev/keyd/keystore"
 )
 
 // Session copies.
@@ -57,6 +59,13 @@ func (b *Backend) signHandle(s *session, id string, k *key) (p11.ObjectHandle, e
 		return k.priv, nil
 	}
 	c := k.copy.Load()
+	if c != nil && c.anchor != b.liveAnchor.Load() {
+		// The anchor it was made on is gone (a recovery that failed
+		// after opening a new one, say), and the copy with it: its
+		// handle may name another object by now.
+		k.copy.CompareAndSwap(c, nil)
+		c = nil
+	}
 	if c == nil {
 		if k.copyFailed.Load() {
 			return k.priv, nil
@@ -118,7 +127,7 @@ func (b *Backend) copyKey(s *session, id string, k *key) *sessionCopy {
 	h, err := b.m.CopyObject(b.anchor, k.priv, []*p11.Attribute{p11.NewAttribute(p11.CKA_TOKEN, false)})
 	if err != nil {
 		k.copyFailed.Store(true)
-		if !recoverable(err) && code(err) != 0 && b.copyRefused.CompareAndSwap(false, true) {
+		if copyRefused(err) && b.copyRefused.CompareAndSwap(false, true) {
 			b.log.Info("the token does not copy keys into session objects; signing with the token objects",
 				"token", b.label, "err", ckrName(err))
 		}
@@ -128,15 +137,29 @@ func (b *Backend) copyKey(s *session, id string, k *key) *sessionCopy {
 	b.mu.RLock()
 	gone := b.forget != forget || b.closed
 	b.mu.RUnlock()
-	if gone {
-		// Destroy ran meanwhile: this may be a copy of a destroyed key.
+	if gone || !b.isCopy(c) {
+		// Destroy ran meanwhile (this may be a copy of a destroyed
+		// key), or the copy is not what k's handle should have given.
 		_ = b.m.DestroyObject(b.anchor, h)
+		k.copyFailed.Store(true)
 		return nil
 	}
 	b.copies[id] = c
 	k.seen.Store(time.Now().UnixNano())
 	k.copy.Store(c)
 	return c
+}
+
+// copyRefused reports whether a C_CopyObject error says the token will not
+// copy keys (its policy, a read-only session, an attribute it will not set)
+// rather than that it could not this time (memory, a session or device
+// failure, which a recovery handles).
+func copyRefused(err error) bool {
+	switch code(err) {
+	case 0, p11.CKR_DEVICE_MEMORY, p11.CKR_HOST_MEMORY, p11.CKR_FUNCTION_CANCELED:
+		return false
+	}
+	return !recoverable(err)
 }
 
 // live reports whether c was made on the current anchor, which is open in
@@ -171,18 +194,32 @@ func (b *Backend) dropCopy(id string) {
 	}
 }
 
-// discardCopy destroys id's session copy (Destroy, a key found lost),
-// waiting for the anchor until ctx ends. The caller holds no pooled
-// session.
-func (b *Backend) discardCopy(ctx context.Context, id string) {
+// discardCopy destroys id's session copy for Destroy, waiting for the
+// anchor until ctx ends; it fails (ErrUnavailable) only if ctx ended first.
+// The caller holds no pooled session.
+func (b *Backend) discardCopy(ctx context.Context, id string) error {
 	if !lockWithin(&b.dev, ctx.Done()) {
-		b.log.Warn("could not destroy a key's session copy in time; it goes when the login ends", "id", id)
+		return fmt.Errorf("%w: token %q: the key's session copy could not be destroyed: %w", keystore.ErrUnavailable, b.label, ctx.Err())
+	}
+	defer b.dev.Unlock()
+	if b.copies[id] != nil {
+		defer b.lib.reading()()
+		b.dropCopy(id)
+	}
+	return nil
+}
+
+// dropLostCopy destroys the session copy of a key found gone from the token,
+// if the anchor is free now (a Sign that already has its answer does not
+// wait for a recovery); otherwise the copy goes with the login. keyd never
+// signs with it: the key's cache entry is gone and the key cannot be found.
+func (b *Backend) dropLostCopy(id string) {
+	if !b.dev.TryLock() {
 		return
 	}
 	defer b.dev.Unlock()
-	if b.copies[id] == nil {
-		return
+	if b.copies[id] != nil {
+		defer b.lib.reading()()
+		b.dropCopy(id)
 	}
-	defer b.lib.reading()()
-	b.dropCopy(id)
 }

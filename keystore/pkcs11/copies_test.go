@@ -2,6 +2,7 @@ package pkcs11
 
 import (
 	"crypto"
+	"errors"
 	"testing"
 
 	p11 "github.com/miekg/pkcs11"
@@ -186,5 +187,47 @@ func TestNoSessionCopies(t *testing.T) {
 	defer b.lib.ctx.CloseSession(h)
 	if n := len(rawCopies(t, b, h, "k")); n != 0 {
 		t.Errorf("%d session copies; want 0", n)
+	}
+}
+
+// A key whose token objects another tool deleted, so that only keyd's
+// session copy is left: Destroy says ErrNotFound (the copy is no key on the
+// token) and destroys the copy; Generate of the same ID makes a new key
+// instead of taking the copy for an object already there.
+func TestOnlyCopyLeft(t *testing.T) {
+	checkGoroutines(t)
+	b, _ := faultBackend(t, newFaultModule(), options{})
+	h := rawSession(t, b)
+	defer b.lib.ctx.CloseSession(h)
+	deleteTokenObjects := func(id string) {
+		for _, class := range []uint{p11.CKO_PRIVATE_KEY, p11.CKO_PUBLIC_KEY} {
+			for _, o := range rawFind(t, b, h, id, class) {
+				if err := b.lib.ctx.DestroyObject(h, o); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}
+	}
+
+	pub := keystoretest.MustGenerate(t, b, "k")
+	signOK(t, b, "k", pub)
+	deleteTokenObjects("k")
+	if err := b.Destroy(t.Context(), "k"); !errors.Is(err, keystore.ErrNotFound) {
+		t.Errorf("Destroy with only the copy left = %v; want ErrNotFound", err)
+	}
+	if n := len(rawCopies(t, b, h, "k")); n != 0 {
+		t.Errorf("%d session copies after Destroy; want 0", n)
+	}
+
+	pub = keystoretest.MustGenerate(t, b, "g")
+	signOK(t, b, "g", pub)
+	deleteTokenObjects("g")
+	pub2, err := b.Generate(t.Context(), "g", keystore.KeySpec{Algorithm: keystore.ES256})
+	if err != nil {
+		t.Fatalf("Generate with only the old copy left = %v; want a new key", err)
+	}
+	signOK(t, b, "g", pub2)
+	if n := len(rawCopies(t, b, h, "g")); n != 1 {
+		t.Errorf("%d session copies of g after the new key signed; want 1 (the old one destroyed)", n)
 	}
 }

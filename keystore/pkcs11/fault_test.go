@@ -36,8 +36,8 @@ type faultModule struct {
 	noMech map[uint]bool           // mechanisms hidden from C_GetMechanismList
 	info   map[uint]p11.MechanismInfo
 
-	logins, opens, signs, copies atomic.Int32
-	inSign, maxInSign            atomic.Int32
+	logins, opens, signs, copies, inits atomic.Int32
+	inSign, maxInSign                   atomic.Int32
 
 	// With gen set (trackHandles), the module generation in which each
 	// object handle was last handed out, and the C_SignInit calls that
@@ -171,6 +171,7 @@ func (f *faultModule) GetAttributeValue(sh p11.SessionHandle, o p11.ObjectHandle
 }
 
 func (f *faultModule) Initialize(opts ...p11.InitializeOption) error {
+	f.inits.Add(1)
 	if err := f.fault("Initialize"); err != nil {
 		return err
 	}
@@ -247,6 +248,13 @@ func (f *faultModule) FindObjectsInit(sh p11.SessionHandle, temp []*p11.Attribut
 func (f *faultModule) SignInit(sh p11.SessionHandle, m []*p11.Mechanism, o p11.ObjectHandle) error {
 	if err := f.fault("SignInit"); err != nil {
 		return err
+	}
+	f.mu.Lock()
+	hidden := len(m) == 1 && f.noMech[m[0].Mechanism]
+	f.mu.Unlock()
+	if hidden {
+		// A token without the mechanism refuses it.
+		return p11.Error(p11.CKR_MECHANISM_INVALID)
 	}
 	f.mu.Lock()
 	f.signedWith = o
@@ -396,6 +404,9 @@ func TestTokenWiped(t *testing.T) {
 	if err := b.Health(t.Context()); !errors.Is(err, keystore.ErrUnavailable) {
 		t.Fatalf("Health after the wipe = %v; want ErrUnavailable", err)
 	}
+	// Public answers from the cache without touching the token: that
+	// must not pass for a sign that the token works again.
+	_, _ = b.Public(t.Context(), "k")
 	for i := range 3 {
 		_, err := b.Sign(t.Context(), "k", make([]byte, 32), crypto.SHA256)
 		if !errors.Is(err, keystore.ErrKeyLost) {
@@ -1468,11 +1479,23 @@ func TestHealthSignFault(t *testing.T) {
 	if _, err := b.Sign(t.Context(), "k", make([]byte, 32), crypto.SHA256); !errors.Is(err, keystore.ErrUnavailable) {
 		t.Fatalf("Sign with C_Sign failing = %v; want ErrUnavailable", err)
 	}
+	inits := f.inits.Load()
 	for i := range 5 {
 		time.Sleep(5 * time.Millisecond) // past recoverBackoff: a fresh probe each time
+		// A call that succeeds without signing (Public, from the
+		// cache) does not clear the failure either.
+		if _, err := b.Public(t.Context(), "k"); err != nil {
+			t.Fatalf("Public: %v", err)
+		}
 		if err := b.Health(t.Context()); !errors.Is(err, keystore.ErrUnavailable) {
 			t.Fatalf("Health #%d with C_Sign failing = %v; want ErrUnavailable", i, err)
 		}
+	}
+	// The probe's failed signatures are recorded, not recovered from:
+	// Sign recovered already, and re-initializing the module every probe
+	// would break every other session on it.
+	if n := f.inits.Load() - inits; n != 0 {
+		t.Errorf("%d C_Initialize calls by 5 health probes; want 0", n)
 	}
 
 	f.clear()
@@ -1484,4 +1507,85 @@ func TestHealthSignFault(t *testing.T) {
 		t.Fatalf("Health again = %v; want nil", err)
 	}
 	signOK(t, b, "k", pub)
+}
+
+// A fault that recovery does not cure re-initializes the module once, not
+// on every call: after a recovery whose retry failed again, recoveries wait
+// recoverBackoff, as after a failed one.
+func TestFutileRecoveryBacksOff(t *testing.T) {
+	checkGoroutines(t)
+	f := newFaultModule()
+	b, _ := faultBackend(t, f, options{recoverBackoff: time.Hour})
+	pub := keystoretest.MustGenerate(t, b, "k")
+	signOK(t, b, "k", pub)
+	inits := f.inits.Load()
+	f.set("Sign", always(p11.CKR_DEVICE_ERROR))
+	for i := range 5 {
+		if _, err := b.Sign(t.Context(), "k", make([]byte, 32), crypto.SHA256); !errors.Is(err, keystore.ErrUnavailable) {
+			t.Fatalf("Sign #%d with C_Sign failing = %v; want ErrUnavailable", i, err)
+		}
+	}
+	if n := f.inits.Load() - inits; n != 1 {
+		t.Errorf("%d C_Initialize calls for 5 failing signatures; want 1", n)
+	}
+}
+
+// The signing health probe uses a mechanism the token offers: on a token
+// with RSA-PSS but not RSA PKCS #1 v1.5, an RSA key is probed with PS256,
+// and the probe clears a failure once the token signs again.
+func TestHealthProbeMechanism(t *testing.T) {
+	checkGoroutines(t)
+	f := newFaultModule()
+	f.noMech[p11.CKM_RSA_PKCS] = true
+	f.noMech[p11.CKM_ECDSA] = true
+	f.noMech[ckmEdDSA] = true
+	b, _ := faultBackend(t, f, options{recoverBackoff: time.Millisecond})
+	if slices.Contains(b.Algorithms(), keystore.RS256) || !slices.Contains(b.Algorithms(), keystore.PS256) {
+		t.Fatalf("algorithms %v; want PS256 without RS256", b.Algorithms())
+	}
+	if _, err := b.Generate(t.Context(), "r", keystore.KeySpec{Algorithm: keystore.PS256}); err != nil {
+		t.Fatal(err)
+	}
+	f.set("Sign", times(2, p11.CKR_DEVICE_ERROR))
+	d := keystoretest.Digest(keystore.PS256, []byte("m"))
+	if _, err := b.Sign(t.Context(), "r", d, keystore.PS256.SignerOpts()); !errors.Is(err, keystore.ErrUnavailable) {
+		t.Fatalf("Sign with C_Sign failing twice = %v; want ErrUnavailable", err)
+	}
+	time.Sleep(5 * time.Millisecond)
+	signs := f.signs.Load()
+	if err := b.Health(t.Context()); err != nil {
+		t.Fatalf("Health once the token signs again = %v; want nil", err)
+	}
+	if n := f.signs.Load() - signs; n != 1 {
+		t.Errorf("the health probe made %d C_Sign calls; want 1 (with RSA-PSS)", n)
+	}
+}
+
+// While a session copy is being made (the anchor busy for a moment), Health
+// waits for the anchor instead of reporting a recovery in progress.
+func TestHealthWhileCopying(t *testing.T) {
+	checkGoroutines(t)
+	f := newFaultModule()
+	b, _ := faultBackend(t, f, options{})
+	pub := keystoretest.MustGenerate(t, b, "k")
+	entered, release := make(chan struct{}), make(chan struct{})
+	f.set("CopyObject", func() error {
+		close(entered)
+		<-release
+		return nil
+	})
+	signed := make(chan error, 1)
+	go func() { signed <- signVerify(t.Context(), b, "k", pub) }()
+	<-entered
+	f.set("CopyObject", nil)
+	health := make(chan error, 1)
+	go func() { health <- b.Health(t.Context()) }()
+	time.Sleep(50 * time.Millisecond)
+	close(release)
+	if err := <-health; err != nil {
+		t.Errorf("Health while a copy was made = %v; want nil", err)
+	}
+	if err := <-signed; err != nil {
+		t.Error(err)
+	}
 }

@@ -213,9 +213,21 @@ type Backend struct {
 	dev        sync.Mutex
 	anchor     p11.SessionHandle
 	haveAnchor bool
-	libGen     uint64    // the module generation the anchor was opened in
-	anchors    uint64    // counts anchors opened (handle numbers repeat)
-	lastFail   time.Time // when the last recovery failed
+	libGen     uint64 // the module generation the anchor was opened in
+	anchors    uint64 // counts anchors opened (handle numbers repeat)
+	// liveAnchor is anchors while the anchor is open, 0 when there is
+	// none: read without b.dev by signers, whose session copies live on
+	// the anchor they were made on.
+	liveAnchor atomic.Uint64
+	// recovering is set while a recovery holds b.dev (a health probe
+	// then reports the recovery instead of waiting for it).
+	recovering atomic.Bool
+	// futile is when a call last failed again right after a recovery
+	// (unix nanoseconds): recoveries wait recoverBackoff after it, as
+	// after a failed one, so that a fault recovery does not cure does
+	// not re-initialize the module on every call.
+	futile   atomic.Int64
+	lastFail time.Time // when the last recovery failed
 	// copies are the keys' session copies, by key ID, made on the anchor
 	// (one of this or an earlier anchor: see live).
 	copies map[string]*sessionCopy
@@ -532,6 +544,7 @@ func (b *Backend) openAnchor(slot uint) error {
 	}
 	b.anchor, b.haveAnchor, b.libGen = h, true, b.lib.gen
 	b.anchors++
+	b.liveAnchor.Store(b.anchors)
 	return b.login(h)
 }
 
@@ -543,11 +556,15 @@ func (b *Backend) closeAnchor() {
 		_ = b.m.CloseSession(b.anchor)
 	}
 	b.haveAnchor = false
+	b.liveAnchor.Store(0)
 }
 
 // forgetAnchor drops an anchor known to be dead without closing it: its
 // number may be another session's by now.
-func (b *Backend) forgetAnchor() { b.haveAnchor = false }
+func (b *Backend) forgetAnchor() {
+	b.haveAnchor = false
+	b.liveAnchor.Store(0)
+}
 
 // login calls C_Login once. A refused PIN — or a login failure that does
 // not say it could not be attempted (see loginUnjudged) — locks the Backend
@@ -618,7 +635,10 @@ func (b *Backend) Generate(ctx context.Context, id string, spec keystore.KeySpec
 		if err := b.checkLogin(s); err != nil {
 			return err
 		}
-		hs, err := b.find(s, []*p11.Attribute{p11.NewAttribute(p11.CKA_LABEL, label)}, 0)
+		hs, err := b.find(s, []*p11.Attribute{
+			p11.NewAttribute(p11.CKA_TOKEN, true),
+			p11.NewAttribute(p11.CKA_LABEL, label),
+		}, 0)
 		if err != nil {
 			return err
 		}
@@ -704,6 +724,9 @@ func (b *Backend) Sign(ctx context.Context, id string, digest []byte, opts crypt
 	if err := b.beginID(ctx, id); err != nil {
 		return nil, fmt.Errorf("sign %s: %w", id, err)
 	}
+	// Only a signature clears a recorded failure (see Health), and only
+	// the one recorded before it began: one recorded meanwhile stands.
+	f := b.failing.Load()
 	var sig []byte
 	err := b.do(ctx, true, func(s *session) error {
 		k, err := b.lookup(s, id)
@@ -743,9 +766,12 @@ func (b *Backend) Sign(ctx context.Context, id string, digest []byte, opts crypt
 	})
 	if err != nil {
 		if errors.Is(err, keystore.ErrKeyLost) || errors.Is(err, keystore.ErrNotFound) {
-			b.discardCopy(ctx, id)
+			b.dropLostCopy(id)
 		}
 		return nil, fmt.Errorf("sign %s: %w", id, err)
+	}
+	if f != nil {
+		b.failing.CompareAndSwap(f, nil)
 	}
 	return sig, nil
 }
@@ -829,7 +855,11 @@ func (b *Backend) Destroy(ctx context.Context, id string) error {
 		if err := b.checkLogin(s); err != nil {
 			return err
 		}
-		hs, err := b.find(s, []*p11.Attribute{p11.NewAttribute(p11.CKA_LABEL, label)}, 0)
+		// Token objects only: the key's session copy is discardCopy's.
+		hs, err := b.find(s, []*p11.Attribute{
+			p11.NewAttribute(p11.CKA_TOKEN, true),
+			p11.NewAttribute(p11.CKA_LABEL, label),
+		}, 0)
 		if err != nil {
 			return err
 		}
@@ -870,8 +900,13 @@ func (b *Backend) Destroy(ctx context.Context, id string) error {
 		b.mu.Unlock()
 	}
 	// The copy goes too, whatever became of the token objects: a key
-	// that stays is copied again when it signs.
-	b.discardCopy(ctx, id)
+	// that stays is copied again when it signs. A copy that could not be
+	// destroyed fails the call, so that the caller tries again (the token
+	// objects being gone then, with ErrNotFound) rather than believe the
+	// key material gone from the token's memory.
+	if cerr := b.discardCopy(ctx, id); cerr != nil && (err == nil || errors.Is(err, keystore.ErrNotFound)) {
+		return fmt.Errorf("destroy %s: %w", id, cerr)
+	}
 	if err != nil {
 		return fmt.Errorf("destroy %s: %w", id, err)
 	}
@@ -916,16 +951,17 @@ func (b *Backend) Health(ctx context.Context) error {
 		err := b.probeWithin(ctx, slot, sign)
 		switch {
 		case err == nil:
-			if b.failing.Load() != nil {
-				b.failing.Store(nil)
+			if f != nil {
+				// Not one recorded while the probe ran (which did
+				// not sign if f was nil).
+				b.failing.CompareAndSwap(f, nil)
 			}
 			return nil
 		case errors.Is(err, errBusy), ctx.Err() != nil:
 			return fmt.Errorf("%w: token %q: %w", keystore.ErrUnavailable, b.label, err)
-		case attempt == 0 && recoverable(err) && !isCode(err, p11.CKR_GENERAL_ERROR):
-			// The anchor lost its session or its login, or the
-			// signing probe met a stale handle or a failed device:
-			// recover now, then probe once more if it signed.
+		case attempt == 0 && recoverable(err) && !isCode(err, p11.CKR_GENERAL_ERROR) && !errors.As(err, new(*probeSignError)):
+			// The anchor lost its session or its login: recover
+			// now, then probe once more if the probe is to sign.
 			if rerr := b.recover(ctx, ep, err); rerr != nil || !sign {
 				return rerr
 			}
@@ -967,7 +1003,10 @@ var errBusy = errors.New("recovery in progress")
 // with sign that the token signs (see probeSign).
 func (b *Backend) probe(slot uint, sign bool) error {
 	if !b.dev.TryLock() {
-		return errBusy
+		if b.recovering.Load() {
+			return errBusy
+		}
+		b.dev.Lock() // a session copy being made or destroyed: a moment
 	}
 	defer b.dev.Unlock()
 	defer b.lib.reading()()
@@ -991,65 +1030,115 @@ func (b *Backend) probe(slot uint, sign bool) error {
 }
 
 // probeSign signs a fixed digest on the anchor with one of the keys this
-// Backend knows, found by its CKA_ID (so no cached handle is trusted). It
-// returns nil if the Backend knows no key, or if the key is no longer on
-// the token: a lost key is Sign's DATA_LOSS, not a failed device. The
-// caller holds b.dev and is inside the module.
+// Backend knows: the first, by key ID, that is on the token and whose
+// algorithm the token offers, found by its CKA_ID (no cached handle is
+// trusted), trying at most probeKeys keys. It returns nil if there is no
+// such key: a key gone from the token is Sign's DATA_LOSS, and a key the
+// token cannot sign with (its mechanism refused), nothing about the device.
+// A failure is a *probeSignError. The caller holds b.dev and is inside the
+// module.
 func (b *Backend) probeSign() error {
-	var ckaID []byte
 	b.mu.RLock()
-	for _, id := range b.known {
-		ckaID = id
-		break
+	ids := make([]string, 0, len(b.known))
+	for id := range b.known {
+		ids = append(ids, id)
+	}
+	slices.Sort(ids)
+	if len(ids) > probeKeys {
+		ids = ids[:probeKeys]
+	}
+	ckaIDs := make([][]byte, len(ids))
+	for i, id := range ids {
+		ckaIDs[i] = b.known[id]
 	}
 	b.mu.RUnlock()
-	if ckaID == nil {
-		return nil
+	for _, ckaID := range ckaIDs {
+		done, err := b.probeSignWith(ckaID)
+		if err != nil {
+			return &probeSignError{err}
+		}
+		if done {
+			return nil
+		}
 	}
-	anchor := &session{h: b.anchor}
-	hs, err := b.find(anchor, []*p11.Attribute{
+	return nil
+}
+
+// probeKeys bounds the keys a signing probe tries.
+const probeKeys = 4
+
+// probeSignError is a failure of the signing part of a health probe: the
+// token answers, but does not sign. Health records it without recovering,
+// since Sign has recovered already when a failure is recorded.
+type probeSignError struct{ err error }
+
+func (e *probeSignError) Error() string { return e.err.Error() }
+func (e *probeSignError) Unwrap() error { return e.err }
+
+// probeSignWith signs the probe's digest with the private key whose CKA_ID
+// is ckaID. done is false if there is no such key or the token cannot sign
+// with it.
+func (b *Backend) probeSignWith(ckaID []byte) (done bool, err error) {
+	hs, err := b.find(&session{h: b.anchor}, []*p11.Attribute{
 		p11.NewAttribute(p11.CKA_CLASS, p11.CKO_PRIVATE_KEY),
 		p11.NewAttribute(p11.CKA_TOKEN, true),
 		p11.NewAttribute(p11.CKA_ID, ckaID),
 	}, 1)
 	if err != nil || len(hs) == 0 {
-		return err
+		return false, err
 	}
 	a, err := b.m.GetAttributeValue(b.anchor, hs[0], []*p11.Attribute{p11.NewAttribute(p11.CKA_KEY_TYPE, nil)})
 	if err != nil {
-		return fmt.Errorf("C_GetAttributeValue: %w", err)
+		return false, fmt.Errorf("C_GetAttributeValue: %w", err)
 	}
 	kt := ulong(a[0].Value)
 	var params []byte
 	if kt != p11.CKK_RSA {
 		a, err := b.m.GetAttributeValue(b.anchor, hs[0], []*p11.Attribute{p11.NewAttribute(p11.CKA_EC_PARAMS, nil)})
 		if err != nil {
-			return fmt.Errorf("C_GetAttributeValue: %w", err)
+			return false, fmt.Errorf("C_GetAttributeValue: %w", err)
 		}
 		params = a[0].Value
 	}
-	var digest []byte
-	var opts crypto.SignerOpts
 	k := kindOf(kt, params)
+	var alg keystore.Algorithm
 	switch k {
+	case kindP256:
+		alg = keystore.ES256
 	case kindP384:
-		digest, opts = make([]byte, crypto.SHA384.Size()), crypto.SHA384
+		alg = keystore.ES384
 	case kindEd25519:
-		digest, opts = []byte("keyd health probe"), crypto.Hash(0)
-	default:
-		digest, opts = make([]byte, crypto.SHA256.Size()), crypto.SHA256
+		alg = keystore.EdDSA
+	case kindRSA:
+		alg = keystore.RS256
+		if !slices.Contains(b.algs, alg) {
+			alg = keystore.PS256
+		}
 	}
-	mech, data, err := signParams(k, digest, opts)
+	if alg == "" || !slices.Contains(b.algs, alg) {
+		return false, nil
+	}
+	msg := []byte("keyd health probe")
+	digest := msg
+	if h := alg.Hash(); h != 0 {
+		hh := h.New()
+		hh.Write(msg)
+		digest = hh.Sum(nil)
+	}
+	mech, data, err := signParams(k, digest, alg.SignerOpts())
 	if err != nil {
-		return nil // a key keyd cannot sign with says nothing about the device
+		return false, nil
 	}
 	if err := b.m.SignInit(b.anchor, []*p11.Mechanism{mech}, hs[0]); err != nil {
-		return fmt.Errorf("C_SignInit (health probe): %w", err)
+		if errors.Is(classify(err), keystore.ErrUnsupportedAlgorithm) {
+			return false, nil
+		}
+		return false, fmt.Errorf("C_SignInit (health probe): %w", err)
 	}
 	if _, err := b.m.Sign(b.anchor, data); err != nil {
-		return fmt.Errorf("C_Sign (health probe): %w", err)
+		return false, fmt.Errorf("C_Sign (health probe): %w", err)
 	}
-	return nil
+	return true, nil
 }
 
 // stuck returns how long the oldest running device call has been running,
@@ -1174,9 +1263,6 @@ func (b *Backend) do(ctx context.Context, abandon bool, fn func(*session) error)
 		}
 		ep, err := b.attempt(ctx, abandon, fresh, fn)
 		if err == nil {
-			if b.failing.Load() != nil {
-				b.failing.Store(nil)
-			}
 			return nil
 		}
 		var miss *missing
@@ -1194,6 +1280,7 @@ func (b *Backend) do(ctx context.Context, abandon bool, fn func(*session) error)
 		}
 		if attempt > 0 {
 			uerr := fmt.Errorf("%w: token %q failed again after recovering (%s): %w", keystore.ErrUnavailable, b.label, ckrName(err), err)
+			b.futile.Store(time.Now().UnixNano())
 			b.setFailing(uerr)
 			b.log.Error("PKCS#11 call failed after recovery", "token", b.label, "err", ckrName(err))
 			return uerr
@@ -1394,6 +1481,12 @@ func (b *Backend) recoverLocked(ep uint64, cause error) error {
 		return fmt.Errorf("%w: token %q: %s, and the last recovery failed %v ago: %w", keystore.ErrUnavailable, b.label,
 			ckrName(cause), time.Since(b.lastFail).Round(time.Millisecond), cause)
 	}
+	if d := time.Duration(time.Now().UnixNano() - b.futile.Load()); d < b.opts.recoverBackoff {
+		return fmt.Errorf("%w: token %q: %s, and a call failed again after the last recovery %v ago: %w", keystore.ErrUnavailable, b.label,
+			ckrName(cause), d.Round(time.Millisecond), cause)
+	}
+	b.recovering.Store(true)
+	defer b.recovering.Store(false)
 	anchors := b.anchors
 	giveBack, err := b.reconnect(cause)
 	// The pool's places, if reconnect took them, go back only after the
