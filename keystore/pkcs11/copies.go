@@ -180,12 +180,13 @@ func (b *Backend) isCopy(c *sessionCopy) bool {
 }
 
 // dropCopy forgets id's copy, destroying it if it is still there. The caller
-// holds b.dev and is inside the module (lib.reading).
+// holds b.dev.
 func (b *Backend) dropCopy(id string) {
 	c := b.copies[id]
 	if c == nil {
 		return
 	}
+	defer b.lib.reading()() // a reader may nest: copyKey calls this inside one
 	delete(b.copies, id)
 	if b.live(c) && b.isCopy(c) {
 		if err := b.m.DestroyObject(b.anchor, c.h); err != nil {
@@ -202,10 +203,7 @@ func (b *Backend) discardCopy(ctx context.Context, id string) error {
 		return fmt.Errorf("%w: token %q: the key's session copy could not be destroyed: %w", keystore.ErrUnavailable, b.label, ctx.Err())
 	}
 	defer b.dev.Unlock()
-	if b.copies[id] != nil {
-		defer b.lib.reading()()
-		b.dropCopy(id)
-	}
+	b.dropCopy(id)
 	return nil
 }
 
@@ -218,8 +216,5 @@ func (b *Backend) dropLostCopy(id string) {
 		return
 	}
 	defer b.dev.Unlock()
-	if b.copies[id] != nil {
-		defer b.lib.reading()()
-		b.dropCopy(id)
-	}
+	b.dropCopy(id)
 }
