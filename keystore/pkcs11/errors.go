@@ -106,7 +106,7 @@ func classify(err error) error {
 		p11.CKR_DOMAIN_PARAMS_INVALID, p11.CKR_CURVE_NOT_SUPPORTED:
 		return fmt.Errorf("%w: %w", keystore.ErrUnsupportedAlgorithm, err)
 	case p11.CKR_SESSION_COUNT, p11.CKR_DEVICE_MEMORY, p11.CKR_HOST_MEMORY,
-		p11.CKR_FUNCTION_CANCELED, p11.CKR_TOKEN_WRITE_PROTECTED:
+		p11.CKR_FUNCTION_CANCELED, p11.CKR_TOKEN_WRITE_PROTECTED, p11.CKR_FUNCTION_FAILED:
 		return fmt.Errorf("%w: %w", keystore.ErrUnavailable, err)
 	}
 	if pinFailed(err) {
@@ -116,4 +116,16 @@ func classify(err error) error {
 		return fmt.Errorf("%w: %w", keystore.ErrUnavailable, err)
 	}
 	return err
+}
+
+// deviceFailed reports whether err, which recovering would not help, still
+// says that the token failed rather than the request, the key or the PIN:
+// the Backend records it for Health, so that a token that fails every call
+// is NOT_SERVING until a signature succeeds again.
+func deviceFailed(err error) bool {
+	switch code(err) {
+	case p11.CKR_FUNCTION_FAILED, p11.CKR_DEVICE_MEMORY, p11.CKR_HOST_MEMORY:
+		return true
+	}
+	return false
 }

@@ -1589,3 +1589,31 @@ func TestHealthWhileCopying(t *testing.T) {
 		t.Error(err)
 	}
 }
+
+// A token that fails every C_Sign with a code recovering does not help
+// (CKR_FUNCTION_FAILED) is UNAVAILABLE to callers and to Health alike, until
+// a signature succeeds again: Health used to pass, since nothing recorded
+// the failure and the probe never signed.
+func TestHealthFunctionFailed(t *testing.T) {
+	checkGoroutines(t)
+	f := newFaultModule()
+	b, _ := faultBackend(t, f, options{recoverBackoff: time.Millisecond})
+	pub := keystoretest.MustGenerate(t, b, "k")
+	signOK(t, b, "k", pub)
+	f.set("Sign", always(p11.CKR_FUNCTION_FAILED))
+	for i := range 3 {
+		if _, err := b.Sign(t.Context(), "k", make([]byte, 32), crypto.SHA256); !errors.Is(err, keystore.ErrUnavailable) {
+			t.Fatalf("Sign #%d with C_Sign failing = %v; want ErrUnavailable", i, err)
+		}
+		time.Sleep(5 * time.Millisecond)
+		if err := b.Health(t.Context()); !errors.Is(err, keystore.ErrUnavailable) {
+			t.Fatalf("Health #%d with C_Sign failing = %v; want ErrUnavailable", i, err)
+		}
+	}
+	f.clear()
+	time.Sleep(5 * time.Millisecond)
+	if err := b.Health(t.Context()); err != nil {
+		t.Fatalf("Health once C_Sign works again = %v; want nil", err)
+	}
+	signOK(t, b, "k", pub)
+}

@@ -1276,6 +1276,9 @@ func (b *Backend) do(ctx context.Context, abandon bool, fn func(*session) error)
 			continue
 		}
 		if !recoverable(err) {
+			if deviceFailed(err) {
+				b.setFailing(fmt.Errorf("%w: token %q: %w", keystore.ErrUnavailable, b.label, err))
+			}
 			return classify(err)
 		}
 		if attempt > 0 {
