@@ -1,8 +1,12 @@
 package pkcs11
 
 import (
+	"bytes"
 	"crypto"
 	"errors"
+	"log/slog"
+	"strings"
+	"sync"
 	"testing"
 
 	p11 "github.com/miekg/pkcs11"
@@ -150,7 +154,10 @@ func TestSessionCopyRefused(t *testing.T) {
 	checkGoroutines(t)
 	f := newFaultModule()
 	f.set("CopyObject", always(p11.CKR_ACTION_PROHIBITED))
-	b, _ := faultBackend(t, f, options{})
+	cfg := newToken(t).config(t)
+	logs := &lockedBuffer{}
+	cfg.Logger = slog.New(slog.NewTextHandler(logs, nil))
+	b := openBackend(t, cfg, f.options(options{}))
 	pub := keystoretest.MustGenerate(t, b, "k")
 	pub2 := keystoretest.MustGenerate(t, b, "k2")
 	for range 5 {
@@ -159,6 +166,9 @@ func TestSessionCopyRefused(t *testing.T) {
 	}
 	if n := f.copies.Load(); n != 1 {
 		t.Errorf("%d C_CopyObject calls; want 1 (refused once, then not asked again)", n)
+	}
+	if n := strings.Count(logs.String(), "does not copy keys into session objects"); n != 1 {
+		t.Errorf("the refusal was logged %d times; want once:\n%s", n, logs)
 	}
 	h := rawSession(t, b)
 	defer b.lib.ctx.CloseSession(h)
@@ -175,7 +185,12 @@ func TestNoSessionCopies(t *testing.T) {
 	tok := newToken(t)
 	cfg := tok.config(t)
 	cfg.NoSessionCopies = true
+	logs := &lockedBuffer{}
+	cfg.Logger = slog.New(slog.NewTextHandler(logs, nil))
 	b := openBackend(t, cfg, f.options(options{}))
+	if !strings.Contains(logs.String(), "session_copies=false") {
+		t.Errorf("the start-up line does not say session_copies=false:\n%s", logs)
+	}
 	pub := keystoretest.MustGenerate(t, b, "k")
 	for range 3 {
 		signOK(t, b, "k", pub)
@@ -230,4 +245,22 @@ func TestOnlyCopyLeft(t *testing.T) {
 	if n := len(rawCopies(t, b, h, "g")); n != 1 {
 		t.Errorf("%d session copies of g after the new key signed; want 1 (the old one destroyed)", n)
 	}
+}
+
+// lockedBuffer is a log destination safe for the Backend's goroutines.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }

@@ -434,7 +434,7 @@ func (b *Backend) start(maxSessions int) error {
 		return fmt.Errorf("token %q: %w: %w", b.label, keystore.ErrUnavailable, err)
 	}
 	b.log.Info("PKCS#11 key store opened", "token", ti.Label, "serial", ti.SerialNumber,
-		"model", ti.Model, "slot", slot, "algorithms", b.algs, "sessions", n, "locked", err != nil)
+		"model", ti.Model, "slot", slot, "algorithms", b.algs, "sessions", n, "session_copies", !b.noCopies, "locked", err != nil)
 	return nil
 }
 
