@@ -116,6 +116,7 @@ import (
 
 	p11 "github.com/miekg/pkcs11"
 
+	"github.com/keyd-dev/keyd/internal/jws"
 	"github.com/keyd-dev/keyd/keystore"
 )
 
@@ -1101,29 +1102,16 @@ func (b *Backend) probeSignWith(ckaID []byte) (done bool, err error) {
 		params = a[0].Value
 	}
 	k := kindOf(kt, params)
-	var alg keystore.Algorithm
-	switch k {
-	case kindP256:
-		alg = keystore.ES256
-	case kindP384:
-		alg = keystore.ES384
-	case kindEd25519:
-		alg = keystore.EdDSA
-	case kindRSA:
-		alg = keystore.RS256
-		if !slices.Contains(b.algs, alg) {
-			alg = keystore.PS256
-		}
+	alg := algOfSign(k, nil) // RS256 for an RSA key: PS256 if the token lacks it
+	if alg == keystore.RS256 && !slices.Contains(b.algs, alg) {
+		alg = keystore.PS256
 	}
 	if alg == "" || !slices.Contains(b.algs, alg) {
 		return false, nil
 	}
-	msg := []byte("keyd health probe")
-	digest := msg
-	if h := alg.Hash(); h != 0 {
-		hh := h.New()
-		hh.Write(msg)
-		digest = hh.Sum(nil)
+	digest, err := jws.Digest(alg, []byte("keyd health probe"))
+	if err != nil {
+		return false, nil
 	}
 	mech, data, err := signParams(k, digest, alg.SignerOpts())
 	if err != nil {
