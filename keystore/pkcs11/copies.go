@@ -155,11 +155,7 @@ func (b *Backend) copyKey(s *session, id string, k *key) *sessionCopy {
 // rather than that it could not this time (memory, a session or device
 // failure, which a recovery handles).
 func copyRefused(err error) bool {
-	switch code(err) {
-	case 0, p11.CKR_DEVICE_MEMORY, p11.CKR_HOST_MEMORY, p11.CKR_FUNCTION_CANCELED:
-		return false
-	}
-	return !recoverable(err)
+	return !passing(err) && !recoverable(err)
 }
 
 // live reports whether c was made on the current anchor, which is open in

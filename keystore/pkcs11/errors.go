@@ -82,14 +82,16 @@ func pinFailed(err error) bool {
 // (CKR_FUNCTION_FAILED, CKR_GENERAL_ERROR…), and logging in again after
 // each recovery would lock a real HSM's PIN.
 func loginUnjudged(err error) bool {
-	if deviceGone(err) || sessionDead(err) {
-		return true
-	}
+	return deviceGone(err) || sessionDead(err) || passing(err)
+}
+
+// passing reports whether err says only that a call could not be done this
+// time (memory, a cancelled function) or is not the module's answer at all,
+// rather than anything about the request.
+func passing(err error) bool {
 	switch code(err) {
-	case p11.CKR_DEVICE_MEMORY, p11.CKR_HOST_MEMORY, p11.CKR_FUNCTION_CANCELED:
+	case 0, p11.CKR_DEVICE_MEMORY, p11.CKR_HOST_MEMORY, p11.CKR_FUNCTION_CANCELED:
 		return true
-	case 0:
-		return true // not the module's answer
 	}
 	return false
 }
