@@ -986,8 +986,12 @@ func (b *Backend) probeWithin(ctx context.Context, slot uint, sign bool) error {
 	}
 	ch := make(chan error, 1)
 	go func() {
-		defer b.probing.Unlock()
-		ch <- b.probe(slot, sign)
+		// The probe's lock is released before the caller hears the
+		// outcome, so that its next Health does not find it held.
+		ch <- func() error {
+			defer b.probing.Unlock()
+			return b.probe(slot, sign)
+		}()
 	}()
 	select {
 	case err := <-ch:
