@@ -123,6 +123,34 @@ func TestSessionCopyKeptAcrossRecovery(t *testing.T) {
 	}
 }
 
+// A recovery that cannot tell whether the anchor lives (C_GetSessionInfo
+// fails with a code that says neither "session gone" nor "device gone")
+// does not open another beside it: the old one would stay open for good,
+// its copies in the token's memory. It initializes the module again, which
+// closes every session.
+func TestSessionCopyAnchorInDoubt(t *testing.T) {
+	checkGoroutines(t)
+	f := newFaultModule()
+	b, _ := faultBackend(t, f, options{})
+	pub := keystoretest.MustGenerate(t, b, "k")
+	signOK(t, b, "k", pub)
+	inits := f.inits.Load()
+	for range 3 {
+		f.set("GetSessionInfo", times(1, p11.CKR_GENERAL_ERROR))
+		f.set("Sign", times(1, p11.CKR_SESSION_HANDLE_INVALID))
+		signOK(t, b, "k", pub)
+	}
+	h := rawSession(t, b)
+	defer b.lib.ctx.CloseSession(h)
+	if n := len(rawCopies(t, b, h, "k")); n != 1 {
+		t.Errorf("%d session copies after 3 recoveries with the anchor in doubt; want 1", n)
+	}
+	if n := f.inits.Load() - inits; n != 3 {
+		t.Errorf("%d C_Initialize calls for 3 recoveries with the anchor in doubt; want 3", n)
+	}
+	keyIntact(t, b, "k", pub)
+}
+
 // A logout destroys the private session objects, the copies with them: the
 // recovery logs in again and makes a new copy.
 func TestSessionCopyAfterLogout(t *testing.T) {

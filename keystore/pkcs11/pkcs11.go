@@ -1591,7 +1591,12 @@ func (b *Backend) reconnectLight(cause error) (light bool, err error) {
 			}
 			return true, b.login(b.anchor) // logged out elsewhere
 		}
-		if deviceGone(err) {
+		if deviceGone(err) || !sessionDead(err) {
+			// The device is gone, or the module cannot say whether the
+			// anchor lives: a new anchor beside a live one would leave
+			// that one open for good, with its session copies in the
+			// token's memory. Initializing the module again closes
+			// every session.
 			return false, nil
 		}
 	}
