@@ -11,11 +11,15 @@
 package keystore
 
 import (
+	"bytes"
 	"context"
 	"crypto"
+	"crypto/ecdsa"
+	"crypto/ed25519"
 	"crypto/rsa"
 	"errors"
 	"fmt"
+	"math/big"
 )
 
 // Algorithm is a JWS algorithm name (RFC 7518, RFC 8037).
@@ -159,6 +163,25 @@ var (
 	ErrInsecureStorage      = errors.New("key storage is not private")
 	ErrClosed               = errors.New("key store closed")
 )
+
+// ClonePublic returns a copy of pub that shares no memory with it. Backends
+// return their public keys through it, so a caller that changes the key it
+// got (a *big.Int, a byte slice) cannot change the backend's.
+func ClonePublic(pub crypto.PublicKey) (crypto.PublicKey, error) {
+	switch k := pub.(type) {
+	case *ecdsa.PublicKey:
+		b, err := k.Bytes()
+		if err != nil {
+			return nil, fmt.Errorf("keystore: copying an ECDSA public key: %w", err)
+		}
+		return ecdsa.ParseUncompressedPublicKey(k.Curve, b)
+	case *rsa.PublicKey:
+		return &rsa.PublicKey{N: new(big.Int).Set(k.N), E: k.E}, nil
+	case ed25519.PublicKey:
+		return ed25519.PublicKey(bytes.Clone(k)), nil
+	}
+	return nil, fmt.Errorf("keystore: a public key of type %T", pub)
+}
 
 // ValidID reports whether id may name a key: 1 to 64 characters from
 // [A-Za-z0-9._-], not starting with a dot. Backends use IDs as file names and

@@ -24,8 +24,10 @@ import (
 	"crypto/ed25519"
 	"crypto/elliptic"
 	"crypto/rsa"
+	"crypto/x509"
 	"errors"
 	"fmt"
+	"math/big"
 	"slices"
 	"strings"
 	"sync"
@@ -263,6 +265,55 @@ func (s *suite) testAlgorithm(t *testing.T, spec keystore.KeySpec) {
 		if err := checkJWS(ctx, t, b, id, spec.Algorithm, pub, i); err != nil {
 			t.Fatalf("JWS round %d: %v", i, err)
 		}
+	}
+
+	// The keys Generate and Public return are the caller's: changing them
+	// changes nothing in the backend.
+	want := x509Copy(t, pub)
+	scribble(pub)
+	scribble(got)
+	again, err := b.Public(ctx, id)
+	if err != nil {
+		t.Fatalf("Public(%q): %v", id, err)
+	}
+	if !equalPublic(want, again) {
+		t.Fatalf("Public(%q) changed when the caller changed the keys Generate and Public had returned", id)
+	}
+	msg := []byte("keystoretest after scribbling")
+	sig, err := b.Sign(ctx, id, Digest(spec.Algorithm, msg), spec.Algorithm.SignerOpts())
+	if err != nil {
+		t.Fatalf("Sign(%q, %s): %v", id, spec.Algorithm, err)
+	}
+	if err := VerifyDER(spec.Algorithm, want, Digest(spec.Algorithm, msg), sig); err != nil {
+		t.Fatalf("Sign(%q, %s) after the caller changed the returned keys: %v", id, spec.Algorithm, err)
+	}
+}
+
+// x509Copy copies pub through its PKIX encoding, independently of the
+// backends' keystore.ClonePublic.
+func x509Copy(t *testing.T, pub crypto.PublicKey) crypto.PublicKey {
+	t.Helper()
+	der, err := x509.MarshalPKIXPublicKey(pub)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := x509.ParsePKIXPublicKey(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+// scribble changes pub in place, as a careless caller could.
+func scribble(pub crypto.PublicKey) {
+	switch k := pub.(type) {
+	case *ecdsa.PublicKey:
+		k.X.Add(k.X, big.NewInt(1))
+	case *rsa.PublicKey:
+		k.N.Add(k.N, big.NewInt(2))
+		k.E = 3
+	case ed25519.PublicKey:
+		k[0] ^= 0xff
 	}
 }
 

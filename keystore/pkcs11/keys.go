@@ -206,32 +206,6 @@ func publicRSA(modulus, exponent []byte) (*rsa.PublicKey, error) {
 	return &rsa.PublicKey{N: n, E: int(e.Int64())}, nil
 }
 
-// copyPublic returns a copy of pub sharing no memory with it, so a caller
-// cannot change a cached key.
-func copyPublic(pub crypto.PublicKey) crypto.PublicKey {
-	switch k := pub.(type) {
-	case *ecdsa.PublicKey:
-		c, err := ecdsa.ParseUncompressedPublicKey(k.Curve, mustBytes(k))
-		if err != nil {
-			panic(err) // it parsed once
-		}
-		return c
-	case *rsa.PublicKey:
-		return &rsa.PublicKey{N: new(big.Int).Set(k.N), E: k.E}
-	case ed25519.PublicKey:
-		return ed25519.PublicKey(bytes.Clone(k))
-	}
-	return pub
-}
-
-func mustBytes(k *ecdsa.PublicKey) []byte {
-	b, err := k.Bytes()
-	if err != nil {
-		panic(err)
-	}
-	return b
-}
-
 // digestInfoSHA256 is the DER DigestInfo prefix of a SHA-256 digest, which
 // CKM_RSA_PKCS expects in front of the digest for RSASSA-PKCS1-v1_5
 // (RFC 8017 §9.2).

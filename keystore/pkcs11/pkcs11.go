@@ -662,8 +662,8 @@ func (b *Backend) Generate(ctx context.Context, id string, spec keystore.KeySpec
 					if err != nil {
 						return err
 					}
-					pub = copyPublic(k.pub)
-					return nil
+					pub, err = keystore.ClonePublic(k.pub)
+					return err
 				}
 			}
 			return fmt.Errorf("%w: token %q has an object labelled %q", keystore.ErrAlreadyExists, b.label, label)
@@ -687,8 +687,8 @@ func (b *Backend) Generate(ctx context.Context, id string, spec keystore.KeySpec
 			}
 		}
 		b.mu.Unlock()
-		pub = copyPublic(k.pub)
-		return nil
+		pub, err = keystore.ClonePublic(k.pub)
+		return err
 	})
 	if err != nil {
 		return nil, fmt.Errorf("generate %s: %w", id, err)
@@ -708,8 +708,8 @@ func (b *Backend) Public(ctx context.Context, id string) (crypto.PublicKey, erro
 		if err != nil {
 			return err
 		}
-		pub = copyPublic(k.pub)
-		return nil
+		pub, err = keystore.ClonePublic(k.pub)
+		return err
 	})
 	if err != nil {
 		return nil, fmt.Errorf("public %s: %w", id, err)

@@ -53,7 +53,6 @@ import (
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/rsa"
-	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
@@ -227,7 +226,7 @@ func (b *Backend) Generate(ctx context.Context, id string, spec keystore.KeySpec
 	}
 	b.mu.Unlock()
 	b.log.Info("key generated", "id", id, "spec", spec.String())
-	pub, err := publicCopy(key)
+	pub, err := keystore.ClonePublic(key.Public())
 	if err != nil {
 		return nil, fmt.Errorf("generate %s: %w", id, err)
 	}
@@ -277,7 +276,7 @@ func (b *Backend) Public(ctx context.Context, id string) (crypto.PublicKey, erro
 	if err != nil {
 		return nil, fmt.Errorf("public %s: %w", id, err)
 	}
-	pub, err := publicCopy(key)
+	pub, err := keystore.ClonePublic(key.Public())
 	if err != nil {
 		return nil, fmt.Errorf("public %s: %w", id, err)
 	}
@@ -481,16 +480,6 @@ func tempID(name string) (string, bool) {
 		return "", false
 	}
 	return id, keystore.ValidID(id) == nil
-}
-
-// publicCopy returns a copy of key's public key that shares no memory with
-// key, so a caller cannot change the loaded key through it.
-func publicCopy(key crypto.Signer) (crypto.PublicKey, error) {
-	der, err := x509.MarshalPKIXPublicKey(key.Public())
-	if err != nil {
-		return nil, err
-	}
-	return x509.ParsePKIXPublicKey(der)
 }
 
 // loadedIDs returns the IDs of the loaded keys, for tests.

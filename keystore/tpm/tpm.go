@@ -131,7 +131,6 @@ import (
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/rsa"
-	"crypto/x509"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -499,7 +498,7 @@ func (b *Backend) Generate(ctx context.Context, id string, spec keystore.KeySpec
 	}
 	b.mu.Unlock()
 	b.log.Info("key generated", "id", id, "spec", spec.String())
-	pub, err := publicCopy(blob.key)
+	pub, err := keystore.ClonePublic(blob.key)
 	if err != nil {
 		return nil, fmt.Errorf("generate %s: %w", id, err)
 	}
@@ -516,7 +515,7 @@ func (b *Backend) Public(ctx context.Context, id string) (crypto.PublicKey, erro
 	if err != nil {
 		return nil, fmt.Errorf("public %s: %w", id, err)
 	}
-	pub, err := publicCopy(blob.key)
+	pub, err := keystore.ClonePublic(blob.key)
 	if err != nil {
 		return nil, fmt.Errorf("public %s: %w", id, err)
 	}
@@ -931,12 +930,3 @@ func (b *Backend) fail(stage string) error {
 func (b *Backend) keyPath(id string) string       { return filepath.Join(b.dir, id+keySuffix) }
 func (b *Backend) tombstonePath(id string) string { return filepath.Join(b.dir, id+tombSuffix) }
 func (b *Backend) pinPath() string                { return filepath.Join(b.dir, pinFile) }
-
-// publicCopy returns a copy of a public key that shares no memory with it.
-func publicCopy(key any) (crypto.PublicKey, error) {
-	der, err := x509.MarshalPKIXPublicKey(key)
-	if err != nil {
-		return nil, err
-	}
-	return x509.ParsePKIXPublicKey(der)
-}
