@@ -589,6 +589,11 @@ var errBadSignature = errors.New("TPM signature does not verify")
 // a handle error or a broken connection, after which keyd re-creates the
 // SRK and reloads (and verifies) the key.
 func (b *Backend) sign(o *op, id string, blob *keyBlob, digest []byte, scheme sigScheme) ([]byte, error) {
+	// The caller looked its blob up before it held the TPM: a Destroy may
+	// have completed meanwhile (its flush came too early, or gave up).
+	if b.destroyed(id) {
+		return nil, fmt.Errorf("%w (destroyed while the signature waited for the TPM)", keystore.ErrNotFound)
+	}
 	h, err := b.load(o, id, blob)
 	if err != nil {
 		return nil, err
@@ -757,8 +762,9 @@ func (b *Backend) Destroy(ctx context.Context, id string) error {
 		return fmt.Errorf("destroy %s: %w", id, err)
 	}
 	b.log.Info("key destroyed", "id", id)
-	// Best effort: a Sign cannot use the key any more, and the next load
-	// of another key flushes it anyway.
+	// Best effort: a Sign cannot use the key any more (sign looks at
+	// gone once it holds the TPM), and the next load of another key
+	// flushes it anyway.
 	if err := b.acquire(ctx); err == nil {
 		if b.st.conn != nil && b.st.cached.id == id {
 			o := &op{b: b, ctx: ctx, timeout: b.cmdTimeout}
@@ -918,6 +924,14 @@ func (b *Backend) blob(id string) (*keyBlob, error) {
 	}
 	b.blobs[id] = blob
 	return blob, nil
+}
+
+// destroyed reports whether this process has destroyed key id.
+func (b *Backend) destroyed(id string) bool {
+	b.mu.RLock()
+	defer b.mu.RUnlock()
+	_, gone := b.gone[id]
+	return gone
 }
 
 func (b *Backend) fail(stage string) error {
