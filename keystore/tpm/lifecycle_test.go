@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto"
 	"errors"
+	"net"
 	"runtime"
 	"strings"
 	"sync"
@@ -122,5 +123,87 @@ func TestSignAfterDestroy(t *testing.T) {
 	b.release()
 	if cached == "k" {
 		t.Errorf("the destroyed key k is loaded in the TPM after Destroy returned")
+	}
+}
+
+// swtpmTransients lists the transient objects swtpm holds, through a
+// connection of the test's own (no backend may be connected).
+func swtpmTransients(t *testing.T, s *swtpm) []tpm2.TPMHandle {
+	t.Helper()
+	var c net.Conn
+	var err error
+	for range 50 { // swtpm may still be closing the backend's connection
+		if c, err = net.DialTimeout("tcp", s.addr()[len("tcp://"):], time.Second); err == nil {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	rsp, err := tpm2.GetCapability{Capability: tpm2.TPMCapHandles, Property: uint32(tpm2.TPMHTTransient) << 24, PropertyCount: 64}.Execute(&directTPM{c: c})
+	if err != nil {
+		t.Fatal(err)
+	}
+	hs, err := rsp.CapabilityData.Data.Handles()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []tpm2.TPMHandle
+	for _, h := range hs.Handle {
+		if uint32(h)>>24 == uint32(tpm2.TPMHTTransient) {
+			out = append(out, h)
+		}
+	}
+	return out
+}
+
+// TestCloseFlushesForgottenObjects (T3): Close promises to flush keyd's
+// objects from the TPM. After a caller gave up while a TPM2_Load was in
+// flight, keyd no longer knows what it loaded (it "forgets" and lets the
+// next prepare flush everything); a Close at that point must still leave
+// swtpm's transient slots as it found them — swtpm keeps transient
+// objects after the connection closes.
+func TestCloseFlushesForgottenObjects(t *testing.T) {
+	s := startSWTPM(t)
+	d := keystoretest.Digest(keystore.ES256, []byte("m"))
+
+	// The ordinary case: Close leaves nothing behind.
+	b := newTestBackend(t, s, Config{})
+	pub := keystoretest.MustGenerate(t, b, "k")
+	mustSign(t, b, "k", keystore.ES256, pub, d)
+	b.Close()
+	if hs := swtpmTransients(t, s); len(hs) != 0 {
+		t.Fatalf("after an ordinary Close swtpm holds transient objects %#x", hs)
+	}
+
+	// A Sign whose caller gives up while its TPM2_Load is in flight.
+	var armed atomic.Bool
+	var cancel context.CancelFunc
+	hook := func(cmd []byte) ([]byte, bool, error) {
+		if tpm2.TPMCC(commandCode(cmd)) == tpm2.TPMCCLoad && armed.CompareAndSwap(true, false) {
+			cancel()
+			time.Sleep(50 * time.Millisecond) // the caller sees its context end first
+		}
+		return nil, false, nil
+	}
+	b, err := newTestBackendErr(t, s, Config{}, hook)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub1 := keystoretest.MustGenerate(t, b, "k1")
+	keystoretest.MustGenerate(t, b, "k2")
+	mustSign(t, b, "k1", keystore.ES256, pub1, d)
+	cctx, stop := context.WithCancel(t.Context())
+	defer stop()
+	cancel = stop
+	armed.Store(true)
+	if _, err := b.Sign(cctx, "k2", d, crypto.SHA256); !errors.Is(err, context.Canceled) {
+		t.Fatalf("Sign cancelled during TPM2_Load = %v, want context.Canceled", err)
+	}
+	b.Close()
+	if hs := swtpmTransients(t, s); len(hs) != 0 {
+		t.Errorf("after Close swtpm still holds transient objects %#x (of 3 slots): Close left keyd's SRK and key loaded", hs)
 	}
 }

@@ -478,13 +478,10 @@ func (b *Backend) prepare(o *op) error {
 	if err != nil {
 		return fmt.Errorf("list transient objects: %w", err)
 	}
-	for _, h := range handles {
-		if _, err := (tpm2.FlushContext{FlushHandle: h}).Execute(o); err != nil {
-			// Going on would leave the slot taken for good; the next
-			// use prepares again.
-			return fmt.Errorf("flush the stale transient object %#x: %w", uint32(h), err)
-		}
-		b.log.Info("flushed a transient object left in the TPM", "handle", fmt.Sprintf("%#x", uint32(h)))
+	if err := b.flushHandles(o, handles); err != nil {
+		// Going on would leave the slot taken for good; the next use
+		// prepares again.
+		return err
 	}
 	rsp, err := tpm2.CreatePrimary{
 		PrimaryHandle: tpm2.AuthHandle{Handle: tpm2.TPMRHOwner, Auth: tpm2.PasswordAuth(b.ownerAuth)},
@@ -505,6 +502,17 @@ func (b *Backend) prepare(o *op) error {
 	}
 	st.srk = srk
 	st.ready = true
+	return nil
+}
+
+// flushHandles flushes the transient objects handles.
+func (b *Backend) flushHandles(o *op, handles []tpm2.TPMHandle) error {
+	for _, h := range handles {
+		if _, err := (tpm2.FlushContext{FlushHandle: h}).Execute(o); err != nil {
+			return fmt.Errorf("flush the stale transient object %#x: %w", uint32(h), err)
+		}
+		b.log.Info("flushed a transient object left in the TPM", "handle", fmt.Sprintf("%#x", uint32(h)))
+	}
 	return nil
 }
 

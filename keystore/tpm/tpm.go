@@ -841,9 +841,20 @@ func (b *Backend) Close() error {
 		// Each command has its deadline; no context may interrupt
 		// them, since the connection is closed right after.
 		o := &op{b: b, ctx: context.Background(), timeout: b.cmdTimeout}
-		err := b.flushCached(o)
-		if err == nil && st.srk.Handle != 0 {
-			_, err = tpm2.FlushContext{FlushHandle: st.srk.Handle}.Execute(o)
+		var err error
+		if st.ready && !st.dirty {
+			err = b.flushCached(o)
+			if err == nil && st.srk.Handle != 0 {
+				_, err = tpm2.FlushContext{FlushHandle: st.srk.Handle}.Execute(o)
+			}
+		} else {
+			// keyd lost track of what it loaded through this
+			// connection (invalidate): flush every transient object,
+			// as prepare would have at the next use.
+			var handles []tpm2.TPMHandle
+			if handles, err = transientHandles(o); err == nil {
+				err = b.flushHandles(o, handles)
+			}
 		}
 		if err != nil {
 			b.log.Warn("cannot flush keyd's objects from the TPM at close", "err", err)
