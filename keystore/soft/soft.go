@@ -214,17 +214,21 @@ func (b *Backend) Generate(ctx context.Context, id string, spec keystore.KeySpec
 	if err == nil {
 		err = b.writeKey(id, key)
 	}
+	if err == nil {
+		// Recorded before wmu goes: a Destroy of id that comes between
+		// would otherwise be undone here, the key gone from the disk
+		// and live in memory.
+		b.mu.Lock()
+		if !b.closed {
+			delete(b.gone, id)
+			b.keys[id] = key
+		}
+		b.mu.Unlock()
+	}
 	b.wmu.Unlock()
 	if err != nil {
 		return nil, fmt.Errorf("generate %s: %w", id, err)
 	}
-
-	b.mu.Lock()
-	if !b.closed {
-		delete(b.gone, id)
-		b.keys[id] = key
-	}
-	b.mu.Unlock()
 	b.log.Info("key generated", "id", id, "spec", spec.String())
 	pub, err := keystore.ClonePublic(key.Public())
 	if err != nil {

@@ -487,16 +487,21 @@ func (b *Backend) Generate(ctx context.Context, id string, spec keystore.KeySpec
 	if err == nil {
 		err = keyfile.WriteNew(b.dir, id+keySuffix, data, b.fail)
 	}
+	if err == nil {
+		// Recorded before wmu goes: a Destroy of id that comes between
+		// would otherwise be undone here, the key gone from the disk
+		// and live in memory.
+		b.mu.Lock()
+		if !b.closed {
+			delete(b.gone, id)
+			b.blobs[id] = blob
+		}
+		b.mu.Unlock()
+	}
 	b.wmu.Unlock()
 	if err != nil {
 		return nil, fmt.Errorf("generate %s: %w", id, err)
 	}
-	b.mu.Lock()
-	if !b.closed {
-		delete(b.gone, id)
-		b.blobs[id] = blob
-	}
-	b.mu.Unlock()
 	b.log.Info("key generated", "id", id, "spec", spec.String())
 	pub, err := keystore.ClonePublic(blob.key)
 	if err != nil {
