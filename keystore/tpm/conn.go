@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -60,38 +61,45 @@ func (e endpoint) String() string {
 
 // parseEndpoint turns Config.Device and Config.Address into an endpoint.
 // Address takes "tcp://host:port", "unix:///path" (or "unix:/path") and a
-// bare "host:port"; with neither set the device is /dev/tpmrm0.
+// bare "host:port"; with neither set the device is /dev/tpmrm0. A socket
+// path must be absolute and a port a number, so that a mistyped address
+// fails here, not as an unreachable TPM at the first use.
 func parseEndpoint(device, address string) (endpoint, error) {
 	switch {
 	case device != "" && address != "":
 		return endpoint{}, errors.New("set either device or address, not both")
 	case address != "":
+		const want = "want tcp://host:port or unix:///absolute/path"
 		if rest, ok := strings.CutPrefix(address, "tcp://"); ok {
-			if _, _, err := net.SplitHostPort(rest); err != nil {
-				return endpoint{}, fmt.Errorf("address %q: %v", address, err)
-			}
-			return endpoint{"tcp", rest}, nil
+			return tcpEndpoint(address, rest)
 		}
-		if rest, ok := strings.CutPrefix(address, "unix://"); ok {
-			if rest == "" {
-				return endpoint{}, fmt.Errorf("address %q: empty socket path", address)
+		if rest, ok := strings.CutPrefix(address, "unix:"); ok {
+			rest = strings.TrimPrefix(rest, "//")
+			if !strings.HasPrefix(rest, "/") {
+				return endpoint{}, fmt.Errorf("address %q: the socket path must be absolute; %s", address, want)
 			}
-			return endpoint{"unix", rest}, nil
-		}
-		if rest, ok := strings.CutPrefix(address, "unix:"); ok && strings.HasPrefix(rest, "/") {
 			return endpoint{"unix", rest}, nil
 		}
 		if strings.Contains(address, "://") {
-			return endpoint{}, fmt.Errorf("address %q: want tcp://host:port or unix:///path", address)
+			return endpoint{}, fmt.Errorf("address %q: %s", address, want)
 		}
-		if _, _, err := net.SplitHostPort(address); err != nil {
-			return endpoint{}, fmt.Errorf("address %q: want tcp://host:port or unix:///path", address)
-		}
-		return endpoint{"tcp", address}, nil
+		return tcpEndpoint(address, address)
 	case device != "":
 		return endpoint{"device", device}, nil
 	}
 	return endpoint{"device", DefaultDevice}, nil
+}
+
+// tcpEndpoint checks hostport, the host:port part of address.
+func tcpEndpoint(address, hostport string) (endpoint, error) {
+	_, port, err := net.SplitHostPort(hostport)
+	if err != nil {
+		return endpoint{}, fmt.Errorf("address %q: %v; want tcp://host:port or unix:///absolute/path", address, err)
+	}
+	if n, err := strconv.ParseUint(port, 10, 16); err != nil || n == 0 {
+		return endpoint{}, fmt.Errorf("address %q: port %q is not a number from 1 to 65535", address, port)
+	}
+	return endpoint{"tcp", hostport}, nil
 }
 
 // dial opens a connection, giving up at deadline.

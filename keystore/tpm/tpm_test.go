@@ -939,6 +939,12 @@ func TestConfig(t *testing.T) {
 		{"", "http://x:1", endpoint{}, true},
 		{"", "tcp://nohost", endpoint{}, true},
 		{"", "unix://", endpoint{}, true},
+		{"", "unix:relative/swtpm.sock", endpoint{}, true},
+		{"", "unix://relative/swtpm.sock", endpoint{}, true},
+		{"", "127.0.0.1:swtpm", endpoint{}, true},
+		{"", "tcp://127.0.0.1:0", endpoint{}, true},
+		{"", "tcp://127.0.0.1:65536", endpoint{}, true},
+		{"", "tcp://[::1]:2321", endpoint{"tcp", "[::1]:2321"}, false},
 	} {
 		got, err := parseEndpoint(tc.device, tc.address)
 		if tc.bad != (err != nil) || got != tc.want {
