@@ -64,3 +64,13 @@ func TestKeyWatcher(t *testing.T) {
 	}
 	waitFor(func() bool { a, _ := w.Active("dpop"); return a.Kid == r2.Active.Kid })
 }
+
+// A watcher that may see no key set still gets SYNCED.
+func TestWatchKeysNothingVisibleStillSyncs(t *testing.T) {
+	e := newEnv(t, defaultSets[3:], envOpts{}) // only "forbidden" (uid 4242)
+	c, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	defer cancel()
+	if err := e.cl.WatchKeys(c, nil).Synced(c); err != nil {
+		t.Errorf("watch with no visible key set never synced: %v", err)
+	}
+}

@@ -324,6 +324,10 @@ func (s *Server) WatchKeys(req *keydv1.WatchKeysRequest, stream grpc.ServerStrea
 		return s.toStatus(ctx, "watch keys", err)
 	}
 	if len(names) == 0 {
+		// Nothing to watch: the (empty) view is complete now.
+		if err := stream.Send(&keydv1.WatchKeysResponse{Type: keydv1.WatchKeysResponse_TYPE_SYNCED}); err != nil {
+			return err
+		}
 		<-ctx.Done()
 		return nil
 	}
