@@ -20,8 +20,10 @@ import (
 
 // Bounds of one SignStream.
 const (
-	// streamInFlight bounds the requests of one stream being served at once;
-	// past it the stream stops reading until one finishes (back-pressure).
+	// streamInFlight bounds the requests of one stream being served or
+	// whose results are not sent yet; past it the stream stops reading
+	// until a result is sent (back-pressure, also on a caller that stops
+	// reading its results).
 	streamInFlight = 64
 	// streamBatch bounds the requests of one message, and the results the
 	// daemon puts in one message.
@@ -51,7 +53,7 @@ func (s *Server) SignStream(stream grpc.BidiStreamingServer[keydv1.SignStreamReq
 		jobs: make(chan *keydv1.SignStreamItem),
 		done: make(chan struct{}),
 	}
-	st.out = outbox{send: stream.Send, busy: func() bool { return len(st.sem) > 0 }}
+	st.out = outbox{send: stream.Send, sem: st.sem}
 	defer st.wg.Wait()
 	defer close(st.done)
 	for {
@@ -112,8 +114,7 @@ func (st *streamState) worker(it *keydv1.SignStreamItem) {
 	defer idle.Stop()
 	for {
 		res := st.srv.serveStreamItem(st.ctx, it)
-		<-st.sem
-		st.out.push(res)
+		st.out.push(res) // frees its slot once the result is sent or dropped
 		idle.Reset(streamIdle)
 		select {
 		case it = <-st.jobs:
@@ -130,8 +131,8 @@ func (st *streamState) worker(it *keydv1.SignStreamItem) {
 // while more arrived during its send.
 type outbox struct {
 	send func(*keydv1.SignStreamResponse) error
-	// busy reports whether other requests are being served.
-	busy func() bool
+	// sem has a slot per request being served or result not yet sent.
+	sem chan struct{}
 
 	mu      sync.Mutex
 	pending []*keydv1.SignStreamResult
@@ -144,6 +145,7 @@ func (o *outbox) push(r *keydv1.SignStreamResult) {
 	o.mu.Lock()
 	if o.broken {
 		o.mu.Unlock()
+		o.free(1)
 		return
 	}
 	o.pending = append(o.pending, r)
@@ -152,7 +154,7 @@ func (o *outbox) push(r *keydv1.SignStreamResult) {
 		return
 	}
 	o.sending = true
-	if o.busy != nil && o.busy() {
+	if len(o.sem) > len(o.pending) {
 		// Other requests of the stream are being served: let those
 		// about to finish add their results to this message.
 		o.mu.Unlock()
@@ -169,6 +171,7 @@ func (o *outbox) push(r *keydv1.SignStreamResult) {
 		}
 		o.mu.Unlock()
 		err := o.send(&keydv1.SignStreamResponse{Results: batch})
+		o.free(len(batch))
 		clear(batch)
 		o.mu.Lock()
 		o.spare = batch[:0]
@@ -176,11 +179,18 @@ func (o *outbox) push(r *keydv1.SignStreamResult) {
 			// The stream is gone (its context ended): the results still
 			// pending have no one to go to.
 			o.broken = true
+			o.free(len(o.pending))
 			o.pending = nil
 		}
 	}
 	o.sending = false
 	o.mu.Unlock()
+}
+
+func (o *outbox) free(n int) {
+	for range n {
+		<-o.sem
+	}
 }
 
 func (s *Server) serveStreamItem(ctx context.Context, req *keydv1.SignStreamItem) (out *keydv1.SignStreamResult) {

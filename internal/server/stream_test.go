@@ -456,3 +456,47 @@ func TestClientBatches(t *testing.T) {
 		t.Errorf("stream after the large request: %v", err)
 	}
 }
+
+// stalledSend: the client has stopped reading; a send blocks until the stream ends.
+type stalledSend struct{ grpc.ServerStream }
+
+func (s stalledSend) SendMsg(any) error {
+	<-s.Context().Done()
+	return s.Context().Err()
+}
+
+// A caller that keeps sending but reads nothing is held back by streamInFlight (64).
+func TestStreamBackPressureWhenCallerStopsReading(t *testing.T) {
+	e := newEnv(t, defaultSets, envOpts{grpcOpts: []grpc.ServerOption{
+		grpc.ChainStreamInterceptor(func(srv any, ss grpc.ServerStream, _ *grpc.StreamServerInfo, h grpc.StreamHandler) error {
+			return h(srv, stalledSend{ss})
+		}),
+	}})
+	st := rawStream(t, e)
+	const msgs = 20 // 1280 requests
+	go func() {
+		for m := range msgs {
+			var items []*keydv1.SignStreamItem
+			for i := range 64 {
+				items = append(items, dpopItem(uint64(m*64+i)))
+			}
+			if st.Send(&keydv1.SignStreamRequest{Requests: items}) != nil {
+				return
+			}
+		}
+	}()
+	last, stable := -1, 0
+	for i := 0; i < 100 && stable < 5; i++ { // at most 5 s
+		time.Sleep(50 * time.Millisecond)
+		if n := len(e.audit.records()); n == last {
+			stable++
+		} else {
+			last, stable = n, 0
+		}
+	}
+	served := len(e.audit.records())
+	t.Logf("%d of %d requests served while the caller reads nothing", served, msgs*64)
+	if served > 2*64 {
+		t.Errorf("%d requests served (results buffered) for a caller that reads nothing; the in-flight bound is 64", served)
+	}
+}
