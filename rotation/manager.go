@@ -156,20 +156,27 @@ func New(ctx context.Context, cfg Config) (*Manager, error) {
 		}
 	}
 	// Whatever the schedule says is due now (a first key, overdue
-	// transitions) happens before the daemon serves.
+	// transitions) happens before the daemon serves. Only a key set left
+	// without an active key fails the start; other steps are retried (R4).
 	if err := m.tickLocked(ctx); err != nil {
-		return nil, err
+		for _, name := range m.order {
+			if m.sets[name].active == nil && !m.hasLost(name) {
+				return nil, err
+			}
+		}
+		m.log.Error("scheduled key changes failed at start; the active keys are unchanged and the changes are retried", "err", err)
 	}
 	return m, nil
 }
 
 func (m *Manager) hasLost(keyset string) bool {
+	var vs []Version
 	for _, e := range m.all {
-		if e.v.KeySet == keyset && e.v.State == Lost {
-			return true
+		if e.v.KeySet == keyset && e.v.State != Pending && e.v.State != Destroyed {
+			vs = append(vs, e.v)
 		}
 	}
-	return false
+	return lostActive(vs)
 }
 
 // reconcile loads the store and compares it with the backend.
@@ -231,6 +238,15 @@ func (m *Manager) reconcile(ctx context.Context) error {
 			changed = true
 		default:
 			pub, err := m.backend.Public(ctx, v.ID)
+			if errors.Is(err, keystore.ErrKeyLost) || errors.Is(err, keystore.ErrNotFound) {
+				// Listed but unloadable: lost, like a missing key.
+				m.log.Error("key in the backend cannot be loaded; marking it lost (DATA_LOSS), not replacing it",
+					"keyset", v.KeySet, "kid", v.Kid, "id", v.ID, "state", v.State.String(), "err", err)
+				v.State = Lost
+				v.ChangedAt = m.now()
+				changed = true
+				break
+			}
 			if err != nil {
 				return fmt.Errorf("read public key %s: %w", v.ID, err)
 			}

@@ -65,7 +65,8 @@ type Action struct {
 // plan's actions then planning again at the same now gives no further
 // action (the planner never rotates twice for one deadline). Versions in
 // states Pending and Destroyed are ignored; a Lost active key blocks any
-// automatic replacement (an operator decides).
+// automatic replacement (an operator decides), while an older key lost
+// after it stopped being the active one does not (see lostActive).
 //
 // Deadlines are read from the versions' recorded times, so a restart or a
 // clock that stood still resumes the schedule where it was:
@@ -78,9 +79,9 @@ type Action struct {
 func Plan(now time.Time, s Schedule, versions []Version) []Action {
 	var (
 		active, next *Version
-		lost         bool
 		actions      []Action
 	)
+	lost := lostActive(versions)
 	vs := append([]Version(nil), versions...)
 	sort.SliceStable(vs, func(i, j int) bool { return vs[i].CreatedAt.Before(vs[j].CreatedAt) })
 	for i := range vs {
@@ -94,8 +95,6 @@ func Plan(now time.Time, s Schedule, versions []Version) []Action {
 			if next == nil || v.ActivateAt.Before(next.ActivateAt) {
 				next = v
 			}
-		case Lost:
-			lost = true
 		}
 	}
 
@@ -133,6 +132,23 @@ func Plan(now time.Time, s Schedule, versions []Version) []Action {
 		}
 	}
 	return actions
+}
+
+// lostActive reports whether the key set's signing key is lost: a lost
+// version not older than the last activation of a version not lost.
+func lostActive(vs []Version) bool {
+	var latest time.Time
+	for _, v := range vs {
+		if v.State != Lost && v.ActivatedAt.After(latest) {
+			latest = v.ActivatedAt
+		}
+	}
+	for _, v := range vs {
+		if v.State == Lost && !v.ActivatedAt.Before(latest) {
+			return true
+		}
+	}
+	return false
 }
 
 // NextDue returns the earliest moment after now at which Plan would act on

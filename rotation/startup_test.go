@@ -1,0 +1,113 @@
+package rotation_test
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/keyd-dev/keyd/keystore"
+	"github.com/keyd-dev/keyd/rotation"
+)
+
+// An unloadable recorded key is DATA_LOSS for that version, not a daemon that cannot start.
+func TestStartWithUnloadableKey(t *testing.T) {
+	f := newFixture(t)
+	m := f.manager(t, nil)
+	old := active(t, m, "dpop")
+	if _, err := m.Rotate(context.Background(), "dpop", true); err != nil {
+		t.Fatal(err)
+	}
+	f.store.Close()
+	f.backend.Close()
+	if err := os.WriteFile(filepath.Join(f.dir, "keys", old.ID+".key"), []byte("garbage\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	f.open(t)
+	m, err := rotation.New(context.Background(), rotation.Config{Backend: f.backend, Store: f.store, KeySets: sets})
+	if err != nil {
+		t.Fatalf("one unloadable draining key keeps the whole daemon from starting: %v", err)
+	}
+	if _, err := m.Acquire("dpop", old.Kid); !errors.Is(err, rotation.ErrKeyLost) {
+		t.Errorf("unloadable key: %v, want ErrKeyLost", err)
+	}
+	for _, ks := range []string{"dpop", "assert"} {
+		l, err := m.Acquire(ks, "")
+		if err != nil {
+			t.Errorf("key set %s: %v", ks, err)
+			continue
+		}
+		l.Release()
+	}
+}
+
+type failDestroy struct{ keystore.Backend }
+
+func (failDestroy) Destroy(context.Context, string) error { return keystore.ErrUnavailable }
+
+// A scheduled step failing at start is deferred (R4), not fatal.
+func TestStartSurvivesFailedScheduledChange(t *testing.T) {
+	f := newFixture(t)
+	clock := newClock()
+	m := scheduled(t, f, clock, nil)
+	first := active(t, m, "as")
+	if _, err := m.Rotate(context.Background(), "as", true); err != nil {
+		t.Fatal(err)
+	}
+	clock.Advance(2 * time.Hour) // drain over
+	if err := m.Tick(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	second := active(t, m, "as")
+	f.restart(t)
+	clock.Advance(24 * time.Hour) // retention over while keyd is down
+	m2, err := rotation.New(context.Background(), rotation.Config{
+		Backend: failDestroy{f.backend}, Store: f.store, Now: clock.Now, Monotonic: clock.Mono,
+		KeySets: []rotation.KeySet{{Name: "as", Purpose: "client_assertion", Spec: keystore.KeySpec{Algorithm: keystore.ES256}, Schedule: sched, Prepublish: true}},
+	})
+	if err != nil {
+		t.Fatalf("a failed destroy of retired key %s keeps the daemon from starting: %v", first.Kid, err)
+	}
+	if got := active(t, m2, "as"); got.Kid != second.Kid {
+		t.Errorf("active %s, want %s", got.Kid, second.Kid)
+	}
+}
+
+// Killed while Revoke makes the replacement; an old, unrelated lost version must not
+// block the replacement at the next start (nor turn it into DATA_LOSS).
+func TestCrashDuringRevokeReplacement(t *testing.T) {
+	f := newFixture(t)
+	m := f.manager(t, nil)
+	first := active(t, m, "dpop")
+	if _, err := m.Rotate(context.Background(), "dpop", true); err != nil {
+		t.Fatal(err)
+	}
+	f.store.Close()
+	f.backend.Close()
+	if err := os.Remove(filepath.Join(f.dir, "keys", first.ID+".key")); err != nil { // the draining key is lost
+		t.Fatal(err)
+	}
+	f.open(t)
+	crash := false
+	m = f.manager(t, func(name string) {
+		if crash && name == "rotate.after_intent" {
+			panic("killed at " + name)
+		}
+	})
+	second := active(t, m, "dpop")
+	crash = true
+	func() {
+		defer func() { recover() }()
+		m.Revoke(context.Background(), second.Kid, "dpop")
+		t.Fatal("no crash")
+	}()
+	f.restart(t)
+	m = f.manager(t, nil)
+	l, err := m.Acquire("dpop", "")
+	if err != nil {
+		t.Fatalf("after the restart the key set has no active key: %v", err)
+	}
+	l.Release()
+}
