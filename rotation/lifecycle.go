@@ -16,7 +16,7 @@ import (
 // Config.Monotonic).
 func (m *Manager) now() time.Time {
 	w := m.wall()
-	guard := m.wallStart.Add(m.mono() - m.monoStart)
+	guard := m.guard()
 	if w.After(guard.Add(time.Second)) {
 		if !m.jumped.Swap(true) {
 			m.log.Warn("the wall clock jumped forward; the key schedule keeps monotonic time until keyd restarts",
@@ -28,6 +28,24 @@ func (m *Manager) now() time.Time {
 		return guard
 	}
 	return w
+}
+
+// guard is the wall clock at start plus the monotonic time elapsed since.
+func (m *Manager) guard() time.Time { return m.wallStart.Add(m.mono() - m.monoStart) }
+
+// after returns now+d counted from the latest of now, the wall clock and
+// the guard: a persisted deadline is later compared with a corrected wall
+// clock (a jump back undone, a restart after a jump forward), so it must
+// not be early on either clock.
+func (m *Manager) after(now time.Time, d time.Duration) time.Time {
+	base := now
+	if w := m.wall(); w.After(base) {
+		base = w
+	}
+	if g := m.guard(); g.After(base) {
+		base = g
+	}
+	return base.Add(d)
 }
 
 // RotateResult says what a rotation did.
@@ -142,9 +160,8 @@ func (m *Manager) createLocked(ctx context.Context, s *setState, state State, ac
 
 	pub, err := m.backend.Generate(ctx, id, s.cfg.Spec)
 	if err != nil {
-		if perr := m.persist(); perr != nil { // drop the intent
-			m.log.Error("could not drop the intent record of a failed generation; it is cleaned up at next start", "id", id, "err", perr)
-		}
+		// The key may exist anyway (session lost after C_GenerateKeyPair).
+		m.abandonLocked(ctx, intent)
 		return Version{}, fmt.Errorf("generate %s key for key set %q: %w", s.cfg.Spec, s.cfg.Name, err)
 	}
 	m.failpoint("rotate.after_generate")
@@ -158,7 +175,7 @@ func (m *Manager) createLocked(ctx context.Context, s *setState, state State, ac
 		intent.JWK, err = json.Marshal(jwk)
 	}
 	if err != nil {
-		m.destroyQuietly(ctx, id)
+		m.abandonLocked(ctx, intent)
 		return Version{}, fmt.Errorf("public key of new key %s: %w", id, err)
 	}
 	now = m.now()
@@ -177,12 +194,12 @@ func (m *Manager) createLocked(ctx context.Context, s *setState, state State, ac
 		// Published from now on: it signs no earlier than Prepublish from
 		// now, however long the generation took.
 		nv.ActivateAt = activateAt
-		if earliest := now.Add(s.cfg.Schedule.Prepublish); nv.ActivateAt.Before(earliest) {
+		if earliest := m.after(now, s.cfg.Schedule.Prepublish); nv.ActivateAt.Before(earliest) {
 			nv.ActivateAt = earliest
 		}
 	}
 	if err := m.persistWith(changes, nv); err != nil {
-		m.destroyQuietly(ctx, id)
+		m.abandonLocked(ctx, intent)
 		return Version{}, fmt.Errorf("record new key: %w", err)
 	}
 
@@ -217,7 +234,7 @@ func (m *Manager) deactivateAt(s *setState, now time.Time) time.Time {
 	if s.cfg.Schedule.Period <= 0 {
 		return time.Time{}
 	}
-	return now.Add(s.cfg.Schedule.Period)
+	return m.after(now, s.cfg.Schedule.Period)
 }
 
 // drained returns v as a draining version from now.
@@ -225,7 +242,7 @@ func (m *Manager) drained(s *setState, v Version, now time.Time) Version {
 	v.State, v.ChangedAt = Draining, now
 	v.DeactivateAt = time.Time{}
 	if d := s.cfg.Schedule.Drain; d > 0 {
-		v.RetireAt = now.Add(d)
+		v.RetireAt = m.after(now, d)
 	}
 	return v
 }
@@ -287,7 +304,7 @@ func (m *Manager) retireLocked(s *setState, e *entry, now time.Time) error {
 	v := e.v
 	v.State, v.ChangedAt, v.RetireAt = Retired, now, time.Time{}
 	if r := s.cfg.Schedule.Retain; r > 0 {
-		v.DestroyAt = now.Add(r)
+		v.DestroyAt = m.after(now, r)
 	}
 	if err := m.setStateLocked(e, v, "retire.before_commit"); err != nil {
 		return err
@@ -331,9 +348,27 @@ func (m *Manager) destroyLocked(ctx context.Context, s *setState, e *entry, now 
 	return nil
 }
 
-func (m *Manager) destroyQuietly(ctx context.Context, id string) {
-	if err := m.backend.Destroy(ctx, id); err != nil {
-		m.log.Error("could not remove an unrecorded key; it is reported as an orphan at next start", "id", id, "err", err)
+// abandonLocked removes what the backend made under the intent's ID and
+// drops the intent; if that fails the intent stays recorded, so the next
+// start's reconcile removes the key instead of leaving an orphan.
+func (m *Manager) abandonLocked(ctx context.Context, intent Version) {
+	dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), DestroyWait)
+	defer cancel()
+	err := m.backend.Destroy(dctx, intent.ID)
+	if err == nil || errors.Is(err, keystore.ErrNotFound) {
+		if perr := m.persist(); perr != nil { // drop the intent
+			m.log.Error("could not drop the intent record of a failed generation; it is cleaned up at next start", "id", intent.ID, "err", perr)
+		}
+		return
+	}
+	m.log.Error("could not remove the key of a failed generation; its intent stays recorded and the next start removes it", "id", intent.ID, "err", err)
+	e := &entry{v: intent}
+	e.state.Store(int32(Pending))
+	m.mu.Lock()
+	m.all = append(m.all, e)
+	m.mu.Unlock()
+	if perr := m.persist(); perr != nil {
+		m.log.Error("could not keep the intent record of a failed generation", "id", intent.ID, "err", perr)
 	}
 }
 
@@ -371,7 +406,7 @@ func (m *Manager) Revoke(ctx context.Context, kid, keyset string) (Version, erro
 	v.State, v.ChangedAt = Revoked, now
 	v.ActivateAt, v.DeactivateAt, v.RetireAt = time.Time{}, time.Time{}, time.Time{}
 	if r := s.cfg.Schedule.Retain; r > 0 {
-		v.DestroyAt = now.Add(r)
+		v.DestroyAt = m.after(now, r)
 	}
 	if err := m.setStateLocked(e, v, "revoke.before_commit"); err != nil {
 		return Version{}, err
@@ -449,7 +484,11 @@ func (m *Manager) execLocked(ctx context.Context, s *setState, a Action, now tim
 		_, err := m.createLocked(ctx, s, Active, time.Time{})
 		return err
 	case CreateNext:
-		_, err := m.createLocked(ctx, s, Next, a.ActivateAt)
+		nv, err := m.createLocked(ctx, s, Next, a.ActivateAt)
+		if now := m.now(); err == nil && !nv.ActivateAt.After(now) {
+			// No prepublish: due at once, not at the next tick.
+			_, err = m.activateLocked(s, s.byKid[nv.Kid], now)
+		}
 		return err
 	case Activate:
 		_, err := m.activateLocked(s, e, now)

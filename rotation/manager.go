@@ -42,6 +42,9 @@ type Config struct {
 	// runs on min(wall clock, wall clock at start + monotonic time
 	// elapsed): a wall clock that jumps forward cannot skip a drain, and one
 	// that jumps back only delays transitions, never repeats a rotation.
+	// Deadlines are recorded from the later of the two clocks, so that
+	// once the wall clock is corrected (or keyd restarts after a jump) a
+	// deadline can only come late, never early.
 	Monotonic func() time.Duration
 	// Rand makes key IDs; nil means crypto/rand.
 	Rand   io.Reader
