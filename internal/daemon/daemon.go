@@ -15,6 +15,7 @@ import (
 	"os/user"
 	"runtime/debug"
 	"strconv"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -326,12 +327,15 @@ func (d *Daemon) Serve(ctx context.Context) error {
 		}()
 		d.log.Info("mutual-TLS listener serving", "addr", d.tcpLis.Addr().String())
 	}
-	hctx, stopHealth := context.WithCancel(ctx)
-	defer stopHealth()
+	// The health watch and the key lifecycle use the backend and the
+	// store: they stop, and are waited for, before those are closed.
+	bctx, stopBackground := context.WithCancel(ctx)
+	defer stopBackground()
+	var background sync.WaitGroup
 	if hc, ok := d.backend.(healthChecker); ok {
-		go d.watchHealth(hctx, hc)
+		background.Go(func() { d.watchHealth(bctx, hc) })
 	}
-	go d.mgr.Run(hctx, tickInterval(d.mgr.KeySets()))
+	background.Go(func() { d.mgr.Run(bctx, tickInterval(d.mgr.KeySets())) })
 	if d.http != nil {
 		go func() {
 			if err := d.http.Serve(d.httpLis); err != nil && !errors.Is(err, http.ErrServerClosed) {
@@ -379,9 +383,31 @@ func (d *Daemon) Serve(ctx context.Context) error {
 		}
 	case err = <-errc:
 	}
+	stopBackground()
+	d.waitBackground(&background)
 	d.close()
 	d.log.Info("keyd stopped")
 	return err
+}
+
+// backgroundWait bounds how long Serve waits for the health watch and the
+// key lifecycle to stop before it closes the backend: a scheduled change
+// stuck in a device that ignores cancellation must not keep keyd from
+// stopping.
+const backgroundWait = 15 * time.Second
+
+// waitBackground waits for wg, at most backgroundWait.
+func (d *Daemon) waitBackground(wg *sync.WaitGroup) {
+	done := make(chan struct{})
+	go func() {
+		wg.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-time.After(backgroundWait):
+		d.log.Error("the key lifecycle or the health watch did not stop in time; closing the backend under it", "waited", backgroundWait)
+	}
 }
 
 // tickInterval is how often the lifecycle manager looks at the schedules

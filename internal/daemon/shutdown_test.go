@@ -1,0 +1,92 @@
+package daemon
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/keyd-dev/keyd/internal/config"
+	"github.com/keyd-dev/keyd/rotation"
+)
+
+// Serve stops the key lifecycle and waits for it before it closes the
+// backend and the store: a scheduled rotation running at shutdown finishes
+// first, and is recorded.
+func TestServeWaitsForLifecycle(t *testing.T) {
+	dir := t.TempDir()
+	yaml := fmt.Sprintf(`socket: %[1]s/k.sock
+state_dir: %[1]s/state
+backend: {soft: {}}
+keysets:
+  - name: d
+    purpose: dpop
+    alg: ES256
+    allow: {uids: [%[2]d]}
+    token_lifetime: 1s
+    rotation: {period: 1s, drain: 1s, retain: 1s}
+`, dir, os.Geteuid())
+	cfg, err := config.Parse([]byte(yaml), "shutdown.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var armed atomic.Bool
+	entered, release := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	failpoint := func(name string) {
+		if name == "rotate.after_generate" && armed.Load() {
+			once.Do(func() {
+				close(entered)
+				<-release
+			})
+		}
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	d, err := New(ctx, cfg, Options{Failpoint: failpoint})
+	if err != nil {
+		t.Fatal(err)
+	}
+	first := d.Manager().Versions("d")
+	armed.Store(true)
+	done := make(chan error, 1)
+	go func() { done <- d.Serve(ctx) }()
+	select {
+	case <-entered:
+	case <-time.After(10 * time.Second):
+		t.Fatal("no scheduled rotation within 10 s")
+	}
+	cancel()
+	select {
+	case err := <-done:
+		close(release)
+		t.Fatalf("Serve returned (%v) while a scheduled rotation was still running", err)
+	case <-time.After(300 * time.Millisecond):
+	}
+	close(release)
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("Serve: %v", err)
+		}
+	case <-time.After(backgroundWait + 5*time.Second):
+		t.Fatal("Serve did not return")
+	}
+
+	// The rotation that was running is recorded.
+	store, err := rotation.OpenStore(cfg.StateDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer store.Close()
+	vs, err := store.Load()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(vs) <= len(first) {
+		t.Errorf("%d versions recorded after the rotation, %d before: the rotation running at shutdown was lost", len(vs), len(first))
+	}
+}
