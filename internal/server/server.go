@@ -257,6 +257,8 @@ func fillAudit(rec *audit.Record, sum policy.Summary) {
 
 func checkSignRequest(req *keydv1.SignRequest) error {
 	switch {
+	case req == nil:
+		return invalid("request is required") // a SignStream item without one
 	case req.Keyset == "":
 		return invalid("keyset is required")
 	case len(req.Keyset) > maxNameLen:

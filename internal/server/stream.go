@@ -201,10 +201,6 @@ func (s *Server) serveStreamItem(ctx context.Context, req *keydv1.SignStreamItem
 			out.Response, out.Code, out.Message = nil, int32(codes.Internal), "internal error; the daemon log has the details"
 		}
 	}()
-	if req.Request == nil {
-		out.Code, out.Message = int32(codes.InvalidArgument), "sign stream: request is required"
-		return out
-	}
 	timeout := streamTimeout
 	if t := time.Duration(req.TimeoutMs) * time.Millisecond; t > 0 && t < timeout {
 		timeout = t

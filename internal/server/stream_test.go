@@ -241,7 +241,8 @@ func dpopItem(id uint64) *keydv1.SignStreamItem {
 }
 
 // A stream request without a request body is refused, not a crash, and
-// only that request is refused.
+// only that request is refused; the refusal is audited, as a unary Sign's
+// would be.
 func TestStreamEmptyRequest(t *testing.T) {
 	e := newEnv(t, defaultSets, envOpts{})
 	st := rawStream(t, e)
@@ -267,6 +268,13 @@ func TestStreamEmptyRequest(t *testing.T) {
 		verify(t, e, "dpop", r.Response.Jwt)
 	}
 	st.CloseSend()
+	outcomes := map[string]int{}
+	for _, r := range e.audit.records() {
+		outcomes[r.Outcome]++
+	}
+	if outcomes["ok"] != 1 || outcomes[codes.InvalidArgument.String()] != 1 {
+		t.Errorf("audit outcomes %v; want one ok and one %s", outcomes, codes.InvalidArgument)
+	}
 }
 
 // Many requests in one message are each served, audited and answered; the
