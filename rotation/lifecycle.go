@@ -372,30 +372,22 @@ func (m *Manager) abandonLocked(ctx context.Context, intent Version) {
 	}
 }
 
-// Revoke unpublishes the version with kid and makes it unusable at once. A
-// signature in flight with it is discarded (see Lease.Valid). When the
-// revoked version was the active one, a new active key is generated at once
-// (or a published next key activated) so the key set keeps working. keyset,
-// when not empty, must be the version's key set.
+// Revoke unpublishes the version with kid and makes it unusable at once,
+// before it waits for any other lifecycle change in progress (a slow key
+// generation, a destroy waiting for its signatures): from then on the
+// version signs nothing in this process, even if recording the revocation
+// then fails. A signature in flight with it is discarded (see
+// Lease.Valid). When the revoked version was the active one, a new active
+// key is generated at once (or a published next key activated) so the key
+// set keeps working. keyset, when not empty, must be the version's key set.
 func (m *Manager) Revoke(ctx context.Context, kid, keyset string) (Version, error) {
-	m.opMu.Lock()
-	defer m.opMu.Unlock()
-	var s *setState
-	var e *entry
-	m.mu.RLock()
-	for _, name := range m.order {
-		if keyset != "" && name != keyset {
-			continue
-		}
-		if x, ok := m.sets[name].byKid[kid]; ok {
-			s, e = m.sets[name], x
-			break
-		}
-	}
-	m.mu.RUnlock()
+	s, e := m.findKid(kid, keyset)
 	if e == nil {
 		return Version{}, fmt.Errorf("revoke %s: %w", kid, ErrUnknownKid)
 	}
+	e.revoking.Store(true)
+	m.opMu.Lock()
+	defer m.opMu.Unlock()
 	if e.v.State == Revoked || e.v.State == Destroyed {
 		return e.v, nil
 	}
@@ -409,7 +401,7 @@ func (m *Manager) Revoke(ctx context.Context, kid, keyset string) (Version, erro
 		v.DestroyAt = m.after(now, r)
 	}
 	if err := m.setStateLocked(e, v, "revoke.before_commit"); err != nil {
-		return Version{}, err
+		return Version{}, fmt.Errorf("revoke %s: it signs nothing more in this process, but the revocation could not be recorded (retry): %w", kid, err)
 	}
 	m.log.Warn("key revoked", "keyset", s.cfg.Name, "kid", kid, "previous_state", prevState.String())
 	if wasActive {
@@ -424,6 +416,22 @@ func (m *Manager) Revoke(ctx context.Context, kid, keyset string) (Version, erro
 		}
 	}
 	return v, nil
+}
+
+// findKid returns the version with kid and its key set, in keyset if not
+// empty, or nil.
+func (m *Manager) findKid(kid, keyset string) (*setState, *entry) {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	for _, name := range m.order {
+		if keyset != "" && name != keyset {
+			continue
+		}
+		if e, ok := m.sets[name].byKid[kid]; ok {
+			return m.sets[name], e
+		}
+	}
+	return nil, nil
 }
 
 // Tick carries out whatever the schedules say is due now, for every key set.

@@ -98,6 +98,10 @@ type entry struct {
 	v     Version      // guarded by Manager.mu
 	state atomic.Int32 // mirrors v.State for lock-free checks
 	refs  atomic.Int64 // leases in flight; destroy waits for zero
+	// revoking is set by Revoke before it waits for other lifecycle
+	// changes: from then on the version signs nothing (Acquire,
+	// Lease.Valid), whether or not the revocation gets recorded.
+	revoking atomic.Bool
 }
 
 // New loads the store, reconciles it with what the backend holds, and makes
@@ -356,12 +360,13 @@ func (m *Manager) Acquire(keyset, kid string) (*Lease, error) {
 			return nil, fmt.Errorf("kid %s: %w: not a key of key set %q", kid, ErrNotSignable, keyset)
 		}
 	}
-	switch st := State(e.state.Load()); st {
-	case Active, Draining:
-	case Lost:
+	switch st := State(e.state.Load()); {
+	case st == Lost:
 		return nil, fmt.Errorf("kid %s of key set %q: %w", e.v.Kid, keyset, ErrKeyLost)
-	default:
+	case st != Active && st != Draining:
 		return nil, fmt.Errorf("kid %s of key set %q is %s: %w", e.v.Kid, keyset, st, ErrNotSignable)
+	case e.revoking.Load():
+		return nil, fmt.Errorf("kid %s of key set %q is being revoked: %w", e.v.Kid, keyset, ErrNotSignable)
 	}
 	e.refs.Add(1)
 	return &Lease{m: m, e: e, Version: e.v}, nil
@@ -390,7 +395,7 @@ func (l *Lease) Public(ctx context.Context) (crypto.PublicKey, error) {
 // revoked (or lost) while the signature was being made.
 func (l *Lease) Valid() bool {
 	st := State(l.e.state.Load())
-	return st == Active || st == Draining
+	return (st == Active || st == Draining) && !l.e.revoking.Load()
 }
 
 // Release ends the lease. It must be called exactly once.

@@ -168,6 +168,79 @@ func TestRevoke(t *testing.T) {
 	}
 }
 
+// Revoke makes the key unusable at once, even while another lifecycle
+// change holds the manager (here a rotation of another key set stuck in
+// its key generation): the key being revoked does not go on signing until
+// that change is done.
+func TestRevokeWhileBusy(t *testing.T) {
+	f := newFixture(t)
+	var hold sync.Once
+	holding := false
+	entered, release := make(chan struct{}), make(chan struct{})
+	var mu sync.Mutex
+	m := f.manager(t, func(name string) {
+		mu.Lock()
+		h := holding
+		mu.Unlock()
+		if h && name == "rotate.after_intent" {
+			hold.Do(func() {
+				close(entered)
+				<-release
+			})
+		}
+	})
+	victim := active(t, m, "dpop")
+	mu.Lock()
+	holding = true
+	mu.Unlock()
+	rotated := make(chan error, 1)
+	go func() {
+		_, err := m.Rotate(context.Background(), "assert", true)
+		rotated <- err
+	}()
+	<-entered
+	revoked := make(chan error, 1)
+	go func() {
+		_, err := m.Revoke(context.Background(), victim.Kid, "dpop")
+		revoked <- err
+	}()
+	stillSigns := func(kid string) bool {
+		l, err := m.Acquire("dpop", kid)
+		if err != nil {
+			return false
+		}
+		defer l.Release()
+		return l.Version.Kid == victim.Kid
+	}
+	deadline := time.Now().Add(2 * time.Second)
+	for stillSigns(victim.Kid) || stillSigns("") {
+		if time.Now().After(deadline) {
+			close(release)
+			<-rotated
+			<-revoked
+			t.Fatal("the key being revoked still signed 2 s after Revoke, while another change held the manager")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	select {
+	case err := <-revoked:
+		close(release)
+		<-rotated
+		t.Fatalf("Revoke returned (%v) while the other change still held the manager", err)
+	default:
+	}
+	close(release)
+	if err := <-rotated; err != nil {
+		t.Fatalf("rotate: %v", err)
+	}
+	if err := <-revoked; err != nil {
+		t.Fatalf("revoke: %v", err)
+	}
+	if got := active(t, m, "dpop"); got.Kid == victim.Kid {
+		t.Error("the revoked key is still the active one")
+	}
+}
+
 // A crash at each step of a rotation leaves the old key active, the JWKS
 // unchanged, and no unrecorded key in the backend after the restart.
 func TestCrashDuringRotation(t *testing.T) {
