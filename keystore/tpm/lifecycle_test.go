@@ -15,6 +15,7 @@ import (
 	"github.com/google/go-tpm/tpm2"
 
 	"github.com/keyd-dev/keyd/keystore"
+	"github.com/keyd-dev/keyd/keystore/internal/keyfile"
 	"github.com/keyd-dev/keyd/keystore/keystoretest"
 )
 
@@ -205,5 +206,46 @@ func TestCloseFlushesForgottenObjects(t *testing.T) {
 	b.Close()
 	if hs := swtpmTransients(t, s); len(hs) != 0 {
 		t.Errorf("after Close swtpm still holds transient objects %#x (of 3 slots): Close left keyd's SRK and key loaded", hs)
+	}
+}
+
+// A Generate whose key the TPM was still making when Close began stores
+// nothing once the TPM answers: the state directory is released with no
+// write under way, and no key file appears after Close.
+func TestGenerateDuringClose(t *testing.T) {
+	s := startSWTPM(t)
+	var stuck atomic.Bool
+	entered, block := make(chan struct{}, 1), make(chan struct{})
+	hook := func(cmd []byte) ([]byte, bool, error) {
+		if tpm2.TPMCC(commandCode(cmd)) == tpm2.TPMCCCreate && stuck.Load() {
+			entered <- struct{}{}
+			<-block
+		}
+		return nil, false, nil
+	}
+	b, err := newTestBackendErr(t, s, Config{}, hook)
+	if err != nil {
+		t.Fatal(err)
+	}
+	stuck.Store(true)
+	genDone := make(chan error, 1)
+	go func() {
+		_, err := b.Generate(t.Context(), "late", keystore.KeySpec{Algorithm: keystore.ES256})
+		genDone <- err
+	}()
+	<-entered
+	closed := make(chan struct{})
+	go func() {
+		b.Close()
+		close(closed)
+	}()
+	waitForStack(t, "tpm.(*Backend).Close")
+	close(block)
+	<-closed
+	if err := <-genDone; !errors.Is(err, keystore.ErrClosed) {
+		t.Errorf("Generate that Close overtook = %v; want ErrClosed", err)
+	}
+	if ids, err := keyfile.List(b.dir, keySuffix); err != nil || len(ids) != 0 {
+		t.Errorf("key files after Close: %v, %v; want none", ids, err)
 	}
 }

@@ -483,7 +483,10 @@ func (b *Backend) Generate(ctx context.Context, id string, spec keystore.KeySpec
 		return nil, fmt.Errorf("generate %s: %w", id, err)
 	}
 	b.wmu.Lock()
-	err = keyfile.CheckFree(b.keyPath(id), b.tombstonePath(id))
+	err = b.openForWrite()
+	if err == nil {
+		err = keyfile.CheckFree(b.keyPath(id), b.tombstonePath(id))
+	}
 	if err == nil {
 		err = keyfile.WriteNew(b.dir, id+keySuffix, data, b.fail)
 	}
@@ -785,6 +788,9 @@ func (b *Backend) Destroy(ctx context.Context, id string) error {
 func (b *Backend) destroyFile(id string) error {
 	b.wmu.Lock()
 	defer b.wmu.Unlock()
+	if err := b.openForWrite(); err != nil {
+		return err
+	}
 	path := b.keyPath(id)
 	if _, err := os.Lstat(path); errors.Is(err, fs.ErrNotExist) {
 		return keystore.ErrNotFound
@@ -872,9 +878,14 @@ func (b *Backend) Close() error {
 	st.ready = false
 	st.srk = tpm2.NamedHandle{}
 	b.release()
+	// A Generate or Destroy that began before Close writes nothing after
+	// this (see openForWrite): the directory is released with no write
+	// under way.
+	b.wmu.Lock()
 	if b.lock != nil {
 		b.lock.Close()
 	}
+	b.wmu.Unlock()
 	b.log.Info("TPM key store closed")
 	return nil
 }
@@ -940,6 +951,17 @@ func (b *Backend) blob(id string) (*keyBlob, error) {
 	}
 	b.blobs[id] = blob
 	return blob, nil
+}
+
+// openForWrite returns ErrClosed once Close has begun. The caller holds
+// wmu, which Close takes before it releases the state directory.
+func (b *Backend) openForWrite() error {
+	b.mu.RLock()
+	defer b.mu.RUnlock()
+	if b.closed {
+		return keystore.ErrClosed
+	}
+	return nil
 }
 
 // destroyed reports whether this process has destroyed key id.
