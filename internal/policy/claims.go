@@ -21,6 +21,13 @@ type claimsCheck struct {
 }
 
 func (cc *claimsCheck) run() error {
+	// A verifier that matches claim names without regard to case (Go's
+	// encoding/json into a struct, Newtonsoft.Json, ...) reads two such
+	// names as one claim, and the one it keeps need not be the one checked
+	// here.
+	if v := cc.c.foldCollision(); v != nil {
+		return v
+	}
 	switch cc.p.Purpose {
 	case DPoP:
 		return cc.dpop()

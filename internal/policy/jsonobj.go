@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"unicode"
 	"unicode/utf16"
 	"unicode/utf8"
 
@@ -90,6 +91,54 @@ func (o *object) add(name string, v any) {
 			o.index[m.name] = i
 		}
 	}
+}
+
+// foldCollision returns a violation for the first member whose name equals
+// an earlier member's without regard to case (strings.EqualFold: ASCII case
+// and Unicode simple folding, so "iſſ" and "ISS" equal "iss"), or nil.
+func (o *object) foldCollision() *Violation {
+	ms := o.members
+	clash := func(earlier, name string) *Violation {
+		return violation(name, "is the member %q in another letter case; verifiers that match names without regard to case would read one as the other: send each member once, in one spelling", earlier)
+	}
+	if len(ms) <= maxLinear {
+		for i := 1; i < len(ms); i++ {
+			for j := range i {
+				if strings.EqualFold(ms[i].name, ms[j].name) {
+					return clash(ms[j].name, ms[i].name)
+				}
+			}
+		}
+		return nil
+	}
+	seen := make(map[string]string, len(ms))
+	for _, m := range ms {
+		k := foldKey(m.name)
+		if earlier, ok := seen[k]; ok {
+			return clash(earlier, m.name)
+		}
+		seen[k] = m.name
+	}
+	return nil
+}
+
+// foldKey maps s to a key that two strings share exactly when
+// strings.EqualFold reports them equal: each rune replaced by the smallest
+// rune of its simple case-folding orbit (as encoding/json's foldName does).
+func foldKey(s string) string {
+	b := make([]byte, 0, len(s))
+	for _, r := range s {
+		for {
+			f := unicode.SimpleFold(r)
+			if f <= r {
+				r = f
+				break
+			}
+			r = f
+		}
+		b = utf8.AppendRune(b, r)
+	}
+	return string(b)
 }
 
 // asMap returns o's members as the value of a nested object.
