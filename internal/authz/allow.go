@@ -2,6 +2,7 @@ package authz
 
 import (
 	"fmt"
+	"math"
 	"os/user"
 	"slices"
 	"strconv"
@@ -51,10 +52,18 @@ type Spec struct {
 func NewList(spec Spec, groups Groups) (*List, error) {
 	l := &List{groups: groups}
 	for _, u := range spec.UIDs {
-		l.uids = append(l.uids, uint32(u))
+		id, err := id32("uid", u)
+		if err != nil {
+			return nil, err
+		}
+		l.uids = append(l.uids, id)
 	}
 	for _, g := range spec.GIDs {
-		l.gids = append(l.gids, uint32(g))
+		id, err := id32("gid", g)
+		if err != nil {
+			return nil, err
+		}
+		l.gids = append(l.gids, id)
 	}
 	for _, name := range spec.Users {
 		u, err := user.Lookup(name)
@@ -84,6 +93,15 @@ func NewList(spec Spec, groups Groups) (*List, error) {
 		}
 	}
 	return l, nil
+}
+
+// id32 converts a configured uid or gid. A value uid_t cannot hold is an
+// error, never truncated: 1<<32 would become 0 (root). (uid_t)-1 is no id.
+func id32(kind string, v int) (uint32, error) {
+	if v < 0 || v >= math.MaxUint32 {
+		return 0, fmt.Errorf("%s %d is out of range (0 to %d)", kind, v, uint32(math.MaxUint32-1))
+	}
+	return uint32(v), nil
 }
 
 // Permits reports whether c is on the list. A Unix caller matches by its

@@ -60,3 +60,28 @@ func TestGroupCacheLooksUpRoot(t *testing.T) {
 		t.Errorf("root's groups %v lack gid 0", g.Of(0))
 	}
 }
+
+// An allow-list id outside the range of uid_t/gid_t must be refused, not
+// truncated to 32 bits: uid 4294967296 (1<<32, a typo for 42949672 or a
+// value from a system with another id range) would otherwise become uid 0
+// and let root's processes in, and a negative id (when a caller builds the
+// Spec without the config package's check) would become 4294967295-n.
+func TestNewListRejectsOutOfRangeIDs(t *testing.T) {
+	for _, spec := range []Spec{
+		{UIDs: []int{1 << 32}},
+		{UIDs: []int{1<<32 + 1001}},
+		{UIDs: []int{-1}},
+		{UIDs: []int{1<<32 - 1}}, // (uid_t)-1 is no uid
+		{GIDs: []int{1 << 32}},
+		{GIDs: []int{-1}},
+	} {
+		l, err := NewList(spec, nil)
+		if err == nil {
+			root := Caller{UID: 0, GID: 0, Transport: TransportUnix}
+			t.Errorf("NewList(%+v) accepted; permits uid 0/gid 0: %v", spec, l.Permits(root))
+		}
+	}
+	if _, err := NewList(Spec{UIDs: []int{0, 1001, 1<<32 - 2}, GIDs: []int{0, 65534}}, nil); err != nil {
+		t.Fatalf("in-range ids refused: %v", err)
+	}
+}

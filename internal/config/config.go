@@ -469,14 +469,17 @@ func ValidKeySetName(name string) error {
 
 func (a Allow) validate() []error {
 	var errs []error
+	// (uid_t)-1 is no id, and a larger value would be cut to 32 bits
+	// (1<<32 to uid 0).
+	const maxID = 1<<32 - 2
 	for _, u := range a.UIDs {
-		if u < 0 {
-			errs = append(errs, fmt.Errorf("uids: %d is negative", u))
+		if u < 0 || u > maxID {
+			errs = append(errs, fmt.Errorf("uids: %d is not a uid (0 to %d)", u, maxID))
 		}
 	}
 	for _, g := range a.GIDs {
-		if g < 0 {
-			errs = append(errs, fmt.Errorf("gids: %d is negative", g))
+		if g < 0 || g > maxID {
+			errs = append(errs, fmt.Errorf("gids: %d is not a gid (0 to %d)", g, maxID))
 		}
 	}
 	for _, n := range append(append([]string(nil), a.Users...), a.Groups...) {

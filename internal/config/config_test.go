@@ -104,6 +104,8 @@ func TestRejects(t *testing.T) {
 		"audience array":    {"audience: https://issuer.example.com", "audience: [https://issuer.example.com]", "line 18: cannot unmarshal !!seq into string"},
 		"client_id on dpop": {"    allow: {uids: [1001], groups: [billing]}", "    client_id: x\n    allow: {uids: [1001], groups: [billing]}", "client_id: only for purpose client_assertion"},
 		"rsa bits on ec":    {"    allow: {uids: [1001], groups: [billing]}", "    rsa_bits: 3072\n    allow: {uids: [1001], groups: [billing]}", "rsa_bits"},
+		"uid past 32 bits":  {"    allow: {uids: [1001], groups: [billing]}", "    allow: {uids: [4294967296]}", "uids: 4294967296 is not a uid"},
+		"gid past 32 bits":  {"    allow: {uids: [1001], groups: [billing]}", "    allow: {gids: [4294967295]}", "gids: 4294967295 is not a gid"},
 		"no backend":        {"  soft: {}", "", "backend"},
 		"empty":             {good, "", "empty"},
 	}
