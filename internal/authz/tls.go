@@ -361,13 +361,16 @@ func (l *List) permitsIdentity(ids []string) bool {
 }
 
 // cleanPath reports whether rest is one or more path segments, none empty,
-// "." or "..", without query or fragment.
+// "." or "..", without query or fragment. A segment counts as what it
+// decodes to (RFC 3986 §6.2.2.2: "%2e%2e" is ".."), and one that decodes to
+// a '/' or does not decode is refused.
 func cleanPath(rest string) bool {
 	if rest == "" || strings.ContainsAny(rest, "?#") {
 		return false
 	}
 	for seg := range strings.SplitSeq(rest, "/") {
-		if seg == "" || seg == "." || seg == ".." {
+		d, err := url.PathUnescape(seg)
+		if err != nil || d == "" || d == "." || d == ".." || strings.Contains(d, "/") {
 			return false
 		}
 	}

@@ -579,3 +579,35 @@ func TestIdentityRulesAreValidated(t *testing.T) {
 		}
 	}
 }
+
+// A wildcard identity rule matches URIs "below" its path, "nor a path with
+// an empty, "." or ".." segment" (Spec.Identities). A segment written with
+// percent-encoding is the same segment (RFC 3986 §6.2.2.2): "%2e%2e" is
+// "..", and "spiffe://example.org/billing/%2e%2e/admin" is
+// "spiffe://example.org/admin", which "spiffe://example.org/billing/*" must
+// not match.
+func TestWildcardRefusesEncodedDotSegments(t *testing.T) {
+	l, err := NewList(Spec{Identities: []string{"spiffe://example.org/billing/*"}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, raw := range []string{
+		"spiffe://example.org/billing/%2e%2e/admin",
+		"spiffe://example.org/billing/%2E%2E",
+		"spiffe://example.org/billing/api/%2e/x",
+		"spiffe://example.org/billing/a%2F..%2Fadmin",
+	} {
+		u, err := url.Parse(raw) // as crypto/x509 parses a URI SAN
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids := certIdentities(&x509.Certificate{URIs: []*url.URL{u}})
+		if l.Permits(Caller{Transport: TransportMTLS, Identities: ids}) {
+			t.Errorf("billing/* permits a certificate with URI SAN %s (identity %q)", raw, ids)
+		}
+	}
+	u, _ := url.Parse("spiffe://example.org/billing/api%20v2")
+	if !l.Permits(Caller{Transport: TransportMTLS, Identities: certIdentities(&x509.Certificate{URIs: []*url.URL{u}})}) {
+		t.Error("billing/* refuses billing/api%20v2")
+	}
+}
