@@ -161,7 +161,7 @@ func (s *Server) Sign(ctx context.Context, req *keydv1.SignRequest) (*keydv1.Sig
 		err = fmt.Errorf("%w: sign rate limit for %s exceeded (%v per second, bursts of %d); slow down and retry", errLimited, c, s.limit.rate, s.limit.burst)
 	}
 	rec.Time = s.now().UTC()
-	defer func() { s.metrics.Sign(rec.KeySet, rec.Purpose, rec.Outcome, time.Since(start)) }()
+	defer func() { s.metrics.Sign(s.metricKeySet(rec.KeySet), rec.Purpose, rec.Outcome, time.Since(start)) }()
 	if err != nil {
 		if errors.Is(err, errDenied) {
 			s.metrics.Denied("Sign")
@@ -180,6 +180,19 @@ func (s *Server) Sign(ctx context.Context, req *keydv1.SignRequest) (*keydv1.Sig
 		return nil, status.Error(codes.Unavailable, "sign: the audit log cannot be written, so no signature is released; fix the audit log and retry")
 	}
 	return resp, nil
+}
+
+// unknownKeySet labels the metrics of Sign requests for a key set that is
+// not configured: the name is the caller's to choose, and one series per
+// made-up name would grow the metrics without bound.
+const unknownKeySet = "(unknown)"
+
+// metricKeySet is the keyset label of a Sign request's metrics.
+func (s *Server) metricKeySet(name string) string {
+	if _, ok := s.sets[name]; ok {
+		return name
+	}
+	return unknownKeySet
 }
 
 func (s *Server) sign(ctx context.Context, c authz.Caller, req *keydv1.SignRequest, rec *audit.Record) (*keydv1.SignResponse, error) {
