@@ -158,6 +158,10 @@ func New(ctx context.Context, cfg Config) (*Manager, error) {
 			m.log.Warn("key set algorithm changed in the configuration; it takes effect at the next rotation",
 				"keyset", name, "active", s.active.v.Spec().String(), "configured", s.cfg.Spec.String())
 		}
+		if s.active != nil && s.active.v.Purpose != s.cfg.Purpose {
+			m.log.Warn("key set purpose changed in the configuration; its keys were made for the old purpose and sign nothing until the key set is rotated",
+				"keyset", name, "active", s.active.v.Purpose, "configured", s.cfg.Purpose)
+		}
 		if s.active == nil && m.hasLost(name) {
 			m.log.Error("key set has lost its active key; not generating a replacement: rotate it explicitly once the cause is understood", "keyset", name)
 		}

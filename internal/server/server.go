@@ -214,6 +214,12 @@ func (s *Server) sign(ctx context.Context, c authz.Caller, req *keydv1.SignReque
 	defer lease.Release()
 	v := lease.Version
 	rec.Kid = v.Kid
+	if v.Purpose != rec.Purpose {
+		// A key made for one purpose never signs for another (A6), even
+		// after the configuration changed the key set's purpose.
+		return nil, fmt.Errorf("kid %s of key set %q was made for purpose %q, not %s: %w; rotate the key set for a key of purpose %s",
+			v.Kid, req.Keyset, v.Purpose, rec.Purpose, rotation.ErrNotSignable, rec.Purpose)
+	}
 	pk, err := s.keys.get(v, ks.Policy)
 	if err != nil {
 		return nil, err
