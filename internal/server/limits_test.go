@@ -58,3 +58,22 @@ func TestMetrics(t *testing.T) {
 		}
 	}
 }
+
+// A key set name past the limit is refused and audited, but the audit
+// record keeps only its start and its length: a caller cannot make each
+// refused request write 64 KiB to the audit log.
+func TestLongKeySetNameAudited(t *testing.T) {
+	e := newEnv(t, defaultSets, envOpts{})
+	long := strings.Repeat("x", 40<<10)
+	_, err := e.cl.Sign(ctx(t), client.SignRequest{KeySet: long, Claims: map[string]any{"htm": "GET"}})
+	if !errors.Is(err, client.ErrInvalidArgument) {
+		t.Fatalf("sign with a 40 KiB key set name: %v", err)
+	}
+	recs := e.audit.records()
+	if len(recs) != 1 {
+		t.Fatalf("%d audit records; want 1", len(recs))
+	}
+	if ks := recs[0].KeySet; len(ks) > 128 || !strings.HasPrefix(ks, "xxxx") || !strings.Contains(ks, "40960 bytes") {
+		t.Errorf("audit record keyset is %d bytes (%.80q); want its start and its length", len(ks), ks)
+	}
+}

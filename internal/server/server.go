@@ -13,6 +13,7 @@ import (
 	"log/slog"
 	"sync"
 	"time"
+	"unicode/utf8"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -149,7 +150,7 @@ func (s *Server) Sign(ctx context.Context, req *keydv1.SignRequest) (*keydv1.Sig
 		return nil, s.toStatus(ctx, "sign", err)
 	}
 	start := time.Now()
-	rec := audit.Record{Event: "sign", UID: c.UID, GID: c.GID, PID: c.PID, KeySet: req.GetKeyset()}
+	rec := audit.Record{Event: "sign", UID: c.UID, GID: c.GID, PID: c.PID, KeySet: auditName(req.GetKeyset())}
 	if c.Transport == authz.TransportMTLS && len(c.Identities) > 0 {
 		rec.Identity = c.Identities[0]
 	}
@@ -180,6 +181,20 @@ func (s *Server) Sign(ctx context.Context, req *keydv1.SignRequest) (*keydv1.Sig
 		return nil, status.Error(codes.Unavailable, "sign: the audit log cannot be written, so no signature is released; fix the audit log and retry")
 	}
 	return resp, nil
+}
+
+// auditName is a name the caller chose as its audit record keeps it: whole
+// up to maxNameLen bytes (a longer one is refused), else its start and its
+// length, so that a refused request cannot write 64 KiB to the audit log.
+func auditName(name string) string {
+	if len(name) <= maxNameLen {
+		return name
+	}
+	cut := maxNameLen
+	for cut > 0 && !utf8.RuneStart(name[cut]) {
+		cut--
+	}
+	return fmt.Sprintf("%s…(%d bytes)", name[:cut], len(name))
 }
 
 // unknownKeySet labels the metrics of Sign requests for a key set that is
