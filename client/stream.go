@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"runtime"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc/codes"
@@ -22,6 +23,10 @@ const (
 	// streamBatchBytes bounds the encoded requests of one message, with
 	// room under the daemon's 64 KiB for the message's own framing.
 	streamBatchBytes = 60 << 10
+	// streamInFlight is how many requests of a stream the daemon serves
+	// at once; past it, it stops reading the stream until it has answered
+	// one, and a send may then block for as long as the daemon is busy.
+	streamInFlight = 64
 )
 
 // streamSigner multiplexes the client's signatures over one SignStream,
@@ -45,6 +50,19 @@ type streamSigner struct {
 	nextID   uint64
 	closeCtx context.Context
 	closeFn  context.CancelFunc
+	// opening is the stream being opened, if any. It is opened off the
+	// lock and outside any caller's context, so that a caller whose
+	// context ends while the connection is still being made gives up
+	// (and Close does not wait for the connection either).
+	opening *streamOpen
+}
+
+// streamOpen is one attempt to open the SignStream; done is closed once st
+// or err is set.
+type streamOpen struct {
+	done chan struct{}
+	st   *signStream
+	err  error
 }
 
 type signStream struct {
@@ -59,6 +77,13 @@ type signStream struct {
 	queue   []*keydv1.SignStreamItem
 	spare   []*keydv1.SignStreamItem
 	sending bool
+
+	// unanswered counts the requests sent whose results have not come
+	// back, including those whose callers stopped waiting: the daemon
+	// serves them all the same.
+	unanswered atomic.Int64
+	// broken forgets the stream after a send failed.
+	broken func()
 }
 
 func newStreamSigner(keys keydv1.KeyServiceClient) *streamSigner {
@@ -135,14 +160,34 @@ func (st *signStream) enqueue(item *keydv1.SignStreamItem) error {
 		runtime.Gosched()
 		st.qmu.Lock()
 	}
+	return st.drain(true)
+}
+
+// drain sends the queue; st.qmu is held on entry and released on return.
+// Inline (on a caller's goroutine) it sends only while the daemon has room
+// for the batch, so that the send does not block; once the daemon may stop
+// reading, it hands the rest to a new goroutine, so that no caller waits
+// for the daemon beyond its own context.
+func (st *signStream) drain(inline bool) error {
 	var err error
 	for len(st.queue) > 0 && err == nil {
 		q := st.queue
 		batch, rest := split(q)
+		if inline && st.unanswered.Load()+int64(len(batch)) > streamInFlight {
+			st.qmu.Unlock()
+			go func() {
+				st.qmu.Lock()
+				if st.drain(false) != nil {
+					st.broken()
+				}
+			}()
+			return nil
+		}
 		st.queue = append(st.spare[:0], rest...)
 		clear(rest)
 		st.qmu.Unlock()
 		if live := st.live(batch); len(live) > 0 {
+			st.unanswered.Add(int64(len(live)))
 			err = st.stream.Send(&keydv1.SignStreamRequest{Requests: live})
 		}
 		clear(batch)
@@ -191,39 +236,77 @@ func (st *signStream) live(batch []*keydv1.SignStreamItem) []*keydv1.SignStreamI
 }
 
 // register returns the open stream (opening one if needed) and a fresh id
-// with its answer channel.
+// with its answer channel. It waits for a stream being opened only as long
+// as ctx lives.
 func (s *streamSigner) register(ctx context.Context) (*signStream, uint64, chan *keydv1.SignStreamResult, error) {
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	if s.closed {
+		s.mu.Unlock()
 		return nil, 0, nil, fmt.Errorf("%w: client closed", ErrUnavailable)
 	}
 	if s.unary {
+		s.mu.Unlock()
 		return nil, 0, nil, errFallback
 	}
-	if s.cur == nil {
-		sctx, cancel := context.WithCancel(s.closeCtx)
-		stream, err := s.keys.SignStream(sctx)
-		if err != nil {
-			cancel()
-			return nil, 0, nil, fromStatus(err)
+	st := s.cur
+	if st == nil {
+		op := s.opening
+		if op == nil {
+			op = &streamOpen{done: make(chan struct{})}
+			s.opening = op
+			go s.open(op)
 		}
-		st := &signStream{stream: stream, cancel: cancel, pending: map[uint64]chan *keydv1.SignStreamResult{}}
-		s.cur = st
-		go s.receive(st)
+		s.mu.Unlock()
+		select {
+		case <-op.done:
+		case <-ctx.Done():
+			return nil, 0, nil, fromStatus(status.FromContextError(ctx.Err()).Err())
+		}
+		if op.err != nil {
+			return nil, 0, nil, op.err
+		}
+		st = op.st
+		s.mu.Lock()
 	}
 	s.nextID++
+	id := s.nextID
+	s.mu.Unlock()
 	ch := make(chan *keydv1.SignStreamResult, 1)
-	st := s.cur
 	st.mu.Lock()
 	if st.err != nil {
+		err := st.err
 		st.mu.Unlock()
-		s.cur = nil
-		return nil, 0, nil, st.err
+		s.drop(st)
+		return nil, 0, nil, err
 	}
-	st.pending[s.nextID] = ch
+	st.pending[id] = ch
 	st.mu.Unlock()
-	return st, s.nextID, ch, nil
+	return st, id, ch, nil
+}
+
+// open opens a SignStream for op, makes it the current stream and starts
+// its receiver. It is bounded by the client's life, not by a caller's.
+func (s *streamSigner) open(op *streamOpen) {
+	sctx, cancel := context.WithCancel(s.closeCtx)
+	stream, err := s.keys.SignStream(sctx)
+	s.mu.Lock()
+	s.opening = nil
+	switch {
+	case err != nil && s.closed:
+		cancel()
+		op.err = fmt.Errorf("%w: client closed", ErrUnavailable)
+	case err != nil:
+		cancel()
+		op.err = fromStatus(err)
+	default:
+		st := &signStream{stream: stream, cancel: cancel, pending: map[uint64]chan *keydv1.SignStreamResult{}}
+		st.broken = func() { s.drop(st) }
+		op.st = st
+		s.cur = op.st
+		go s.receive(op.st)
+	}
+	s.mu.Unlock()
+	close(op.done)
 }
 
 // receive delivers answers until the stream ends, then fails whatever is
@@ -241,6 +324,7 @@ func (s *streamSigner) receive(st *signStream) {
 			st.fail(err)
 			return
 		}
+		st.unanswered.Add(-int64(len(resp.Results)))
 		st.mu.Lock()
 		for _, r := range resp.Results {
 			if ch, ok := st.pending[r.Id]; ok {
