@@ -287,9 +287,15 @@ type KeyEvent struct {
 }
 
 // Watch streams the lifecycle events of the named key sets until ctx ends
-// or the stream fails; the iteration yields the error last.
+// or the stream fails; the iteration yields the error last. Breaking out
+// of the iteration ends the stream.
 func (c *Client) Watch(ctx context.Context, keysets ...string) iter.Seq2[KeyEvent, error] {
 	return func(yield func(KeyEvent, error) bool) {
+		// The stream lives as long as the iteration: a caller that stops
+		// early must not leave it open (it would hold one of the
+		// connection's concurrent streams until ctx ends).
+		ctx, cancel := context.WithCancel(ctx)
+		defer cancel()
 		stream, err := c.keys.WatchKeys(ctx, &keydv1.WatchKeysRequest{Keysets: keysets})
 		if err != nil {
 			yield(KeyEvent{}, fromStatus(err))
