@@ -4,6 +4,8 @@ import (
 	"context"
 	"sync"
 	"time"
+
+	"google.golang.org/grpc/connectivity"
 )
 
 // KeyWatcher keeps a current view of key versions, fed by the daemon's
@@ -29,7 +31,7 @@ func OnKeyChange(f func(KeyEvent)) WatchOption {
 }
 
 // WatchKeys starts watching the named key sets (all the caller may use when
-// none are named) until ctx ends.
+// none are named) until ctx ends or the client is closed.
 func (c *Client) WatchKeys(ctx context.Context, keysets []string, opts ...WatchOption) *KeyWatcher {
 	w := &KeyWatcher{keys: map[string]Key{}, synced: make(chan struct{})}
 	for _, o := range opts {
@@ -89,7 +91,9 @@ func (w *KeyWatcher) run(ctx context.Context, c *Client, keysets []string) {
 				}
 			}
 		}
-		if ctx.Err() != nil {
+		if ctx.Err() != nil || c.conn.GetState() == connectivity.Shutdown {
+			// A closed client's connection never comes back: stop, so
+			// that Close ends the watcher too.
 			return
 		}
 		if !syncedNow {
