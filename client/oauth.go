@@ -11,6 +11,7 @@ import (
 	"io"
 	"log/slog"
 	"maps"
+	"math"
 	"net/http"
 	"net/url"
 	"strconv"
@@ -456,14 +457,19 @@ func (o *OAuth) parseToken(r *endpointResponse) (*oauth2.Token, error) {
 	if tok.AccessToken == "" {
 		return nil, fmt.Errorf("token response from %s has no access_token", o.tokenURL)
 	}
+	var expiresIn string
 	switch v := raw["expires_in"].(type) {
 	case json.Number:
-		tok.ExpiresIn, _ = v.Int64()
+		expiresIn = v.String()
 	case string: // some servers send a string
-		tok.ExpiresIn, _ = strconv.ParseInt(v, 10, 64)
+		expiresIn = v
 	}
-	if tok.ExpiresIn > 0 {
-		tok.Expiry = time.Now().Add(time.Duration(tok.ExpiresIn) * time.Second)
+	// Some servers send a fraction (3599.98, 3600.0): it is a lifetime all
+	// the same, not a token that never expires.
+	if secs, err := strconv.ParseFloat(strings.TrimSpace(expiresIn), 64); err == nil && secs > 0 {
+		secs = min(secs, float64(math.MaxInt64/int64(time.Second)))
+		tok.ExpiresIn = max(1, int64(secs))
+		tok.Expiry = time.Now().Add(time.Duration(secs * float64(time.Second)))
 	}
 	if !strings.EqualFold(tok.TokenType, "DPoP") {
 		if !o.cfg.AllowBearer {
