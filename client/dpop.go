@@ -116,8 +116,9 @@ type NonceStore struct {
 	m  map[string]string
 }
 
-// maxOrigins bounds the store; past it, the oldest entries are dropped
-// (a client talks to a handful of servers).
+// maxOrigins bounds the store; past it, a new origin's nonce takes the
+// place of an arbitrary other's (a client talks to a handful of servers,
+// and a dropped nonce costs one more round trip).
 const maxOrigins = 256
 
 // Origin returns the origin of rawURL, lower-cased, with the default port
