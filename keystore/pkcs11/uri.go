@@ -60,6 +60,11 @@ func ParseURI(s string) (URI, error) {
 	seen := map[string]bool{}
 	if path != "" {
 		for _, attr := range strings.Split(path, ";") {
+			// A PIN put in the path by mistake is refused before
+			// anything quotes the URI.
+			if strings.HasPrefix(attr, "pin-value") || strings.HasPrefix(attr, "pin-source") {
+				return URI{}, errors.New("PKCS#11 URI: a PIN is refused in the URI: put the PIN in pin_file (or an environment variable), never in the URI")
+			}
 			name, value, err := splitAttr(attr, false)
 			if err != nil {
 				return URI{}, fmt.Errorf("PKCS#11 URI %q: %w", clip(shown), err)

@@ -142,3 +142,22 @@ func FuzzParseURI(f *testing.F) {
 		}
 	})
 }
+
+// A PIN written into the path of the URI (a common mistake: the
+// query form is pkcs11:…?pin-value=) must not be quoted by the error, which
+// New returns and the daemon logs.
+func TestURIPathPINNotQuoted(t *testing.T) {
+	for _, in := range []string{
+		"pkcs11:token=keyd;pin-value=1234",
+		"pkcs11:pin-value=1234;token=keyd",
+	} {
+		_, err := ParseURI(in)
+		if err == nil {
+			t.Errorf("ParseURI(%q) = nil error; want a refusal", in)
+			continue
+		}
+		if strings.Contains(err.Error(), "1234") {
+			t.Errorf("ParseURI(%q): error %q quotes the PIN", in, err)
+		}
+	}
+}
