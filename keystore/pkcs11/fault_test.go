@@ -1617,3 +1617,57 @@ func TestHealthFunctionFailed(t *testing.T) {
 	}
 	signOK(t, b, "k", pub)
 }
+
+// P7: the device hangs in every call, C_OpenSession included (a
+// network HSM gone away). A Sign that finds a free place in the pool but
+// no idle session opens one on the caller's goroutine and is blocked past
+// its deadline.
+func TestSignDeadlineWhileOpenSessionHangs(t *testing.T) {
+	checkGoroutines(t)
+	f := newFaultModule()
+	b, _ := faultBackend(t, f, options{})
+	if b.n < 2 {
+		t.Skipf("pool of %d", b.n)
+	}
+	pub := keystoretest.MustGenerate(t, b, "k")
+	signOK(t, b, "k", pub)
+	b.drainIdle() // the next Sign must open a session
+
+	release := make(chan struct{})
+	f.set("OpenSession", func() error {
+		for {
+			select {
+			case <-release:
+				return nil
+			default:
+				cgoblock.Sleep(2 * time.Millisecond) // hung in the module
+			}
+		}
+	})
+	defer func() {
+		select {
+		case <-release:
+		default:
+			close(release)
+		}
+		waitIdle(t, b)
+	}()
+	ctx, cancel := context.WithTimeout(t.Context(), 100*time.Millisecond)
+	defer cancel()
+	done := make(chan error, 1)
+	start := time.Now()
+	go func() {
+		_, err := b.Sign(ctx, "k", keystoretest.Digest(keystore.ES256, []byte("m")), crypto.SHA256)
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if !errors.Is(err, context.DeadlineExceeded) {
+			t.Errorf("Sign with C_OpenSession hung = %v; want DeadlineExceeded", err)
+		}
+	case <-time.After(2 * time.Second):
+		t.Errorf("Sign with a 100ms deadline still blocked after %v (in C_OpenSession)", time.Since(start).Round(time.Millisecond))
+		close(release)
+		<-done
+	}
+}

@@ -1290,11 +1290,7 @@ func (b *Backend) do(ctx context.Context, abandon bool, fn func(*session) error)
 // and returns the epoch of that session (or of the failed attempt to get
 // one) with fn's error.
 func (b *Backend) attempt(ctx context.Context, abandon, fresh bool, fn func(*session) error) (uint64, error) {
-	s, ep, err := b.acquire(ctx, fresh)
-	if err != nil {
-		return ep, err
-	}
-	run := func() error {
+	run := func(s *session) error {
 		done := b.lib.reading()
 		var err error
 		if s.gen != b.lib.gen {
@@ -1310,15 +1306,35 @@ func (b *Backend) attempt(ctx context.Context, abandon, fresh bool, fn func(*ses
 		b.release(s, err)
 		return err
 	}
-	if !abandon || ctx.Done() == nil {
-		return ep, run()
+	// Getting the session may call C_OpenSession (or C_CloseSession on a
+	// stale idle one), which a hung device does not return from either: with
+	// abandon it runs in the background too, holding its place in the pool.
+	get := func() (uint64, error) {
+		s, ep, err := b.acquire(ctx, fresh)
+		if err != nil {
+			return ep, err
+		}
+		return ep, run(s)
 	}
-	ch := make(chan error, 1)
-	go func() { ch <- run() }()
+	if !abandon || ctx.Done() == nil {
+		return get()
+	}
+	type result struct {
+		ep  uint64
+		err error
+	}
+	ch := make(chan result, 1)
+	go func() {
+		ep, err := get()
+		ch <- result{ep, err}
+	}()
 	select {
-	case err := <-ch:
-		return ep, err
+	case r := <-ch:
+		return r.ep, r.err
 	case <-ctx.Done():
+		b.mu.RLock()
+		ep := b.epoch
+		b.mu.RUnlock()
 		return ep, fmt.Errorf("the PKCS#11 call goes on in the background: %w", ctx.Err())
 	}
 }
