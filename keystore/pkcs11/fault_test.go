@@ -1671,3 +1671,34 @@ func TestSignDeadlineWhileOpenSessionHangs(t *testing.T) {
 		<-done
 	}
 }
+
+// An object of another application (a CKO_DATA object, which has
+// no CKA_ID) that carries keyd's label for a key must not stop keyd from
+// destroying its own key, and must be left alone.
+func TestDestroyWithForeignDataObject(t *testing.T) {
+	f := newFaultModule()
+	b, _ := faultBackend(t, f, options{})
+	keystoretest.MustGenerate(t, b, "k")
+	h := rawSession(t, b)
+	defer b.lib.ctx.CloseSession(h)
+	obj, err := b.lib.ctx.CreateObject(h, []*p11.Attribute{
+		p11.NewAttribute(p11.CKA_CLASS, p11.CKO_DATA),
+		p11.NewAttribute(p11.CKA_TOKEN, true),
+		p11.NewAttribute(p11.CKA_PRIVATE, false),
+		p11.NewAttribute(p11.CKA_LABEL, labelPrefix+"k"),
+		p11.NewAttribute(p11.CKA_APPLICATION, "other"),
+		p11.NewAttribute(p11.CKA_VALUE, []byte("not keyd's")),
+	})
+	if err != nil {
+		t.Fatalf("C_CreateObject: %v", err)
+	}
+	if err := b.Destroy(t.Context(), "k"); err != nil {
+		t.Errorf("Destroy with a foreign data object labelled keyd:k = %v; want nil", err)
+	}
+	if got := rawFind(t, b, h, "k", p11.CKO_PRIVATE_KEY); len(got) != 0 {
+		t.Errorf("the private key is still on the token: %v", got)
+	}
+	if _, err := b.lib.ctx.GetAttributeValue(h, obj, []*p11.Attribute{p11.NewAttribute(p11.CKA_VALUE, nil)}); err != nil {
+		t.Errorf("the foreign data object is gone: %v", err)
+	}
+}

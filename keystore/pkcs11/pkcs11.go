@@ -870,6 +870,9 @@ func (b *Backend) Destroy(ctx context.Context, id string) error {
 				p11.NewAttribute(p11.CKA_CLASS, nil),
 				p11.NewAttribute(p11.CKA_ID, nil),
 			})
+			if isCode(err, p11.CKR_ATTRIBUTE_TYPE_INVALID) {
+				continue // an object without CKA_ID (CKO_DATA…) is not keyd's
+			}
 			if err != nil {
 				return fmt.Errorf("C_GetAttributeValue: %w", err)
 			}
