@@ -126,7 +126,7 @@ func classify(err error) error {
 // is NOT_SERVING until a signature succeeds again.
 func deviceFailed(err error) bool {
 	switch code(err) {
-	case p11.CKR_FUNCTION_FAILED, p11.CKR_DEVICE_MEMORY, p11.CKR_HOST_MEMORY:
+	case p11.CKR_FUNCTION_FAILED, p11.CKR_DEVICE_MEMORY, p11.CKR_HOST_MEMORY, p11.CKR_SESSION_COUNT:
 		return true
 	}
 	return false

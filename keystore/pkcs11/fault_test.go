@@ -1702,3 +1702,30 @@ func TestDestroyWithForeignDataObject(t *testing.T) {
 		t.Errorf("the foreign data object is gone: %v", err)
 	}
 }
+
+// A token that refuses every new session (CKR_SESSION_COUNT:
+// another application holds them) fails every Sign with ErrUnavailable;
+// Health must not report the Backend serving meanwhile.
+func TestHealthWhileSessionsRefused(t *testing.T) {
+	f := newFaultModule()
+	b, _ := faultBackend(t, f, options{recoverBackoff: time.Millisecond})
+	pub := keystoretest.MustGenerate(t, b, "k")
+	signOK(t, b, "k", pub)
+	b.drainIdle()
+	f.set("OpenSession", always(p11.CKR_SESSION_COUNT))
+	for i := range 3 {
+		if _, err := b.Sign(t.Context(), "k", make([]byte, 32), crypto.SHA256); !errors.Is(err, keystore.ErrUnavailable) {
+			t.Fatalf("Sign #%d with CKR_SESSION_COUNT = %v; want ErrUnavailable", i, err)
+		}
+		time.Sleep(5 * time.Millisecond)
+		if err := b.Health(t.Context()); !errors.Is(err, keystore.ErrUnavailable) {
+			t.Fatalf("Health #%d while every Sign fails with ErrUnavailable = %v; want ErrUnavailable", i, err)
+		}
+	}
+	f.clear()
+	time.Sleep(5 * time.Millisecond)
+	if err := b.Health(t.Context()); err != nil {
+		t.Fatalf("Health once sessions open again = %v; want nil", err)
+	}
+	signOK(t, b, "k", pub)
+}

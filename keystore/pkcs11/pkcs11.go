@@ -1032,6 +1032,13 @@ func (b *Backend) probe(slot uint, sign bool) error {
 		return fmt.Errorf("C_GetTokenInfo: %w", err)
 	}
 	if sign {
+		// The pool's calls open sessions: a failure recorded because the
+		// token refused them clears only once it opens one again.
+		h, err := b.m.OpenSession(slot, p11.CKF_SERIAL_SESSION|p11.CKF_RW_SESSION)
+		if err != nil {
+			return &probeSignError{fmt.Errorf("C_OpenSession (health probe): %w", err)}
+		}
+		_ = b.m.CloseSession(h)
 		return b.probeSign()
 	}
 	return nil
