@@ -72,6 +72,12 @@ type Log struct {
 	w io.Writer
 	c io.Closer
 
+	// path and fi are the file Open opened and its identity: when the path
+	// names another file (logrotate renamed ours) or none, the writer
+	// reopens it before writing. Only the writer touches them, and w and c.
+	path string
+	fi   os.FileInfo
+
 	mu      sync.Mutex
 	cond    sync.Cond // signalled when the pending buffer is taken or the writer goes idle
 	writing bool      // a writer owns the write; pending lines will be written
@@ -99,7 +105,46 @@ func Open(path string) (*Log, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open audit log: %w", err)
 	}
-	return newLog(f, f), nil
+	fi, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("open audit log: %w", err)
+	}
+	l := newLog(f, f)
+	l.path, l.fi = path, fi
+	return l, nil
+}
+
+// reopen reopens the audit file when its path no longer names the file the
+// log writes to: logrotate renamed it (and will compress and delete it) or
+// it was removed. Writing on into that file would account for signatures in
+// a file nobody keeps. An error fails the write: better refuse a signature
+// than record it where it is lost.
+func (l *Log) reopen() error {
+	if l.path == "" {
+		return nil
+	}
+	fi, err := os.Stat(l.path)
+	if err == nil && os.SameFile(fi, l.fi) {
+		return nil
+	}
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	f, err := os.OpenFile(l.path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
+	if err != nil {
+		return err
+	}
+	if fi, err = f.Stat(); err != nil {
+		f.Close()
+		return err
+	}
+	old := l.c
+	l.w, l.c, l.fi, l.torn = f, f, fi, false
+	if old != nil {
+		old.Close()
+	}
+	return nil
 }
 
 // New returns a log writing to w.
@@ -164,13 +209,17 @@ func (l *Log) write(g *group) error {
 	l.cond.Broadcast() // room in pending again
 	l.mu.Unlock()
 
+	var n int
+	err := l.reopen()
 	out := buf
 	if l.torn {
 		out = append([]byte{'\n'}, buf...)
 	}
-	n, err := l.w.Write(out)
-	if err == nil && n < len(out) {
-		err = io.ErrShortWrite
+	if err == nil {
+		n, err = l.w.Write(out)
+		if err == nil && n < len(out) {
+			err = io.ErrShortWrite
+		}
 	}
 	if err != nil {
 		err = fmt.Errorf("%w: %w", ErrWrite, err)

@@ -1,0 +1,61 @@
+package audit
+
+import (
+	"os"
+	"path/filepath"
+	"reflect"
+	"testing"
+)
+
+// logrotate (without copytruncate) renames the audit file and later
+// compresses and deletes the renamed file. Records accepted after the rename
+// must land in a file at the configured path, created 0600, not in the
+// renamed (soon deleted) file: a record that only ever reaches an unlinked
+// inode is a signature nobody can account for.
+func TestRecordsAfterLogrotateReachThePath(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "audit.jsonl")
+	l, err := Open(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	if err := l.Record(rec("a")); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(p, p+".1"); err != nil { // logrotate: rotate
+		t.Fatal(err)
+	}
+	if err := l.Record(rec("b")); err != nil {
+		t.Fatal(err)
+	}
+	data, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatalf("after rotation, record b is not at %s: %v", p, err)
+	}
+	if got := jtisOf(t, data); !reflect.DeepEqual(got, []string{"b"}) {
+		t.Errorf("%s holds %q; want [b]", p, got)
+	}
+	if fi, err := os.Stat(p); err == nil && fi.Mode().Perm() != 0o600 {
+		t.Errorf("reopened audit file mode %v; want 0600", fi.Mode().Perm())
+	}
+	old, _ := os.ReadFile(p + ".1")
+	if got := jtisOf(t, old); !reflect.DeepEqual(got, []string{"a"}) {
+		t.Errorf("rotated file holds %q; want [a]", got)
+	}
+
+	// logrotate with compress: the rotated file is deleted, and with
+	// "nocreate" nobody recreates the path either.
+	if err := os.Remove(p); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.Record(rec("c")); err != nil {
+		t.Fatal(err)
+	}
+	data, err = os.ReadFile(p)
+	if err != nil {
+		t.Fatalf("after the file was removed, record c went nowhere: %v", err)
+	}
+	if got := jtisOf(t, data); !reflect.DeepEqual(got, []string{"c"}) {
+		t.Errorf("%s holds %q; want [c]", p, got)
+	}
+}
