@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -38,6 +39,9 @@ func Unix(path string, mode os.FileMode, gid int) (net.Listener, error) {
 	dir := filepath.Dir(path)
 	if err := os.MkdirAll(dir, 0o750); err != nil {
 		return nil, fmt.Errorf("socket directory: %w", err)
+	}
+	if err := checkDir(dir); err != nil {
+		return nil, err
 	}
 	if err := removeStale(path); err != nil {
 		return nil, err
@@ -74,6 +78,41 @@ func Unix(path string, mode os.FileMode, gid int) (net.Listener, error) {
 	ul := l.(*net.UnixListener)
 	ul.SetUnlinkOnClose(true)
 	return ul, nil
+}
+
+// checkDir refuses a parent directory that someone else could use to
+// replace the socket: one owned by a user other than root and us, one every
+// user may write to (unless sticky, as /tmp is), or a symlink another user
+// owns (and could re-point, e.g. in /tmp).
+func checkDir(dir string) error {
+	euid := uint32(os.Geteuid())
+	owned := func(fi os.FileInfo) (uint32, bool) {
+		st, ok := fi.Sys().(*syscall.Stat_t)
+		if !ok {
+			return 0, true
+		}
+		return st.Uid, st.Uid == 0 || st.Uid == euid
+	}
+	li, err := os.Lstat(dir)
+	if err != nil {
+		return fmt.Errorf("socket directory: %w", err)
+	}
+	if li.Mode()&os.ModeSymlink != 0 {
+		if uid, ok := owned(li); !ok {
+			return fmt.Errorf("socket directory %s: a symlink owned by uid %d; use a directory of root or of uid %d", dir, uid, euid)
+		}
+	}
+	fi, err := os.Stat(dir)
+	if err != nil {
+		return fmt.Errorf("socket directory: %w", err)
+	}
+	if uid, ok := owned(fi); !ok {
+		return fmt.Errorf("socket directory %s: owned by uid %d; use a directory of root or of uid %d", dir, uid, euid)
+	}
+	if fi.Mode().Perm()&0o002 != 0 && fi.Mode()&os.ModeSticky == 0 {
+		return fmt.Errorf("socket directory %s: every user may write to it (mode %v), and so replace the socket", dir, fi.Mode().Perm())
+	}
+	return nil
 }
 
 func removeStale(path string) error {
