@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"os"
 	"path/filepath"
@@ -337,8 +338,12 @@ func (c *Config) Validate() error {
 		switch {
 		case strings.HasPrefix(a, "@"):
 			add("admin_socket", "abstract sockets are not allowed: they have no file permissions")
+		case strings.ContainsRune(a, 0):
+			add("admin_socket", "abstract sockets are not allowed: they have no file permissions")
 		case !filepath.IsAbs(a):
 			add("admin_socket", "%q must be an absolute path", a)
+		case len(a) > 107:
+			add("admin_socket", "path is %d bytes; Unix socket paths are limited to 107", len(a))
 		case a == c.Socket:
 			add("admin_socket", "must differ from socket")
 		}
@@ -369,6 +374,9 @@ func (c *Config) Validate() error {
 	}
 	if c.Limits.SignRate < 0 || c.Limits.SignBurst < 0 || c.Limits.MaxConnections < 0 {
 		add("limits", "values must not be negative")
+	}
+	if r := c.Limits.SignRate; math.IsNaN(r) || math.IsInf(r, 0) {
+		add("limits.sign_rate", "%v is not a number of requests per second (0 means no limit)", r)
 	}
 	switch c.LogLevel {
 	case "debug", "info", "warn", "error":
@@ -596,6 +604,11 @@ func (ks KeySet) validateSchedule(p policy.Policy) []error {
 		}
 	}
 	cache := orDefault(ks.JWKSCache, DefaultJWKSCache)
+	if ml, sk := orDefault(ks.MaxLifetime, policy.DefaultMaxLifetime), orDefault(ks.IatSkew, policy.DefaultSkew); ml >= 0 && sk >= 0 && cache >= 0 &&
+		(ml > math.MaxInt64-sk || ml+sk > math.MaxInt64-cache) {
+		add("max_lifetime + iat_skew + jwks_cache overflows")
+		return errs
+	}
 	switch p.Purpose {
 	case policy.DPoP:
 		if tl := orDefault(ks.TokenLifetime, DefaultTokenLifetime); s.Drain < tl {

@@ -1,0 +1,41 @@
+package config
+
+import (
+	"strings"
+	"testing"
+)
+
+// sign_rate .nan passes "must not be negative" (NaN < 0 is false) and turns
+// the per-caller rate limit off: rate.Limiter allows everything at NaN.
+func TestRejectsNonFiniteSignRate(t *testing.T) {
+	for _, v := range []string{".nan", ".inf", "-.inf"} {
+		cfg := strings.Replace(good, "admins: {uids: [0]}", "admins: {uids: [0]}\nlimits: {sign_rate: "+v+"}", 1)
+		if c, err := Parse([]byte(cfg), "k.yaml"); err == nil {
+			t.Errorf("sign_rate %s accepted: %v", v, c.Limits.SignRate)
+		}
+	}
+}
+
+// max_lifetime + iat_skew + jwks_cache must not wrap around: the wrapped,
+// negative drain passed validation.
+func TestRejectsScheduleOverflow(t *testing.T) {
+	cfg := strings.Replace(good, "max_lifetime: 5m", "max_lifetime: 2000000h\n    iat_skew: 1000000h", 1)
+	c, err := Parse([]byte(cfg), "k.yaml")
+	if err == nil {
+		t.Fatalf("accepted; drain of billing-client = %v", c.KeySets[1].Schedule().Drain)
+	}
+}
+
+// admin_socket gets the checks socket gets: check-config must not pass a
+// path that serve cannot listen on.
+func TestAdminSocketChecks(t *testing.T) {
+	for name, v := range map[string]string{
+		"nul":  `"/run/keyd/a\0b"`,
+		"long": "/run/" + strings.Repeat("a", 120),
+	} {
+		cfg := strings.Replace(good, "admins: {uids: [0]}", "admins: {uids: [0]}\nadmin_socket: "+v, 1)
+		if _, err := Parse([]byte(cfg), "k.yaml"); err == nil || !strings.Contains(err.Error(), "admin_socket") {
+			t.Errorf("%s: err = %v", name, err)
+		}
+	}
+}
