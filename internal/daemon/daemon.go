@@ -74,6 +74,11 @@ type Daemon struct {
 	httpLis   net.Listener
 	http      *http.Server
 	ready     func(string)
+	// stopping is cancelled when Serve begins to stop: it ends the
+	// server-streaming watchers (health Watch, WatchKeys), which would
+	// otherwise hold a graceful stop until its forced-stop timeout.
+	stopping    context.Context
+	stopWatches context.CancelFunc
 }
 
 // New builds a daemon: it locks the state directory, opens the backend,
@@ -84,6 +89,7 @@ func New(ctx context.Context, cfg *config.Config, opts Options) (_ *Daemon, err 
 		log = slog.New(slog.DiscardHandler)
 	}
 	d := &Daemon{cfg: cfg, log: log, ready: opts.Ready, kick: make(chan struct{}, 1)}
+	d.stopping, d.stopWatches = context.WithCancel(context.Background())
 	defer func() {
 		if err != nil {
 			d.close()
@@ -333,7 +339,10 @@ func (d *Daemon) Serve(ctx context.Context) error {
 	defer stopBackground()
 	var background sync.WaitGroup
 	if hc, ok := d.backend.(healthChecker); ok {
-		background.Go(func() { d.watchHealth(bctx, hc) })
+		// The first check completes before the daemon says it is ready,
+		// so health never reports SERVING for a backend that is down.
+		serving := d.checkHealth(bctx, hc, true)
+		background.Go(func() { d.watchHealth(bctx, hc, serving) })
 	}
 	background.Go(func() { d.mgr.Run(bctx, tickInterval(d.mgr.KeySets())) })
 	if d.http != nil {
@@ -352,6 +361,7 @@ func (d *Daemon) Serve(ctx context.Context) error {
 	select {
 	case <-ctx.Done():
 		d.health.Shutdown()
+		d.stopWatches()
 		if d.http != nil {
 			sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 			d.http.Shutdown(sctx)
@@ -446,37 +456,46 @@ const healthInterval = 5 * time.Second
 // watchHealth mirrors the backend's health into the gRPC health service:
 // NOT_SERVING while the backend fails (a frozen TPM, a wiped token, a
 // locked PIN), SERVING again once it recovers. Transitions are logged.
-func (d *Daemon) watchHealth(ctx context.Context, hc healthChecker) {
-	serving := true
+func (d *Daemon) watchHealth(ctx context.Context, hc healthChecker, serving bool) {
 	t := time.NewTicker(healthInterval)
 	defer t.Stop()
 	for {
-		cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
-		err := hc.Health(cctx)
-		cancel()
-		if ctx.Err() != nil {
-			return
-		}
-		if ok := err == nil; ok != serving {
-			serving = ok
-			d.healthy.Store(ok)
-			d.metrics.BackendUp(ok)
-			st := healthpb.HealthCheckResponse_SERVING
-			if ok {
-				d.log.Info("backend healthy again", "backend", d.backend.Name())
-			} else {
-				st = healthpb.HealthCheckResponse_NOT_SERVING
-				d.log.Error("backend unhealthy; health reports NOT_SERVING", "backend", d.backend.Name(), "err", err)
-			}
-			d.setHealth(st)
-		}
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
 		case <-d.kick:
 		}
+		serving = d.checkHealth(ctx, hc, serving)
+		if ctx.Err() != nil {
+			return
+		}
 	}
+}
+
+// checkHealth asks the backend once and reports a change from serving;
+// it returns the new state.
+func (d *Daemon) checkHealth(ctx context.Context, hc healthChecker, serving bool) bool {
+	cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	err := hc.Health(cctx)
+	cancel()
+	if ctx.Err() != nil {
+		return serving
+	}
+	if ok := err == nil; ok != serving {
+		serving = ok
+		d.healthy.Store(ok)
+		d.metrics.BackendUp(ok)
+		st := healthpb.HealthCheckResponse_SERVING
+		if ok {
+			d.log.Info("backend healthy again", "backend", d.backend.Name())
+		} else {
+			st = healthpb.HealthCheckResponse_NOT_SERVING
+			d.log.Error("backend unhealthy; health reports NOT_SERVING", "backend", d.backend.Name(), "err", err)
+		}
+		d.setHealth(st)
+	}
+	return serving
 }
 
 func (d *Daemon) close() {
@@ -503,6 +522,9 @@ func (d *Daemon) close() {
 	}
 	if d.store != nil {
 		d.store.Close()
+	}
+	if d.stopWatches != nil {
+		d.stopWatches()
 	}
 }
 
@@ -535,8 +557,23 @@ func (d *Daemon) streamInterceptor(srv any, ss grpc.ServerStream, info *grpc.Str
 		}
 		d.logRPC(ss.Context(), info.FullMethod, start, err)
 	}()
+	if info.IsServerStream && !info.IsClientStream && d.stopping != nil {
+		// A watcher ends when the daemon stops.
+		ctx, cancel := context.WithCancel(ss.Context())
+		defer cancel()
+		defer context.AfterFunc(d.stopping, cancel)()
+		ss = ctxStream{ServerStream: ss, ctx: ctx}
+	}
 	return handler(srv, ss)
 }
+
+// ctxStream is a server stream with another context.
+type ctxStream struct {
+	grpc.ServerStream
+	ctx context.Context
+}
+
+func (s ctxStream) Context() context.Context { return s.ctx }
 
 // logRPC writes one line per RPC: at debug level when it succeeded (the
 // audit log already has every signature), at info level otherwise.

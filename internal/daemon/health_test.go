@@ -1,0 +1,162 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"testing"
+	"time"
+
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+
+	"github.com/keyd-dev/keyd/client"
+	"github.com/keyd-dev/keyd/internal/config"
+	"github.com/keyd-dev/keyd/keystore"
+	keydv1 "github.com/keyd-dev/keyd/proto/keyd/v1"
+)
+
+func minimalConfig(t *testing.T) *config.Config {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "kr")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	yaml := fmt.Sprintf(`socket: %[1]s/k.sock
+state_dir: %[1]s/state
+backend: {soft: {}}
+keysets:
+  - name: d
+    purpose: dpop
+    alg: ES256
+    allow: {uids: [%[2]d]}
+`, dir, os.Geteuid())
+	cfg, err := config.Parse([]byte(yaml), "health.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cfg
+}
+
+// downBackend is a backend whose health check fails (a wiped token, a
+// frozen TPM) after a short while, as a slow device does.
+type downBackend struct{ keystore.Backend }
+
+func (downBackend) Health(ctx context.Context) error {
+	select {
+	case <-time.After(300 * time.Millisecond):
+	case <-ctx.Done():
+	}
+	return errors.New("device gone")
+}
+
+// A15: once the daemon says it is ready, health must not report SERVING
+// for a backend that is down.
+func TestHealthNotServingWhenBackendDownAtStart(t *testing.T) {
+	cfg := minimalConfig(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	type answer struct {
+		st  healthpb.HealthCheckResponse_ServingStatus
+		err error
+	}
+	got := make(chan answer, 3)
+	d, err := New(ctx, cfg, Options{Ready: func(socket string) {
+		cl, err := client.Dial(socket)
+		if err != nil {
+			got <- answer{err: err}
+			return
+		}
+		defer cl.Close()
+		cctx, ccancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer ccancel()
+		for _, svc := range []string{"", "keyd.v1.KeyService", "keyd.backend.soft"} {
+			r, err := healthpb.NewHealthClient(cl.Conn()).Check(cctx, &healthpb.HealthCheckRequest{Service: svc})
+			if err != nil {
+				got <- answer{err: err}
+				continue
+			}
+			got <- answer{st: r.Status}
+		}
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.backend = downBackend{d.backend}
+	done := make(chan error, 1)
+	go func() { done <- d.Serve(ctx) }()
+	for range 3 {
+		select {
+		case a := <-got:
+			if a.err != nil {
+				t.Errorf("health check: %v", a.err)
+			} else if a.st == healthpb.HealthCheckResponse_SERVING {
+				t.Errorf("health reports SERVING once ready although the backend's health check fails")
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("not ready within 10 s")
+		}
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Errorf("serve: %v", err)
+	}
+}
+
+// A watcher of the health service (a load balancer, kubelet's gRPC probe)
+// or of WatchKeys must not hold up a graceful stop for the full 10 s
+// forced-stop timeout: the daemon ends its long-lived streams at shutdown.
+func TestShutdownNotHeldByWatchers(t *testing.T) {
+	for _, kind := range []string{"health", "keys"} {
+		t.Run(kind, func(t *testing.T) {
+			cfg := minimalConfig(t)
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			d, err := New(ctx, cfg, Options{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			done := make(chan error, 1)
+			go func() { done <- d.Serve(ctx) }()
+			cl, err := client.Dial(cfg.Socket)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer cl.Close()
+			wctx, wcancel := context.WithCancel(context.Background())
+			defer wcancel()
+			switch kind {
+			case "health":
+				w, err := healthpb.NewHealthClient(cl.Conn()).Watch(wctx, &healthpb.HealthCheckRequest{})
+				if err != nil {
+					t.Fatal(err)
+				}
+				if _, err := w.Recv(); err != nil {
+					t.Fatal(err)
+				}
+			case "keys":
+				w, err := keydv1.NewKeyServiceClient(cl.Conn()).WatchKeys(wctx, &keydv1.WatchKeysRequest{})
+				if err != nil {
+					t.Fatal(err)
+				}
+				if _, err := w.Recv(); err != nil {
+					t.Fatal(err)
+				}
+			}
+			start := time.Now()
+			cancel()
+			select {
+			case err := <-done:
+				if err != nil {
+					t.Errorf("serve: %v", err)
+				}
+				if took := time.Since(start); took > 3*time.Second {
+					t.Errorf("Serve took %v to stop with one open %s watcher", took, kind)
+				}
+			case <-time.After(20 * time.Second):
+				t.Fatal("Serve did not return")
+			}
+		})
+	}
+}
