@@ -211,6 +211,11 @@ func (b *Backend) Generate(ctx context.Context, id string, spec keystore.KeySpec
 
 	b.wmu.Lock()
 	err = keyfile.CheckFree(b.keyPath(id), b.tombstonePath(id))
+	if err == nil && b.loaded(id) {
+		// The file is gone but the key is loaded and signing: a new key
+		// under its ID would be a reused ID.
+		err = fmt.Errorf("%w (loaded, though its file is missing)", keystore.ErrAlreadyExists)
+	}
 	if err == nil {
 		err = b.writeKey(id, key)
 	}
@@ -308,8 +313,17 @@ func (b *Backend) Sign(ctx context.Context, id string, digest []byte, opts crypt
 }
 
 func (b *Backend) sign(key crypto.Signer, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
-	if opts == nil {
+	switch o := opts.(type) {
+	case nil:
 		return nil, fmt.Errorf("no signer options: %w", keystore.ErrUnsupportedAlgorithm)
+	case *rsa.PSSOptions:
+		if o == nil {
+			return nil, fmt.Errorf("nil %T: %w", o, keystore.ErrUnsupportedAlgorithm)
+		}
+	case *ed25519.Options:
+		if o == nil {
+			return nil, fmt.Errorf("nil %T: %w", o, keystore.ErrUnsupportedAlgorithm)
+		}
 	}
 	switch k := key.(type) {
 	case *ecdsa.PrivateKey:
@@ -368,9 +382,9 @@ func (b *Backend) Destroy(ctx context.Context, id string) error {
 	b.wmu.Lock()
 	defer b.wmu.Unlock()
 	path := b.keyPath(id)
-	if _, err := os.Lstat(path); errors.Is(err, os.ErrNotExist) {
+	if _, err := os.Lstat(path); errors.Is(err, os.ErrNotExist) && !b.loaded(id) {
 		return fmt.Errorf("destroy %s: %w", id, keystore.ErrNotFound)
-	} else if err != nil {
+	} else if err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("destroy %s: %w: %v", id, keystore.ErrUnavailable, err)
 	}
 	tomb := b.tombstonePath(id)
@@ -402,6 +416,14 @@ func (b *Backend) Close() error {
 	b.closed = true
 	b.keys = nil
 	return nil
+}
+
+// loaded reports whether key id is loaded.
+func (b *Backend) loaded(id string) bool {
+	b.mu.RLock()
+	defer b.mu.RUnlock()
+	_, ok := b.keys[id]
+	return ok
 }
 
 // begin checks that b is open and ctx is live.

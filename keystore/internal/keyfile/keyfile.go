@@ -86,11 +86,19 @@ func WriteNew(dir, name string, data []byte, fail func(stage string) error) (err
 }
 
 // WriteTombstone creates the empty file dir/name (mode 0600, if missing,
-// never through a symlink) and makes it durable.
+// never through a symlink, never blocking on a FIFO) and makes it durable.
+// An existing name that is not a regular file is refused.
 func WriteTombstone(dir, name string) error {
-	f, err := os.OpenFile(filepath.Join(dir, name), os.O_WRONLY|os.O_CREATE|syscall.O_NOFOLLOW, 0o600)
+	f, err := os.OpenFile(filepath.Join(dir, name), os.O_WRONLY|os.O_CREATE|syscall.O_NOFOLLOW|syscall.O_NONBLOCK, 0o600)
 	if err != nil {
 		return err
+	}
+	if fi, serr := f.Stat(); serr != nil {
+		f.Close()
+		return serr
+	} else if !fi.Mode().IsRegular() {
+		f.Close()
+		return fmt.Errorf("%s is not a regular file (%v): %w", filepath.Join(dir, name), fi.Mode().Type(), keystore.ErrInsecureStorage)
 	}
 	err = f.Sync()
 	if cerr := f.Close(); err == nil {
