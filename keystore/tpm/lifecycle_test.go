@@ -5,6 +5,7 @@ import (
 	"crypto"
 	"errors"
 	"net"
+	"os"
 	"runtime"
 	"strings"
 	"sync"
@@ -247,5 +248,33 @@ func TestGenerateDuringClose(t *testing.T) {
 	}
 	if ids, err := keyfile.List(b.dir, keySuffix); err != nil || len(ids) != 0 {
 		t.Errorf("key files after Close: %v, %v; want none", ids, err)
+	}
+}
+
+// A key whose file disappeared while it is loaded (deleted by hand, a
+// restore without it) keeps its ID: Generate does not make another key
+// under it, and Destroy destroys it (tombstone, and no more signatures)
+// rather than answer that it does not exist.
+func TestLoadedKeyWhoseFileIsGone(t *testing.T) {
+	s := startSWTPM(t)
+	b := newTestBackend(t, s, Config{})
+	ctx := t.Context()
+	pub := keystoretest.MustGenerate(t, b, "k")
+	d := keystoretest.Digest(keystore.ES256, []byte("m"))
+	mustSign(t, b, "k", keystore.ES256, pub, d)
+	if err := os.Remove(b.keyPath("k")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.Generate(ctx, "k", keystore.KeySpec{Algorithm: keystore.ES256}); !errors.Is(err, keystore.ErrAlreadyExists) {
+		t.Errorf("Generate of an ID whose key is loaded = %v; want ErrAlreadyExists", err)
+	}
+	if err := b.Destroy(ctx, "k"); err != nil {
+		t.Errorf("Destroy of a loaded key whose file is gone = %v; want nil", err)
+	}
+	if _, err := b.Sign(ctx, "k", d, crypto.SHA256); err == nil {
+		t.Error("the destroyed key still signs")
+	}
+	if _, err := os.Lstat(b.tombstonePath("k")); err != nil {
+		t.Errorf("no tombstone after Destroy: %v", err)
 	}
 }

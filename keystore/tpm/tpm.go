@@ -487,6 +487,11 @@ func (b *Backend) Generate(ctx context.Context, id string, spec keystore.KeySpec
 	if err == nil {
 		err = keyfile.CheckFree(b.keyPath(id), b.tombstonePath(id))
 	}
+	if err == nil && b.cached(id) {
+		// The file is gone but the key is loaded and signing: a new key
+		// under its ID would be a reused ID.
+		err = fmt.Errorf("%w (loaded, though its file is missing)", keystore.ErrAlreadyExists)
+	}
 	if err == nil {
 		err = keyfile.WriteNew(b.dir, id+keySuffix, data, b.fail)
 	}
@@ -792,11 +797,13 @@ func (b *Backend) destroyFile(id string) error {
 		return err
 	}
 	path := b.keyPath(id)
-	if _, err := os.Lstat(path); errors.Is(err, fs.ErrNotExist) {
+	if _, err := os.Lstat(path); errors.Is(err, fs.ErrNotExist) && !b.cached(id) {
 		return keystore.ErrNotFound
-	} else if err != nil {
+	} else if err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("%w: %v", keystore.ErrUnavailable, err)
 	}
+	// A key whose file is gone but that is loaded is destroyed all the
+	// same: tombstone, then dropped, so that it signs nothing more.
 	if err := keyfile.WriteTombstone(b.dir, id+tombSuffix); err != nil {
 		return fmt.Errorf("write tombstone: %w", err)
 	}
@@ -951,6 +958,14 @@ func (b *Backend) blob(id string) (*keyBlob, error) {
 	}
 	b.blobs[id] = blob
 	return blob, nil
+}
+
+// cached reports whether key id's blob is loaded in memory.
+func (b *Backend) cached(id string) bool {
+	b.mu.RLock()
+	defer b.mu.RUnlock()
+	_, ok := b.blobs[id]
+	return ok
 }
 
 // openForWrite returns ErrClosed once Close has begun. The caller holds
