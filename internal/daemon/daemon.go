@@ -392,6 +392,20 @@ func (d *Daemon) Serve(ctx context.Context) error {
 			err = nil
 		}
 	case err = <-errc:
+		// The main socket failed: nothing is served any more. Stop the
+		// other listeners' servers too (at once: they must not go on
+		// using the backend that is closed below), and say so to health.
+		d.log.Error("the socket failed; stopping", "err", err)
+		d.health.Shutdown()
+		d.stopWatches()
+		if d.http != nil {
+			d.http.Close()
+		}
+		for _, g := range []*grpc.Server{d.tcpGRPC, d.adminGRPC, d.grpc} {
+			if g != nil {
+				g.Stop()
+			}
+		}
 	}
 	stopBackground()
 	d.waitBackground(&background)

@@ -9,6 +9,9 @@ import (
 	"testing"
 	"time"
 
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+
+	"github.com/keyd-dev/keyd/client"
 	"github.com/keyd-dev/keyd/internal/config"
 	"github.com/keyd-dev/keyd/rotation"
 )
@@ -88,5 +91,62 @@ keysets:
 	}
 	if len(vs) <= len(first) {
 		t.Errorf("%d versions recorded after the rotation, %d before: the rotation running at shutdown was lost", len(vs), len(first))
+	}
+}
+
+// When the main socket's server fails by itself, Serve stops the admin
+// socket's server too before it closes the backend: a connection already
+// open there is not served any more, rather than served against a closed
+// backend and store.
+func TestMainSocketFailureStopsTheOthers(t *testing.T) {
+	dir := t.TempDir()
+	yaml := fmt.Sprintf(`socket: %[1]s/k.sock
+admin_socket: %[1]s/admin.sock
+state_dir: %[1]s/state
+backend: {soft: {}}
+keysets:
+  - name: d
+    purpose: dpop
+    alg: ES256
+    allow: {uids: [%[2]d]}
+`, dir, os.Geteuid())
+	cfg, err := config.Parse([]byte(yaml), "fail.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	d, err := New(ctx, cfg, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- d.Serve(ctx) }()
+	adm, err := client.Dial(cfg.AdminSocket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer adm.Close()
+	hc := healthpb.NewHealthClient(adm.Conn())
+	check := func() error {
+		c, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		_, err := hc.Check(c, &healthpb.HealthCheckRequest{})
+		return err
+	}
+	if err := check(); err != nil {
+		t.Fatal(err)
+	}
+	d.lis.Close() // the main socket fails
+	select {
+	case err := <-done:
+		if err == nil {
+			t.Error("Serve returned nil after its socket failed")
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Serve did not return after its socket failed")
+	}
+	if err := check(); err == nil {
+		t.Error("the admin socket's open connection is still served after Serve returned")
 	}
 }
