@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"runtime"
 	"sort"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -23,8 +24,12 @@ import (
 	keydv1 "github.com/keyd-dev/keyd/proto/keyd/v1"
 )
 
-// startDaemon runs a daemon in this process on the soft keystore.
-func startDaemon(t *testing.T, extra string) (socket string, stop func()) {
+// daemonConfig is a configuration on the soft keystore in a fresh short
+// directory (socket paths have a length limit), with one dpop key set "d"
+// this test's uid may use. extra is appended, "{dir}" in it replaced by
+// the directory: top-level lines, or the key set's own indented by four
+// spaces.
+func daemonConfig(t *testing.T, extra string) *config.Config {
 	t.Helper()
 	dir, err := os.MkdirTemp("", "ka")
 	if err != nil {
@@ -39,11 +44,18 @@ keysets:
     purpose: dpop
     alg: ES256
     allow: {uids: [%[2]d]}
-%[3]s`, dir, os.Geteuid(), extra)
-	cfg, err := config.Parse([]byte(yaml), "abuse.yaml")
+`, dir, os.Geteuid()) + strings.ReplaceAll(extra, "{dir}", dir)
+	cfg, err := config.Parse([]byte(yaml), "test.yaml")
 	if err != nil {
 		t.Fatal(err)
 	}
+	return cfg
+}
+
+// startDaemon runs a daemon in this process on the soft keystore.
+func startDaemon(t *testing.T, extra string) (socket string, stop func()) {
+	t.Helper()
+	cfg := daemonConfig(t, extra)
 	ctx, cancel := context.WithCancel(context.Background())
 	d, err := New(ctx, cfg, Options{})
 	if err != nil {

@@ -3,41 +3,15 @@ package daemon
 import (
 	"context"
 	"errors"
-	"fmt"
-	"os"
 	"testing"
 	"time"
 
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	"github.com/keyd-dev/keyd/client"
-	"github.com/keyd-dev/keyd/internal/config"
 	"github.com/keyd-dev/keyd/keystore"
 	keydv1 "github.com/keyd-dev/keyd/proto/keyd/v1"
 )
-
-func minimalConfig(t *testing.T) *config.Config {
-	t.Helper()
-	dir, err := os.MkdirTemp("", "kr")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	yaml := fmt.Sprintf(`socket: %[1]s/k.sock
-state_dir: %[1]s/state
-backend: {soft: {}}
-keysets:
-  - name: d
-    purpose: dpop
-    alg: ES256
-    allow: {uids: [%[2]d]}
-`, dir, os.Geteuid())
-	cfg, err := config.Parse([]byte(yaml), "health.yaml")
-	if err != nil {
-		t.Fatal(err)
-	}
-	return cfg
-}
 
 // downBackend is a backend whose health check fails (a wiped token, a
 // frozen TPM) after a short while, as a slow device does.
@@ -54,7 +28,7 @@ func (downBackend) Health(ctx context.Context) error {
 // A15: once the daemon says it is ready, health must not report SERVING
 // for a backend that is down.
 func TestHealthNotServingWhenBackendDownAtStart(t *testing.T) {
-	cfg := minimalConfig(t)
+	cfg := daemonConfig(t, "")
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	type answer struct {
@@ -110,7 +84,7 @@ func TestHealthNotServingWhenBackendDownAtStart(t *testing.T) {
 func TestShutdownNotHeldByWatchers(t *testing.T) {
 	for _, kind := range []string{"health", "keys"} {
 		t.Run(kind, func(t *testing.T) {
-			cfg := minimalConfig(t)
+			cfg := daemonConfig(t, "")
 			ctx, cancel := context.WithCancel(context.Background())
 			defer cancel()
 			d, err := New(ctx, cfg, Options{})

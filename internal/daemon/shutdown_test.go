@@ -2,8 +2,6 @@ package daemon
 
 import (
 	"context"
-	"fmt"
-	"os"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -12,7 +10,6 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	"github.com/keyd-dev/keyd/client"
-	"github.com/keyd-dev/keyd/internal/config"
 	"github.com/keyd-dev/keyd/rotation"
 )
 
@@ -20,22 +17,7 @@ import (
 // backend and the store: a scheduled rotation running at shutdown finishes
 // first, and is recorded.
 func TestServeWaitsForLifecycle(t *testing.T) {
-	dir := t.TempDir()
-	yaml := fmt.Sprintf(`socket: %[1]s/k.sock
-state_dir: %[1]s/state
-backend: {soft: {}}
-keysets:
-  - name: d
-    purpose: dpop
-    alg: ES256
-    allow: {uids: [%[2]d]}
-    token_lifetime: 1s
-    rotation: {period: 1s, drain: 1s, retain: 1s}
-`, dir, os.Geteuid())
-	cfg, err := config.Parse([]byte(yaml), "shutdown.yaml")
-	if err != nil {
-		t.Fatal(err)
-	}
+	cfg := daemonConfig(t, "    token_lifetime: 1s\n    rotation: {period: 1s, drain: 1s, retain: 1s}\n")
 	var armed atomic.Bool
 	entered, release := make(chan struct{}), make(chan struct{})
 	var once sync.Once
@@ -99,21 +81,7 @@ keysets:
 // open there is not served any more, rather than served against a closed
 // backend and store.
 func TestMainSocketFailureStopsTheOthers(t *testing.T) {
-	dir := t.TempDir()
-	yaml := fmt.Sprintf(`socket: %[1]s/k.sock
-admin_socket: %[1]s/admin.sock
-state_dir: %[1]s/state
-backend: {soft: {}}
-keysets:
-  - name: d
-    purpose: dpop
-    alg: ES256
-    allow: {uids: [%[2]d]}
-`, dir, os.Geteuid())
-	cfg, err := config.Parse([]byte(yaml), "fail.yaml")
-	if err != nil {
-		t.Fatal(err)
-	}
+	cfg := daemonConfig(t, "admin_socket: {dir}/admin.sock\n")
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	d, err := New(ctx, cfg, Options{})
