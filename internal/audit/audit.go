@@ -12,6 +12,7 @@ import (
 	"io"
 	"os"
 	"sync"
+	"syscall"
 	"time"
 )
 
@@ -100,14 +101,10 @@ type group struct {
 }
 
 // Open opens (creating with mode 0600) the audit file at path for appending.
+// It refuses a symlink, and a regular file other users may read or write.
 func Open(path string) (*Log, error) {
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
+	f, fi, err := openFile(path)
 	if err != nil {
-		return nil, fmt.Errorf("open audit log: %w", err)
-	}
-	fi, err := f.Stat()
-	if err != nil {
-		f.Close()
 		return nil, fmt.Errorf("open audit log: %w", err)
 	}
 	l := newLog(f, f)
@@ -131,12 +128,8 @@ func (l *Log) reopen() error {
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		return err
 	}
-	f, err := os.OpenFile(l.path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
+	f, fi, err := openFile(l.path)
 	if err != nil {
-		return err
-	}
-	if fi, err = f.Stat(); err != nil {
-		f.Close()
 		return err
 	}
 	old := l.c
@@ -145,6 +138,31 @@ func (l *Log) reopen() error {
 		old.Close()
 	}
 	return nil
+}
+
+// openFile opens (creating with mode 0600) the audit file at path for
+// appending. It refuses a symlink (someone able to write the directory
+// could point the records elsewhere), and a regular file others may read
+// or write: the records name callers, key sets and URLs. A device or a
+// FIFO is taken as it is.
+func openFile(path string) (*os.File, os.FileInfo, error) {
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE|syscall.O_NOFOLLOW, 0o600)
+	if errors.Is(err, syscall.ELOOP) {
+		return nil, nil, fmt.Errorf("%s is a symlink: give the audit log's own path", path)
+	}
+	if err != nil {
+		return nil, nil, err
+	}
+	fi, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, nil, err
+	}
+	if fi.Mode().IsRegular() && fi.Mode().Perm()&0o007 != 0 {
+		f.Close()
+		return nil, nil, fmt.Errorf("%s has mode %v: other users may read or write the audit records; chmod o-rwx it (0600, or 0640 for a log reader's group)", path, fi.Mode().Perm())
+	}
+	return f, fi, nil
 }
 
 // New returns a log writing to w.

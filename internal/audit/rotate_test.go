@@ -1,9 +1,11 @@
 package audit
 
 import (
+	"errors"
 	"os"
 	"path/filepath"
 	"reflect"
+	"strings"
 	"testing"
 )
 
@@ -57,5 +59,58 @@ func TestRecordsAfterLogrotateReachThePath(t *testing.T) {
 	}
 	if got := jtisOf(t, data); !reflect.DeepEqual(got, []string{"c"}) {
 		t.Errorf("%s holds %q; want [c]", p, got)
+	}
+}
+
+// The audit file is refused when others may read or write it, or when its
+// path is a symlink: at Open, and when a rotated file is replaced.
+func TestOpenRefusesExposedFile(t *testing.T) {
+	dir := t.TempDir()
+	wide := filepath.Join(dir, "wide.jsonl")
+	if err := os.WriteFile(wide, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(wide, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Open(wide); err == nil || !strings.Contains(err.Error(), "mode -rw-r--r--") {
+		t.Errorf("Open of a 0644 file = %v; want a refusal naming the mode", err)
+	}
+	group := filepath.Join(dir, "group.jsonl")
+	if err := os.WriteFile(group, nil, 0o640); err != nil {
+		t.Fatal(err)
+	}
+	if l, err := Open(group); err != nil {
+		t.Errorf("Open of a 0640 file: %v", err)
+	} else {
+		l.Close()
+	}
+	link := filepath.Join(dir, "link.jsonl")
+	if err := os.Symlink(group, link); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Open(link); err == nil || !strings.Contains(err.Error(), "symlink") {
+		t.Errorf("Open of a symlink = %v; want a refusal", err)
+	}
+
+	// A rotation that leaves a file others may read at the path: the
+	// record is refused, not written there.
+	p := filepath.Join(dir, "audit.jsonl")
+	l, err := Open(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	if err := os.Rename(p, p+".1"); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(p, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(p, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.Record(sample()); !errors.Is(err, ErrWrite) {
+		t.Errorf("Record after the path was replaced by a 0644 file = %v; want ErrWrite", err)
 	}
 }
