@@ -10,6 +10,7 @@ import (
 	"net/http/httptest"
 	"net/url"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -519,6 +520,40 @@ func TestTransportErrors(t *testing.T) {
 
 // The client follows redirects within the origin only: the token is not
 // sent elsewhere.
+// A Transport used in an http.Client of the caller's own, which follows
+// every redirect, does not send the access token (nor a proof for it) to
+// another origin: as net/http drops an Authorization header it was given
+// when a redirect leaves the origin.
+func TestTransportCrossOriginRedirect(t *testing.T) {
+	f := newFakeAS(t)
+	o, _ := newOAuth(t, f, nil)
+	var gotAuth, gotDPoP atomic.Value
+	gotAuth.Store("unset")
+	other := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		gotAuth.Store(r.Header.Get("Authorization"))
+		gotDPoP.Store(r.Header.Get("DPoP"))
+	}))
+	defer other.Close()
+	mux := http.NewServeMux()
+	mux.HandleFunc("/away", func(w http.ResponseWriter, r *http.Request) {
+		http.Redirect(w, r, other.URL+"/api", http.StatusFound)
+	})
+	srv := httptest.NewServer(mux)
+	defer srv.Close()
+	hc := &http.Client{Transport: o.Transport(o.ClientCredentials(ctx(t)), nil)}
+	resp, err := hc.Get(srv.URL + "/away")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if a := gotAuth.Load().(string); a != "" {
+		t.Errorf("the other origin received Authorization %.20q…", a)
+	}
+	if d, _ := gotDPoP.Load().(string); d != "" {
+		t.Error("the other origin received a DPoP proof")
+	}
+}
+
 func TestClientRedirects(t *testing.T) {
 	other := newFakeAS(t)
 	f := newFakeAS(t)

@@ -35,6 +35,10 @@ import (
 //
 // A token that is not DPoP-bound (OAuthConfig.AllowBearer) is sent as
 // "Authorization: Bearer" without a proof.
+//
+// A request that follows a redirect away from the first request's origin
+// is sent without the token or a proof (OAuth.Client does not follow such
+// redirects at all; an http.Client of the caller's own may).
 type Transport struct {
 	// Source supplies the access token for each request.
 	Source oauth2.TokenSource
@@ -71,6 +75,16 @@ func (o *OAuth) Client(src oauth2.TokenSource) *http.Client {
 	}
 }
 
+// leftOrigin reports whether req follows a redirect chain that began at
+// another origin.
+func leftOrigin(req *http.Request) bool {
+	first := req
+	for i := 0; i < 100 && first.Response != nil && first.Response.Request != nil; i++ {
+		first = first.Response.Request
+	}
+	return first != req && Origin(first.URL.String()) != Origin(req.URL.String())
+}
+
 func (t *Transport) base() http.RoundTripper {
 	if t.Base != nil {
 		return t.Base
@@ -88,6 +102,13 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	}
 	if t.o == nil || t.Source == nil {
 		return fail(fmt.Errorf("%w: client.Transport must come from OAuth.Transport, with a Source", ErrInvalidArgument))
+	}
+	if leftOrigin(req) {
+		// A redirect away from the first request's origin, followed by
+		// an http.Client of the caller's own (OAuth.Client stops there):
+		// sent without the token, as net/http drops an Authorization
+		// header it was given when a redirect leaves the origin.
+		return t.base().RoundTrip(req)
 	}
 	tok, err := t.Source.Token()
 	if err != nil {
