@@ -144,21 +144,11 @@ func swtpmTransients(t *testing.T, s *swtpm) []tpm2.TPMHandle {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	rsp, err := tpm2.GetCapability{Capability: tpm2.TPMCapHandles, Property: uint32(tpm2.TPMHTTransient) << 24, PropertyCount: 64}.Execute(&directTPM{c: c})
+	hs, err := transientHandles(&directTPM{c: c})
 	if err != nil {
 		t.Fatal(err)
 	}
-	hs, err := rsp.CapabilityData.Data.Handles()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var out []tpm2.TPMHandle
-	for _, h := range hs.Handle {
-		if uint32(h)>>24 == uint32(tpm2.TPMHTTransient) {
-			out = append(out, h)
-		}
-	}
-	return out
+	return hs
 }
 
 // TestCloseFlushesForgottenObjects (T3): Close promises to flush keyd's

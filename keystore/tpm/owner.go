@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/google/go-tpm/tpm2"
+	"github.com/google/go-tpm/tpm2/transport"
 
 	"github.com/keyd-dev/keyd/keystore"
 )
@@ -518,11 +519,11 @@ func (b *Backend) flushHandles(o *op, handles []tpm2.TPMHandle) error {
 
 // transientHandles lists the transient objects in the TPM (with
 // /dev/tpmrm0: those of this connection).
-func transientHandles(o *op) ([]tpm2.TPMHandle, error) {
+func transientHandles(tpm transport.TPM) ([]tpm2.TPMHandle, error) {
 	var out []tpm2.TPMHandle
 	next := uint32(tpm2.TPMHTTransient) << 24
 	for range 16 {
-		rsp, err := tpm2.GetCapability{Capability: tpm2.TPMCapHandles, Property: next, PropertyCount: 64}.Execute(o)
+		rsp, err := tpm2.GetCapability{Capability: tpm2.TPMCapHandles, Property: next, PropertyCount: 64}.Execute(tpm)
 		if err != nil {
 			return nil, err
 		}
