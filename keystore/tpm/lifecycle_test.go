@@ -8,7 +8,6 @@ import (
 	"os"
 	"runtime"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -41,22 +40,8 @@ func waitForStack(t *testing.T, frame string) {
 // Destroy's comment says "a Sign cannot use the key any more".
 func TestSignAfterDestroy(t *testing.T) {
 	s := startSWTPM(t)
-	var stuck atomic.Bool
-	block := make(chan struct{})
-	unblock := sync.OnceFunc(func() { close(block) })
-	t.Cleanup(unblock)
-	entered := make(chan struct{}, 1)
-	hook := func(cmd []byte) ([]byte, bool, error) {
-		if tpm2.TPMCC(commandCode(cmd)) == tpm2.TPMCCCreate && stuck.Load() {
-			select {
-			case entered <- struct{}{}:
-			default:
-			}
-			<-block
-		}
-		return nil, false, nil
-	}
-	b, err := newTestBackendErr(t, s, Config{}, hook)
+	hold := newCreateHold(t)
+	b, err := newTestBackendErr(t, s, Config{}, hold.hook)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -71,13 +56,13 @@ func TestSignAfterDestroy(t *testing.T) {
 	}
 
 	// A slow command (TPM2_Create) holds the TPM.
-	stuck.Store(true)
+	hold.on.Store(true)
 	genDone := make(chan error, 1)
 	go func() {
 		_, err := b.Generate(ctx, "slow", keystore.KeySpec{Algorithm: keystore.ES256})
 		genDone <- err
 	}()
-	<-entered
+	<-hold.entered
 
 	// A Sign by k, queued behind it (it has its key blob already).
 	type result struct {
@@ -105,8 +90,7 @@ func TestSignAfterDestroy(t *testing.T) {
 
 	// The slow command completes; the queued Sign runs after Destroy
 	// returned.
-	stuck.Store(false)
-	unblock()
+	hold.release()
 	if err := <-genDone; err != nil {
 		t.Fatalf("Generate: %v", err)
 	}
@@ -205,33 +189,25 @@ func TestCloseFlushesForgottenObjects(t *testing.T) {
 // write under way, and no key file appears after Close.
 func TestGenerateDuringClose(t *testing.T) {
 	s := startSWTPM(t)
-	var stuck atomic.Bool
-	entered, block := make(chan struct{}, 1), make(chan struct{})
-	hook := func(cmd []byte) ([]byte, bool, error) {
-		if tpm2.TPMCC(commandCode(cmd)) == tpm2.TPMCCCreate && stuck.Load() {
-			entered <- struct{}{}
-			<-block
-		}
-		return nil, false, nil
-	}
-	b, err := newTestBackendErr(t, s, Config{}, hook)
+	hold := newCreateHold(t)
+	b, err := newTestBackendErr(t, s, Config{}, hold.hook)
 	if err != nil {
 		t.Fatal(err)
 	}
-	stuck.Store(true)
+	hold.on.Store(true)
 	genDone := make(chan error, 1)
 	go func() {
 		_, err := b.Generate(t.Context(), "late", keystore.KeySpec{Algorithm: keystore.ES256})
 		genDone <- err
 	}()
-	<-entered
+	<-hold.entered
 	closed := make(chan struct{})
 	go func() {
 		b.Close()
 		close(closed)
 	}()
 	waitForStack(t, "tpm.(*Backend).Close")
-	close(block)
+	hold.release()
 	<-closed
 	if err := <-genDone; !errors.Is(err, keystore.ErrClosed) {
 		t.Errorf("Generate that Close overtook = %v; want ErrClosed", err)

@@ -14,6 +14,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -276,6 +277,36 @@ func (in *injector) count() int {
 	in.mu.Lock()
 	defer in.mu.Unlock()
 	return in.seen
+}
+
+// createHold is a test hook that, while on, keeps every TPM2_Create
+// waiting, and so the TPM taken, as a slow key generation would.
+type createHold struct {
+	on      atomic.Bool
+	entered chan struct{} // a TPM2_Create is waiting
+	block   chan struct{}
+	release func() // stops holding and lets the waiting commands go
+}
+
+func newCreateHold(t *testing.T) *createHold {
+	h := &createHold{entered: make(chan struct{}, 1), block: make(chan struct{})}
+	h.release = sync.OnceFunc(func() {
+		h.on.Store(false)
+		close(h.block)
+	})
+	t.Cleanup(h.release)
+	return h
+}
+
+func (h *createHold) hook(cmd []byte) ([]byte, bool, error) {
+	if tpm2.TPMCC(commandCode(cmd)) == tpm2.TPMCCCreate && h.on.Load() {
+		select {
+		case h.entered <- struct{}{}:
+		default:
+		}
+		<-h.block
+	}
+	return nil, false, nil
 }
 
 // tpmInfo is what the TPM says about keyd's footprint.

@@ -17,7 +17,6 @@ import (
 	"slices"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -1033,22 +1032,8 @@ func recoverSign(t *testing.T, b *Backend, id string, alg keystore.Algorithm, pu
 // background and its result is dropped (a generated key is not stored).
 func TestDeadlines(t *testing.T) {
 	s := startSWTPM(t)
-	var stuck atomic.Bool
-	block := make(chan struct{})
-	unblock := sync.OnceFunc(func() { close(block) })
-	t.Cleanup(unblock)
-	entered := make(chan struct{}, 1)
-	hook := func(cmd []byte) ([]byte, bool, error) {
-		if tpm2.TPMCC(commandCode(cmd)) == tpm2.TPMCCCreate && stuck.Load() {
-			select {
-			case entered <- struct{}{}:
-			default:
-			}
-			<-block
-		}
-		return nil, false, nil
-	}
-	b, err := newTestBackendErr(t, s, Config{}, hook)
+	hold := newCreateHold(t)
+	b, err := newTestBackendErr(t, s, Config{}, hold.hook)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -1057,7 +1042,7 @@ func TestDeadlines(t *testing.T) {
 	k := keystoretest.MustGenerate(t, b, "k")
 	g0, _ := baseline()
 
-	stuck.Store(true)
+	hold.on.Store(true)
 	type result struct {
 		err  error
 		took time.Duration
@@ -1070,7 +1055,7 @@ func TestDeadlines(t *testing.T) {
 		_, err := b.Generate(gctx, "slow", keystore.KeySpec{Algorithm: keystore.ES256})
 		gen <- result{err, time.Since(st)}
 	}()
-	<-entered // TPM2_Create is in flight, holding the TPM
+	<-hold.entered // TPM2_Create is in flight, holding the TPM
 
 	sctx, cancel := context.WithTimeout(ctx, 100*time.Millisecond)
 	st := time.Now()
@@ -1083,8 +1068,7 @@ func TestDeadlines(t *testing.T) {
 	if r := <-gen; !errors.Is(r.err, context.DeadlineExceeded) || r.took > 800*time.Millisecond {
 		t.Errorf("Generate whose command is stuck = %v after %v, want DeadlineExceeded after ≈300ms", r.err, r.took)
 	}
-	stuck.Store(false)
-	unblock() // the command completes in the background
+	hold.release() // the command completes in the background
 	mustSign(t, b, "k", keystore.ES256, k, keystoretest.Digest(keystore.ES256, []byte("after")))
 	if ids, err := b.List(ctx); err != nil || !slices.Equal(ids, []string{"k"}) {
 		t.Errorf("List = %q, %v; want [k]: a generate whose caller gave up must not store a key", ids, err)
