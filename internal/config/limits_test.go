@@ -5,8 +5,9 @@ import (
 	"testing"
 )
 
-// sign_rate .nan passes "must not be negative" (NaN < 0 is false) and turns
-// the per-caller rate limit off: rate.Limiter allows everything at NaN.
+// sign_rate .nan (and .inf) is refused: NaN would pass "must not be
+// negative" (NaN < 0 is false) and turn the per-caller rate limit off, as
+// rate.Limiter allows everything at NaN.
 func TestRejectsNonFiniteSignRate(t *testing.T) {
 	for _, v := range []string{".nan", ".inf", "-.inf"} {
 		cfg := strings.Replace(good, "admins: {uids: [0]}", "admins: {uids: [0]}\nlimits: {sign_rate: "+v+"}", 1)
@@ -16,8 +17,8 @@ func TestRejectsNonFiniteSignRate(t *testing.T) {
 	}
 }
 
-// max_lifetime + iat_skew + jwks_cache must not wrap around: the wrapped,
-// negative drain passed validation.
+// max_lifetime + iat_skew + jwks_cache must not wrap around: a wrapped,
+// negative drain would pass validation.
 func TestRejectsScheduleOverflow(t *testing.T) {
 	cfg := strings.Replace(good, "max_lifetime: 5m", "max_lifetime: 2000000h\n    iat_skew: 1000000h", 1)
 	c, err := Parse([]byte(cfg), "k.yaml")

@@ -11,12 +11,12 @@ import (
 )
 
 // The keyset of a Sign request is the caller's to choose, and a refused
-// request is counted under it: every name a caller makes up, allowed or not,
-// existing or not, of any length up to the gRPC message limit, becomes a new
-// pair of Prometheus series (a counter and a 15-bucket histogram) that is
-// never dropped. Any process that can reach the socket grows the daemon's
-// memory (and every scrape) without bound, and writes what it likes into
-// /metrics.
+// request is counted too: a name that is not configured is counted as
+// "(unknown)", not under its own label. Otherwise every name a caller makes
+// up (of any length up to the gRPC message limit) would add Prometheus
+// series that are never dropped: any process that can reach the socket
+// would grow the daemon's memory and every scrape without bound, and write
+// what it likes into /metrics.
 func TestMetricsKeysetLabelIsBounded(t *testing.T) {
 	e := newEnv(t, defaultSets, envOpts{metrics: true})
 	long := strings.Repeat("x", 40<<10)

@@ -19,8 +19,8 @@ import (
 // A key version records the purpose it was made for, and a key of one
 // purpose must never sign for another (A6). When the configuration gives an
 // existing key set another purpose (dpop -> client_assertion here), the key
-// made and published as a DPoP key stays active and signs client assertions
-// under the new policy until the next rotation.
+// made and published as a DPoP key stays active until the next rotation,
+// but refuses to sign client assertions (FAILED_PRECONDITION).
 func TestKeyOfAnotherPurposeDoesNotSign(t *testing.T) {
 	dir := shortDir(t)
 	backend, err := soft.New(soft.Config{Dir: filepath.Join(dir, "keys")})

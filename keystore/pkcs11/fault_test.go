@@ -1623,8 +1623,8 @@ func TestHealthFunctionFailed(t *testing.T) {
 
 // P7: the device hangs in every call, C_OpenSession included (a
 // network HSM gone away). A Sign that finds a free place in the pool but
-// no idle session opens one on the caller's goroutine and is blocked past
-// its deadline.
+// no idle session must still return at its deadline, though opening the
+// session hangs.
 func TestSignDeadlineWhileOpenSessionHangs(t *testing.T) {
 	checkGoroutines(t)
 	f := newFaultModule()
