@@ -407,12 +407,8 @@ func (l *Lease) Release() { l.e.refs.Add(-1) }
 
 // InFlight returns the number of leases held on the version with kid.
 func (m *Manager) InFlight(kid string) int64 {
-	m.mu.RLock()
-	defer m.mu.RUnlock()
-	for _, s := range m.sets {
-		if e, ok := s.byKid[kid]; ok {
-			return e.refs.Load()
-		}
+	if _, e := m.findKid(kid, ""); e != nil {
+		return e.refs.Load()
 	}
 	return 0
 }
