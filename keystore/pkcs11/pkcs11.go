@@ -1300,9 +1300,15 @@ func (b *Backend) do(ctx context.Context, abandon bool, fn func(*session) error)
 // and returns the epoch of that session (or of the failed attempt to get
 // one) with fn's error.
 func (b *Backend) attempt(ctx context.Context, abandon, fresh bool, fn func(*session) error) (uint64, error) {
-	run := func(s *session) error {
+	// Getting the session may call C_OpenSession (or C_CloseSession on a
+	// stale idle one), which a hung device does not return from either: with
+	// abandon it runs in the background too, holding its place in the pool.
+	get := func() (uint64, error) {
+		s, ep, err := b.acquire(ctx, fresh)
+		if err != nil {
+			return ep, err
+		}
 		done := b.lib.reading()
-		var err error
 		if s.gen != b.lib.gen {
 			// The module was initialized again since the session was
 			// opened: the handle is stale and may be someone else's.
@@ -1314,17 +1320,7 @@ func (b *Backend) attempt(ctx context.Context, abandon, fresh bool, fn func(*ses
 		}
 		done()
 		b.release(s, err)
-		return err
-	}
-	// Getting the session may call C_OpenSession (or C_CloseSession on a
-	// stale idle one), which a hung device does not return from either: with
-	// abandon it runs in the background too, holding its place in the pool.
-	get := func() (uint64, error) {
-		s, ep, err := b.acquire(ctx, fresh)
-		if err != nil {
-			return ep, err
-		}
-		return ep, run(s)
+		return ep, err
 	}
 	if !abandon || ctx.Done() == nil {
 		return get()
