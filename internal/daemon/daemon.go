@@ -369,23 +369,13 @@ func (d *Daemon) Serve(ctx context.Context) error {
 		}
 		stopped := make(chan struct{})
 		go func() {
-			for _, g := range []*grpc.Server{d.tcpGRPC, d.adminGRPC} {
-				if g != nil {
-					g.GracefulStop()
-				}
-			}
-			d.grpc.GracefulStop()
+			d.eachServer((*grpc.Server).GracefulStop)
 			close(stopped)
 		}()
 		select {
 		case <-stopped:
 		case <-time.After(10 * time.Second):
-			for _, g := range []*grpc.Server{d.tcpGRPC, d.adminGRPC} {
-				if g != nil {
-					g.Stop()
-				}
-			}
-			d.grpc.Stop()
+			d.eachServer((*grpc.Server).Stop)
 		}
 		err = <-errc
 		if errors.Is(err, grpc.ErrServerStopped) {
@@ -401,17 +391,23 @@ func (d *Daemon) Serve(ctx context.Context) error {
 		if d.http != nil {
 			d.http.Close()
 		}
-		for _, g := range []*grpc.Server{d.tcpGRPC, d.adminGRPC, d.grpc} {
-			if g != nil {
-				g.Stop()
-			}
-		}
+		d.eachServer((*grpc.Server).Stop)
 	}
 	stopBackground()
 	d.waitBackground(&background)
 	d.close()
 	d.log.Info("keyd stopped")
 	return err
+}
+
+// eachServer applies stop to the mutual-TLS and admin servers, if
+// configured, and then to the main socket's.
+func (d *Daemon) eachServer(stop func(*grpc.Server)) {
+	for _, g := range []*grpc.Server{d.tcpGRPC, d.adminGRPC, d.grpc} {
+		if g != nil {
+			stop(g)
+		}
+	}
 }
 
 // backgroundWait bounds how long Serve waits for the health watch and the
