@@ -244,7 +244,7 @@ func (m *Manager) reconcile(ctx context.Context) error {
 		case !inBackend[v.ID]:
 			m.log.Error("key missing from the backend; marking it lost (DATA_LOSS), not replacing it",
 				"keyset", v.KeySet, "kid", v.Kid, "id", v.ID, "state", v.State.String())
-			v.State = Lost
+			v.State, v.LostFrom = Lost, v.State
 			v.ChangedAt = m.now()
 			changed = true
 		default:
@@ -253,7 +253,7 @@ func (m *Manager) reconcile(ctx context.Context) error {
 				// Listed but unloadable: lost, like a missing key.
 				m.log.Error("key in the backend cannot be loaded; marking it lost (DATA_LOSS), not replacing it",
 					"keyset", v.KeySet, "kid", v.Kid, "id", v.ID, "state", v.State.String(), "err", err)
-				v.State = Lost
+				v.State, v.LostFrom = Lost, v.State
 				v.ChangedAt = m.now()
 				changed = true
 				break
@@ -268,7 +268,7 @@ func (m *Manager) reconcile(ctx context.Context) error {
 			if kid != v.Kid {
 				m.log.Error("backend key differs from the recorded one; marking it lost (DATA_LOSS)",
 					"keyset", v.KeySet, "kid", v.Kid, "backend_kid", kid, "id", v.ID)
-				v.State = Lost
+				v.State, v.LostFrom = Lost, v.State
 				v.ChangedAt = m.now()
 				changed = true
 			}
@@ -421,7 +421,7 @@ func (m *Manager) markLost(e *entry) {
 	}
 	v := e.v
 	prev := v.State
-	v.State, v.ChangedAt = Lost, m.now()
+	v.State, v.LostFrom, v.ChangedAt = Lost, prev, m.now()
 	if err := m.persistWith(map[*entry]Version{e: v}); err != nil {
 		m.log.Error("could not record a lost key", "kid", v.Kid, "err", err)
 	}

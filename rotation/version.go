@@ -65,7 +65,49 @@ func (s *State) UnmarshalText(b []byte) error {
 }
 
 // Published reports whether versions in this state appear in the JWKS.
+// A lost version may appear too, marked stale: see StaleKids.
 func (s State) Published() bool { return s == Next || s == Active || s == Draining }
+
+// Published returns the versions among vs that belong in a JWK Set, in
+// their order: those in a published state (next, active, draining) and,
+// per key set, a stale one (see StaleKids).
+func Published(vs []Version) []Version {
+	var out []Version
+	for _, v := range vs {
+		if v.State.Published() || stale(v, vs) {
+			out = append(out, v)
+		}
+	}
+	return out
+}
+
+// StaleKids returns the kids of the stale versions among vs: a key set's
+// active key, lost from the backend. It can no longer sign, but Published
+// keeps its last-known public key, so that what it signed before the loss
+// still verifies and the key set's JWK Set does not silently change
+// (RELIABILITY P1), until an operator rotates (a new key activates) or
+// revokes it. Whoever publishes them marks them stale.
+func StaleKids(vs []Version) []string {
+	var kids []string
+	for _, v := range vs {
+		if stale(v, vs) {
+			kids = append(kids, v.Kid)
+		}
+	}
+	return kids
+}
+
+func stale(v Version, vs []Version) bool {
+	if v.State != Lost || v.LostFrom != Active {
+		return false
+	}
+	for _, o := range vs {
+		if o.KeySet == v.KeySet && o.State != Lost && o.ActivatedAt.After(v.ActivatedAt) {
+			return false
+		}
+	}
+	return true
+}
 
 // Version is one key of a key set.
 type Version struct {
@@ -97,6 +139,10 @@ type Version struct {
 	ChangedAt time.Time `json:"changed_at"`
 	// JWK is the public key as an RFC 7517 JWK (public members only).
 	JWK json.RawMessage `json:"jwk,omitempty"`
+	// LostFrom is, for a lost version, the state it was in when the
+	// backend was found not to hold it (Pending, the zero value, when
+	// unknown: records written before keyd kept it).
+	LostFrom State `json:"lost_from,omitempty"`
 }
 
 // Spec is the key the version holds.

@@ -34,11 +34,17 @@ type Config struct {
 	Metrics http.Handler
 }
 
+// StaleHeader names the stale keys of a JWK Set response: the kids,
+// comma-separated, of keys lost from the backend that it still publishes
+// (see rotation.StaleKids).
+const StaleHeader = "Keyd-Stale-Kids"
+
 // Handler returns the HTTP handler:
 //
 //	GET /jwks/{keyset}.json  the key set's published keys (next, active,
-//	                         draining), with Cache-Control max-age and an
-//	                         ETag; 304 for a matching If-None-Match
+//	                         draining; a lost active key, named in the
+//	                         StaleHeader), with Cache-Control max-age and
+//	                         an ETag; 304 for a matching If-None-Match
 //	GET /healthz             200 "ok", or 503 while the backend fails
 //	GET /metrics             Prometheus metrics, when cfg.Metrics is set
 func Handler(cfg Config) http.Handler {
@@ -56,7 +62,8 @@ func Handler(cfg Config) http.Handler {
 			http.NotFound(w, r)
 			return
 		}
-		body, err := cfg.Encode(cfg.Keys.Versions(name))
+		vs := cfg.Keys.Versions(name)
+		body, err := cfg.Encode(vs)
 		if err != nil {
 			http.Error(w, "internal error", http.StatusInternalServerError)
 			return
@@ -68,6 +75,9 @@ func Handler(cfg Config) http.Handler {
 		h.Set("ETag", etag)
 		h.Set("Cache-Control", "public, max-age="+strconv.Itoa(int(cfg.MaxAge[name]/time.Second)))
 		h.Set("X-Content-Type-Options", "nosniff")
+		if kids := rotation.StaleKids(vs); len(kids) > 0 {
+			h.Set(StaleHeader, strings.Join(kids, ","))
+		}
 		if match := r.Header.Get("If-None-Match"); match != "" && etagMatch(match, etag) {
 			w.WriteHeader(http.StatusNotModified)
 			return

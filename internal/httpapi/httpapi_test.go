@@ -88,3 +88,32 @@ func TestJWKS(t *testing.T) {
 		t.Errorf("unhealthy healthz %d", rec.Code)
 	}
 }
+
+// A lost active key stays in the JWK Set, named in the stale header.
+func TestJWKSStaleHeader(t *testing.T) {
+	keys := fakeKeys{"as": {
+		{KeySet: "as", Kid: "a", State: rotation.Lost, LostFrom: rotation.Active, JWK: json.RawMessage(`{"kid":"a"}`)},
+	}}
+	encodePublished := func(vs []rotation.Version) ([]byte, error) {
+		keys := []json.RawMessage{}
+		for _, v := range rotation.Published(vs) {
+			keys = append(keys, v.JWK)
+		}
+		return json.Marshal(map[string]any{"keys": keys})
+	}
+	h := Handler(Config{Keys: keys, Encode: encodePublished})
+	rec := httptest.NewRecorder()
+	h.ServeHTTP(rec, httptest.NewRequest("GET", "/jwks/as.json", nil))
+	if rec.Code != 200 || rec.Body.String() != `{"keys":[{"kid":"a"}]}` {
+		t.Fatalf("%d %s", rec.Code, rec.Body)
+	}
+	if got := rec.Header().Get(StaleHeader); got != "a" {
+		t.Errorf("%s: %q, want %q", StaleHeader, got, "a")
+	}
+	keys["as"] = append(keys["as"], rotation.Version{KeySet: "as", Kid: "b", State: rotation.Active, ActivatedAt: time.Now(), JWK: json.RawMessage(`{"kid":"b"}`)})
+	rec = httptest.NewRecorder()
+	h.ServeHTTP(rec, httptest.NewRequest("GET", "/jwks/as.json", nil))
+	if rec.Body.String() != `{"keys":[{"kid":"b"}]}` || rec.Header().Get(StaleHeader) != "" {
+		t.Errorf("after a new key activated: %s, %s %q", rec.Body, StaleHeader, rec.Header().Get(StaleHeader))
+	}
+}

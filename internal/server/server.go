@@ -319,18 +319,20 @@ func (s *Server) GetJWKS(ctx context.Context, req *keydv1.GetJWKSRequest) (*keyd
 	if err != nil {
 		return nil, s.toStatus(ctx, "jwks", err)
 	}
-	b, err := JWKS(s.mgr.Versions(names...))
+	vs := s.mgr.Versions(names...)
+	b, err := JWKS(vs)
 	if err != nil {
 		return nil, s.toStatus(ctx, "jwks", err)
 	}
-	return &keydv1.GetJWKSResponse{Jwks: b}, nil
+	return &keydv1.GetJWKSResponse{Jwks: b, StaleKids: rotation.StaleKids(vs)}, nil
 }
 
-// JWKS encodes the published versions among vs as an RFC 7517 JWK Set.
+// JWKS encodes the versions among vs that rotation.Published keeps as an
+// RFC 7517 JWK Set.
 func JWKS(vs []rotation.Version) ([]byte, error) {
 	keys := []json.RawMessage{}
-	for _, v := range vs {
-		if v.State.Published() && len(v.JWK) > 0 {
+	for _, v := range rotation.Published(vs) {
+		if len(v.JWK) > 0 {
 			keys = append(keys, v.JWK)
 		}
 	}

@@ -597,8 +597,12 @@ func (x *GetJWKSRequest) GetKeysets() []string {
 type GetJWKSResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// An RFC 7517 JWK Set, {"keys":[...]}: the published (next, active and
-	// draining) keys.
-	Jwks          []byte `protobuf:"bytes,1,opt,name=jwks,proto3" json:"jwks,omitempty"`
+	// draining) keys, and the last-known public key of a key set whose
+	// active key the backend lost, until an operator rotates or revokes it.
+	Jwks []byte `protobuf:"bytes,1,opt,name=jwks,proto3" json:"jwks,omitempty"`
+	// The kids in jwks that are stale: lost from the backend, they can no
+	// longer sign (their key versions are in state lost).
+	StaleKids     []string `protobuf:"bytes,2,rep,name=stale_kids,json=staleKids,proto3" json:"stale_kids,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -636,6 +640,13 @@ func (*GetJWKSResponse) Descriptor() ([]byte, []int) {
 func (x *GetJWKSResponse) GetJwks() []byte {
 	if x != nil {
 		return x.Jwks
+	}
+	return nil
+}
+
+func (x *GetJWKSResponse) GetStaleKids() []string {
+	if x != nil {
+		return x.StaleKids
 	}
 	return nil
 }
@@ -1232,9 +1243,11 @@ const file_keyd_v1_keyd_proto_rawDesc = "" +
 	"\x04code\x18\x03 \x01(\x05R\x04code\x12\x18\n" +
 	"\amessage\x18\x04 \x01(\tR\amessage\"*\n" +
 	"\x0eGetJWKSRequest\x12\x18\n" +
-	"\akeysets\x18\x01 \x03(\tR\akeysets\"%\n" +
+	"\akeysets\x18\x01 \x03(\tR\akeysets\"D\n" +
 	"\x0fGetJWKSResponse\x12\x12\n" +
-	"\x04jwks\x18\x01 \x01(\fR\x04jwks\"+\n" +
+	"\x04jwks\x18\x01 \x01(\fR\x04jwks\x12\x1d\n" +
+	"\n" +
+	"stale_kids\x18\x02 \x03(\tR\tstaleKids\"+\n" +
 	"\x0fListKeysRequest\x12\x18\n" +
 	"\akeysets\x18\x01 \x03(\tR\akeysets\";\n" +
 	"\x10ListKeysResponse\x12'\n" +

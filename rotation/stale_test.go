@@ -1,0 +1,186 @@
+package rotation_test
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/keyd-dev/keyd/keystore"
+	"github.com/keyd-dev/keyd/rotation"
+)
+
+func kidsOf(vs []rotation.Version) []string {
+	var kids []string
+	for _, v := range vs {
+		kids = append(kids, v.Kid)
+	}
+	return kids
+}
+
+// signWithLost signs with kid of key set dpop (its active key if kid is
+// empty), which the backend says it lost.
+func signWithLost(t *testing.T, m *rotation.Manager, kid string) {
+	t.Helper()
+	l, err := m.Acquire("dpop", kid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = l.Sign(context.Background(), make([]byte, 32), keystore.ES256.SignerOpts())
+	l.Release()
+	if !errors.Is(err, rotation.ErrKeyLost) {
+		t.Fatalf("sign with a lost key: %v, want ErrKeyLost", err)
+	}
+}
+
+// P1: the active key lost from the backend while keyd runs can no longer
+// sign, but its last-known public key stays published, stale, across a
+// restart, until the operator rotates; then the new key alone is
+// published.
+func TestLostActiveKeyStaysPublishedStale(t *testing.T) {
+	f := newFixture(t)
+	m, err := rotation.New(context.Background(), rotation.Config{Backend: wiped{f.backend}, Store: f.store, KeySets: sets})
+	if err != nil {
+		t.Fatal(err)
+	}
+	v := active(t, m, "dpop")
+	signWithLost(t, m, "")
+	check := func(when string, m *rotation.Manager) {
+		t.Helper()
+		vs := m.Versions("dpop")
+		if got := kidsOf(rotation.Published(vs)); !slices.Equal(got, []string{v.Kid}) {
+			t.Errorf("%s: published %v, want the lost key %s", when, got, v.Kid)
+		}
+		if got := rotation.StaleKids(vs); !slices.Equal(got, []string{v.Kid}) {
+			t.Errorf("%s: stale %v, want %s", when, got, v.Kid)
+		}
+		if vs[0].State != rotation.Lost || vs[0].LostFrom != rotation.Active {
+			t.Errorf("%s: state %s lost from %s, want lost from active", when, vs[0].State, vs[0].LostFrom)
+		}
+	}
+	check("after the loss", m)
+
+	f.restart(t)
+	m = f.manager(t, nil)
+	check("after a restart", m)
+
+	res, err := m.Rotate(context.Background(), "dpop", true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	vs := m.Versions("dpop")
+	if got := kidsOf(rotation.Published(vs)); !slices.Equal(got, []string{res.Active.Kid}) {
+		t.Errorf("after rotate: published %v, want only the new key %s", got, res.Active.Kid)
+	}
+	if got := rotation.StaleKids(vs); len(got) != 0 {
+		t.Errorf("after rotate: stale %v", got)
+	}
+}
+
+// A key found missing at start (the token wiped while keyd was down) is
+// published stale as well.
+func TestKeyMissingAtStartStaysPublishedStale(t *testing.T) {
+	f := newFixture(t)
+	m := f.manager(t, nil)
+	v := active(t, m, "dpop")
+	f.restart(t)
+	if _, err := f.backend.List(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.backend.Destroy(context.Background(), v.ID); err != nil {
+		t.Fatal(err)
+	}
+	m = f.manager(t, nil)
+	vs := m.Versions("dpop")
+	if got := rotation.StaleKids(vs); !slices.Equal(got, []string{v.Kid}) {
+		t.Errorf("stale %v, want %s", got, v.Kid)
+	}
+	if got := kidsOf(rotation.Published(vs)); !slices.Equal(got, []string{v.Kid}) {
+		t.Errorf("published %v, want %s", got, v.Kid)
+	}
+	if _, err := m.Revoke(context.Background(), v.Kid, "dpop"); err != nil {
+		t.Fatal(err)
+	}
+	for _, x := range rotation.Published(m.Versions("dpop")) {
+		if x.Kid == v.Kid {
+			t.Errorf("revoked lost key %s still published", v.Kid)
+		}
+	}
+}
+
+// A draining key that is lost was replaced already: it is not kept.
+func TestLostDrainingKeyIsNotStale(t *testing.T) {
+	f := newFixture(t)
+	m, err := rotation.New(context.Background(), rotation.Config{Backend: wiped{f.backend}, Store: f.store, KeySets: sets})
+	if err != nil {
+		t.Fatal(err)
+	}
+	old := active(t, m, "dpop")
+	res, err := m.Rotate(context.Background(), "dpop", true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	signWithLost(t, m, old.Kid)
+	vs := m.Versions("dpop")
+	if got := kidsOf(rotation.Published(vs)); !slices.Equal(got, []string{res.Active.Kid}) {
+		t.Errorf("published %v, want only the active %s", got, res.Active.Kid)
+	}
+	if got := rotation.StaleKids(vs); len(got) != 0 {
+		t.Errorf("stale %v", got)
+	}
+}
+
+func TestStaleKids(t *testing.T) {
+	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	lost := func(keyset, kid string, from rotation.State, activated time.Time) rotation.Version {
+		return rotation.Version{KeySet: keyset, Kid: kid, State: rotation.Lost, LostFrom: from, ActivatedAt: activated}
+	}
+	ver := func(keyset, kid string, st rotation.State, activated time.Time) rotation.Version {
+		return rotation.Version{KeySet: keyset, Kid: kid, State: st, ActivatedAt: activated}
+	}
+	for _, tc := range []struct {
+		name string
+		vs   []rotation.Version
+		want []string
+	}{
+		{"lost active", []rotation.Version{lost("a", "k1", rotation.Active, t0)}, []string{"k1"}},
+		{"record without lost_from", []rotation.Version{lost("a", "k1", rotation.Pending, t0)}, nil},
+		{"lost next", []rotation.Version{ver("a", "k0", rotation.Active, t0), lost("a", "k1", rotation.Next, time.Time{})}, nil},
+		{"lost revoked", []rotation.Version{lost("a", "k1", rotation.Revoked, t0)}, nil},
+		{"replaced", []rotation.Version{lost("a", "k1", rotation.Active, t0), ver("a", "k2", rotation.Active, t0.Add(time.Hour))}, nil},
+		{"replaced then revoked", []rotation.Version{lost("a", "k1", rotation.Active, t0), ver("a", "k2", rotation.Revoked, t0.Add(time.Hour))}, nil},
+		{"other key set's activation", []rotation.Version{lost("a", "k1", rotation.Active, t0), ver("b", "k2", rotation.Active, t0.Add(time.Hour))}, []string{"k1"}},
+		{"older loss", []rotation.Version{lost("a", "k1", rotation.Active, t0), lost("a", "k2", rotation.Active, t0.Add(time.Hour))}, []string{"k1", "k2"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := rotation.StaleKids(tc.vs); !slices.Equal(got, tc.want) {
+				t.Errorf("StaleKids = %v, want %v", got, tc.want)
+			}
+		})
+	}
+}
+
+// lost_from is recorded, and a record without it reads as unknown.
+func TestLostFromRoundTrip(t *testing.T) {
+	b, err := json.Marshal(rotation.Version{State: rotation.Lost, LostFrom: rotation.Active})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var v rotation.Version
+	if err := json.Unmarshal(b, &v); err != nil {
+		t.Fatal(err)
+	}
+	if v.LostFrom != rotation.Active {
+		t.Errorf("lost_from %s after a round trip of %s", v.LostFrom, b)
+	}
+	b, err = json.Marshal(rotation.Version{State: rotation.Active})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(string(b), "lost_from") {
+		t.Errorf("lost_from written for a version not lost: %s", b)
+	}
+}
