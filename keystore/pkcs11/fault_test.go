@@ -1679,6 +1679,7 @@ func TestSignDeadlineWhileOpenSessionHangs(t *testing.T) {
 // no CKA_ID) that carries keyd's label for a key must not stop keyd from
 // destroying its own key, and must be left alone.
 func TestDestroyWithForeignDataObject(t *testing.T) {
+	checkGoroutines(t)
 	f := newFaultModule()
 	b, _ := faultBackend(t, f, options{})
 	keystoretest.MustGenerate(t, b, "k")
@@ -1710,6 +1711,7 @@ func TestDestroyWithForeignDataObject(t *testing.T) {
 // another application holds them) fails every Sign with ErrUnavailable;
 // Health must not report the Backend serving meanwhile.
 func TestHealthWhileSessionsRefused(t *testing.T) {
+	checkGoroutines(t)
 	f := newFaultModule()
 	b, _ := faultBackend(t, f, options{recoverBackoff: time.Millisecond})
 	pub := keystoretest.MustGenerate(t, b, "k")

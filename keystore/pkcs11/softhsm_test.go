@@ -165,10 +165,14 @@ func (w *testWriter) Write(p []byte) (int, error) {
 
 // checkGoroutines fails the test if the goroutine count has not returned to
 // what it is now by the end of the test (after the Backends are closed:
-// call it before opening them).
+// call it before opening them), or if the OS thread count grew by more than
+// threadSlack. The Go runtime keeps idle threads instead of ending them, so
+// the thread count cannot fall back; a thread held by a call that never
+// returned (a leak) is also a goroutine that never ended.
 func checkGoroutines(t *testing.T) {
 	t.Helper()
 	before := runtime.NumGoroutine()
+	threadsBefore := threads(t)
 	t.Cleanup(func() {
 		deadline := time.Now().Add(5 * time.Second)
 		for runtime.NumGoroutine() > before && time.Now().Before(deadline) {
@@ -179,8 +183,17 @@ func checkGoroutines(t *testing.T) {
 			buf = buf[:runtime.Stack(buf, true)]
 			t.Errorf("goroutines: %d after the test, %d before\n%s", n, before, buf)
 		}
+		if n := threads(t); n > threadsBefore+threadSlack {
+			t.Errorf("OS threads: %d after the test, %d before; want at most %d more", n, threadsBefore, threadSlack)
+		}
 	})
 }
+
+// threadSlack is how many OS threads a test may leave beyond those it
+// started with: the runtime's idle ones, never more than the calls that
+// were inside the module at once (the pool of two, a recovery, a health
+// probe; see the package documentation).
+const threadSlack = 4
 
 // threads returns the process's OS thread count.
 func threads(t *testing.T) int {
