@@ -1734,3 +1734,60 @@ func TestHealthWhileSessionsRefused(t *testing.T) {
 	}
 	signOK(t, b, "k", pub)
 }
+
+// P7: the device hangs in C_OpenSession only (the anchor still answers).
+// A Sign abandoned at its deadline leaves the call hung in the module;
+// Health must report it once it has run for hangAfter, as it does for a
+// hung C_Sign, instead of reporting the Backend serving.
+func TestHealthSeesHungOpenSession(t *testing.T) {
+	checkGoroutines(t)
+	f := newFaultModule()
+	b, _ := faultBackend(t, f, options{hangAfter: 100 * time.Millisecond})
+	pub := keystoretest.MustGenerate(t, b, "k")
+	signOK(t, b, "k", pub)
+	b.drainIdle() // the next Sign must open a session
+
+	release := make(chan struct{})
+	f.set("OpenSession", func() error {
+		for {
+			select {
+			case <-release:
+				return nil
+			default:
+				cgoblock.Sleep(2 * time.Millisecond) // hung in the module
+			}
+		}
+	})
+	released := false
+	unblock := func() {
+		if !released {
+			released = true
+			close(release)
+			waitIdle(t, b)
+			f.clear()
+		}
+	}
+	defer unblock()
+
+	ctx, cancel := context.WithTimeout(t.Context(), 100*time.Millisecond)
+	defer cancel()
+	if _, err := b.Sign(ctx, "k", keystoretest.Digest(keystore.ES256, []byte("m")), crypto.SHA256); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Sign with C_OpenSession hung = %v; want DeadlineExceeded", err)
+	}
+	var err error
+	for range 100 { // up to about 5 s: the hang shows after 100 ms
+		if err = b.Health(t.Context()); err != nil {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if !errors.Is(err, keystore.ErrUnavailable) || !strings.Contains(err.Error(), "running for") {
+		t.Errorf("Health with C_OpenSession hung = %v; want ErrUnavailable saying a call is running", err)
+	}
+
+	unblock()
+	keyIntact(t, b, "k", pub)
+	if err := b.Health(t.Context()); err != nil {
+		t.Errorf("Health after the device answered: %v", err)
+	}
+}

@@ -1381,18 +1381,26 @@ func (b *Backend) acquire(ctx context.Context, fresh bool) (*session, uint64, er
 		}
 		b.retire(s, nil)
 	}
-	done := b.lib.reading()
-	h, err := b.m.OpenSession(slot, p11.CKF_SERIAL_SESSION|p11.CKF_RW_SESSION)
-	gen := b.lib.gen
-	done()
-	if err != nil {
-		<-b.sem
-		return nil, ep, fmt.Errorf("C_OpenSession: %w", err)
-	}
-	s := &session{h: h, gen: gen, epoch: ep}
+	// The session is registered while it is being opened, so that a
+	// C_OpenSession the device does not return from shows in Health
+	// (stuck) as a hung C_Sign does.
+	s := &session{epoch: ep}
+	s.since.Store(time.Now().UnixNano())
 	b.mu.Lock()
 	b.sessions[s] = struct{}{}
 	b.mu.Unlock()
+	done := b.lib.reading()
+	h, err := b.m.OpenSession(slot, p11.CKF_SERIAL_SESSION|p11.CKF_RW_SESSION)
+	s.h, s.gen = h, b.lib.gen
+	done()
+	s.since.Store(0)
+	if err != nil {
+		b.mu.Lock()
+		delete(b.sessions, s)
+		b.mu.Unlock()
+		<-b.sem
+		return nil, ep, fmt.Errorf("C_OpenSession: %w", err)
+	}
 	return s, ep, nil
 }
 
