@@ -1791,3 +1791,78 @@ func TestHealthSeesHungOpenSession(t *testing.T) {
 		t.Errorf("Health after the device answered: %v", err)
 	}
 }
+
+// liveSessions counts the sessions open in the module (SoftHSM numbers
+// them from 1), by asking the module directly.
+func liveSessions(b *Backend) int {
+	n := 0
+	for h := p11.SessionHandle(1); h <= 256; h++ {
+		if _, err := b.lib.ctx.GetSessionInfo(h); err == nil {
+			n++
+		}
+	}
+	return n
+}
+
+// fillPool signs concurrently until the pool has opened all its sessions
+// and they are idle.
+func fillPool(t *testing.T, b *Backend, pub crypto.PublicKey) {
+	t.Helper()
+	for range 50 {
+		if len(b.idle) == b.n {
+			return
+		}
+		var wg sync.WaitGroup
+		for range 2 * b.n {
+			wg.Go(func() {
+				for range 10 {
+					if err := signVerify(t.Context(), b, "k", pub); err != nil {
+						t.Error(err)
+						return
+					}
+				}
+			})
+		}
+		wg.Wait()
+		waitIdle(t, b)
+	}
+	t.Fatalf("the pool has %d idle sessions after many concurrent signs; want %d", len(b.idle), b.n)
+}
+
+// P2: only the anchor session dies (closed behind keyd's
+// back; the pool's sessions and the login live on). The light recovery
+// opens a new anchor; the pool's idle sessions, alive, must be closed or
+// kept, not forgotten while open: each such recovery would leak the pool's
+// sessions on the token. The sessions open in the module stay the anchor
+// plus the pool's idle ones.
+func TestAnchorDiesAloneNoSessionLeak(t *testing.T) {
+	checkGoroutines(t)
+	f := newFaultModule()
+	b, _ := faultBackend(t, f, options{recoverBackoff: time.Millisecond})
+	pub := keystoretest.MustGenerate(t, b, "k")
+	signOK(t, b, "k", pub)
+	logins := f.logins.Load()
+	for i := range 4 {
+		waitIdle(t, b)
+		if got, want := liveSessions(b), 1+len(b.idle); got != want {
+			t.Fatalf("round %d: %d sessions open in the module; want %d (the anchor and %d idle)", i, got, want, len(b.idle))
+		}
+		fillPool(t, b, pub)
+		b.dev.Lock()
+		anchor := b.anchor
+		b.dev.Unlock()
+		if err := b.lib.ctx.CloseSession(anchor); err != nil {
+			t.Fatal(err)
+		}
+		signOK(t, b, "k", pub)
+		time.Sleep(2 * time.Millisecond) // past recoverBackoff
+	}
+	waitIdle(t, b)
+	if got, want := liveSessions(b), 1+len(b.idle); got != want {
+		t.Errorf("%d sessions open in the module after 4 anchor losses; want %d (the anchor and %d idle): sessions leaked", got, want, len(b.idle))
+	}
+	if n := f.logins.Load() - logins; n > 4 {
+		t.Errorf("%d C_Login calls for 4 anchor losses", n)
+	}
+	keyIntact(t, b, "k", pub)
+}

@@ -216,6 +216,9 @@ type Backend struct {
 	haveAnchor bool
 	libGen     uint64 // the module generation the anchor was opened in
 	anchors    uint64 // counts anchors opened (handle numbers repeat)
+	// anchorAlone is set by a recovery that found the anchor dead but
+	// the pool's idle sessions open: those are closed, not forgotten.
+	anchorAlone bool
 	// liveAnchor is anchors while the anchor is open, 0 when there is
 	// none: read without b.dev by signers, whose session copies live on
 	// the anchor they were made on.
@@ -264,8 +267,9 @@ type failure struct {
 // closed: its number may belong to another caller's new session by now. A
 // session opened before the module was initialized again (gen) is dropped
 // unused; one that answered CKR_SESSION_HANDLE_INVALID or CKR_SESSION_CLOSED,
-// or that belongs to an epoch whose recovery found the anchor dead, is
-// dropped without C_CloseSession.
+// or that belongs to an epoch whose recovery found the anchor dead and not
+// every idle session open (see idleAlive), is dropped without
+// C_CloseSession.
 type session struct {
 	h     p11.SessionHandle
 	gen   uint64 // module generation it was opened in
@@ -1513,6 +1517,7 @@ func (b *Backend) recoverLocked(ep uint64, cause error) error {
 	b.recovering.Store(true)
 	defer b.recovering.Store(false)
 	anchors := b.anchors
+	b.anchorAlone = false
 	giveBack, err := b.reconnect(cause)
 	// The pool's places, if reconnect took them, go back only after the
 	// epoch moved on: a caller waiting for one must open its session in
@@ -1532,7 +1537,7 @@ func (b *Backend) recoverLocked(ep uint64, cause error) error {
 	b.lastFail = time.Time{}
 	b.mu.Lock()
 	b.epoch++
-	if b.anchors != anchors {
+	if b.anchors != anchors && !b.anchorAlone {
 		// The anchor died: the sessions of before went with it, most
 		// likely (all sessions closed, a restart): do not close them.
 		b.dead = b.epoch
@@ -1635,6 +1640,10 @@ func (b *Backend) reconnectLight(cause error) (light bool, err error) {
 	// start, found again (another may sit in its slot by now: the PIN
 	// must not go to it).
 	b.forgetAnchor()
+	// Before the new anchor can take a dead session's number: if the
+	// pool's sessions still answer, the anchor died alone, and they are
+	// closed (not forgotten, which would leave them open on the token).
+	b.anchorAlone = b.idleAlive()
 	slot, _, err := b.findToken()
 	if err != nil {
 		if deviceGone(err) {
@@ -1649,6 +1658,51 @@ func (b *Backend) reconnectLight(cause error) (light bool, err error) {
 		return true, err
 	}
 	return false, nil
+}
+
+// idleAlive reports whether the pool has idle sessions and every one of
+// them is still open (C_GetSessionInfo answers). The caller holds b.dev
+// and is inside the module.
+func (b *Backend) idleAlive() bool {
+	var idle []*session
+	for len(idle) < b.n {
+		select {
+		case s := <-b.idle:
+			idle = append(idle, s)
+			continue
+		default:
+		}
+		break
+	}
+	b.mu.RLock()
+	dead := b.dead
+	b.mu.RUnlock()
+	alive := len(idle) > 0
+	for _, s := range idle {
+		if !alive {
+			break
+		}
+		if s.gen != b.lib.gen || s.epoch < dead {
+			alive = false
+			break
+		}
+		_, err := b.m.GetSessionInfo(s.h)
+		alive = err == nil
+	}
+	for _, s := range idle {
+		select {
+		case b.idle <- s:
+		default:
+			// The pool refilled meanwhile. A session that may be dead
+			// is forgotten, not closed (see session).
+			var err error
+			if !alive {
+				err = p11.Error(p11.CKR_SESSION_HANDLE_INVALID)
+			}
+			b.retire(s, err)
+		}
+	}
+	return alive
 }
 
 func (b *Backend) setFailing(err error) {
