@@ -1866,3 +1866,67 @@ func TestAnchorDiesAloneNoSessionLeak(t *testing.T) {
 	}
 	keyIntact(t, b, "k", pub)
 }
+
+// Close racing a heavy recovery of another Backend on the same module:
+// that recovery holds the module for C_Finalize and C_Initialize, and
+// C_Initialize hangs (a network HSM gone away). Close must still return
+// within its wait (saying the module was not finalized), not hang for as
+// long as the module does.
+func TestCloseWhileOtherBackendReinitializes(t *testing.T) {
+	checkGoroutines(t)
+	tok := newToken(t)
+	const closeWait = 300 * time.Millisecond
+	f1 := newFaultModule()
+	b1, err := open(t.Context(), tok.config(t), f1.options(options{closeWait: closeWait}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	f2 := newFaultModule()
+	b2 := openBackend(t, tok.config(t), f2.options(options{}))
+	pub := keystoretest.MustGenerate(t, b1, "k")
+	signOK(t, b1, "k", pub)
+
+	const hang = 4 * time.Second
+	entered, released := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	f2.set("GetSessionInfo", always(p11.CKR_DEVICE_REMOVED))
+	f2.set("Initialize", func() error {
+		once.Do(func() { close(entered) })
+		cgoblock.Sleep(hang) // inside C, as a hung module would be
+		return nil
+	})
+	defer func() {
+		<-released
+		// b1's user of the module is still counted if its Close gave
+		// up: drop it, as keyd's process exit would, after b2 closed.
+		t.Cleanup(func() {
+			b1.lib.mu.Lock()
+			users := b1.lib.users
+			b1.lib.mu.Unlock()
+			if users > 0 {
+				if err := b1.lib.release(b1.m, time.Second); err != nil {
+					t.Error(err)
+				}
+			}
+		})
+	}()
+	go func() {
+		ctx, cancel := context.WithTimeout(t.Context(), 100*time.Millisecond)
+		defer cancel()
+		_ = b2.Health(ctx) // the recovery goes on in the background
+		<-entered
+		b2.dev.Lock() // held by the recovery until C_Initialize returns
+		b2.dev.Unlock()
+		f2.clear()
+		close(released)
+	}()
+	<-entered
+
+	start := time.Now()
+	err = b1.Close()
+	took := time.Since(start)
+	t.Logf("Close while another Backend re-initializes the module: %v after %v", err, took.Round(time.Millisecond))
+	if took > hang/2 {
+		t.Errorf("Close took %v with its wait at %v: it waited for the other Backend's hung C_Initialize", took.Round(time.Millisecond), closeWait)
+	}
+}

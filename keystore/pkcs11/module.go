@@ -126,6 +126,21 @@ func (l *library) reading() func() {
 	return l.rw.RUnlock
 }
 
+// readingWithin is reading, unless stop fires while the module is held
+// for writing (a re-initialization): it then reports false.
+func (l *library) readingWithin(stop <-chan time.Time) (done func(), ok bool) {
+	tick := time.NewTicker(time.Millisecond)
+	defer tick.Stop()
+	for !l.rw.TryRLock() {
+		select {
+		case <-stop:
+			return nil, false
+		case <-tick.C:
+		}
+	}
+	return l.rw.RUnlock, true
+}
+
 // exclusive waits up to wait for every call into the module to return and
 // locks out new ones. It reports whether it got the lock.
 func (l *library) exclusive(wait time.Duration) bool {

@@ -1193,11 +1193,17 @@ func (b *Backend) Close() error {
 			return fmt.Errorf("pkcs11: close: %d PKCS#11 call(s) still running after %v; the module was not finalized", b.n-i, b.opts.closeWait)
 		}
 	}
-	b.drainIdle()
 	if !lockWithin(&b.dev, deadline.C) {
 		return fmt.Errorf("pkcs11: close: a recovery is still running after %v; the module was not finalized", b.opts.closeWait)
 	}
-	done := b.lib.reading()
+	// Another Backend on the module may be initializing it again, which
+	// a hung device makes last: wait for that only until the deadline.
+	done, ok := b.lib.readingWithin(deadline.C)
+	if !ok {
+		b.dev.Unlock()
+		return fmt.Errorf("pkcs11: close: the module is still being initialized again after %v; it was not finalized", b.opts.closeWait)
+	}
+	b.drainIdle()
 	b.closeAnchor()
 	done()
 	b.dev.Unlock()
