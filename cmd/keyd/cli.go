@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"os/user"
 	"slices"
 	"strings"
 	"syscall"
@@ -177,8 +178,15 @@ func parse(fs *flag.FlagSet, args []string, positional int) ([]string, error) {
 			i++
 		}
 	}
-	if err := fs.Parse(flags); err != nil {
+	// The flag package calls Usage on every error, not only on -h: an
+	// error is one line (run prints it), the flag list is for -h alone.
+	usage := fs.Usage
+	fs.Usage = func() {}
+	err := fs.Parse(flags)
+	fs.Usage = usage
+	if err != nil {
 		if errors.Is(err, flag.ErrHelp) {
+			usage()
 			return nil, err
 		}
 		return nil, fmt.Errorf("%w: %v", errUsage, err)
@@ -257,8 +265,13 @@ func (c *cli) checkConfig(args []string) error {
 		fmt.Fprintln(c.stderr, err)
 		return errors.New("the configuration has problems (listed above)")
 	}
-	// The names in allow lists must resolve on this host.
+	// The names in allow lists and socket_group must resolve on this host.
 	var problems []string
+	if cfg.SocketGroup != "" {
+		if _, err := user.LookupGroup(cfg.SocketGroup); err != nil {
+			problems = append(problems, fmt.Sprintf("socket_group: %v", err))
+		}
+	}
 	for _, ks := range cfg.KeySets {
 		if _, err := authz.NewList(authz.Spec(ks.Allow), nil); err != nil {
 			problems = append(problems, fmt.Sprintf("keysets (%s).allow: %v", ks.Name, err))

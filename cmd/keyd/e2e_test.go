@@ -24,6 +24,11 @@ func TestExitStatus(t *testing.T) {
 	if err := os.WriteFile(bad, []byte("socket: relative.sock\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
+	noGroup := filepath.Join(dir, "nogroup.yaml")
+	if err := os.WriteFile(noGroup, []byte("socket: /run/keyd/keyd.sock\nsocket_group: keyd-no-such-group\nstate_dir: /var/lib/keyd\n"+
+		"backend: {soft: {}}\nkeysets: [{name: d, purpose: dpop, alg: ES256, allow: {uids: [0]}}]\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	const hint = "run 'keyd help' for usage\n"
 
 	for _, tc := range []struct {
@@ -45,14 +50,18 @@ func TestExitStatus(t *testing.T) {
 		{"proof without flags", []string{"proof", "--keyset", "d"}, 2, `\Akeyd: proof needs --keyset, --htm and --htu \(missing --htm, --htu\)\n` + hint + `\z`, ""},
 		{"assertion without key set", []string{"assertion"}, 2, `\Akeyd: assertion needs --keyset\n` + hint + `\z`, ""},
 		{"check-config without config", []string{"check-config"}, 2, `\Akeyd: --config FILE is required\n` + hint + `\z`, ""},
-		// The flag package prints its own complaint and the flag list first.
 		{"serve with a missing configuration", []string{"serve", "--config", "/nonexistent/keyd.yaml"}, 78, `\Akeyd: read config: open /nonexistent/keyd.yaml: no such file or directory\n\z`, ""},
-		{"unknown flag", []string{"proof", "--bogus"}, 2, `(?sm)\A.*^keyd: flag provided but not defined: --bogus\n` + hint + `\z`, ""},
+		{"unknown flag", []string{"proof", "--bogus"}, 2, `\Akeyd: flag provided but not defined: --bogus\n` + hint + `\z`, ""},
+		// A bad flag value is one line too: the flag list is for -h only.
+		{"bad flag value", []string{"health", "--wait", "soon"}, 2, `\Akeyd: invalid value "soon" for flag -wait: parse error\n` + hint + `\z`, ""},
+		{"flag without its value", []string{"proof", "--keyset", "d", "--htm"}, 2, `\Akeyd: flag needs an argument: -htm\n` + hint + `\z`, ""},
 		{"flag help", []string{"proof", "-h"}, 0, `(?s)\AUsage of keyd proof:\n.*-htu string`, ""},
 		{"no daemon", []string{"jwks", "--socket", noSocket}, 1, `\Akeyd: no keyd socket at ` + regexp.QuoteMeta(noSocket) + `: is 'keyd serve' running\? \(choose the socket with --socket or KEYD_SOCKET\)\n\z`, ""},
 		{"no daemon, default socket", []string{"keys", "list"}, 1, `\Akeyd: no keyd socket at ` + regexp.QuoteMeta(filepath.Join(dir, "keyd", "keyd.sock")) + `: is 'keyd serve' running\?`, ""},
 		{"no daemon, health", []string{"health", "--socket", noSocket}, 1, `\Akeyd: no keyd socket at .*\n\z`, ""},
 		{"bad config", []string{"check-config", "--config", bad}, 1, `(?s)\A.*: invalid configuration:\n.*socket: "relative.sock" must be an absolute path\n.*keyd: the configuration has problems \(listed above\)\n\z`, ""},
+		// check-config finds what serve would refuse at start.
+		{"check-config with an unknown socket_group", []string{"check-config", "--config", noGroup}, 1, `\Asocket_group: group: unknown group keyd-no-such-group\nkeyd: the configuration has problems \(listed above\)\n\z`, ""},
 		{"serve with bad config", []string{"serve", "--config", bad}, 78, `\Akeyd: .*invalid configuration: .*socket: "relative.sock" must be an absolute path.*\n\z`, ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
