@@ -46,6 +46,13 @@ const (
 // module-name and module-path (the module is configured on its own).
 func ParseURI(s string) (URI, error) {
 	var u URI
+	// A PIN anywhere in the URI — in the query as RFC 7512 has it, in the
+	// path by mistake, in any case (ABNF names are case-insensitive), even
+	// percent-encoded — is refused before anything can quote the URI:
+	// errors about the path quote all of it.
+	if l := strings.ToLower(s); strings.Contains(l, "pin-value") || strings.Contains(l, "pin%2dvalue") {
+		return u, errors.New("PKCS#11 URI: pin-value is refused: put the PIN in pin_file (or an environment variable), never in the URI")
+	}
 	const scheme = "pkcs11:"
 	if len(s) < len(scheme) || !strings.EqualFold(s[:len(scheme)], scheme) {
 		return u, fmt.Errorf("PKCS#11 URI %q: want one starting with %q, such as pkcs11:token=keyd", clip(noQuery(s)), scheme)

@@ -150,6 +150,15 @@ func TestURIPathPINNotQuoted(t *testing.T) {
 	for _, in := range []string{
 		"pkcs11:token=keyd;pin-value=1234",
 		"pkcs11:pin-value=1234;token=keyd",
+		// After another mistake in the path, whose error quotes the path.
+		"pkcs11:tokn=keyd;pin-value=1234",
+		"pkcs11:token=keyd;;pin-value=1234",
+		// RFC 7512's ABNF names are case-insensitive; a PIN is a PIN in
+		// any case, percent-encoded or not, with or without the scheme.
+		"pkcs11:token=keyd;PIN-VALUE=1234",
+		"pkcs11:token=keyd;pin%2Dvalue=1234",
+		"token=keyd;pin-value=1234",
+		"pkcs11:token=keyd?PIN-VALUE=1234",
 	} {
 		_, err := ParseURI(in)
 		if err == nil {
