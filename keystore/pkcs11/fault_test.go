@@ -847,6 +847,27 @@ func TestWrongPIN(t *testing.T) {
 	}
 }
 
+// The locked error says where the refused PIN came from, so the operator
+// fixes the right thing: here an environment variable, not a pin_file.
+func TestWrongPINNamesItsSource(t *testing.T) {
+	tok := newToken(t)
+	t.Setenv("KEYD_TEST_WRONG_PIN", "9999")
+	pin, err := PINFromEnv("KEYD_TEST_WRONG_PIN")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := tok.config(t)
+	cfg.PIN = pin
+	b := openBackend(t, cfg, newFaultModule().options(options{}))
+	err = b.Health(t.Context())
+	if !errors.Is(err, keystore.ErrLocked) {
+		t.Fatalf("Health = %v; want ErrLocked", err)
+	}
+	if msg := err.Error(); !strings.Contains(msg, "environment variable KEYD_TEST_WRONG_PIN") || strings.Contains(msg, "pin_file") || strings.Contains(msg, "9999") {
+		t.Errorf("locked error %q should name the environment variable KEYD_TEST_WRONG_PIN (not pin_file) and not show the PIN", msg)
+	}
+}
+
 // P3, injected: a token that says its PIN is locked or expired, or that
 // refuses the login with a code that says nothing (a module may report a
 // wrong PIN so): one C_Login, then locked.

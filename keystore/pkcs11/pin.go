@@ -21,6 +21,9 @@ const redacted = "REDACTED"
 // configuration or on a command line.
 type PIN struct {
 	s string
+	// from says where the PIN was read ("pin file /etc/keyd/pkcs11.pin",
+	// "environment variable KEYD_PIN"), for the error of a refused PIN.
+	from string
 }
 
 // String returns "REDACTED".
@@ -82,6 +85,7 @@ func PINFromFile(path string) (PIN, error) {
 	if err != nil {
 		return PIN{}, fmt.Errorf("pin file %s: %w", path, err)
 	}
+	pin.from = "pin file " + path
 	return pin, nil
 }
 
@@ -116,6 +120,7 @@ func PINFromEnv(name string) (PIN, error) {
 	if err != nil {
 		return PIN{}, fmt.Errorf("pin environment variable %s: %w", name, err)
 	}
+	pin.from = "environment variable " + name
 	return pin, nil
 }
 

@@ -586,8 +586,12 @@ func (b *Backend) login(h p11.SessionHandle) error {
 	if !pinFailed(err) {
 		why = "refused the login without saying why, which keyd takes for a refused PIN"
 	}
-	lerr := fmt.Errorf("%w: token %q %s (%s); keyd tries a PIN once and will not try it again: fix the PIN (pin_file) and restart keyd: %w",
-		keystore.ErrLocked, b.label, why, ckrName(err), err)
+	from := b.pin.from
+	if from == "" {
+		from = "pin_file or pin_env"
+	}
+	lerr := fmt.Errorf("%w: token %q %s (%s); keyd tries a PIN once and will not try it again: fix the PIN (%s) and restart keyd: %w",
+		keystore.ErrLocked, b.label, why, ckrName(err), from, err)
 	b.mu.Lock()
 	b.locked = lerr
 	b.mu.Unlock()
