@@ -239,13 +239,22 @@ type Duration time.Duration
 
 // UnmarshalYAML implements yaml.Unmarshaler.
 func (d *Duration) UnmarshalYAML(n *yaml.Node) error {
+	// A *yaml.TypeError lets the decoder go on, so that the problem is
+	// reported with the rest of the file's (see Parse).
+	bad := func(format string, args ...any) error {
+		return &yaml.TypeError{Errors: []string{fmt.Sprintf("line %d, column %d: ", n.Line, n.Column) + fmt.Sprintf(format, args...)}}
+	}
 	var s string
 	if err := n.Decode(&s); err != nil {
-		return fmt.Errorf("line %d: want a duration such as 5m or 90s", n.Line)
+		return bad("want a duration such as 5m or 90s")
 	}
 	v, err := time.ParseDuration(s)
 	if err != nil {
-		return fmt.Errorf("line %d: %q is not a duration such as 5m or 90s", n.Line, s)
+		hint := ""
+		if strings.HasSuffix(s, "d") {
+			hint = " (durations have no days: write 24h for 1d)"
+		}
+		return bad("%q is not a duration such as 5m or 90s%s", s, hint)
 	}
 	*d = Duration(v)
 	return nil
@@ -355,12 +364,12 @@ func (c *Config) Validate() error {
 		add("audit_log", "%q must be an absolute path", c.AuditLog)
 	}
 	if c.HTTP != nil {
-		if _, port, err := net.SplitHostPort(c.HTTP.Listen); err != nil || port == "" {
+		if !validListen(c.HTTP.Listen) {
 			add("http.listen", "%q: want host:port, e.g. 127.0.0.1:8089", c.HTTP.Listen)
 		}
 	}
 	if t := c.TCP; t != nil {
-		if _, port, err := net.SplitHostPort(t.Listen); err != nil || port == "" {
+		if !validListen(t.Listen) {
 			add("tcp.listen", "%q: want host:port, e.g. 0.0.0.0:7443", t.Listen)
 		}
 		for name, f := range map[string]string{"cert_file": t.CertFile, "key_file": t.KeyFile, "client_ca_file": t.ClientCAFile} {
@@ -416,6 +425,9 @@ func (c *Config) Validate() error {
 			add("backend.pkcs11", "set pin_file or pin_env, not both")
 		case b.PINFile != "" && !filepath.IsAbs(b.PINFile):
 			add("backend.pkcs11.pin_file", "%q must be an absolute path", b.PINFile)
+		case b.PINEnv != "" && !envName(b.PINEnv):
+			// Not quoted: a value that is no variable name may be the PIN.
+			add("backend.pkcs11.pin_env", "must be the name of an environment variable (letters, digits and _, not starting with a digit), such as KEYD_PKCS11_PIN; the PIN goes in that variable, never in the configuration")
 		}
 		if b.MaxSessions < 0 {
 			add("backend.pkcs11.max_sessions", "must not be negative")
@@ -455,6 +467,27 @@ func (c *Config) Validate() error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// envName reports whether s is a portable environment variable name.
+func envName(s string) bool {
+	for i, r := range s {
+		if !(r == '_' || r >= 'A' && r <= 'Z' || r >= 'a' && r <= 'z' || i > 0 && r >= '0' && r <= '9') {
+			return false
+		}
+	}
+	return s != ""
+}
+
+// validListen reports whether addr is a host:port a TCP listener can be
+// given: a port from 0 to 65535 (or a service name).
+func validListen(addr string) bool {
+	_, port, err := net.SplitHostPort(addr)
+	if err != nil || port == "" {
+		return false
+	}
+	_, err = net.LookupPort("tcp", port)
+	return err == nil
 }
 
 // ValidKeySetName reports whether name may name a key set: 1 to 40

@@ -253,3 +253,59 @@ func TestPKCS11SessionCopies(t *testing.T) {
 		}
 	}
 }
+
+// A listen address whose port no listener can bind is a configuration
+// error that check-config reports, not a surprise at start.
+func TestListenPort(t *testing.T) {
+	base := "socket: /run/keyd/keyd.sock\nstate_dir: /var/lib/keyd\nbackend: {soft: {}}\n" +
+		"keysets: [{name: d, purpose: dpop, alg: ES256, allow: {uids: [0]}}]\n"
+	for _, tc := range []struct{ extra, want string }{
+		{`http: {listen: "127.0.0.1:99999"}`, `http.listen: "127.0.0.1:99999": want host:port`},
+		{`http: {listen: "127.0.0.1:-1"}`, `http.listen: "127.0.0.1:-1": want host:port`},
+		{`http: {listen: "127.0.0.1:nosuchservice"}`, `http.listen: "127.0.0.1:nosuchservice": want host:port`},
+		{"tcp: {listen: \"0.0.0.0:70000\", cert_file: /c, key_file: /k, client_ca_file: /ca}", `tcp.listen: "0.0.0.0:70000": want host:port`},
+	} {
+		_, err := Parse([]byte(base+tc.extra), "keyd.yaml")
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: err = %v; want one saying %s", tc.extra, err, tc.want)
+		}
+	}
+	for _, ok := range []string{`http: {listen: "127.0.0.1:8089"}`, `http: {listen: ":0"}`, `http: {listen: "[::1]:65535"}`} {
+		if _, err := Parse([]byte(base+ok), "keyd.yaml"); err != nil {
+			t.Errorf("%s: %v", ok, err)
+		}
+	}
+}
+
+// pin_env names a variable; a PIN written there by mistake is refused
+// without being quoted, since configuration errors are printed and logged.
+func TestPINEnvIsAName(t *testing.T) {
+	const cfg = "socket: /run/keyd/keyd.sock\nstate_dir: /var/lib/keyd\n" +
+		"backend: {pkcs11: {module: /usr/lib/softhsm/libsofthsm2.so, uri: \"pkcs11:token=keyd\", pin_env: %s}}\n" +
+		"keysets: [{name: d, purpose: dpop, alg: ES256, allow: {uids: [0]}}]\n"
+	for _, pin := range []string{`"20240611"`, `"9 9 9 9"`, `"s3cr=t"`} {
+		_, err := Parse([]byte(strings.Replace(cfg, "%s", pin, 1)), "keyd.yaml")
+		if err == nil || !strings.Contains(err.Error(), "backend.pkcs11.pin_env:") || strings.Contains(err.Error(), strings.Trim(pin, `"`)) {
+			t.Errorf("pin_env: %s: err = %v; want an error naming backend.pkcs11.pin_env that does not quote the value", pin, err)
+		}
+	}
+	if _, err := Parse([]byte(strings.Replace(cfg, "%s", "KEYD_PKCS11_PIN", 1)), "keyd.yaml"); err != nil {
+		t.Errorf("pin_env: KEYD_PKCS11_PIN: %v", err)
+	}
+}
+
+// A bad duration is reported with the file's other problems, and a day
+// written as "1d" (which Go durations lack) gets a hint.
+func TestBadDurationWithOtherProblems(t *testing.T) {
+	bad := "socket: /run/keyd/keyd.sock\nsocket_mode: \"0666\"\nstate_dir: /var/lib/keyd\nbackend: {soft: {}}\n" +
+		"keysets: [{name: d, purpose: dpop, alg: ES256, allow: {uids: [0]}, rotation: {period: 1d}}]\n"
+	_, err := Parse([]byte(bad), "keyd.yaml")
+	if err == nil {
+		t.Fatal("accepted")
+	}
+	for _, want := range []string{`line 5, column 87: "1d" is not a duration`, "24h", `socket_mode: "0666" gives access`} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error %q does not say %s", err, want)
+		}
+	}
+}
