@@ -114,7 +114,9 @@
 //	ErrKeyLost      SRK name differs from the pinned one (TPM cleared or
 //	                replaced, template changed); srk.name missing beside
 //	                keys; a key blob the TPM refuses under the right SRK
-//	                (TPM_RC_INTEGRITY…) or a key file keyd cannot parse
+//	                (TPM_RC_INTEGRITY…), a key file keyd cannot parse, or
+//	                a key whose authValue is not empty (TPM_RC_BAD_AUTH on
+//	                TPM2_Sign: a key file keyd did not make)
 //	ErrLocked       owner hierarchy authorization refused
 //	                (TPM_RC_BAD_AUTH, TPM_RC_AUTH_FAIL) or hierarchy disabled
 //	ErrInsecureStorage  unsafe state directory or key file; a key file
@@ -607,11 +609,12 @@ func (b *Backend) sign(o *op, id string, blob *keyBlob, digest []byte, scheme si
 	if b.destroyed(id) {
 		return nil, fmt.Errorf("%w (destroyed while the signature waited for the TPM)", keystore.ErrNotFound)
 	}
+	st := &b.st
+	fresh := st.cached.h == 0 || st.cached.id != id || st.cached.blob != blob
 	h, err := b.load(o, id, blob)
 	if err != nil {
 		return nil, err
 	}
-	st := &b.st
 	st.cmd = appendSignCommand(st.cmd[:0], h, digest, scheme)
 	rsp, err := o.Send(st.cmd)
 	if err != nil {
@@ -619,7 +622,7 @@ func (b *Backend) sign(o *op, id string, blob *keyBlob, digest []byte, scheme si
 	}
 	ts, err := parseSignResponse(rsp)
 	if err != nil {
-		return nil, err
+		return nil, keyAuthRefused(fresh, err)
 	}
 	sig, err := encodeSig(blob, scheme, ts)
 	if err != nil {
@@ -633,6 +636,24 @@ func (b *Backend) sign(o *op, id string, blob *keyBlob, digest []byte, scheme si
 		st.cached.verified = true
 	}
 	return sig, nil
+}
+
+// keyAuthRefused classifies a TPM2_Sign error. TPM_RC_BAD_AUTH (or
+// TPM_RC_AUTH_FAIL) there is about the key's authValue, not the owner
+// hierarchy's: keyd signs with an empty one, as its keys have. By a key
+// this call has just loaded (fresh), the key's authValue is not empty: the
+// key file is not one keyd made, and the key can never sign through keyd
+// (ErrKeyLost). By a handle loaded earlier, the handle may no longer name
+// the key: errStale, so that the call runs again after a fresh load.
+func keyAuthRefused(fresh bool, err error) error {
+	var rc tpm2.TPMRC
+	if !errors.As(err, &rc) || !(rc.Is(tpm2.TPMRCBadAuth) || rc.Is(tpm2.TPMRCAuthFail)) {
+		return err
+	}
+	if !fresh {
+		return fmt.Errorf("%w: TPM2_Sign by a key loaded earlier: %w", errStale, err)
+	}
+	return fmt.Errorf("%w: the TPM refuses the key's empty authorization, so the key file is not one keyd made: %w", keystore.ErrKeyLost, err)
 }
 
 // scheme checks digest and opts against the key and returns the TPM
