@@ -27,11 +27,13 @@
 // is written, synced, hard-linked to its final name (so an existing key is
 // never replaced) and the directory synced; Destroy writes a tombstone
 // <id>.destroyed first, and Generate refuses an ID with a tombstone, so IDs
-// are never reused. New refuses a state directory that is a symlink,
-// writable by group or others or owned by another user; loading refuses a
-// key file that is a symlink, not regular, has any group or other permission
-// bit or another owner (ErrInsecureStorage). New takes an exclusive lock on
-// <StateDir>/lock, so two processes never share a state directory.
+// are never reused; a key file found next to its tombstone (a crash in
+// Destroy) is removed by New, and the key never signs again. New refuses a
+// state directory that is a symlink, writable by group or others or owned
+// by another user; loading refuses a key file that is a symlink, not
+// regular, has any group or other permission bit or another owner
+// (ErrInsecureStorage). New takes an exclusive lock on <StateDir>/lock, so
+// two processes never share a state directory.
 //
 // # Storage root key
 //
@@ -248,7 +250,7 @@ type Backend struct {
 	mu     sync.RWMutex
 	closed bool
 	blobs  map[string]*keyBlob // loaded key files
-	gone   map[string]struct{} // destroyed by this process
+	gone   map[string]struct{} // destroyed by this process (or its start, see scan)
 
 	failpoint func(stage string) error // tests: abort writing a file
 }
@@ -379,14 +381,17 @@ func (b *Backend) open(ctx context.Context) error {
 	return nil
 }
 
-// scan removes temporary files left by a crash and checks each key file,
-// logging those that loading would refuse. It returns the number of keys.
+// scan removes temporary files left by a crash, finishes destroys that a
+// crash interrupted (a key file next to its tombstone is removed, and the
+// key counts as destroyed) and checks each key file, logging those that
+// loading would refuse. It returns the number of keys.
 func (b *Backend) scan() (int, error) {
 	entries, err := os.ReadDir(b.dir)
 	if err != nil {
 		return 0, fmt.Errorf("read state directory: %w", err)
 	}
 	n := 0
+	removed := false
 	for _, e := range entries {
 		name := e.Name()
 		path := filepath.Join(b.dir, name)
@@ -402,9 +407,25 @@ func (b *Backend) scan() (int, error) {
 		if !ok {
 			continue
 		}
+		if _, err := os.Lstat(b.tombstonePath(id)); err == nil {
+			// Destroy was interrupted after its tombstone: finish it.
+			if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
+				b.log.Error("cannot remove the key file of a destroyed key; it stays unusable", "id", id, "err", err)
+			} else {
+				b.log.Warn("removed the key file of a key whose destroy was interrupted", "id", id)
+			}
+			b.gone[id] = struct{}{}
+			removed = true
+			continue
+		}
 		n++
 		if _, err := keyfile.Read(path, "file", keyFileRule, maxFile); err != nil {
 			b.log.Error("key file refused; Public and Sign of this key will fail", "id", id, "err", err)
+		}
+	}
+	if removed {
+		if err := keyfile.SyncDir(b.dir); err != nil {
+			return 0, fmt.Errorf("sync state directory: %w", err)
 		}
 	}
 	return n, nil
