@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"strings"
 	"testing"
 	"time"
 
@@ -371,10 +372,15 @@ func TestResurrectedKeyIsDestroyedAgain(t *testing.T) {
 		t.Fatalf("destroyed versions %v, want [%s]", got, first.Kid)
 	}
 
-	// The key comes back while keyd is down.
+	// The key comes back while keyd is down, from a backup older than
+	// its destroy (a key file beside its tombstone is a destroy the
+	// backend itself finishes at start).
 	f.store.Close()
 	f.backend.Close()
 	if err := os.WriteFile(keyFile, saved, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(strings.TrimSuffix(keyFile, ".key") + ".destroyed"); err != nil {
 		t.Fatal(err)
 	}
 	f.open(t)

@@ -21,8 +21,8 @@
 // Destroy first writes an empty tombstone <id>.destroyed, then removes
 // <id>.key. Generate refuses an ID that has a tombstone with
 // keystore.ErrAlreadyExists, so an ID is never reused for a different key. A
-// crash between the two steps leaves the key in place; Destroy again finishes
-// the job.
+// crash between the two steps leaves the key file beside its tombstone; New
+// removes it, and the key never signs again.
 //
 // # Storage checks
 //
@@ -149,7 +149,8 @@ func New(cfg Config) (*Backend, error) {
 	return b, nil
 }
 
-// scan removes temporary files left by a crash and checks each key file,
+// scan removes temporary files left by a crash, finishes destroys that a
+// crash interrupted (see keyfile.Tombstoned) and checks each key file,
 // logging those that loading would refuse. It returns the number of keys.
 func (b *Backend) scan() (int, error) {
 	entries, err := os.ReadDir(b.dir)
@@ -157,6 +158,7 @@ func (b *Backend) scan() (int, error) {
 		return 0, fmt.Errorf("read key directory: %w", err)
 	}
 	n := 0
+	removed := false
 	for _, e := range entries {
 		name := e.Name()
 		if id, ok := tempID(name); ok {
@@ -172,9 +174,19 @@ func (b *Backend) scan() (int, error) {
 		if !ok {
 			continue
 		}
+		if keyfile.Tombstoned(b.log, id, filepath.Join(b.dir, name), b.tombstonePath(id)) {
+			b.gone[id] = struct{}{}
+			removed = true
+			continue
+		}
 		n++
 		if _, err := checkFile(filepath.Join(b.dir, name)); err != nil {
 			b.log.Error("key file refused; Public and Sign of this key will fail", "id", id, "err", err)
+		}
+	}
+	if removed {
+		if err := keyfile.SyncDir(b.dir); err != nil {
+			return 0, err
 		}
 	}
 	return n, nil

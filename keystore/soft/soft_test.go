@@ -619,32 +619,6 @@ func TestTombstone(t *testing.T) {
 	}
 }
 
-// A Destroy interrupted between the tombstone and the removal leaves the key
-// usable, and a retried Destroy finishes.
-func TestInterruptedDestroy(t *testing.T) {
-	dir := t.TempDir()
-	b := open(t, Config{Dir: dir})
-	pub := generate(t, b, "half", keystore.EdDSA)
-	b.Close()
-	if err := os.WriteFile(filepath.Join(dir, "half.destroyed"), nil, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	b = open(t, Config{Dir: dir})
-	if ids, _ := b.List(t.Context()); !slices.Equal(ids, []string{"half"}) {
-		t.Errorf("List = %q, want [half]", ids)
-	}
-	signVerify(t, b, "half", keystore.EdDSA, pub)
-	if err := b.Destroy(t.Context(), "half"); err != nil {
-		t.Fatalf("retried Destroy: %v", err)
-	}
-	if _, err := b.Public(t.Context(), "half"); !errors.Is(err, keystore.ErrNotFound) {
-		t.Errorf("Public after Destroy = %v; want ErrNotFound", err)
-	}
-	if got := dirNames(t, dir); !slices.Equal(got, []string{"half.destroyed"}) {
-		t.Errorf("directory holds %q, want [half.destroyed]", got)
-	}
-}
-
 // A load racing with Destroy must not bring the key back.
 func TestDestroyWhileLoading(t *testing.T) {
 	dir := t.TempDir()
@@ -832,5 +806,44 @@ func TestTrickyIDs(t *testing.T) {
 		if _, err := b.Generate(t.Context(), id, keystore.KeySpec{Algorithm: keystore.EdDSA}); !errors.Is(err, keystore.ErrAlreadyExists) {
 			t.Errorf("Generate(%q) after Destroy = %v; want ErrAlreadyExists", id, err)
 		}
+	}
+}
+
+// A crash in Destroy after the tombstone and before the key file's removal:
+// at the next start the key is destroyed for good. It signs nothing, is not
+// listed, its file is removed, and its ID is not reused.
+func TestTombstonedKeyFile(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "keys")
+	b := open(t, Config{Dir: dir})
+	generate(t, b, "keep", keystore.ES256)
+	generate(t, b, "gone", keystore.ES256)
+	b.Close()
+	if err := os.WriteFile(filepath.Join(dir, "gone"+tombSuffix), nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+
+	b = open(t, Config{Dir: dir})
+	ctx := t.Context()
+	d := keystoretest.Digest(keystore.ES256, []byte("m"))
+	if sig, err := b.Sign(ctx, "gone", d, crypto.SHA256); !errors.Is(err, keystore.ErrNotFound) {
+		t.Errorf("Sign by a key with a tombstone = %x, %v; want ErrNotFound", sig, err)
+	}
+	if ids, err := b.List(ctx); err != nil || !slices.Equal(ids, []string{"keep"}) {
+		t.Errorf("List = %q, %v; want [keep]", ids, err)
+	}
+	if _, err := os.Lstat(filepath.Join(dir, "gone"+keySuffix)); err == nil {
+		t.Error("the key file of a tombstoned key is still there after New")
+	}
+	if _, err := b.Generate(ctx, "gone", keystore.KeySpec{Algorithm: keystore.ES256}); !errors.Is(err, keystore.ErrAlreadyExists) {
+		t.Errorf("Generate under a tombstoned ID = %v; want ErrAlreadyExists", err)
+	}
+	if err := b.Destroy(ctx, "gone"); !errors.Is(err, keystore.ErrNotFound) {
+		t.Errorf("Destroy again = %v; want ErrNotFound", err)
+	}
+	if got := dirNames(t, dir); !slices.Equal(got, []string{"gone.destroyed", "keep.key"}) {
+		t.Errorf("directory holds %q, want [gone.destroyed keep.key]", got)
+	}
+	if _, err := b.Sign(ctx, "keep", d, crypto.SHA256); err != nil {
+		t.Errorf("Sign by the other key: %v", err)
 	}
 }

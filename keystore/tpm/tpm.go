@@ -407,13 +407,7 @@ func (b *Backend) scan() (int, error) {
 		if !ok {
 			continue
 		}
-		if _, err := os.Lstat(b.tombstonePath(id)); err == nil {
-			// Destroy was interrupted after its tombstone: finish it.
-			if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
-				b.log.Error("cannot remove the key file of a destroyed key; it stays unusable", "id", id, "err", err)
-			} else {
-				b.log.Warn("removed the key file of a key whose destroy was interrupted", "id", id)
-			}
+		if keyfile.Tombstoned(b.log, id, path, b.tombstonePath(id)) {
 			b.gone[id] = struct{}{}
 			removed = true
 			continue

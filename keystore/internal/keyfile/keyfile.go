@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"slices"
@@ -108,6 +109,24 @@ func WriteTombstone(dir, name string) error {
 		err = SyncDir(dir)
 	}
 	return err
+}
+
+// Tombstoned reports whether the key file at keyPath, of key id, has a
+// tombstone at tombPath: its Destroy wrote the tombstone, and a crash may
+// have cut it short before the key file was removed. If so, it finishes the
+// job: it removes the key file, logging the outcome to log, and the
+// caller's scan at start counts the key as destroyed (and syncs the
+// directory).
+func Tombstoned(log *slog.Logger, id, keyPath, tombPath string) bool {
+	if _, err := os.Lstat(tombPath); err != nil {
+		return false
+	}
+	if err := os.Remove(keyPath); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		log.Error("cannot remove the key file of a destroyed key; it stays unusable", "id", id, "err", err)
+	} else {
+		log.Warn("removed the key file of a key whose destroy was interrupted", "id", id)
+	}
+	return true
 }
 
 // SyncDir makes the directory entries of dir durable.
