@@ -8,6 +8,7 @@ import (
 
 	"github.com/google/go-tpm/tpm2"
 
+	"github.com/keyd-dev/keyd/internal/swtpmtest"
 	"github.com/keyd-dev/keyd/keystore"
 	"github.com/keyd-dev/keyd/keystore/keystoretest"
 )
@@ -19,7 +20,7 @@ import (
 // refused owner authorization (ErrLocked, "check owner_auth_file"); the
 // other keys keep signing, and the lockout counter stays 0.
 func TestForeignKeyAuth(t *testing.T) {
-	s := startSWTPM(t)
+	s := swtpmtest.Start(t)
 	b := newTestBackend(t, s, Config{})
 	ctx := t.Context()
 	base := inspect(t, b)
@@ -73,7 +74,7 @@ func TestForeignKeyAuth(t *testing.T) {
 // the call runs again after a fresh load and succeeds; the key is not
 // reported lost (the rotation layer would record it lost for good).
 func TestBadAuthOnLoadedKey(t *testing.T) {
-	s := startSWTPM(t)
+	s := swtpmtest.Start(t)
 	in := &injector{}
 	b, err := newTestBackendErr(t, s, Config{}, in.hook)
 	if err != nil {
@@ -97,7 +98,7 @@ func TestBadAuthOnLoadedKey(t *testing.T) {
 // ErrUnavailable and a message naming the lockout, without a retry storm;
 // the next Sign succeeds, and no slot or goroutine is left behind.
 func TestLockoutAnswer(t *testing.T) {
-	s := startSWTPM(t)
+	s := swtpmtest.Start(t)
 	in := &injector{}
 	b, err := newTestBackendErr(t, s, Config{}, in.hook)
 	if err != nil {

@@ -15,6 +15,7 @@ import (
 
 	"github.com/google/go-tpm/tpm2"
 
+	"github.com/keyd-dev/keyd/internal/swtpmtest"
 	"github.com/keyd-dev/keyd/keystore"
 	"github.com/keyd-dev/keyd/keystore/keystoretest"
 )
@@ -33,8 +34,8 @@ func BenchmarkSign(b *testing.B) {
 			if mode == "resident-RS256" {
 				alg = keystore.RS256
 			}
-			s := startSWTPM(b)
-			be, err := New(b.Context(), Config{Address: s.addr(), StateDir: b.TempDir()})
+			s := swtpmtest.Start(b)
+			be, err := New(b.Context(), Config{Address: s.Addr(), StateDir: b.TempDir()})
 			if err != nil {
 				b.Fatal(err)
 			}
@@ -78,8 +79,8 @@ func BenchmarkSignDirect(b *testing.B) {
 			if mode == "resident-RS256" {
 				kind, alg = kindRSA2048, keystore.RS256
 			}
-			s := startSWTPM(b)
-			c, err := net.Dial("tcp", s.addr()[len("tcp://"):])
+			s := swtpmtest.Start(b)
+			c, err := net.Dial("tcp", s.Addr()[len("tcp://"):])
 			if err != nil {
 				b.Fatal(err)
 			}

@@ -14,6 +14,7 @@ import (
 
 	"github.com/google/go-tpm/tpm2"
 
+	"github.com/keyd-dev/keyd/internal/swtpmtest"
 	"github.com/keyd-dev/keyd/keystore"
 	"github.com/keyd-dev/keyd/keystore/keystoretest"
 )
@@ -102,7 +103,7 @@ func TestStreamConnResume(t *testing.T) {
 // holding the TPM meanwhile; a dropped response of a command that changes
 // the TPM's objects makes keyd start over from a fresh SRK; nothing leaks.
 func TestInterrupted(t *testing.T) {
-	s := startSWTPM(t)
+	s := swtpmtest.Start(t)
 	const timeout = 2 * time.Second
 	log, logged := testLogger(t)
 	b := newTestBackend(t, s, Config{CommandTimeout: timeout, Logger: log})
@@ -129,7 +130,7 @@ func TestInterrupted(t *testing.T) {
 	}
 
 	// A deadline while TPM2_Sign is in flight.
-	s.signal(t, syscall.SIGSTOP)
+	s.Signal(t, syscall.SIGSTOP)
 	mark := len(logged())
 	cctx, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
 	signWithin("deadline, TPM stopped", cctx, context.DeadlineExceeded, 700*time.Millisecond)
@@ -139,7 +140,7 @@ func TestInterrupted(t *testing.T) {
 	cctx, cancel = context.WithTimeout(ctx, 200*time.Millisecond)
 	signWithin("while a command is detached", cctx, context.DeadlineExceeded, 700*time.Millisecond)
 	cancel()
-	s.signal(t, syscall.SIGCONT)
+	s.Signal(t, syscall.SIGCONT)
 	mustSign(t, b, "k", keystore.ES256, pub, d)
 	if !strings.Contains(logged(), "dropped the response") {
 		t.Error("no log of the dropped response")
@@ -149,16 +150,16 @@ func TestInterrupted(t *testing.T) {
 	}
 
 	// A cancellation while TPM2_Sign is in flight.
-	s.signal(t, syscall.SIGSTOP)
+	s.Signal(t, syscall.SIGSTOP)
 	cctx, cancel = context.WithCancel(ctx)
 	time.AfterFunc(100*time.Millisecond, cancel)
 	signWithin("cancel, TPM stopped", cctx, context.Canceled, 600*time.Millisecond)
-	s.signal(t, syscall.SIGCONT)
+	s.Signal(t, syscall.SIGCONT)
 	mustSign(t, b, "k", keystore.ES256, pub, d)
 
 	// A key switch: the flush of the loaded key is in flight when the
 	// deadline comes, so keyd no longer knows what the TPM holds.
-	s.signal(t, syscall.SIGSTOP)
+	s.Signal(t, syscall.SIGSTOP)
 	mark = len(logged())
 	cctx, cancel = context.WithTimeout(ctx, 200*time.Millisecond)
 	start := time.Now()
@@ -166,7 +167,7 @@ func TestInterrupted(t *testing.T) {
 		t.Errorf("key switch on a stopped TPM: Sign = %v after %v, want DeadlineExceeded after 200ms", err, time.Since(start))
 	}
 	cancel()
-	s.signal(t, syscall.SIGCONT)
+	s.Signal(t, syscall.SIGCONT)
 	mustSign(t, b, "k2", keystore.ES256, pub2, d)
 	if !reloaded(mark) {
 		t.Error("keyd did not start over after a dropped TPM2_FlushContext")
@@ -190,13 +191,13 @@ func TestInterrupted(t *testing.T) {
 
 	// The detached command times out: the connection is dropped, calls
 	// fail fast for a while, and keyd recovers when the TPM goes on.
-	s.signal(t, syscall.SIGSTOP)
+	s.Signal(t, syscall.SIGSTOP)
 	cctx, cancel = context.WithTimeout(ctx, 200*time.Millisecond)
 	signWithin("deadline before the command's timeout", cctx, context.DeadlineExceeded, 700*time.Millisecond)
 	cancel()
 	time.Sleep(timeout + 300*time.Millisecond)
 	signWithin("after the detached command timed out", ctx, keystore.ErrUnavailable, 300*time.Millisecond)
-	s.signal(t, syscall.SIGCONT)
+	s.Signal(t, syscall.SIGCONT)
 	recoverSign(t, b, "k", keystore.ES256, pub, 10*time.Second)
 
 	checkFootprint(t, b, base)

@@ -14,6 +14,7 @@ import (
 
 	"github.com/google/go-tpm/tpm2"
 
+	"github.com/keyd-dev/keyd/internal/swtpmtest"
 	"github.com/keyd-dev/keyd/keystore"
 	"github.com/keyd-dev/keyd/keystore/internal/keyfile"
 	"github.com/keyd-dev/keyd/keystore/keystoretest"
@@ -39,7 +40,7 @@ func waitForStack(t *testing.T, frame string) {
 // returned, must not then load the destroyed key and sign with it.
 // Destroy's comment says "a Sign cannot use the key any more".
 func TestSignAfterDestroy(t *testing.T) {
-	s := startSWTPM(t)
+	s := swtpmtest.Start(t)
 	hold := newCreateHold(t)
 	b, err := newTestBackendErr(t, s, Config{}, hold.hook)
 	if err != nil {
@@ -114,12 +115,12 @@ func TestSignAfterDestroy(t *testing.T) {
 
 // swtpmTransients lists the transient objects swtpm holds, through a
 // connection of the test's own (no backend may be connected).
-func swtpmTransients(t *testing.T, s *swtpm) []tpm2.TPMHandle {
+func swtpmTransients(t *testing.T, s *swtpmtest.SWTPM) []tpm2.TPMHandle {
 	t.Helper()
 	var c net.Conn
 	var err error
 	for range 50 { // swtpm may still be closing the backend's connection
-		if c, err = net.DialTimeout("tcp", s.addr()[len("tcp://"):], time.Second); err == nil {
+		if c, err = net.DialTimeout("tcp", s.Addr()[len("tcp://"):], time.Second); err == nil {
 			break
 		}
 		time.Sleep(20 * time.Millisecond)
@@ -142,7 +143,7 @@ func swtpmTransients(t *testing.T, s *swtpm) []tpm2.TPMHandle {
 // swtpm's transient slots as it found them — swtpm keeps transient
 // objects after the connection closes.
 func TestCloseFlushesForgottenObjects(t *testing.T) {
-	s := startSWTPM(t)
+	s := swtpmtest.Start(t)
 	d := keystoretest.Digest(keystore.ES256, []byte("m"))
 
 	// The ordinary case: Close leaves nothing behind.
@@ -188,7 +189,7 @@ func TestCloseFlushesForgottenObjects(t *testing.T) {
 // nothing once the TPM answers: the state directory is released with no
 // write under way, and no key file appears after Close.
 func TestGenerateDuringClose(t *testing.T) {
-	s := startSWTPM(t)
+	s := swtpmtest.Start(t)
 	hold := newCreateHold(t)
 	b, err := newTestBackendErr(t, s, Config{}, hold.hook)
 	if err != nil {
@@ -222,7 +223,7 @@ func TestGenerateDuringClose(t *testing.T) {
 // under it, and Destroy destroys it (tombstone, and no more signatures)
 // rather than answer that it does not exist.
 func TestLoadedKeyWhoseFileIsGone(t *testing.T) {
-	s := startSWTPM(t)
+	s := swtpmtest.Start(t)
 	b := newTestBackend(t, s, Config{})
 	ctx := t.Context()
 	pub := keystoretest.MustGenerate(t, b, "k")

@@ -10,6 +10,7 @@ import (
 
 	"github.com/google/go-tpm/tpm2"
 
+	"github.com/keyd-dev/keyd/internal/swtpmtest"
 	"github.com/keyd-dev/keyd/keystore"
 	"github.com/keyd-dev/keyd/keystore/keystoretest"
 )
@@ -18,7 +19,7 @@ import (
 // footprint after New, and keys k1 and k2 (ES256).
 func twoKeys(t *testing.T, in *injector) (*Backend, tpmInfo, map[string]crypto.PublicKey) {
 	t.Helper()
-	s := startSWTPM(t)
+	s := swtpmtest.Start(t)
 	b, err := newTestBackendErr(t, s, Config{}, in.hook)
 	if err != nil {
 		t.Fatal(err)
@@ -120,7 +121,7 @@ func TestStaleFlushHandle(t *testing.T) {
 // giving up — fails New instead of refusing PS256 (or RSA-3072) for the
 // process's lifetime.
 func TestProbeFailureFailsStart(t *testing.T) {
-	s := startSWTPM(t)
+	s := swtpmtest.Start(t)
 	in := &injector{}
 	in.arm(tpm2.TPMCCSign, uint32(tpm2.TPMRCTesting), maxRetries+1)
 	b, err := newTestBackendErr(t, s, Config{}, in.hook)
@@ -135,7 +136,7 @@ func TestProbeFailureFailsStart(t *testing.T) {
 	in = &injector{}
 	in.arm(tpm2.TPMCCTestParms, 0, 1)
 	in.before = cancel
-	cfg := Config{Address: s.addr(), StateDir: t.TempDir() + "/state", CommandTimeout: 5 * time.Second}
+	cfg := Config{Address: s.Addr(), StateDir: t.TempDir() + "/state", CommandTimeout: 5 * time.Second}
 	cfg.Logger, _ = testLogger(t)
 	b, err = newBackend(ctx, cfg, in.hook)
 	if err == nil {

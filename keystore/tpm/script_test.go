@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/keyd-dev/keyd/internal/swtpmtest"
 	"github.com/keyd-dev/keyd/keystore"
 	"github.com/keyd-dev/keyd/keystore/keystoretest"
 )
@@ -23,7 +24,7 @@ import (
 // prints the exports, keyd's backend works on KEYD_TPM_ADDRESS, tpm2-tools
 // on TPM2TOOLS_TCTI, and stop kills the swtpm.
 func TestScript(t *testing.T) {
-	requireTools(t, "tpm2_getcap")
+	swtpmtest.Require(t, "tpm2_getcap")
 	script, err := filepath.Abs("../../softhsm-test/swtpm.sh")
 	if err != nil {
 		t.Fatal(err)
@@ -114,7 +115,7 @@ func TestScript(t *testing.T) {
 
 // TestUnixSocket: the backend speaks to swtpm over a Unix socket too.
 func TestUnixSocket(t *testing.T) {
-	requireTools(t)
+	swtpmtest.Require(t)
 	dir := t.TempDir()
 	sock := filepath.Join(dir, "swtpm.sock")
 	cmd := exec.Command("swtpm", "socket", "--tpm2",

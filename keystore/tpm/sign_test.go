@@ -19,6 +19,7 @@ import (
 
 	"github.com/google/go-tpm/tpm2"
 
+	"github.com/keyd-dev/keyd/internal/swtpmtest"
 	"github.com/keyd-dev/keyd/keystore"
 	"github.com/keyd-dev/keyd/keystore/keystoretest"
 )
@@ -262,7 +263,7 @@ func TestSignResponse(t *testing.T) {
 // TPM's errors, with go-tpm's; and go-tpm's own command gets a response
 // that parses the same way.
 func TestSignOnSWTPM(t *testing.T) {
-	s := startSWTPM(t)
+	s := swtpmtest.Start(t)
 	b := newTestBackend(t, s, Config{})
 	ctx := t.Context()
 	pubs := map[keystore.Algorithm]crypto.PublicKey{}

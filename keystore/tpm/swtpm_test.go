@@ -1,216 +1,25 @@
 package tpm
 
 import (
-	"bytes"
-	"context"
-	"errors"
-	"fmt"
 	"log/slog"
-	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"runtime"
 	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/google/go-tpm/tpm2"
+
+	"github.com/keyd-dev/keyd/internal/swtpmtest"
 )
-
-// swtpm is a swtpm process this test started on loopback ports. It runs
-// as a child of the test binary with SIGKILL as its parent-death signal, so
-// it never outlives the test, even one that panics or times out; t.Cleanup
-// also kills it by PID.
-type swtpm struct {
-	dir  string // TPM state directory
-	port int    // command port; the control port is port+1
-	cmd  *exec.Cmd
-	done chan struct{}
-	// noStartup starts swtpm without TPM2_Startup, as a TPM is after
-	// power-on: the first command gets TPM_RC_INITIALIZE.
-	noStartup bool
-}
-
-// requireTools skips the test when swtpm or the tpm2-tools it needs are
-// missing, or fails it when KEYD_REQUIRE_HW=1.
-func requireTools(t testing.TB, tools ...string) {
-	t.Helper()
-	for _, tool := range append([]string{"swtpm", "swtpm_ioctl"}, tools...) {
-		if _, err := exec.LookPath(tool); err != nil {
-			msg := fmt.Sprintf("%s not found (run softhsm-test/install-swtpm.sh): %v", tool, err)
-			if os.Getenv("KEYD_REQUIRE_HW") == "1" {
-				t.Fatal("KEYD_REQUIRE_HW=1: " + msg)
-			}
-			t.Skip(msg)
-		}
-	}
-}
-
-// startSWTPM starts a fresh swtpm with its own state directory.
-func startSWTPM(t testing.TB) *swtpm {
-	t.Helper()
-	requireTools(t)
-	s := &swtpm{dir: t.TempDir()}
-	var lastErr error
-	for range 10 {
-		port, err := freePortPair()
-		if err != nil {
-			t.Fatal(err)
-		}
-		s.port = port
-		if lastErr = s.start(); lastErr == nil {
-			t.Cleanup(s.kill)
-			return s
-		}
-	}
-	t.Fatalf("cannot start swtpm: %v", lastErr)
-	return nil
-}
-
-// freePortPair returns a port P such that P and P+1 were free on 127.0.0.1.
-func freePortPair() (int, error) {
-	for range 50 {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			return 0, err
-		}
-		p := l.Addr().(*net.TCPAddr).Port
-		l2, err := net.Listen("tcp", "127.0.0.1:"+strconv.Itoa(p+1))
-		l.Close()
-		if err == nil {
-			l2.Close()
-			return p, nil
-		}
-	}
-	return 0, errors.New("no free pair of ports")
-}
-
-func (s *swtpm) start() error {
-	flags := "not-need-init,startup-clear"
-	if s.noStartup {
-		flags = "not-need-init"
-	}
-	cmd := exec.Command("swtpm", "socket", "--tpm2",
-		"--tpmstate", "dir="+s.dir,
-		"--server", fmt.Sprintf("type=tcp,port=%d,bindaddr=127.0.0.1", s.port),
-		"--ctrl", fmt.Sprintf("type=tcp,port=%d,bindaddr=127.0.0.1", s.port+1),
-		"--flags", flags,
-		"--log", "file="+filepath.Join(s.dir, "swtpm.log")+",level=1",
-	)
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	if err := cmd.Start(); err != nil {
-		return err
-	}
-	done := make(chan struct{})
-	go func() { cmd.Wait(); close(done) }()
-	s.cmd, s.done = cmd, done
-	deadline := time.Now().Add(10 * time.Second)
-	for time.Now().Before(deadline) {
-		select {
-		case <-done:
-			return fmt.Errorf("swtpm exited: %s", strings.TrimSpace(stderr.String()))
-		default:
-		}
-		// Both ports: swtpm opens the control port first, and a test
-		// that dialed the command port in between was refused.
-		if s.accepts(s.ctrlAddr()) && s.accepts(fmt.Sprintf("127.0.0.1:%d", s.port)) {
-			return nil
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	s.kill()
-	return errors.New("swtpm did not open its control and command ports in 10s")
-}
-
-// accepts reports whether addr accepts a TCP connection (closed at once;
-// swtpm then waits for the next).
-func (s *swtpm) accepts(addr string) bool {
-	c, err := net.DialTimeout("tcp", addr, 200*time.Millisecond)
-	if err != nil {
-		return false
-	}
-	c.Close()
-	return true
-}
-
-// kill stops swtpm for good (SIGKILL by PID) and waits until it is gone.
-func (s *swtpm) kill() {
-	if s.cmd == nil || s.cmd.Process == nil {
-		return
-	}
-	pid := s.cmd.Process.Pid
-	syscall.Kill(pid, syscall.SIGCONT)
-	syscall.Kill(pid, syscall.SIGKILL)
-	select {
-	case <-s.done:
-	case <-time.After(10 * time.Second):
-	}
-	s.cmd = nil
-}
-
-// restart kills swtpm and starts it again on the same ports and state, as
-// after a crash: TPM2_Startup(CLEAR) runs, transient objects are gone.
-func (s *swtpm) restart(t *testing.T) {
-	t.Helper()
-	s.kill()
-	var err error
-	for range 50 {
-		if err = s.start(); err == nil {
-			return
-		}
-		time.Sleep(100 * time.Millisecond) // the port may still be held
-	}
-	t.Fatalf("restart swtpm: %v", err)
-}
-
-func (s *swtpm) signal(t *testing.T, sig syscall.Signal) {
-	t.Helper()
-	if err := syscall.Kill(s.cmd.Process.Pid, sig); err != nil {
-		t.Fatal(err)
-	}
-}
-
-func (s *swtpm) addr() string     { return fmt.Sprintf("tcp://127.0.0.1:%d", s.port) }
-func (s *swtpm) ctrlAddr() string { return fmt.Sprintf("127.0.0.1:%d", s.port+1) }
-func (s *swtpm) tcti() string     { return fmt.Sprintf("swtpm:host=127.0.0.1,port=%d", s.port) }
-
-// reset power-cycles the TPM through the control port (swtpm_ioctl -i):
-// the next command gets TPM_RC_INITIALIZE until TPM2_Startup.
-func (s *swtpm) reset(t *testing.T) {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
-	defer cancel()
-	if out, err := exec.CommandContext(ctx, "swtpm_ioctl", "--tcp", s.ctrlAddr(), "-i").CombinedOutput(); err != nil {
-		t.Fatalf("swtpm_ioctl -i: %v: %s", err, out)
-	}
-}
-
-// tool runs a tpm2-tools command against swtpm. swtpm serves one
-// connection at a time: no backend may be connected meanwhile.
-func (s *swtpm) tool(t *testing.T, name string, args ...string) string {
-	t.Helper()
-	requireTools(t, name)
-	ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, name, args...)
-	cmd.Env = append(os.Environ(), "TPM2TOOLS_TCTI="+s.tcti())
-	out, err := cmd.CombinedOutput()
-	if err != nil {
-		t.Fatalf("%s %s: %v: %s", name, strings.Join(args, " "), err, out)
-	}
-	return string(out)
-}
 
 // newTestBackend opens a backend on s with a fresh state directory (or dir)
 // and closes it at cleanup.
-func newTestBackend(t *testing.T, s *swtpm, cfg Config) *Backend {
+func newTestBackend(t *testing.T, s *swtpmtest.SWTPM, cfg Config) *Backend {
 	t.Helper()
 	b, err := newTestBackendErr(t, s, cfg, nil)
 	if err != nil {
@@ -219,9 +28,9 @@ func newTestBackend(t *testing.T, s *swtpm, cfg Config) *Backend {
 	return b
 }
 
-func newTestBackendErr(t *testing.T, s *swtpm, cfg Config, hook func([]byte) ([]byte, bool, error)) (*Backend, error) {
+func newTestBackendErr(t *testing.T, s *swtpmtest.SWTPM, cfg Config, hook func([]byte) ([]byte, bool, error)) (*Backend, error) {
 	t.Helper()
-	cfg.Address = s.addr()
+	cfg.Address = s.Addr()
 	if cfg.StateDir == "" {
 		cfg.StateDir = filepath.Join(t.TempDir(), "state")
 	}

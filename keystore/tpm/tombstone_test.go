@@ -8,6 +8,7 @@ import (
 	"slices"
 	"testing"
 
+	"github.com/keyd-dev/keyd/internal/swtpmtest"
 	"github.com/keyd-dev/keyd/keystore"
 	"github.com/keyd-dev/keyd/keystore/keystoretest"
 )
@@ -17,7 +18,7 @@ import (
 // the key is destroyed for good: it signs nothing, is not listed, its file
 // is removed, and its ID is not reused.
 func TestTombstonedKeyFile(t *testing.T) {
-	s := startSWTPM(t)
+	s := swtpmtest.Start(t)
 	dir := filepath.Join(t.TempDir(), "state")
 	b := newTestBackend(t, s, Config{StateDir: dir})
 	ctx := t.Context()

@@ -23,6 +23,7 @@ import (
 
 	"github.com/google/go-tpm/tpm2"
 
+	"github.com/keyd-dev/keyd/internal/swtpmtest"
 	"github.com/keyd-dev/keyd/keystore"
 	"github.com/keyd-dev/keyd/keystore/keystoretest"
 )
@@ -79,14 +80,14 @@ func (p probed) PrivateMaterialProbe(t *testing.T, id string) {
 }
 
 func TestContract(t *testing.T) {
-	s := startSWTPM(t)
+	s := swtpmtest.Start(t)
 	keystoretest.Run(t, func(t *testing.T) keystore.Backend {
 		return probed{newTestBackend(t, s, Config{})}
 	})
 }
 
 func TestAlgorithms(t *testing.T) {
-	s := startSWTPM(t)
+	s := swtpmtest.Start(t)
 	b := newTestBackend(t, s, Config{})
 	want := []keystore.Algorithm{keystore.ES256, keystore.ES384, keystore.RS256, keystore.PS256}
 	if got := b.Algorithms(); !slices.Equal(got, want) {
@@ -109,7 +110,7 @@ func TestAlgorithms(t *testing.T) {
 // while RS256 keys keep working; and checks the fallback to a TPM-generated
 // self-test key when the TPM refuses TPM2_LoadExternal.
 func TestPSSSelfTest(t *testing.T) {
-	s := startSWTPM(t)
+	s := swtpmtest.Start(t)
 
 	t.Run("MaxSalt", func(t *testing.T) {
 		var forged int
@@ -205,13 +206,14 @@ func errorResponse(rc uint32) []byte {
 // TestRetry (T5): TPM_RC_RETRY, _YIELDED and _TESTING are retried at one
 // place, at most three times, then reported as ErrUnavailable.
 func TestRetry(t *testing.T) {
-	s := startSWTPM(t)
+	s := swtpmtest.Start(t)
 	in := &injector{}
 	b, err := newTestBackendErr(t, s, Config{}, in.hook)
 	if err != nil {
 		t.Fatal(err)
 	}
 	base := inspect(t, b)
+	g0, _ := baseline()
 	pub := keystoretest.MustGenerate(t, b, "k")
 	d := keystoretest.Digest(keystore.ES256, []byte("m"))
 	for _, tc := range []struct {
@@ -246,13 +248,16 @@ func TestRetry(t *testing.T) {
 	}
 	in.arm(0, 0, 0)
 	checkFootprint(t, b, base)
+	if g, _ := settle(g0); g > g0 {
+		t.Errorf("goroutines %d → %d", g0, g)
+	}
 }
 
 // TestFrozen (T1): a SIGSTOPped swtpm makes calls fail with ErrUnavailable
 // within the per-command timeout, without a goroutine pile-up; after
 // SIGCONT the backend recovers by itself with every key and slot intact.
 func TestFrozen(t *testing.T) {
-	s := startSWTPM(t)
+	s := swtpmtest.Start(t)
 	const timeout = time.Second
 	b := newTestBackend(t, s, Config{CommandTimeout: timeout})
 	ctx := t.Context()
@@ -262,7 +267,7 @@ func TestFrozen(t *testing.T) {
 	mustSign(t, b, "k", keystore.ES256, pub, d)
 	g0, th0 := baseline()
 
-	s.signal(t, syscall.SIGSTOP)
+	s.Signal(t, syscall.SIGSTOP)
 	start := time.Now()
 	_, err := b.Sign(ctx, "k", d, crypto.SHA256)
 	elapsed := time.Since(start)
@@ -303,7 +308,7 @@ func TestFrozen(t *testing.T) {
 		t.Errorf("Sign on a stopped TPM after the fail-fast window = %v after %v, want ErrUnavailable within %v", err, time.Since(start), timeout)
 	}
 
-	s.signal(t, syscall.SIGCONT)
+	s.Signal(t, syscall.SIGCONT)
 	recoverSign(t, b, "k", keystore.ES256, pub, 10*time.Second)
 	if err := b.Health(ctx); err != nil {
 		t.Errorf("Health after SIGCONT: %v", err)
@@ -322,7 +327,7 @@ func TestFrozen(t *testing.T) {
 // re-created SRK and sign; a call while swtpm is down fails fast with
 // ErrUnavailable.
 func TestRestart(t *testing.T) {
-	s := startSWTPM(t)
+	s := swtpmtest.Start(t)
 	log, logged := testLogger(t)
 	b := newTestBackend(t, s, Config{CommandTimeout: 2 * time.Second, Logger: log})
 	ctx := t.Context()
@@ -341,19 +346,19 @@ func TestRestart(t *testing.T) {
 	for round := range 3 {
 		if round == 0 {
 			// While swtpm is down: a refused connection, at once.
-			s.kill()
+			s.Kill()
 			st := time.Now()
 			_, err := b.Sign(ctx, "ec", keystoretest.Digest(keystore.ES256, []byte("down")), crypto.SHA256)
 			if !errors.Is(err, keystore.ErrUnavailable) || time.Since(st) > time.Second {
 				t.Errorf("Sign with swtpm down = %v after %v, want ErrUnavailable at once", err, time.Since(st))
 			}
-			s.restart(t)
+			s.Restart(t)
 			time.Sleep(b.cooldown) // the fail-fast window after the refusal
 		} else {
 			// The last restart leaves the TPM unstarted, as after a
 			// power-on: keyd must send TPM2_Startup(CLEAR) itself.
-			s.noStartup = round == 2
-			s.restart(t)
+			s.NoStartup = round == 2
+			s.Restart(t)
 		}
 		// The first call after the restart must succeed: the broken
 		// connection is noticed at once, and the call runs again.
@@ -374,28 +379,32 @@ func TestRestart(t *testing.T) {
 // runs: the next call sees TPM_RC_INITIALIZE, keyd sends TPM2_Startup,
 // re-creates the SRK and reloads the key, and the call succeeds.
 func TestReset(t *testing.T) {
-	s := startSWTPM(t)
+	s := swtpmtest.Start(t)
 	b := newTestBackend(t, s, Config{})
 	ctx := t.Context()
 	base := inspect(t, b)
+	g0, _ := baseline()
 	pub, err := b.Generate(ctx, "k", keystore.KeySpec{Algorithm: keystore.ES384})
 	if err != nil {
 		t.Fatal(err)
 	}
 	for i := range 3 {
 		mustSign(t, b, "k", keystore.ES384, pub, keystoretest.Digest(keystore.ES384, []byte("before")))
-		s.reset(t)
+		s.Reset(t)
 		mustSign(t, b, "k", keystore.ES384, pub, keystoretest.Digest(keystore.ES384, fmt.Appendf(nil, "after reset %d", i)))
 	}
-	s.reset(t)
+	s.Reset(t)
 	if err := b.Health(ctx); err != nil {
 		t.Errorf("Health after a reset: %v", err)
 	}
 	// A key generated after a reset is under the same (re-created) SRK.
 	pub2 := keystoretest.MustGenerate(t, b, "k2")
-	s.reset(t)
+	s.Reset(t)
 	mustSign(t, b, "k2", keystore.ES256, pub2, keystoretest.Digest(keystore.ES256, []byte("k2")))
 	checkFootprint(t, b, base)
+	if g, _ := settle(g0); g > g0 {
+		t.Errorf("goroutines %d → %d", g0, g)
+	}
 }
 
 // TestChurn (T3, T9): many signatures and generate/destroy cycles leave the
@@ -403,7 +412,7 @@ func TestReset(t *testing.T) {
 // TPM_RC_OBJECT_MEMORY, and every ECDSA signature verifies, including those
 // whose r or s is shorter than the curve size.
 func TestChurn(t *testing.T) {
-	s := startSWTPM(t)
+	s := swtpmtest.Start(t)
 	b := newTestBackend(t, s, Config{})
 	ctx := t.Context()
 	base := inspect(t, b)
@@ -489,10 +498,11 @@ func rawECDSA(der []byte, size int) ([]byte, bool, error) {
 // TestConcurrent64 (T8): 64 goroutines sign with three keys while keys come
 // and go; every command goes through the one connection.
 func TestConcurrent64(t *testing.T) {
-	s := startSWTPM(t)
+	s := swtpmtest.Start(t)
 	b := newTestBackend(t, s, Config{})
 	ctx := t.Context()
 	base := inspect(t, b)
+	g0, _ := baseline()
 	specs := map[string]keystore.Algorithm{"p256": keystore.ES256, "p384": keystore.ES384, "rsa": keystore.RS256}
 	pubs := map[string]crypto.PublicKey{}
 	for id, alg := range specs {
@@ -543,6 +553,9 @@ func TestConcurrent64(t *testing.T) {
 	})
 	wg.Wait()
 	checkFootprint(t, b, base)
+	if g, _ := settle(g0); g > g0 {
+		t.Errorf("goroutines %d → %d", g0, g)
+	}
 }
 
 // TestFuzzedRequests (T4): a random stream of requests — bad IDs, unknown
@@ -550,9 +563,10 @@ func TestConcurrent64(t *testing.T) {
 // cancelled contexts — gets only the errors the contract names, and leaves
 // the TPM's lockout counter at 0: no request can reach TPM authorization.
 func TestFuzzedRequests(t *testing.T) {
-	s := startSWTPM(t)
+	s := swtpmtest.Start(t)
 	b := newTestBackend(t, s, Config{})
 	base := inspect(t, b)
+	g0, _ := baseline()
 	if base.lockout != 0 {
 		t.Fatalf("lockout counter %d before the test", base.lockout)
 	}
@@ -649,6 +663,9 @@ func TestFuzzedRequests(t *testing.T) {
 		t.Errorf("TPM_PT_LOCKOUT_COUNTER = %d after %d fuzzed requests, want 0", info.lockout, n)
 	}
 	checkFootprint(t, b, base)
+	if g, _ := settle(g0); g > g0 {
+		t.Errorf("goroutines %d → %d", g0, g)
+	}
 }
 
 // TestCleared (T6): TPM2_Clear (tpm2_clear through the lockout hierarchy)
@@ -656,7 +673,7 @@ func TestFuzzedRequests(t *testing.T) {
 // Sign, Generate and Health fail with ErrKeyLost; no key is replaced and
 // the files and public keys stay.
 func TestCleared(t *testing.T) {
-	s := startSWTPM(t)
+	s := swtpmtest.Start(t)
 	dir := filepath.Join(t.TempDir(), "state")
 	ctx := t.Context()
 	b := newTestBackend(t, s, Config{StateDir: dir})
@@ -666,7 +683,7 @@ func TestCleared(t *testing.T) {
 
 	// swtpm serves one connection: let tpm2_clear in.
 	disconnect(t, b)
-	s.tool(t, "tpm2_clear", "-c", "l")
+	s.Tool(t, "tpm2_clear", "-c", "l")
 
 	for _, f := range []struct {
 		name string
@@ -704,14 +721,14 @@ func TestCleared(t *testing.T) {
 	}
 	// The refused New flushed what it created: the TPM has no transient
 	// objects left (tpm2_getcap can connect, and lists none).
-	if out := s.tool(t, "tpm2_getcap", "handles-transient"); strings.TrimSpace(out) != "" {
+	if out := s.Tool(t, "tpm2_getcap", "handles-transient"); strings.TrimSpace(out) != "" {
 		t.Errorf("transient objects left after a refused New: %s", out)
 	}
 }
 
 // TestPin (T6): the pinned SRK name is checked at start.
 func TestPin(t *testing.T) {
-	s := startSWTPM(t)
+	s := swtpmtest.Start(t)
 	ctx := t.Context()
 	for _, tc := range []struct {
 		name   string
@@ -769,8 +786,8 @@ func TestPin(t *testing.T) {
 // TestOwnerAuth: the owner hierarchy's authorization comes from a file; a
 // wrong one is ErrLocked, at once, without touching the lockout counter.
 func TestOwnerAuth(t *testing.T) {
-	s := startSWTPM(t)
-	s.tool(t, "tpm2_changeauth", "-c", "o", "hunter2")
+	s := swtpmtest.Start(t)
+	s.Tool(t, "tpm2_changeauth", "-c", "o", "hunter2")
 	dir := t.TempDir()
 	good := filepath.Join(dir, "good")
 	bad := filepath.Join(dir, "bad")
@@ -797,10 +814,10 @@ func TestOwnerAuth(t *testing.T) {
 
 	loose := filepath.Join(dir, "loose")
 	writeFile(t, loose, []byte("hunter2"), 0o644)
-	if _, err := New(t.Context(), Config{Address: s.addr(), StateDir: t.TempDir(), OwnerAuthFile: loose}); !errors.Is(err, keystore.ErrInsecureStorage) {
+	if _, err := New(t.Context(), Config{Address: s.Addr(), StateDir: t.TempDir(), OwnerAuthFile: loose}); !errors.Is(err, keystore.ErrInsecureStorage) {
 		t.Errorf("New with a world-readable owner auth file = %v, want ErrInsecureStorage", err)
 	}
-	if _, err := New(t.Context(), Config{Address: s.addr(), StateDir: t.TempDir(), OwnerAuthFile: filepath.Join(dir, "missing")}); !errors.Is(err, fs.ErrNotExist) {
+	if _, err := New(t.Context(), Config{Address: s.Addr(), StateDir: t.TempDir(), OwnerAuthFile: filepath.Join(dir, "missing")}); !errors.Is(err, fs.ErrNotExist) {
 		t.Errorf("New with a missing owner auth file = %v, want fs.ErrNotExist", err)
 	}
 }
@@ -809,7 +826,7 @@ func TestOwnerAuth(t *testing.T) {
 // right sentinel; an interrupted write leaves no key; one process per
 // state directory.
 func TestStorage(t *testing.T) {
-	s := startSWTPM(t)
+	s := swtpmtest.Start(t)
 	ctx := t.Context()
 	dir := filepath.Join(t.TempDir(), "state")
 	b := newTestBackend(t, s, Config{StateDir: dir})
@@ -832,7 +849,7 @@ func TestStorage(t *testing.T) {
 		b = newTestBackend(t, s, Config{StateDir: dir})
 	}
 
-	if _, err := New(ctx, Config{Address: s.addr(), StateDir: dir}); err == nil || !strings.Contains(err.Error(), "in use") {
+	if _, err := New(ctx, Config{Address: s.Addr(), StateDir: dir}); err == nil || !strings.Contains(err.Error(), "in use") {
 		t.Errorf("second New on one state directory = %v, want an in-use error", err)
 	}
 
@@ -915,7 +932,7 @@ func TestStorage(t *testing.T) {
 		t.Fatal(err)
 	}
 	b.Close()
-	if _, err := New(ctx, Config{Address: s.addr(), StateDir: dir}); !errors.Is(err, keystore.ErrInsecureStorage) {
+	if _, err := New(ctx, Config{Address: s.Addr(), StateDir: dir}); !errors.Is(err, keystore.ErrInsecureStorage) {
 		t.Errorf("New on a 0777 state directory = %v, want ErrInsecureStorage", err)
 	}
 	os.Chmod(dir, 0o700)
@@ -972,7 +989,7 @@ func TestConfig(t *testing.T) {
 		}
 	}
 	// Nothing listens: ErrUnavailable, not a hang.
-	port, err := freePortPair()
+	port, err := swtpmtest.FreePortPair()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -1031,7 +1048,7 @@ func recoverSign(t *testing.T, b *Backend, id string, alg keystore.Algorithm, pu
 // get their context's error at their deadline; the command finishes in the
 // background and its result is dropped (a generated key is not stored).
 func TestDeadlines(t *testing.T) {
-	s := startSWTPM(t)
+	s := swtpmtest.Start(t)
 	hold := newCreateHold(t)
 	b, err := newTestBackendErr(t, s, Config{}, hold.hook)
 	if err != nil {

@@ -12,6 +12,7 @@ import (
 
 	"github.com/google/go-tpm/tpm2"
 
+	"github.com/keyd-dev/keyd/internal/swtpmtest"
 	"github.com/keyd-dev/keyd/keystore"
 	"github.com/keyd-dev/keyd/keystore/keystoretest"
 )
@@ -101,7 +102,7 @@ func (f *forger) counts() (loads, forged int) {
 // signs again, once; if that is wrong too, Sign fails. Signatures by the
 // same loaded handle afterwards get only the structural checks.
 func TestVerifyAfterLoad(t *testing.T) {
-	s := startSWTPM(t)
+	s := swtpmtest.Start(t)
 	f := newForger(t)
 	log, logged := testLogger(t)
 	b, err := newTestBackendErr(t, s, Config{Logger: log}, f.hook)
@@ -136,7 +137,7 @@ func TestVerifyAfterLoad(t *testing.T) {
 
 	// A TPM reset: the key is reloaded, and the first signature after
 	// the reload is verified again.
-	s.reset(t)
+	s.Reset(t)
 	f.set(func(f *forger) { f.afterLoad = 1 })
 	loads0, forged0 := f.counts()
 	mustSign(t, b, "k2", keystore.ES256, pub2, d)

@@ -1,0 +1,210 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"runtime"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc/codes"
+
+	"github.com/keyd-dev/keyd/client"
+	"github.com/keyd-dev/keyd/internal/config"
+	"github.com/keyd-dev/keyd/internal/swtpmtest"
+)
+
+// proofCode asks for one DPoP proof and returns its gRPC code.
+func proofCode(cl *client.Client, timeout time.Duration) (codes.Code, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	_, err := cl.DPoP("d").Proof(ctx, "GET", "https://a.example/")
+	if err == nil {
+		return codes.OK, nil
+	}
+	var ke *client.Error
+	if errors.As(err, &ke) {
+		return ke.Code, err
+	}
+	return codes.Unknown, err
+}
+
+// awaitCode asks for proofs until one gets want, within limit; only
+// UNAVAILABLE may come before.
+func awaitCode(t *testing.T, cl *client.Client, want codes.Code, limit time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(limit)
+	for {
+		c, err := proofCode(cl, 5*time.Second)
+		if c == want {
+			return
+		}
+		if c != codes.Unavailable {
+			t.Fatalf("proof = %v (%v), want %v (or UNAVAILABLE meanwhile)", c, err, want)
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no %v within %v; last: %v", want, limit, err)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+// TestTPMFaultsOverGRPC (T1, T2, T3, T6, T7): keyd on a real swtpm, seen
+// through gRPC. A stopped TPM is UNAVAILABLE and recovers after SIGCONT; a
+// killed and restarted swtpm and a TPM reset are survived without
+// restarting keyd; 10 000 signatures and 100 rotations leave no transient
+// object behind; goroutines come back to baseline; a TPM cleared while
+// keyd runs is DATA_LOSS, with the active key kept, never replaced.
+func TestTPMFaultsOverGRPC(t *testing.T) {
+	swtpmtest.Require(t, "tpm2_clear", "tpm2_getcap")
+	s := swtpmtest.Start(t)
+
+	dir, err := os.MkdirTemp("", "kt")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	yaml := fmt.Sprintf(`socket: %[1]s/k.sock
+state_dir: %[1]s/state
+backend: {tpm: {address: "%[3]s", command_timeout: 1s}}
+keysets:
+  - name: d
+    purpose: dpop
+    alg: ES256
+    allow: {uids: [%[2]d]}
+`, dir, os.Geteuid(), s.Addr())
+	cfg, err := config.Parse([]byte(yaml), "test.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, cl, stop := serveTPM(t, cfg)
+	defer stop()
+	awaitCode(t, cl, codes.OK, 10*time.Second)
+	active := func() string {
+		k, err := cl.ActiveKey(context.Background(), "d")
+		if err != nil {
+			t.Fatalf("active key: %v", err)
+		}
+		return k.Kid
+	}
+	time.Sleep(100 * time.Millisecond)
+	g0 := runtime.NumGoroutine()
+
+	// T1: stopped, then continued.
+	s.Signal(t, syscall.SIGSTOP)
+	if c, err := proofCode(cl, 5*time.Second); c != codes.Unavailable {
+		t.Errorf("proof on a stopped TPM = %v (%v), want UNAVAILABLE", c, err)
+	}
+	s.Signal(t, syscall.SIGCONT)
+	awaitCode(t, cl, codes.OK, 15*time.Second)
+
+	// T2, T7: swtpm killed and restarted, three times; a TPM reset.
+	for range 3 {
+		s.Restart(t)
+		awaitCode(t, cl, codes.OK, 15*time.Second)
+	}
+	s.Reset(t)
+	if c, err := proofCode(cl, 5*time.Second); c != codes.OK {
+		t.Errorf("proof after a TPM reset = %v (%v), want OK at once", c, err)
+	}
+
+	// T3: 100 rotations and 10 000 signatures.
+	for i := range 100 {
+		if _, err := d.Manager().Rotate(context.Background(), "d", true); err != nil {
+			t.Fatalf("rotation %d: %v", i, err)
+		}
+		for j := range 100 {
+			if c, err := proofCode(cl, 10*time.Second); c != codes.OK {
+				t.Fatalf("rotation %d, proof %d: %v (%v)", i, j, c, err)
+			}
+		}
+	}
+	kid := active()
+	keys, err := cl.ListKeys(context.Background(), "d")
+	if err != nil {
+		t.Fatal(err)
+	}
+	nkeys := len(keys)
+	var g int
+	for range 100 {
+		if g = runtime.NumGoroutine(); g <= g0+2 {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if g > g0+2 {
+		t.Errorf("goroutines %d → %d after the faults", g0, g)
+	}
+
+	// keyd's Close flushes only the objects it knows of: whatever leaked
+	// would still be in the TPM.
+	stop()
+	if out := s.Tool(t, "tpm2_getcap", "handles-transient"); strings.TrimSpace(out) != "" {
+		t.Errorf("transient objects left in the TPM after keyd stopped: %s", out)
+	}
+	if out := s.Tool(t, "tpm2_getcap", "properties-variable"); !strings.Contains(out, "TPM2_PT_LOCKOUT_COUNTER: 0x0\n") {
+		t.Errorf("lockout counter not 0:\n%s", out)
+	}
+
+	// T6: TPM2_Clear while keyd runs. swtpm serves one connection, and
+	// keyd holds it: the same TPM state is cleared through other ports.
+	_, cl, stop = serveTPM(t, cfg)
+	defer stop()
+	awaitCode(t, cl, codes.OK, 10*time.Second)
+	s.Kill()
+	other := swtpmtest.StartWith(t, s.Dir)
+	other.Tool(t, "tpm2_clear", "-c", "p")
+	other.Kill()
+	s.Restart(t)
+	awaitCode(t, cl, codes.DataLoss, 15*time.Second)
+	if c, err := proofCode(cl, 5*time.Second); c != codes.DataLoss {
+		t.Errorf("second proof after TPM2_Clear = %v (%v), want DATA_LOSS", c, err)
+	}
+	// The active key is recorded lost, not replaced by a new one.
+	keys, err = cl.ListKeys(context.Background(), "d")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(keys) != nkeys {
+		t.Errorf("%d versions after TPM2_Clear, want %d: no key may be generated", len(keys), nkeys)
+	}
+	for _, k := range keys {
+		if k.State == "active" || (k.Kid == kid && k.State != "lost") {
+			t.Errorf("after TPM2_Clear: %s is %s; want the active key %s lost and none other active", k.Kid, k.State, kid)
+		}
+	}
+}
+
+// serveTPM runs a daemon with cfg in this process and dials it; stop
+// stops it (once).
+func serveTPM(t *testing.T, cfg *config.Config) (*Daemon, *client.Client, func()) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	d, err := New(ctx, cfg, Options{})
+	if err != nil {
+		cancel()
+		t.Fatal(err)
+	}
+	served := make(chan error, 1)
+	go func() { served <- d.Serve(ctx) }()
+	cl, err := client.Dial(cfg.Socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	stopped := false
+	return d, cl, func() {
+		if stopped {
+			return
+		}
+		stopped = true
+		cl.Close()
+		cancel()
+		if err := <-served; err != nil {
+			t.Errorf("serve: %v", err)
+		}
+	}
+}
