@@ -1,0 +1,202 @@
+package pkcs11
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	p11 "github.com/miekg/pkcs11"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+
+	"github.com/keyd-dev/keyd/client"
+	"github.com/keyd-dev/keyd/internal/audit"
+	"github.com/keyd-dev/keyd/internal/authz"
+	"github.com/keyd-dev/keyd/internal/listener"
+	"github.com/keyd-dev/keyd/internal/policy"
+	"github.com/keyd-dev/keyd/internal/server"
+	"github.com/keyd-dev/keyd/keystore"
+	"github.com/keyd-dev/keyd/rotation"
+)
+
+// discardAudit takes every record.
+type discardAudit struct{}
+
+func (discardAudit) Record(audit.Record) error { return nil }
+
+// overGRPC serves b through keyd's API as the daemon does — the key
+// lifecycle with one DPoP key set "d" (ES256), the Sign handler and its
+// policy, gRPC on a Unix socket with peer credentials — and returns a
+// client. Everything stops at the test's cleanup, before its leak checks.
+func overGRPC(t *testing.T, b *Backend) *client.Client {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "kp")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	store, err := rotation.OpenStore(filepath.Join(dir, "state"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { store.Close() })
+	mgr, err := rotation.New(t.Context(), rotation.Config{Backend: b, Store: store, KeySets: []rotation.KeySet{
+		{Name: "d", Purpose: string(policy.DPoP), Spec: keystore.KeySpec{Algorithm: keystore.ES256}},
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	me, err := authz.NewList(authz.Spec{UIDs: []int{os.Geteuid()}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv, err := server.New(server.Config{Manager: mgr, Admins: me, Audit: discardAudit{},
+		KeySets: map[string]server.KeySet{"d": {Allow: me, Policy: policy.Policy{Purpose: policy.DPoP}}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sock := filepath.Join(dir, "k.sock")
+	lis, err := listener.Unix(sock, 0o600, -1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := grpc.NewServer(grpc.Creds(authz.PeerCredentials()))
+	srv.Register(g)
+	go g.Serve(lis)
+	t.Cleanup(g.Stop)
+	cl, err := client.Dial(sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cl.Close() })
+	return cl
+}
+
+// proofCode asks cl for one DPoP proof within timeout and returns the
+// gRPC code of the answer.
+func proofCode(cl *client.Client, timeout time.Duration) (codes.Code, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	_, err := cl.DPoP("d").Proof(ctx, "GET", "https://rs.example/")
+	if err == nil {
+		return codes.OK, nil
+	}
+	var ke *client.Error
+	if errors.As(err, &ke) {
+		return ke.Code, err
+	}
+	return codes.Unknown, err
+}
+
+// wantCode fails the test unless a proof gets want.
+func wantCode(t *testing.T, cl *client.Client, timeout time.Duration, want codes.Code, what string) {
+	t.Helper()
+	if c, err := proofCode(cl, timeout); c != want {
+		t.Errorf("%s: proof = %v (%v); want %v", what, c, err, want)
+	}
+}
+
+// sameKey fails the test unless the key set's only version is still kid,
+// active: no key was lost or replaced.
+func sameKey(t *testing.T, cl *client.Client, kid string) {
+	t.Helper()
+	keys, err := cl.ListKeys(t.Context(), "d")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(keys) != 1 || keys[0].Kid != kid || keys[0].State != "active" {
+		t.Errorf("key versions %+v; want only %s, active", keys, kid)
+	}
+}
+
+// The P rows that the fault wrapper produces, seen as a caller sees them:
+// the gRPC code of a DPoP proof while the fault lasts and after, the key
+// unchanged, and goroutines and threads back to their baseline.
+func TestFaultCodesOverGRPC(t *testing.T) {
+	setup := func(t *testing.T) (*faultModule, *client.Client, string) {
+		t.Helper()
+		checkGoroutines(t)
+		f := newFaultModule()
+		b, _ := faultBackend(t, f, options{recoverBackoff: time.Millisecond, hangAfter: 100 * time.Millisecond})
+		cl := overGRPC(t, b)
+		k, err := cl.ActiveKey(t.Context(), "d")
+		if err != nil {
+			t.Fatal(err)
+		}
+		wantCode(t, cl, 10*time.Second, codes.OK, "before the fault")
+		return f, cl, k.Kid
+	}
+
+	// P2, P4: a stale session or a lost login is recovered within the
+	// call; a fault that outlives the recovery is UNAVAILABLE, then OK
+	// once it is gone.
+	for name, c := range map[string]uint{
+		"P2 CKR_SESSION_HANDLE_INVALID": p11.CKR_SESSION_HANDLE_INVALID,
+		"P2 CKR_SESSION_CLOSED":         p11.CKR_SESSION_CLOSED,
+		"P2 CKR_DEVICE_REMOVED":         p11.CKR_DEVICE_REMOVED,
+		"P2 CKR_TOKEN_NOT_PRESENT":      p11.CKR_TOKEN_NOT_PRESENT,
+		"P4 CKR_USER_NOT_LOGGED_IN":     p11.CKR_USER_NOT_LOGGED_IN,
+	} {
+		t.Run(name, func(t *testing.T) {
+			f, cl, kid := setup(t)
+			f.set("Sign", times(1, c))
+			wantCode(t, cl, 10*time.Second, codes.OK, "one fault")
+			f.set("Sign", always(c))
+			wantCode(t, cl, 10*time.Second, codes.Unavailable, "a lasting fault")
+			f.clear()
+			time.Sleep(10 * time.Millisecond) // past the recovery backoff
+			wantCode(t, cl, 10*time.Second, codes.OK, "after the fault")
+			sameKey(t, cl, kid)
+		})
+	}
+
+	// P6: the token refuses more sessions: UNAVAILABLE, not a hang.
+	t.Run("P6 CKR_SESSION_COUNT", func(t *testing.T) {
+		f, cl, kid := setup(t)
+		f.set("OpenSession", always(p11.CKR_SESSION_COUNT))
+		f.set("Sign", times(1, p11.CKR_SESSION_HANDLE_INVALID)) // the pooled session dies
+		if c, err := proofCode(cl, 10*time.Second); c != codes.Unavailable && c != codes.ResourceExhausted {
+			t.Errorf("no session to be had: proof = %v (%v); want UNAVAILABLE or RESOURCE_EXHAUSTED", c, err)
+		}
+		f.clear()
+		time.Sleep(10 * time.Millisecond)
+		wantCode(t, cl, 10*time.Second, codes.OK, "after the fault")
+		sameKey(t, cl, kid)
+	})
+
+	// P6, P7: the device hangs in C_Sign with both sessions taken; many
+	// callers get DEADLINE_EXCEEDED at their own deadlines (the pool is
+	// bounded, waiters honour their deadline), then OK once it answers.
+	t.Run("P6 P7 hung C_Sign", func(t *testing.T) {
+		f, cl, kid := setup(t)
+		block := make(chan struct{})
+		f.mu.Lock()
+		f.block = block
+		f.mu.Unlock()
+		var wg sync.WaitGroup
+		got := make(chan codes.Code, 20)
+		for range 20 {
+			wg.Go(func() {
+				c, _ := proofCode(cl, 300*time.Millisecond)
+				got <- c
+			})
+		}
+		wg.Wait()
+		close(got)
+		for c := range got {
+			if c != codes.DeadlineExceeded {
+				t.Errorf("proof while the device hangs = %v; want DEADLINE_EXCEEDED", c)
+			}
+		}
+		f.mu.Lock()
+		f.block = nil
+		f.mu.Unlock()
+		close(block)
+		wantCode(t, cl, 10*time.Second, codes.OK, "after the device answered")
+		sameKey(t, cl, kid)
+	})
+}
