@@ -2,7 +2,6 @@ package daemon
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"os"
 	"runtime"
@@ -12,6 +11,7 @@ import (
 	"time"
 
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"github.com/keyd-dev/keyd/client"
 	"github.com/keyd-dev/keyd/internal/config"
@@ -23,14 +23,7 @@ func proofCode(cl *client.Client, timeout time.Duration) (codes.Code, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	_, err := cl.DPoP("d").Proof(ctx, "GET", "https://a.example/")
-	if err == nil {
-		return codes.OK, nil
-	}
-	var ke *client.Error
-	if errors.As(err, &ke) {
-		return ke.Code, err
-	}
-	return codes.Unknown, err
+	return status.Code(err), err // the client's errors carry their status
 }
 
 // awaitCode asks for proofs until one gets want, within limit; only

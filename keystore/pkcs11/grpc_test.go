@@ -2,7 +2,6 @@ package pkcs11
 
 import (
 	"context"
-	"errors"
 	"os"
 	"path/filepath"
 	"sync"
@@ -12,6 +11,7 @@ import (
 	p11 "github.com/miekg/pkcs11"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"github.com/keyd-dev/keyd/client"
 	"github.com/keyd-dev/keyd/internal/audit"
@@ -82,14 +82,7 @@ func proofCode(cl *client.Client, timeout time.Duration) (codes.Code, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	_, err := cl.DPoP("d").Proof(ctx, "GET", "https://rs.example/")
-	if err == nil {
-		return codes.OK, nil
-	}
-	var ke *client.Error
-	if errors.As(err, &ke) {
-		return ke.Code, err
-	}
-	return codes.Unknown, err
+	return status.Code(err), err // the client's errors carry their status
 }
 
 // wantCode fails the test unless a proof gets want.
