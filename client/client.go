@@ -181,11 +181,27 @@ func (c *Client) sign(ctx context.Context, req *keydv1.SignRequest) (Signed, err
 // JWKS returns the JWK Set ({"keys":[...]}) of the named key sets, or of
 // every key set the caller may use when none are named.
 func (c *Client) JWKS(ctx context.Context, keysets ...string) ([]byte, error) {
+	set, err := c.JWKSet(ctx, keysets...)
+	return set.JSON, err
+}
+
+// JWKSet is a JWK Set the daemon publishes.
+type JWKSet struct {
+	// JSON is the RFC 7517 JWK Set, {"keys":[...]}.
+	JSON []byte
+	// StaleKids are the kids of the keys in JSON that the backend lost
+	// (state lost): they no longer sign, and stay published until an
+	// operator rotates or revokes their key set.
+	StaleKids []string
+}
+
+// JWKSet is JWKS with the kids of the stale keys in the set.
+func (c *Client) JWKSet(ctx context.Context, keysets ...string) (JWKSet, error) {
 	resp, err := c.keys.GetJWKS(ctx, &keydv1.GetJWKSRequest{Keysets: keysets})
 	if err != nil {
-		return nil, fromStatus(err)
+		return JWKSet{}, fromStatus(err)
 	}
-	return resp.Jwks, nil
+	return JWKSet{JSON: resp.Jwks, StaleKids: resp.StaleKids}, nil
 }
 
 // Key is one key version.

@@ -386,15 +386,21 @@ func (c *cli) jwks(args []string) error {
 		return err
 	}
 	defer done()
-	b, err := cl.JWKS(ctx, sets...)
+	set, err := cl.JWKSet(ctx, sets...)
 	if err != nil {
 		return err
 	}
 	var v any
-	if err := json.Unmarshal(b, &v); err != nil {
+	if err := json.Unmarshal(set.JSON, &v); err != nil {
 		return err
 	}
-	return printJSON(c.stdout, v)
+	if err := printJSON(c.stdout, v); err != nil {
+		return err
+	}
+	for _, kid := range set.StaleKids {
+		fmt.Fprintf(c.stderr, "keyd: warning: key %s is stale: the backend lost it and it no longer signs; it stays published until you rotate its key set (keyd keys rotate NAME --now) or revoke it\n", kid)
+	}
+	return nil
 }
 
 func printJSON(w io.Writer, v any) error {
