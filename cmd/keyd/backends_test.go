@@ -137,6 +137,8 @@ func TestScriptsOnPKCS11(t *testing.T) {
 		}
 		env.Setenv("BACKEND_BADPIN", fmt.Sprintf("{pkcs11: {module: %q, uri: %q, pin_file: %q}}",
 			vars["KEYD_PKCS11_MODULE"], vars["KEYD_PKCS11_URI"], badpin))
+		env.Setenv("BACKEND_QUICK", fmt.Sprintf("{pkcs11: {module: %q, uri: %q, pin_file: %q, open_timeout: 1s}}",
+			vars["KEYD_PKCS11_MODULE"], vars["KEYD_PKCS11_URI"], vars["KEYD_PKCS11_PIN_FILE"]))
 		return nil
 	})
 }

@@ -149,7 +149,15 @@ type PKCS11Backend struct {
 	// keys made inside the token (C_CopyObject); false signs with the
 	// token objects.
 	SessionCopies *bool `yaml:"session_copies"`
+	// OpenTimeout bounds opening the token at start: loading and
+	// initializing the module, logging in and the first health probe
+	// (default 1m). Past it keyd exits (status 1) so that its supervisor
+	// starts it again, rather than hang on a module that does not answer.
+	OpenTimeout Duration `yaml:"open_timeout"`
 }
+
+// DefaultPKCS11OpenTimeout is backend.pkcs11.open_timeout's default.
+const DefaultPKCS11OpenTimeout = time.Minute
 
 // TPMBackend configures the TPM 2.0 keystore.
 type TPMBackend struct {
@@ -428,6 +436,9 @@ func (c *Config) Validate() error {
 		case b.PINEnv != "" && !envName(b.PINEnv):
 			// Not quoted: a value that is no variable name may be the PIN.
 			add("backend.pkcs11.pin_env", "must be the name of an environment variable (letters, digits and _, not starting with a digit), such as KEYD_PKCS11_PIN; the PIN goes in that variable, never in the configuration")
+		}
+		if b.OpenTimeout < 0 {
+			add("backend.pkcs11.open_timeout", "must not be negative")
 		}
 		if b.MaxSessions < 0 {
 			add("backend.pkcs11.max_sessions", "must not be negative")
@@ -779,6 +790,14 @@ func (c *Config) PKCS11Config() (pkcs11.Config, error) {
 	}
 	return pkcs11.Config{Module: b.Module, URI: b.URI, PIN: pin, MaxSessions: b.MaxSessions,
 		NoSessionCopies: b.SessionCopies != nil && !*b.SessionCopies}, nil
+}
+
+// PKCS11OpenTimeout is backend.pkcs11.open_timeout, or its default.
+func (c *Config) PKCS11OpenTimeout() time.Duration {
+	if b := c.Backend.PKCS11; b != nil && b.OpenTimeout > 0 {
+		return time.Duration(b.OpenTimeout)
+	}
+	return DefaultPKCS11OpenTimeout
 }
 
 // SoftDir is the soft keystore's directory.

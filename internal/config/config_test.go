@@ -309,3 +309,21 @@ func TestBadDurationWithOtherProblems(t *testing.T) {
 		}
 	}
 }
+
+func TestPKCS11OpenTimeout(t *testing.T) {
+	const cfg = "socket: /run/keyd/keyd.sock\nstate_dir: /var/lib/keyd\n" +
+		"backend: {pkcs11: {module: /usr/lib/softhsm/libsofthsm2.so, uri: \"pkcs11:token=keyd\", pin_env: KEYD_PIN%s}}\n" +
+		"keysets: [{name: d, purpose: dpop, alg: ES256, allow: {uids: [0]}}]\n"
+	for extra, want := range map[string]time.Duration{"": DefaultPKCS11OpenTimeout, ", open_timeout: 5s": 5 * time.Second} {
+		c, err := Parse([]byte(strings.Replace(cfg, "%s", extra, 1)), "keyd.yaml")
+		if err != nil {
+			t.Fatalf("%q: %v", extra, err)
+		}
+		if got := c.PKCS11OpenTimeout(); got != want {
+			t.Errorf("%q: open timeout %v, want %v", extra, got, want)
+		}
+	}
+	if _, err := Parse([]byte(strings.Replace(cfg, "%s", ", open_timeout: -1s", 1)), "keyd.yaml"); err == nil || !strings.Contains(err.Error(), "backend.pkcs11.open_timeout: must not be negative") {
+		t.Errorf("negative open_timeout: %v", err)
+	}
+}

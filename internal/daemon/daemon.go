@@ -291,13 +291,18 @@ func openBackend(ctx context.Context, cfg *config.Config, log *slog.Logger) (key
 			return nil, err
 		}
 		pc.Logger = log
-		b, err := pkcs11.New(ctx, pc)
+		// A module that does not answer must not hang the start for
+		// good: New and the probe below give up at open_timeout.
+		octx, cancel := context.WithTimeoutCause(ctx, cfg.PKCS11OpenTimeout(),
+			fmt.Errorf("backend.pkcs11.open_timeout (%v) passed", cfg.PKCS11OpenTimeout()))
+		defer cancel()
+		b, err := pkcs11.New(octx, pc)
 		if err != nil {
 			return nil, err
 		}
 		// A wrong PIN leaves the backend locked after its one C_Login:
 		// say so now, rather than at the first signature.
-		if err := b.Health(ctx); errors.Is(err, keystore.ErrLocked) {
+		if err := b.Health(octx); errors.Is(err, keystore.ErrLocked) {
 			b.Close()
 			return nil, fmt.Errorf("pkcs11 token: %w", err)
 		}

@@ -1658,16 +1658,7 @@ func TestSignDeadlineWhileOpenSessionHangs(t *testing.T) {
 	b.drainIdle() // the next Sign must open a session
 
 	release := make(chan struct{})
-	f.set("OpenSession", func() error {
-		for {
-			select {
-			case <-release:
-				return nil
-			default:
-				cgoblock.Sleep(2 * time.Millisecond) // hung in the module
-			}
-		}
-	})
+	f.set("OpenSession", hangUntil(release))
 	defer func() {
 		select {
 		case <-release:
@@ -1769,16 +1760,7 @@ func TestHealthSeesHungOpenSession(t *testing.T) {
 	b.drainIdle() // the next Sign must open a session
 
 	release := make(chan struct{})
-	f.set("OpenSession", func() error {
-		for {
-			select {
-			case <-release:
-				return nil
-			default:
-				cgoblock.Sleep(2 * time.Millisecond) // hung in the module
-			}
-		}
-	})
+	f.set("OpenSession", hangUntil(release))
 	released := false
 	unblock := func() {
 		if !released {
@@ -1949,5 +1931,68 @@ func TestCloseWhileOtherBackendReinitializes(t *testing.T) {
 	t.Logf("Close while another Backend re-initializes the module: %v after %v", err, took.Round(time.Millisecond))
 	if took > hang/2 {
 		t.Errorf("Close took %v with its wait at %v: it waited for the other Backend's hung C_Initialize", took.Round(time.Millisecond), closeWait)
+	}
+}
+
+// P7 at start: the module hangs in C_Login (a network HSM that stops
+// answering). New returns ErrUnavailable when its context ends instead of
+// hanging the daemon's start for good; the Backend opened once the module
+// answers is closed, and the token works for the next New.
+func TestNewReturnsWhileLoginHangs(t *testing.T) {
+	checkGoroutines(t)
+	tok := newToken(t)
+	f := newFaultModule()
+	release := make(chan struct{})
+	f.set("Login", hangUntil(release))
+	ctx, cancel := context.WithTimeout(t.Context(), 300*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	b, err := openWithin(ctx, tok.config(t), f.options(options{}))
+	took := time.Since(start)
+	if !errors.Is(err, keystore.ErrUnavailable) || !errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("New with C_Login hung = %v, %v; want ErrUnavailable saying the deadline passed", b, err)
+	}
+	if took > 5*time.Second {
+		t.Errorf("New took %v with a 300ms deadline", took.Round(time.Millisecond))
+	}
+	close(release)
+	// The late Backend is closed: the module has no user left.
+	for i := 0; libUsers(tok.config(t).Module) > 0; i++ {
+		if i == 500 {
+			t.Fatal("the Backend opened after the deadline was not closed within 5 s")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	f.clear()
+	b2 := openBackend(t, tok.config(t), options{})
+	pub := keystoretest.MustGenerate(t, b2, "k")
+	signOK(t, b2, "k", pub)
+}
+
+// libUsers returns the number of Backends using the module at path.
+func libUsers(path string) int {
+	libraries.Lock()
+	l := libraries.m[path]
+	libraries.Unlock()
+	if l == nil {
+		return 0
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.users
+}
+
+// hangUntil makes a call hang inside C, as a device that stopped answering
+// would, until release is closed; the call then goes through.
+func hangUntil(release <-chan struct{}) func() error {
+	return func() error {
+		for {
+			select {
+			case <-release:
+				return nil
+			default:
+				cgoblock.Sleep(2 * time.Millisecond) // hung in the module
+			}
+		}
 	}
 }

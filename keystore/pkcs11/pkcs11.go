@@ -310,10 +310,41 @@ var _ keystore.Backend = (*Backend)(nil)
 // initialized, or no token (or more than one) matches the URI. If the token
 // refuses the PIN, New logs the failure and returns a locked Backend whose
 // calls and Health fail with keystore.ErrLocked: it never tries the PIN
-// again, and a daemon restarted in a loop tries it once per start. ctx is
-// checked before the module is touched; PKCS#11 calls cannot be interrupted.
+// again, and a daemon restarted in a loop tries it once per start.
+//
+// PKCS#11 calls cannot be interrupted: when ctx ends before the module has
+// opened the token (a network HSM that does not answer), New returns
+// ErrUnavailable at once and the opening goes on in the background; a
+// Backend it opens late is closed.
 func New(ctx context.Context, cfg Config) (*Backend, error) {
-	return open(ctx, cfg, options{})
+	return openWithin(ctx, cfg, options{})
+}
+
+// openWithin is open, abandoned when ctx ends (see New).
+func openWithin(ctx context.Context, cfg Config, o options) (*Backend, error) {
+	if ctx.Done() == nil {
+		return open(ctx, cfg, o)
+	}
+	type result struct {
+		b   *Backend
+		err error
+	}
+	ch := make(chan result, 1)
+	go func() {
+		b, err := open(ctx, cfg, o)
+		ch <- result{b, err}
+	}()
+	select {
+	case r := <-ch:
+		return r.b, r.err
+	case <-ctx.Done():
+		go func() {
+			if r := <-ch; r.err == nil {
+				r.b.Close()
+			}
+		}()
+		return nil, fmt.Errorf("pkcs11: %w: the module did not open the token in time (%w); the opening goes on in the background", keystore.ErrUnavailable, context.Cause(ctx))
+	}
 }
 
 func open(ctx context.Context, cfg Config, o options) (*Backend, error) {
