@@ -56,9 +56,18 @@ keysets:
 func startDaemon(t *testing.T, extra string) (socket string, stop func()) {
 	t.Helper()
 	cfg := daemonConfig(t, extra)
+	_, stop = serve(t, cfg)
+	return cfg.Socket, stop
+}
+
+// serve runs a daemon with cfg in this process. stop stops it and checks
+// that Serve returned nil; it runs once, at the latest at cleanup.
+func serve(t *testing.T, cfg *config.Config) (d *Daemon, stop func()) {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	d, err := New(ctx, cfg, Options{})
 	if err != nil {
+		cancel()
 		t.Fatal(err)
 	}
 	done := make(chan error, 1)
@@ -73,7 +82,7 @@ func startDaemon(t *testing.T, extra string) (socket string, stop func()) {
 		})
 	}
 	t.Cleanup(stop)
-	return cfg.Socket, stop
+	return d, stop
 }
 
 // probe signs n proofs over an established connection and returns the

@@ -172,32 +172,16 @@ keysets:
 	}
 }
 
-// serveTPM runs a daemon with cfg in this process and dials it; stop
-// stops it (once).
+// serveTPM runs a daemon with cfg in this process (see serve) and dials it.
 func serveTPM(t *testing.T, cfg *config.Config) (*Daemon, *client.Client, func()) {
 	t.Helper()
-	ctx, cancel := context.WithCancel(context.Background())
-	d, err := New(ctx, cfg, Options{})
-	if err != nil {
-		cancel()
-		t.Fatal(err)
-	}
-	served := make(chan error, 1)
-	go func() { served <- d.Serve(ctx) }()
+	d, stop := serve(t, cfg)
 	cl, err := client.Dial(cfg.Socket)
 	if err != nil {
 		t.Fatal(err)
 	}
-	stopped := false
 	return d, cl, func() {
-		if stopped {
-			return
-		}
-		stopped = true
 		cl.Close()
-		cancel()
-		if err := <-served; err != nil {
-			t.Errorf("serve: %v", err)
-		}
+		stop()
 	}
 }
