@@ -866,6 +866,9 @@ func TestWrongPINNamesItsSource(t *testing.T) {
 	if msg := err.Error(); !strings.Contains(msg, "environment variable KEYD_TEST_WRONG_PIN") || strings.Contains(msg, "pin_file") || strings.Contains(msg, "9999") {
 		t.Errorf("locked error %q should name the environment variable KEYD_TEST_WRONG_PIN (not pin_file) and not show the PIN", msg)
 	}
+	if n := strings.Count(err.Error(), "CKR_PIN_INCORRECT"); n != 1 {
+		t.Errorf("locked error %q names CKR_PIN_INCORRECT %d times; want once", err, n)
+	}
 }
 
 // P3, injected: a token that says its PIN is locked or expired, or that

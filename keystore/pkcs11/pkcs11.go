@@ -621,8 +621,8 @@ func (b *Backend) login(h p11.SessionHandle) error {
 	if from == "" {
 		from = "pin_file or pin_env"
 	}
-	lerr := fmt.Errorf("%w: token %q %s (%s); keyd tries a PIN once and will not try it again: fix the PIN (%s) and restart keyd: %w",
-		keystore.ErrLocked, b.label, why, ckrName(err), from, err)
+	lerr := fmt.Errorf("%w: token %q %s; keyd tries a PIN once and will not try it again: fix the PIN (%s) and restart keyd: %w",
+		keystore.ErrLocked, b.label, why, from, err)
 	b.mu.Lock()
 	b.locked = lerr
 	b.mu.Unlock()
