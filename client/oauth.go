@@ -119,6 +119,9 @@ type OAuth struct {
 	meta *Metadata
 	http *http.Client
 	log  *slog.Logger
+	// endpoints is http that does not follow redirects, for the token
+	// and revocation endpoints: see post.
+	endpoints *http.Client
 
 	tokenURL, authURL, revocationURL string
 
@@ -156,6 +159,9 @@ func (c *Client) OAuth(ctx context.Context, cfg OAuthConfig) (*OAuth, error) {
 	if o.log == nil {
 		o.log = slog.Default()
 	}
+	endpoints := *o.http
+	endpoints.CheckRedirect = func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }
+	o.endpoints = &endpoints
 	if cfg.Issuer != "" && cfg.TokenURL == "" {
 		m, err := Discover(ctx, o.http, cfg.Issuer)
 		if err != nil {
@@ -343,7 +349,9 @@ type endpointResponse struct {
 const maxResponseSize = 1 << 20
 
 // post sends params to endpoint with client authentication and DPoP,
-// retrying as RequestToken says.
+// retrying as RequestToken says. A redirect is not followed: it would send
+// the form (client assertion, refresh token, code) and the proof on to
+// wherever its Location points, and the proof's htu is endpoint's.
 func (o *OAuth) post(ctx context.Context, endpoint string, params url.Values) (*endpointResponse, error) {
 	var nonceRetried, skewRetried bool
 	// At most three attempts: the first, one for a nonce, one for the clock.
@@ -356,6 +364,9 @@ func (o *OAuth) post(ctx context.Context, endpoint string, params url.Values) (*
 			return r, nil
 		}
 		rerr := retrieveError(r.resp, r.body)
+		if loc := r.resp.Header.Get("Location"); loc != "" && r.resp.StatusCode >= 300 && r.resp.StatusCode < 400 {
+			return nil, fmt.Errorf("%s redirects to %s, which a client does not follow with its credentials (configure the endpoint the redirect names): %w", endpoint, loc, rerr)
+		}
 		switch {
 		case isNonceChallenge(r.resp, rerr):
 			if nonceRetried {
@@ -401,7 +412,7 @@ func (o *OAuth) postOnce(ctx context.Context, endpoint string, params url.Values
 	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
 	req.Header.Set("Accept", "application/json")
 	req.Header.Set("DPoP", proof.JWT)
-	resp, err := o.http.Do(req)
+	resp, err := o.endpoints.Do(req)
 	if err != nil {
 		return nil, err
 	}
