@@ -15,7 +15,9 @@ import (
 // DPoP-bound access tokens (RFC 9449 §7): every request gets
 // "Authorization: DPoP <token>" and a new proof, signed by keyd with the key
 // the token is bound to (BoundKid), carrying the token's hash (ath) and the
-// latest nonce of the request's origin.
+// latest nonce of the request's origin. The proof's htu, and the origin
+// whose nonce it carries, are those of the request's target URI: its URL,
+// with the host of req.Host when that is set to another.
 //
 // A 401 whose WWW-Authenticate DPoP challenge says error="use_dpop_nonce"
 // and that sends a DPoP-Nonce is retried once with that nonce; a 401 with
@@ -127,7 +129,7 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	if method == "" {
 		method = http.MethodGet
 	}
-	rawURL := req.URL.String()
+	rawURL := targetURI(req)
 	prove := func(tok *oauth2.Token) (Proof, error) {
 		return t.o.proof(req.Context(), proofParams{method: method, url: rawURL, accessToken: tok.AccessToken,
 			nonce: t.o.rsNonces.Get(rawURL), kid: BoundKid(tok), offset: t.o.clock.get(rawURL)})
@@ -150,7 +152,7 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	body := req.Body
 	var nonceRetried, skewRetried bool
 	for attempt := 0; ; attempt++ {
-		resp, err := t.send(req, body, tok, proof)
+		resp, err := t.send(req, rawURL, body, tok, proof)
 		if err != nil {
 			return nil, err
 		}
@@ -183,8 +185,20 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	}
 }
 
-// send makes one request: req with body, the token and the proof.
-func (t *Transport) send(req *http.Request, body io.ReadCloser, tok *oauth2.Token, proof Proof) (*http.Response, error) {
+// targetURI is the URI the server sees req for (RFC 9110 §7.1): its URL,
+// with the host of req.Host when that overrides the URL's.
+func targetURI(req *http.Request) string {
+	if req.Host == "" || req.Host == req.URL.Host {
+		return req.URL.String()
+	}
+	u := *req.URL
+	u.Host = req.Host
+	return u.String()
+}
+
+// send makes one request: req with body, the token and the proof. A
+// DPoP-Nonce in the answer is remembered for target's origin.
+func (t *Transport) send(req *http.Request, target string, body io.ReadCloser, tok *oauth2.Token, proof Proof) (*http.Response, error) {
 	r := req.Clone(req.Context())
 	r.Body = body
 	r.Header.Set("Authorization", "DPoP "+tok.AccessToken)
@@ -196,7 +210,7 @@ func (t *Transport) send(req *http.Request, body io.ReadCloser, tok *oauth2.Toke
 	if resp.Request == nil {
 		resp.Request = r
 	}
-	t.o.rsNonces.Observe(resp)
+	t.o.rsNonces.Set(target, resp.Header.Get("DPoP-Nonce"))
 	return resp, nil
 }
 
