@@ -187,7 +187,13 @@ func (c *cli) request(args []string) error {
 	}
 	for _, h := range headers {
 		name, value, _ := strings.Cut(h, ":")
-		req.Header.Set(strings.TrimSpace(name), strings.TrimSpace(value))
+		name, value = strings.TrimSpace(name), strings.TrimSpace(value)
+		if strings.EqualFold(name, "Host") {
+			// net/http sends req.Host and ignores a Host in req.Header.
+			req.Host = value
+			continue
+		}
+		req.Header.Set(name, value)
 	}
 	resp, err := o.Client(o.ClientCredentials(ctx)).Do(req)
 	if err != nil {
