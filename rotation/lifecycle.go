@@ -184,7 +184,7 @@ func (m *Manager) createLocked(ctx context.Context, s *setState, state State, ac
 	changes := map[*entry]Version{}
 	var prev Version
 	if state == Active {
-		nv.ActivatedAt = now
+		nv.ActivatedAt = m.activatedAt(s, now)
 		nv.DeactivateAt = m.deactivateAt(s, now)
 		if old := s.active; old != nil {
 			prev = m.drained(s, old.v, now)
@@ -237,6 +237,23 @@ func (m *Manager) deactivateAt(s *setState, now time.Time) time.Time {
 	return m.after(now, s.cfg.Schedule.Period)
 }
 
+// activatedAt is the activation time of a version of s that activates at
+// now: now, or just after the latest activation recorded in s when the
+// clock stands behind it (a wall clock set back). The activations of a key
+// set stay ordered by ActivatedAt, which is how Plan and StaleKids tell
+// whether a lost key was replaced.
+func (m *Manager) activatedAt(s *setState, now time.Time) time.Time {
+	at := now
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	for _, e := range s.byKid {
+		if !e.v.ActivatedAt.Before(at) {
+			at = e.v.ActivatedAt.Add(time.Nanosecond)
+		}
+	}
+	return at
+}
+
 // drained returns v as a draining version from now.
 func (m *Manager) drained(s *setState, v Version, now time.Time) Version {
 	v.State, v.ChangedAt = Draining, now
@@ -250,7 +267,7 @@ func (m *Manager) drained(s *setState, v Version, now time.Time) Version {
 // activateLocked makes next the active version of s; the active one drains.
 func (m *Manager) activateLocked(s *setState, next *entry, now time.Time) (Version, error) {
 	nv := next.v
-	nv.State, nv.ChangedAt, nv.ActivatedAt = Active, now, now
+	nv.State, nv.ChangedAt, nv.ActivatedAt = Active, now, m.activatedAt(s, now)
 	nv.ActivateAt = time.Time{}
 	nv.DeactivateAt = m.deactivateAt(s, now)
 	changes := map[*entry]Version{next: nv}
