@@ -396,7 +396,9 @@ func (m *Manager) abandonLocked(ctx context.Context, intent Version) {
 // then fails. A signature in flight with it is discarded (see
 // Lease.Valid). When the revoked version was the active one, a new active
 // key is generated at once (or a published next key activated) so the key
-// set keeps working. keyset, when not empty, must be the version's key set.
+// set keeps working; so it is when the revoked version was the key set's
+// lost active key (see StaleKids) and no other lost active key is left.
+// keyset, when not empty, must be the version's key set.
 func (m *Manager) Revoke(ctx context.Context, kid, keyset string) (Version, error) {
 	s, e := m.findKid(kid, keyset)
 	if e == nil {
@@ -412,6 +414,7 @@ func (m *Manager) Revoke(ctx context.Context, kid, keyset string) (Version, erro
 	v := e.v
 	prevState := v.State
 	wasActive := s.active == e
+	wasStale := prevState == Lost && stale(v, m.setVersions(s))
 	v.State, v.ChangedAt = Revoked, now
 	v.ActivateAt, v.DeactivateAt, v.RetireAt = time.Time{}, time.Time{}, time.Time{}
 	if r := s.cfg.Schedule.Retain; r > 0 {
@@ -421,7 +424,9 @@ func (m *Manager) Revoke(ctx context.Context, kid, keyset string) (Version, erro
 		return Version{}, fmt.Errorf("revoke %s: it signs nothing more in this process, but the revocation could not be recorded (retry): %w", kid, err)
 	}
 	m.log.Warn("key revoked", "keyset", s.cfg.Name, "kid", kid, "previous_state", prevState.String())
-	if wasActive {
+	// A lost active key (published stale) is replaced like an active one,
+	// unless the key set has another lost active key still to deal with.
+	if wasActive || (wasStale && !m.hasLost(s.cfg.Name)) {
 		var err error
 		if next := m.nextOf(s); next != nil {
 			_, err = m.activateLocked(s, next, m.now())
