@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"slices"
 	"sync"
 	"time"
 	"unicode/utf8"
@@ -348,8 +349,10 @@ func (s *Server) ListKeys(ctx context.Context, req *keydv1.ListKeysRequest) (*ke
 		return nil, s.toStatus(ctx, "list keys", err)
 	}
 	resp := &keydv1.ListKeysResponse{}
-	for _, v := range s.mgr.Versions(names...) {
-		resp.Keys = append(resp.Keys, ToProto(v))
+	vs := s.mgr.Versions(names...)
+	stale := rotation.StaleKids(vs)
+	for _, v := range vs {
+		resp.Keys = append(resp.Keys, toProto(v, stale))
 	}
 	return resp, nil
 }
@@ -371,8 +374,9 @@ func (s *Server) WatchKeys(req *keydv1.WatchKeysRequest, stream grpc.ServerStrea
 	}
 	snap, events, cancel := s.mgr.Watch(names...)
 	defer cancel()
+	stale := rotation.StaleKids(snap)
 	for _, v := range snap {
-		if err := stream.Send(&keydv1.WatchKeysResponse{Type: keydv1.WatchKeysResponse_TYPE_SNAPSHOT, Key: ToProto(v)}); err != nil {
+		if err := stream.Send(&keydv1.WatchKeysResponse{Type: keydv1.WatchKeysResponse_TYPE_SNAPSHOT, Key: toProto(v, stale)}); err != nil {
 			return err
 		}
 	}
@@ -391,7 +395,11 @@ func (s *Server) WatchKeys(req *keydv1.WatchKeysRequest, stream grpc.ServerStrea
 			if ev.Previous == rotation.Pending {
 				prev = keydv1.KeyState_KEY_STATE_UNSPECIFIED
 			}
-			if err := stream.Send(&keydv1.WatchKeysResponse{Type: keydv1.WatchKeysResponse_TYPE_CHANGED, Key: ToProto(ev.Version), PreviousState: prev}); err != nil {
+			var stale []string
+			if ev.Version.State == rotation.Lost {
+				stale = rotation.StaleKids(s.mgr.Versions(ev.Version.KeySet))
+			}
+			if err := stream.Send(&keydv1.WatchKeysResponse{Type: keydv1.WatchKeysResponse_TYPE_CHANGED, Key: toProto(ev.Version, stale), PreviousState: prev}); err != nil {
 				return err
 			}
 		}
@@ -508,6 +516,16 @@ func ToProto(v rotation.Version) *keydv1.KeyVersion {
 		}
 	}
 	if v.State.Published() {
+		kv.Jwk = v.JWK
+	}
+	return kv
+}
+
+// toProto is ToProto for a version among versions whose stale kids are
+// stale: a stale key is still in the JWK Set, so it keeps its JWK.
+func toProto(v rotation.Version, stale []string) *keydv1.KeyVersion {
+	kv := ToProto(v)
+	if v.State == rotation.Lost && slices.Contains(stale, v.Kid) {
 		kv.Jwk = v.JWK
 	}
 	return kv
