@@ -8,11 +8,8 @@ import (
 	"errors"
 	"slices"
 	"testing"
-	"time"
 
 	"github.com/go-jose/go-jose/v4"
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/keyd-dev/keyd/client"
 	"github.com/keyd-dev/keyd/keystore"
@@ -30,14 +27,7 @@ func (lostKeys) Sign(context.Context, string, []byte, crypto.SignerOpts) ([]byte
 // Set still publishes the key's last-known public key, named stale.
 func TestJWKSKeepsLostActiveKeyStale(t *testing.T) {
 	e := newEnv(t, defaultSets[:1], envOpts{wrap: func(b keystore.Backend) keystore.Backend { return lostKeys{b} }})
-	conn, err := grpc.NewClient("unix://"+e.socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	keys := keydv1.NewKeyServiceClient(conn)
-	c, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
+	keys, c := rawKeys(t, e)
 	before, err := keys.GetJWKS(c, &keydv1.GetJWKSRequest{Keysets: []string{"dpop"}})
 	if err != nil {
 		t.Fatal(err)

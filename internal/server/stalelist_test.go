@@ -1,14 +1,9 @@
 package server_test
 
 import (
-	"context"
 	"encoding/json"
 	"errors"
 	"testing"
-	"time"
-
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/keyd-dev/keyd/client"
 	"github.com/keyd-dev/keyd/keystore"
@@ -42,14 +37,7 @@ func jwksKids(t *testing.T, raw []byte) map[string]string {
 // empty only once a key is unpublished.
 func TestListAndWatchKeysCarryStaleJWK(t *testing.T) {
 	e := newEnv(t, defaultSets[:1], envOpts{wrap: func(b keystore.Backend) keystore.Backend { return lostKeys{b} }})
-	conn, err := grpc.NewClient("unix://"+e.socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	keys := keydv1.NewKeyServiceClient(conn)
-	c, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
+	keys, c := rawKeys(t, e)
 	watch, err := keys.WatchKeys(c, &keydv1.WatchKeysRequest{Keysets: []string{"dpop"}})
 	if err != nil {
 		t.Fatal(err)

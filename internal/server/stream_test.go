@@ -218,7 +218,9 @@ func (unaryOnly) SignStream(grpc.BidiStreamingServer[keydv1.SignStreamRequest, k
 var errUnimplemented = status.Error(codes.Unimplemented, "method SignStream not implemented")
 
 // rawStream opens a SignStream without the client package.
-func rawStream(t *testing.T, e *env) keydv1.KeyService_SignStreamClient {
+// rawKeys dials e's socket with a plain gRPC connection, closed at
+// cleanup, and returns a KeyService client and a context of 10 s.
+func rawKeys(t *testing.T, e *env) (keydv1.KeyServiceClient, context.Context) {
 	t.Helper()
 	conn, err := grpc.NewClient("unix://"+e.socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
@@ -227,7 +229,13 @@ func rawStream(t *testing.T, e *env) keydv1.KeyService_SignStreamClient {
 	t.Cleanup(func() { conn.Close() })
 	c, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	t.Cleanup(cancel)
-	st, err := keydv1.NewKeyServiceClient(conn).SignStream(c)
+	return keydv1.NewKeyServiceClient(conn), c
+}
+
+func rawStream(t *testing.T, e *env) keydv1.KeyService_SignStreamClient {
+	t.Helper()
+	keys, c := rawKeys(t, e)
+	st, err := keys.SignStream(c)
 	if err != nil {
 		t.Fatal(err)
 	}
