@@ -80,39 +80,57 @@ func Unix(path string, mode os.FileMode, gid int) (net.Listener, error) {
 	return ul, nil
 }
 
-// checkDir refuses a parent directory that someone else could use to
-// replace the socket: one owned by a user other than root and us, one every
-// user may write to (unless sticky, as /tmp is), or a symlink another user
-// owns (and could re-point, e.g. in /tmp).
+// checkDir refuses a socket directory that someone else could use to
+// replace the socket: one with a directory on its path (itself or any
+// directory above it, as written and with symlinks resolved) owned by a
+// user other than root and us, or one every user, or a group other than
+// root's and our own, may write to (unless sticky, as /tmp is): the
+// socket's group, of its callers, must not be able to replace it. Nor may
+// a symlink on its path be another user's (they could re-point it, e.g. in
+// /tmp). A user able to write to a directory above the socket's can rename
+// the socket's directory away and put their own in its place.
 func checkDir(dir string) error {
-	euid := uint32(os.Geteuid())
-	owned := func(fi os.FileInfo) (uint32, bool) {
-		st, ok := fi.Sys().(*syscall.Stat_t)
-		if !ok {
-			return 0, true
-		}
-		return st.Uid, st.Uid == 0 || st.Uid == euid
+	if err := checkPath(dir); err != nil {
+		return err
 	}
-	li, err := os.Lstat(dir)
+	real, err := filepath.EvalSymlinks(dir)
 	if err != nil {
 		return fmt.Errorf("socket directory: %w", err)
 	}
-	if li.Mode()&os.ModeSymlink != 0 {
-		if uid, ok := owned(li); !ok {
-			return fmt.Errorf("socket directory %s: a symlink owned by uid %d; use a directory of root or of uid %d", dir, uid, euid)
+	return checkPath(real)
+}
+
+// checkPath checks dir and each directory above it, without following a
+// symlink in the last element of each.
+func checkPath(dir string) error {
+	euid, egid := uint32(os.Geteuid()), uint32(os.Getegid())
+	for p := filepath.Clean(dir); ; p = filepath.Dir(p) {
+		fi, err := os.Lstat(p)
+		if err != nil {
+			return fmt.Errorf("socket directory: %w", err)
+		}
+		if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+			kind := "a directory"
+			if fi.Mode()&os.ModeSymlink != 0 {
+				kind = "a symlink"
+			}
+			if st.Uid != 0 && st.Uid != euid {
+				return fmt.Errorf("socket directory %s: %s on its path, %s, is owned by uid %d; use directories of root or of uid %d", dir, kind, p, st.Uid, euid)
+			}
+			perm := fi.Mode().Perm()
+			sticky := fi.Mode()&os.ModeSticky != 0
+			switch {
+			case fi.Mode()&os.ModeSymlink != 0, sticky:
+			case perm&0o002 != 0:
+				return fmt.Errorf("socket directory %s: every user may write to %s (mode %v), and so replace the socket", dir, p, perm)
+			case perm&0o020 != 0 && st.Gid != 0 && st.Gid != egid:
+				return fmt.Errorf("socket directory %s: group %d may write to %s (mode %v), and so replace the socket", dir, st.Gid, p, perm)
+			}
+		}
+		if p == filepath.Dir(p) {
+			return nil
 		}
 	}
-	fi, err := os.Stat(dir)
-	if err != nil {
-		return fmt.Errorf("socket directory: %w", err)
-	}
-	if uid, ok := owned(fi); !ok {
-		return fmt.Errorf("socket directory %s: owned by uid %d; use a directory of root or of uid %d", dir, uid, euid)
-	}
-	if fi.Mode().Perm()&0o002 != 0 && fi.Mode()&os.ModeSticky == 0 {
-		return fmt.Errorf("socket directory %s: every user may write to it (mode %v), and so replace the socket", dir, fi.Mode().Perm())
-	}
-	return nil
 }
 
 func removeStale(path string) error {
