@@ -64,11 +64,21 @@ func startDaemon(t *testing.T, extra string) (socket string, stop func()) {
 // that Serve returned nil; it runs once, at the latest at cleanup.
 func serve(t *testing.T, cfg *config.Config) (d *Daemon, stop func()) {
 	t.Helper()
+	return serveWith(t, cfg, Options{}, nil)
+}
+
+// serveWith is serve with opts, and before (if not nil) called between
+// New and Serve.
+func serveWith(t *testing.T, cfg *config.Config, opts Options, before func(*Daemon)) (d *Daemon, stop func()) {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
-	d, err := New(ctx, cfg, Options{})
+	d, err := New(ctx, cfg, opts)
 	if err != nil {
 		cancel()
 		t.Fatal(err)
+	}
+	if before != nil {
+		before(d)
 	}
 	done := make(chan error, 1)
 	go func() { done <- d.Serve(ctx) }()

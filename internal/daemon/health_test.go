@@ -2,7 +2,9 @@ package daemon
 
 import (
 	"context"
+	"crypto"
 	"errors"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -133,4 +135,64 @@ func TestShutdownNotHeldByWatchers(t *testing.T) {
 			}
 		})
 	}
+}
+
+// countingBackend counts health checks and signatures.
+type countingBackend struct {
+	keystore.Backend
+	health, sign *atomic.Int64
+}
+
+func (b countingBackend) Health(ctx context.Context) error {
+	b.health.Add(1)
+	if hc, ok := b.Backend.(healthChecker); ok {
+		return hc.Health(ctx)
+	}
+	return nil
+}
+
+func (b countingBackend) Sign(ctx context.Context, id string, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
+	b.sign.Add(1)
+	return b.Backend.Sign(ctx, id, digest, opts)
+}
+
+// A15: polling health reads a cached status: 200 checks cause no backend
+// health check and no signature.
+func TestHealthPollDoesNotTouchBackend(t *testing.T) {
+	cfg := daemonConfig(t, "")
+	var health, sign atomic.Int64
+	d, stop := serveWith(t, cfg, Options{}, func(d *Daemon) {
+		d.backend = countingBackend{Backend: d.backend, health: &health, sign: &sign}
+	})
+	defer stop()
+	cl, err := client.Dial(cfg.Socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	hc := healthpb.NewHealthClient(cl.Conn())
+	cctx, ccancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer ccancel()
+	// The first check completes before Serve is ready; wait for it.
+	if _, err := hc.Check(cctx, &healthpb.HealthCheckRequest{}); err != nil {
+		t.Fatal(err)
+	}
+	h0, s0 := health.Load(), sign.Load()
+	start := time.Now()
+	for range 200 {
+		r, err := hc.Check(cctx, &healthpb.HealthCheckRequest{Service: "keyd.backend." + d.backend.Name()})
+		if err != nil || r.Status != healthpb.HealthCheckResponse_SERVING {
+			t.Fatalf("health: %v %v", r, err)
+		}
+	}
+	took := time.Since(start)
+	// The periodic check runs every healthInterval whatever the polling.
+	periodic := int64(took/healthInterval) + 1
+	if n := health.Load() - h0; n > periodic {
+		t.Errorf("200 health polls in %v made %d backend health checks, want at most %d (the periodic ones)", took, n, periodic)
+	}
+	if n := sign.Load() - s0; n != 0 {
+		t.Errorf("200 health polls made %d signatures", n)
+	}
+	t.Logf("200 health polls in %v", took)
 }
