@@ -448,18 +448,26 @@ func (s *Server) admin(ctx context.Context) (authz.Caller, error) {
 // Rotate implements keyd.v1.KeyAdminService.
 func (s *Server) Rotate(ctx context.Context, req *keydv1.RotateRequest) (*keydv1.RotateResponse, error) {
 	c, err := s.admin(ctx)
-	if err != nil {
-		return nil, s.toStatus(ctx, "rotate", err)
+	var res rotation.RotateResult
+	if err == nil {
+		if _, ok := s.sets[req.Keyset]; !ok {
+			err = fmt.Errorf("key set %q: %w", req.Keyset, rotation.ErrUnknownKeySet)
+		} else {
+			res, err = s.mgr.Rotate(ctx, req.Keyset, req.Now)
+		}
 	}
-	if _, ok := s.sets[req.Keyset]; !ok {
-		return nil, s.toStatus(ctx, "rotate", fmt.Errorf("key set %q: %w", req.Keyset, rotation.ErrUnknownKeySet))
-	}
-	res, err := s.mgr.Rotate(ctx, req.Keyset, req.Now)
 	if err != nil {
-		return nil, s.toStatus(ctx, "rotate", err)
+		st := s.toStatus(ctx, "rotate", err)
+		s.auditAdmin(c, err, st, audit.Record{Event: "rotate", KeySet: auditName(req.Keyset)})
+		return nil, st
 	}
 	s.log.LogAttrs(ctx, slog.LevelInfo, "rotated by admin", slog.String("keyset", req.Keyset), slog.String("caller", c.String()),
 		slog.String("kid", res.Active.Kid), slog.String("next_kid", res.Next.Kid))
+	kid := res.Active.Kid
+	if res.Next.Kid != "" {
+		kid = res.Next.Kid
+	}
+	s.auditAdmin(c, nil, nil, audit.Record{Event: "rotate", KeySet: req.Keyset, Kid: kid})
 	resp := &keydv1.RotateResponse{Active: ToProto(res.Active)}
 	if res.Previous.Kid != "" {
 		resp.Previous = ToProto(res.Previous)
@@ -473,21 +481,51 @@ func (s *Server) Rotate(ctx context.Context, req *keydv1.RotateRequest) (*keydv1
 // Revoke implements keyd.v1.KeyAdminService.
 func (s *Server) Revoke(ctx context.Context, req *keydv1.RevokeRequest) (*keydv1.RevokeResponse, error) {
 	c, err := s.admin(ctx)
+	if err == nil && (req.Kid == "" || len(req.Kid) > maxKidLen) {
+		err = invalid("kid is required (at most %d bytes)", maxKidLen)
+	}
+	var v rotation.Version
+	if err == nil {
+		v, err = s.mgr.Revoke(ctx, req.Kid, req.Keyset)
+		if err == nil || v.Kid != "" {
+			s.log.LogAttrs(ctx, slog.LevelWarn, "revoked by admin", slog.String("kid", req.Kid), slog.String("caller", c.String()))
+		}
+	}
+	rec := audit.Record{Event: "revoke", KeySet: auditName(req.Keyset), Kid: auditName(req.Kid)}
+	if v.Kid != "" {
+		rec.KeySet = v.KeySet
+	}
 	if err != nil {
-		return nil, s.toStatus(ctx, "revoke", err)
+		st := s.toStatus(ctx, "revoke", err)
+		s.auditAdmin(c, err, st, rec)
+		return nil, st
 	}
-	if req.Kid == "" || len(req.Kid) > maxKidLen {
-		return nil, s.toStatus(ctx, "revoke", invalid("kid is required (at most %d bytes)", maxKidLen))
-	}
-	v, err := s.mgr.Revoke(ctx, req.Kid, req.Keyset)
-	if err != nil && v.Kid == "" {
-		return nil, s.toStatus(ctx, "revoke", err)
-	}
-	s.log.LogAttrs(ctx, slog.LevelWarn, "revoked by admin", slog.String("kid", req.Kid), slog.String("caller", c.String()))
-	if err != nil {
-		return nil, s.toStatus(ctx, "revoke", err)
-	}
+	s.auditAdmin(c, nil, nil, rec)
 	return &keydv1.RevokeResponse{Key: ToProto(v)}, nil
+}
+
+// auditAdmin completes rec, the record of an admin call by c that failed
+// with err (answered st) or succeeded, and writes it. A call without
+// caller credentials has no one to record. The change, if any, is made
+// already: a record that cannot be written is logged, not returned (an
+// admin told the call failed would make it again).
+func (s *Server) auditAdmin(c authz.Caller, err error, st error, rec audit.Record) {
+	if errors.Is(err, errUnauthenticated) {
+		return
+	}
+	rec.Time = s.now().UTC()
+	rec.UID, rec.GID, rec.PID = c.UID, c.GID, c.PID
+	if c.Transport == authz.TransportMTLS && len(c.Identities) > 0 {
+		rec.Identity = c.Identities[0]
+	}
+	rec.Outcome = "ok"
+	if err != nil {
+		rec.Outcome = codeOf(err).String()
+		rec.Reason = status.Convert(st).Message()
+	}
+	if aerr := s.audit.Record(rec); aerr != nil {
+		s.log.Error("cannot write the audit record of an admin call", "event", rec.Event, "keyset", rec.KeySet, "kid", rec.Kid, "outcome", rec.Outcome, "err", aerr)
+	}
 }
 
 // ToProto converts a version for the wire.
