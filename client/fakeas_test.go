@@ -12,6 +12,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -185,6 +186,11 @@ func (f *fakeAS) serve(w http.ResponseWriter, r *http.Request) {
 		if f.checkIat && abs(now.Unix()-a.proof.iat) > 5 {
 			w.Header().Set("WWW-Authenticate", `DPoP error="invalid_dpop_proof", error_description="iat is not recent"`)
 			reply(401, oauthErr("invalid_dpop_proof", "iat is not recent"))
+			return
+		}
+		if slices.Contains(f.revoked, strings.TrimPrefix(a.authz, "DPoP ")) {
+			w.Header().Set("WWW-Authenticate", `DPoP error="invalid_token", error_description="The access token is revoked"`)
+			reply(401, oauthErr("invalid_token", "revoked"))
 			return
 		}
 		if f.rsNonce != "" && (f.rsRotate || a.proof.nonce != f.rsNonce) {

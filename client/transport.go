@@ -22,11 +22,14 @@ import (
 // A 401 whose WWW-Authenticate DPoP challenge says error="use_dpop_nonce"
 // and that sends a DPoP-Nonce is retried once with that nonce; a 401 with
 // error="invalid_dpop_proof" from a server whose Date header shows a clock
-// more than 5s away from ours is retried once with iat on its clock. A
-// request is retried only if its body can be sent again (no body, or
-// GetBody set, as http.NewRequest does for in-memory bodies); otherwise,
-// and when the retry is answered the same way, the response is returned as
-// it is. The nonce is remembered for the next request either way.
+// more than 5s away from ours is retried once with iat on its clock; a 401
+// with error="invalid_token" (the token was revoked, or the server no
+// longer knows it) is retried once with a new token, when Source is a
+// *TokenSource, which drops the refused one. A request is retried only if
+// its body can be sent again (no body, or GetBody set, as http.NewRequest
+// does for in-memory bodies); otherwise, and when the retry is answered
+// the same way, the response is returned as it is. The nonce is
+// remembered for the next request either way.
 //
 // The proof is always signed by the token's own key, draining or not. If
 // that key can no longer sign (it was revoked or lost, or retired after
@@ -150,21 +153,25 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	}
 
 	body := req.Body
-	var nonceRetried, skewRetried bool
+	var nonceRetried, skewRetried, tokenRetried bool
 	for attempt := 0; ; attempt++ {
 		resp, err := t.send(req, rawURL, body, tok, proof)
 		if err != nil {
 			return nil, err
 		}
-		if resp.StatusCode != http.StatusUnauthorized || attempt == 2 {
+		if resp.StatusCode != http.StatusUnauthorized || attempt == 3 {
 			return resp, nil
 		}
 		ch, _ := dpopChallenge(resp.Header)
+		ts, refreshable := t.Source.(*TokenSource)
+		renew := false
 		switch {
 		case ch["error"] == "use_dpop_nonce" && !nonceRetried && resp.Header.Get("DPoP-Nonce") != "":
 			nonceRetried = true
 		case ch["error"] == "invalid_dpop_proof" && !skewRetried && t.o.clock.learn(rawURL, resp, time.Now()):
 			skewRetried = true
+		case ch["error"] == "invalid_token" && !tokenRetried && refreshable:
+			tokenRetried, renew = true, true
 		default:
 			return resp, nil
 		}
@@ -172,7 +179,17 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		if !ok {
 			return resp, nil
 		}
-		p, err := prove(tok)
+		ptok := tok
+		if renew {
+			ts.Invalidate(tok)
+			if ptok, err = ts.Token(); err != nil {
+				if next != nil {
+					next.Close()
+				}
+				return resp, nil // the caller sees the server's answer
+			}
+		}
+		p, err := prove(ptok)
 		if err != nil {
 			if next != nil {
 				next.Close()
@@ -181,7 +198,7 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		}
 		io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
 		resp.Body.Close()
-		body, proof = next, p
+		body, proof, tok = next, p, ptok
 	}
 }
 
