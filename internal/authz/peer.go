@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"net"
 	"strconv"
+	"sync"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -76,16 +77,73 @@ func FromContext(ctx context.Context) (Caller, error) {
 // refuses connections that have none (they never default to uid 0).
 func PeerCredentials() credentials.TransportCredentials { return peerCreds{} }
 
-type peerCreds struct{}
+// PeerCredentialsPerUID is PeerCredentials that also refuses a connection
+// from a uid that has perUID connections open already (0: no limit), so
+// that one local user cannot take every connection the listener allows.
+func PeerCredentialsPerUID(perUID int) credentials.TransportCredentials {
+	if perUID <= 0 {
+		return peerCreds{}
+	}
+	return peerCreds{open: &uidConns{max: perUID, n: map[uint32]int{}}}
+}
+
+type peerCreds struct {
+	open *uidConns // nil: no limit per uid
+}
+
+// uidConns counts the open connections of each uid.
+type uidConns struct {
+	max int
+	mu  sync.Mutex
+	n   map[uint32]int
+}
+
+// take counts one more connection of uid, unless it has max already.
+func (u *uidConns) take(uid uint32) error {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if u.n[uid] >= u.max {
+		return fmt.Errorf("uid %d has %d connections open, the most one user may have (limits.max_connections_per_uid)", uid, u.max)
+	}
+	u.n[uid]++
+	return nil
+}
+
+func (u *uidConns) release(uid uint32) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if u.n[uid]--; u.n[uid] <= 0 {
+		delete(u.n, uid)
+	}
+}
+
+// countedConn gives its uid's place back when it is closed.
+type countedConn struct {
+	net.Conn
+	once    sync.Once
+	release func()
+}
+
+func (c *countedConn) Close() error {
+	err := c.Conn.Close()
+	c.once.Do(c.release)
+	return err
+}
 
 func (peerCreds) ClientHandshake(_ context.Context, _ string, c net.Conn) (net.Conn, credentials.AuthInfo, error) {
 	return c, AuthInfo{CommonAuthInfo: credentials.CommonAuthInfo{SecurityLevel: credentials.PrivacyAndIntegrity}}, nil
 }
 
-func (peerCreds) ServerHandshake(c net.Conn) (net.Conn, credentials.AuthInfo, error) {
+func (p peerCreds) ServerHandshake(c net.Conn) (net.Conn, credentials.AuthInfo, error) {
 	caller, err := ReadPeerCred(c)
 	if err != nil {
 		return nil, nil, err
+	}
+	if p.open != nil {
+		if err := p.open.take(caller.UID); err != nil {
+			return nil, nil, err
+		}
+		c = &countedConn{Conn: c, release: func() { p.open.release(caller.UID) }}
 	}
 	return c, AuthInfo{
 		CommonAuthInfo: credentials.CommonAuthInfo{SecurityLevel: credentials.PrivacyAndIntegrity},

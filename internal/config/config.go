@@ -87,6 +87,10 @@ type Limits struct {
 	// MaxConnections bounds the open connections to the socket (default
 	// 1024); further clients wait in the kernel's accept queue.
 	MaxConnections int `yaml:"max_connections"`
+	// MaxConnectionsPerUID bounds the open connections of one local user
+	// (default a quarter of MaxConnections), so that one cannot take them
+	// all; a connection past it is closed at once.
+	MaxConnectionsPerUID int `yaml:"max_connections_per_uid"`
 }
 
 // AuditSyslog is the audit log's second sink.
@@ -324,6 +328,9 @@ func (c *Config) applyDefaults() {
 	if c.Limits.MaxConnections == 0 {
 		c.Limits.MaxConnections = 1024
 	}
+	if c.Limits.MaxConnectionsPerUID == 0 {
+		c.Limits.MaxConnectionsPerUID = max(c.Limits.MaxConnections/4, 1)
+	}
 }
 
 // Validate checks the configuration and returns every problem at once,
@@ -389,7 +396,7 @@ func (c *Config) Validate() error {
 			}
 		}
 	}
-	if c.Limits.SignRate < 0 || c.Limits.SignBurst < 0 || c.Limits.MaxConnections < 0 {
+	if c.Limits.SignRate < 0 || c.Limits.SignBurst < 0 || c.Limits.MaxConnections < 0 || c.Limits.MaxConnectionsPerUID < 0 {
 		add("limits", "values must not be negative")
 	}
 	if r := c.Limits.SignRate; math.IsNaN(r) || math.IsInf(r, 0) {

@@ -176,11 +176,12 @@ func New(ctx context.Context, cfg *config.Config, opts Options) (_ *Daemon, err 
 
 	d.health = health.NewServer()
 	d.setHealth(healthpb.HealthCheckResponse_SERVING)
+	perUID := cfg.Limits.MaxConnectionsPerUID
 	if cfg.AdminSocket == "" {
-		d.grpc = d.newGRPCServer(authz.PeerCredentials(), srv.Register)
+		d.grpc = d.newGRPCServer(authz.PeerCredentialsPerUID(perUID), srv.Register)
 	} else {
-		d.grpc = d.newGRPCServer(authz.PeerCredentials(), srv.RegisterKeys)
-		d.adminGRPC = d.newGRPCServer(authz.PeerCredentials(), srv.RegisterAdmin)
+		d.grpc = d.newGRPCServer(authz.PeerCredentialsPerUID(perUID), srv.RegisterKeys)
+		d.adminGRPC = d.newGRPCServer(authz.PeerCredentialsPerUID(perUID), srv.RegisterAdmin)
 	}
 	if t := cfg.TCP; t != nil {
 		creds, err := authz.MTLSCredentials(authz.TLSConfig{CertFile: t.CertFile, KeyFile: t.KeyFile, ClientCAFile: t.ClientCAFile, Logger: log})

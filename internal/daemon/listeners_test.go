@@ -1,6 +1,7 @@
 package daemon
 
 import (
+	"context"
 	"errors"
 	"io"
 	"net"
@@ -8,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/keyd-dev/keyd/client"
 	"github.com/keyd-dev/keyd/internal/config"
 )
 
@@ -50,5 +52,59 @@ func TestTCPWithoutMutualTLSRefused(t *testing.T) {
 		if err == nil || !strings.Contains(err.Error(), "mutual TLS") {
 			t.Errorf("%s: %v, want refused: mutual TLS only", tcp, err)
 		}
+	}
+}
+
+// One local user cannot take every connection: past
+// limits.max_connections_per_uid its connections are closed at once, and
+// its place comes back when one of its connections closes.
+func TestConnectionsPerUID(t *testing.T) {
+	socket, _ := startDaemon(t, "limits: {max_connections: 16, max_connections_per_uid: 2}\n")
+	var held []net.Conn
+	for range 2 {
+		c, err := net.Dial("unix", socket)
+		if err != nil {
+			t.Fatal(err)
+		}
+		held = append(held, c)
+		// The server's settings frame says it took the connection.
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		if _, err := io.WriteString(c, "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := c.Read(make([]byte, 9)); err != nil {
+			t.Fatalf("connection %d of the uid: %v", len(held), err)
+		}
+	}
+	defer func() {
+		for _, c := range held {
+			c.Close()
+		}
+	}()
+	sign := func() error {
+		cl, err := client.Dial(socket)
+		if err != nil {
+			return err
+		}
+		defer cl.Close()
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		_, err = cl.DPoP("d").Proof(ctx, "GET", "https://a.example/")
+		return err
+	}
+	if err := sign(); err == nil {
+		t.Fatal("a third connection of the same uid was served with max_connections_per_uid 2")
+	}
+	held[0].Close()
+	held = held[1:]
+	var err error
+	for range 50 { // the daemon sees the close when it reads: up to 5 s
+		if err = sign(); err == nil {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if err != nil {
+		t.Errorf("after one of the uid's connections closed: %v", err)
 	}
 }
