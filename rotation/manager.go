@@ -258,6 +258,14 @@ func (m *Manager) reconcile(ctx context.Context) error {
 				changed = true
 				break
 			}
+			if errors.Is(err, keystore.ErrInsecureStorage) {
+				// S1: not lost, only refused until an operator fixes
+				// the storage; using it fails with FAILED_PRECONDITION.
+				// The other keys must stay usable.
+				m.log.Error("key in the backend is refused: its storage is not private; it cannot sign until that is fixed",
+					"keyset", v.KeySet, "kid", v.Kid, "id", v.ID, "state", v.State.String(), "err", err)
+				break
+			}
 			if err != nil {
 				return fmt.Errorf("read public key %s: %w", v.ID, err)
 			}

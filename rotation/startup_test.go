@@ -2,6 +2,7 @@ package rotation_test
 
 import (
 	"context"
+	"crypto"
 	"errors"
 	"os"
 	"path/filepath"
@@ -110,4 +111,48 @@ func TestCrashDuringRevokeReplacement(t *testing.T) {
 		t.Fatalf("after the restart the key set has no active key: %v", err)
 	}
 	l.Release()
+}
+
+// S1: a key file with loose permissions is refused when it is used
+// (ErrInsecureStorage, FAILED_PRECONDITION at the edge), not at start: the
+// daemon starts, the other keys sign, and the key is not recorded lost.
+func TestStartWithInsecureKeyFile(t *testing.T) {
+	f := newFixture(t)
+	m := f.manager(t, nil)
+	old := active(t, m, "dpop")
+	f.restart(t)
+	if err := os.Chmod(filepath.Join(f.dir, "keys", old.ID+".key"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	m, err := rotation.New(context.Background(), rotation.Config{Backend: f.backend, Store: f.store, KeySets: sets})
+	if err != nil {
+		t.Fatalf("a key file with mode 0644 keeps the whole daemon from starting: %v", err)
+	}
+	l, err := m.Acquire("dpop", "")
+	if err != nil {
+		t.Fatalf("Acquire(dpop) = %v; want the active key, which is not lost", err)
+	}
+	_, err = l.Sign(context.Background(), make([]byte, 32), crypto.SHA256)
+	l.Release()
+	if !errors.Is(err, keystore.ErrInsecureStorage) {
+		t.Errorf("Sign with the mode 0644 key = %v; want ErrInsecureStorage", err)
+	}
+	l, err = m.Acquire("assert", "")
+	if err != nil {
+		t.Fatalf("key set assert: %v", err)
+	}
+	l.Release()
+
+	// Fixed and restarted, the key signs again: it was never marked lost.
+	if err := os.Chmod(filepath.Join(f.dir, "keys", old.ID+".key"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	f.restart(t)
+	m, err = rotation.New(context.Background(), rotation.Config{Backend: f.backend, Store: f.store, KeySets: sets})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := active(t, m, "dpop"); got.Kid != old.Kid || got.State != rotation.Active {
+		t.Errorf("after fixing the mode the active key is %s (%v), want %s active", got.Kid, got.State, old.Kid)
+	}
 }
