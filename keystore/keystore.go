@@ -164,6 +164,26 @@ var (
 	ErrClosed               = errors.New("key store closed")
 )
 
+// CheckOpts refuses signer options that are nil, or a nil pointer of a
+// type that carries them (*rsa.PSSOptions, *ed25519.Options), whose
+// methods would panic, with ErrUnsupportedAlgorithm. Backends call it
+// first in Sign.
+func CheckOpts(opts crypto.SignerOpts) error {
+	switch o := opts.(type) {
+	case nil:
+		return fmt.Errorf("no signer options: %w", ErrUnsupportedAlgorithm)
+	case *rsa.PSSOptions:
+		if o == nil {
+			return fmt.Errorf("nil %T: %w", o, ErrUnsupportedAlgorithm)
+		}
+	case *ed25519.Options:
+		if o == nil {
+			return fmt.Errorf("nil %T: %w", o, ErrUnsupportedAlgorithm)
+		}
+	}
+	return nil
+}
+
 // ClonePublic returns a copy of pub that shares no memory with it. Backends
 // return their public keys through it, so a caller that changes the key it
 // got (a *big.Int, a byte slice) cannot change the backend's.

@@ -65,6 +65,11 @@ type PrivateMaterialProber interface {
 //	Concurrent
 //	Cancelled
 //	Closed
+//	SameID
+//	SignOptions/{ES256,ES384,RS256,PS256,EdDSA}
+//	CancelledOthers
+//	CloseWhileSigning
+//	Lost
 //
 // Where the contract allows two behaviours (generating an ID again after it
 // was destroyed, finishing an operation whose context was cancelled, the
@@ -89,6 +94,11 @@ func Run(t *testing.T, newBackend func(t *testing.T) keystore.Backend) {
 	t.Run("Concurrent", s.testConcurrent)
 	t.Run("Cancelled", s.testCancelled)
 	t.Run("Closed", s.testClosed)
+	t.Run("SameID", s.testSameID)
+	t.Run("SignOptions", s.testSignOptions)
+	t.Run("CancelledOthers", s.testCancelledOthers)
+	t.Run("CloseWhileSigning", s.testCloseWhileSigning)
+	t.Run("Lost", s.testLost)
 }
 
 type suite struct {
@@ -729,4 +739,284 @@ func expectList(t *testing.T, b keystore.Backend, want ...string) {
 	if !slices.Equal(g, w) {
 		t.Fatalf("List = %q, want %q", g, w)
 	}
+}
+
+// testSameID races Generate calls for one ID, then Destroy calls for it:
+// exactly one of each wins, the others fail with ErrAlreadyExists and
+// ErrNotFound, and the key served is the winner's.
+func (s *suite) testSameID(t *testing.T) {
+	b := s.backend(t)
+	ctx := t.Context()
+	spec := cheapSpec(t, b)
+	const id, racers = "contested", 6
+
+	type result struct {
+		pub crypto.PublicKey
+		err error
+	}
+	results := make([]result, racers)
+	var wg sync.WaitGroup
+	for i := range racers {
+		wg.Go(func() {
+			pub, err := b.Generate(ctx, id, spec)
+			results[i] = result{pub, err}
+		})
+	}
+	wg.Wait()
+	var winner crypto.PublicKey
+	for i, r := range results {
+		switch {
+		case r.err == nil && winner == nil:
+			winner = r.pub
+		case r.err == nil:
+			t.Errorf("Generate %d of %q also succeeded: two keys were made under one ID", i, id)
+		case !errors.Is(r.err, keystore.ErrAlreadyExists):
+			t.Errorf("Generate %d of %q lost the race with %v; want ErrAlreadyExists", i, id, r.err)
+		}
+	}
+	if winner == nil {
+		t.Fatalf("no concurrent Generate of %q succeeded", id)
+	}
+	got, err := b.Public(ctx, id)
+	if err != nil {
+		t.Fatalf("Public(%q): %v", id, err)
+	}
+	if !equalPublic(winner, got) {
+		t.Fatalf("Public(%q) is not the key the winning Generate returned", id)
+	}
+	mustSignVerify(t, b, id, spec.Algorithm, winner)
+	expectList(t, b, id)
+
+	errs := make([]error, racers)
+	for i := range racers {
+		wg.Go(func() { errs[i] = b.Destroy(ctx, id) })
+	}
+	wg.Wait()
+	ok := 0
+	for i, err := range errs {
+		switch {
+		case err == nil:
+			ok++
+		case !errors.Is(err, keystore.ErrNotFound):
+			t.Errorf("Destroy %d of %q = %v; want nil or ErrNotFound", i, id, err)
+		}
+	}
+	if ok != 1 {
+		t.Errorf("%d concurrent Destroy calls of %q succeeded, want exactly 1", ok, id)
+	}
+	if _, err := b.Public(ctx, id); !errors.Is(err, keystore.ErrNotFound) {
+		t.Errorf("Public(%q) after Destroy = %v; want ErrNotFound", id, err)
+	}
+	expectList(t, b)
+}
+
+// testSignOptions checks that Sign refuses options and digests that do not
+// fit the key, with crypto.Signer semantics, rather than signing something
+// a verifier would read differently.
+func (s *suite) testSignOptions(t *testing.T) {
+	b := s.backend(t)
+	ctx := t.Context()
+	for _, alg := range b.Algorithms() {
+		t.Run(string(alg), func(t *testing.T) {
+			spec := keystore.KeySpec{Algorithm: alg}
+			id := "opts-" + strings.ToLower(string(alg))
+			pub := mustGenerate(t, b, id, spec)
+			d := Digest(alg, []byte("opts"))
+			type bad struct {
+				name   string
+				digest []byte
+				opts   crypto.SignerOpts
+			}
+			var cases []bad
+			switch alg {
+			case keystore.ES256:
+				cases = []bad{
+					{"SHA-384 digest", Digest(keystore.ES384, []byte("opts")), crypto.SHA384},
+					{"short digest", d[:20], crypto.SHA256},
+					{"long digest", append(slices.Clone(d), 0), crypto.SHA256},
+					{"no hash", d, crypto.Hash(0)},
+				}
+			case keystore.ES384:
+				cases = []bad{
+					{"SHA-256 digest", Digest(keystore.ES256, []byte("opts")), crypto.SHA256},
+					{"short digest", d[:32], crypto.SHA384},
+				}
+			case keystore.RS256, keystore.PS256:
+				cases = []bad{
+					{"SHA-384 digest", Digest(keystore.ES384, []byte("opts")), crypto.SHA384},
+					{"short digest", d[:20], crypto.SHA256},
+					{"long digest", append(slices.Clone(d), 0), crypto.SHA256},
+					{"no hash", d, crypto.Hash(0)},
+					{"PSS short digest", d[:20], &rsa.PSSOptions{Hash: crypto.SHA256, SaltLength: rsa.PSSSaltLengthEqualsHash}},
+					{"PSS SHA-384", Digest(keystore.ES384, []byte("opts")), &rsa.PSSOptions{Hash: crypto.SHA384, SaltLength: rsa.PSSSaltLengthEqualsHash}},
+				}
+			case keystore.EdDSA:
+				cases = []bad{
+					{"SHA-256 digest", Digest(keystore.ES256, []byte("opts")), crypto.SHA256},
+				}
+			}
+			// Options a caller may pass by mistake must fail, not
+			// panic the daemon.
+			cases = append(cases,
+				bad{"nil options", d, nil},
+				bad{"nil *rsa.PSSOptions", d, (*rsa.PSSOptions)(nil)},
+				bad{"nil *ed25519.Options", d, (*ed25519.Options)(nil)},
+			)
+			if alg == keystore.PS256 {
+				cases = append(cases, bad{"PSS maximum salt", d, &rsa.PSSOptions{Hash: crypto.SHA256, SaltLength: rsa.PSSSaltLengthAuto}})
+			}
+			for _, c := range cases {
+				sig, err := signNoPanic(ctx, b, id, c.digest, c.opts)
+				if err == nil {
+					t.Errorf("Sign(%q) with %s (%T) = %d-byte signature, want an error", id, c.name, c.opts, len(sig))
+				} else if errors.Is(err, keystore.ErrNotFound) || errors.Is(err, keystore.ErrKeyLost) {
+					t.Errorf("Sign(%q) with %s = %v; the key is there, the options are wrong", id, c.name, err)
+				}
+			}
+			// The key still signs with the right options.
+			mustSignVerify(t, b, id, alg, pub)
+		})
+	}
+}
+
+// signNoPanic is b.Sign, with a panic turned into an error.
+func signNoPanic(ctx context.Context, b keystore.Backend, id string, digest []byte, opts crypto.SignerOpts) (sig []byte, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			sig, err = nil, fmt.Errorf("Sign panicked: %v", r)
+		}
+	}()
+	return b.Sign(ctx, id, digest, opts)
+}
+
+// testCancelledOthers: Public, List and Destroy with a cancelled context
+// either fail with context.Canceled, changing nothing, or do their work.
+func (s *suite) testCancelledOthers(t *testing.T) {
+	b := s.backend(t)
+	spec := cheapSpec(t, b)
+	pub := mustGenerate(t, b, "live", spec)
+	ctx, cancel := context.WithCancel(t.Context())
+	cancel()
+
+	if p, err := b.Public(ctx, "live"); err != nil && !errors.Is(err, context.Canceled) {
+		t.Errorf("Public with a cancelled context = %v; want context.Canceled or the key", err)
+	} else if err == nil && !equalPublic(pub, p) {
+		t.Errorf("Public with a cancelled context returned another key")
+	}
+	if ids, err := b.List(ctx); err != nil && !errors.Is(err, context.Canceled) {
+		t.Errorf("List with a cancelled context = %v; want context.Canceled or the list", err)
+	} else if err == nil && !slices.Equal(ids, []string{"live"}) {
+		t.Errorf("List with a cancelled context = %q; want [live]", ids)
+	}
+	switch err := b.Destroy(ctx, "live"); {
+	case errors.Is(err, context.Canceled):
+		mustSignVerify(t, b, "live", spec.Algorithm, pub)
+		expectList(t, b, "live")
+	case err == nil:
+		t.Logf("backend %s: Destroy with a cancelled context destroys anyway", b.Name())
+		expectList(t, b)
+	default:
+		t.Errorf("Destroy with a cancelled context = %v; want context.Canceled or success", err)
+	}
+}
+
+// testCloseWhileSigning closes the backend while signs and lookups run: each
+// either works or fails with ErrClosed, and nothing panics or races.
+func (s *suite) testCloseWhileSigning(t *testing.T) {
+	b := s.backend(t)
+	ctx := t.Context()
+	spec := cheapSpec(t, b)
+	pub := mustGenerate(t, b, "busy", spec)
+	const workers, rounds = 4, 40
+	start := make(chan struct{})
+	var wg sync.WaitGroup
+	for w := range workers {
+		wg.Go(func() {
+			<-start
+			for i := range rounds {
+				d := Digest(spec.Algorithm, fmt.Appendf(nil, "close %d %d", w, i))
+				sig, err := b.Sign(ctx, "busy", d, spec.Algorithm.SignerOpts())
+				if errors.Is(err, keystore.ErrClosed) {
+					return
+				}
+				if err != nil {
+					t.Errorf("Sign racing Close = %v; want a signature or ErrClosed", err)
+					return
+				}
+				if err := VerifyDER(spec.Algorithm, pub, d, sig); err != nil {
+					t.Errorf("Sign racing Close: %v", err)
+					return
+				}
+				if _, err := b.List(ctx); err != nil && !errors.Is(err, keystore.ErrClosed) {
+					t.Errorf("List racing Close = %v; want ErrClosed", err)
+					return
+				}
+			}
+		})
+	}
+	close(start)
+	if err := b.Close(); err != nil {
+		t.Errorf("Close while signing: %v", err)
+	}
+	wg.Wait()
+	if _, err := b.Sign(ctx, "busy", Digest(spec.Algorithm, []byte("m")), spec.Algorithm.SignerOpts()); !errors.Is(err, keystore.ErrClosed) {
+		t.Errorf("Sign after Close = %v; want ErrClosed", err)
+	}
+}
+
+// KeyLoser is an optional interface for a test wrapper around a backend that
+// can remove key id from the device behind the backend's back (delete its
+// file, destroy its object with another session), as a failing disk, an
+// operator or a restored backup would. The contract suite then checks that
+// the backend reports the key lost, not a fresh one made in its place.
+type KeyLoser interface {
+	LoseKey(t *testing.T, id string)
+}
+
+// testLost: a key the backend knew that is gone from the device signs no
+// more once destroyed, never with another key, and its ID is never reused.
+// A backend may keep signing with a copy it had loaded (reported in the log)
+// or fail with ErrKeyLost or ErrNotFound.
+func (s *suite) testLost(t *testing.T) {
+	b := s.backend(t)
+	l, ok := b.(KeyLoser)
+	if !ok {
+		t.Skipf("backend %s has no KeyLoser wrapper", b.Name())
+	}
+	ctx := t.Context()
+	spec := cheapSpec(t, b)
+	pub := mustGenerate(t, b, "lost", spec)
+	keep := mustGenerate(t, b, "kept", spec)
+	mustSignVerify(t, b, "lost", spec.Algorithm, pub)
+	l.LoseKey(t, "lost")
+
+	d := Digest(spec.Algorithm, []byte("lost"))
+	sig, err := b.Sign(ctx, "lost", d, spec.Algorithm.SignerOpts())
+	switch {
+	case errors.Is(err, keystore.ErrKeyLost), errors.Is(err, keystore.ErrNotFound):
+		t.Logf("backend %s: Sign of a known key gone from the device = %v", b.Name(), err)
+	case err == nil:
+		t.Logf("backend %s: a loaded key gone from the device still signs", b.Name())
+		if err := VerifyDER(spec.Algorithm, pub, d, sig); err != nil {
+			t.Errorf("Sign of a key gone from the device: %v", err)
+		}
+	default:
+		t.Errorf("Sign of a key gone from the device = %v; want ErrKeyLost, ErrNotFound or a signature by it", err)
+	}
+	if p, err := b.Public(ctx, "lost"); err == nil && !equalPublic(pub, p) {
+		t.Errorf("Public of a key gone from the device returned another key")
+	} else if err != nil && !errors.Is(err, keystore.ErrKeyLost) && !errors.Is(err, keystore.ErrNotFound) {
+		t.Errorf("Public of a key gone from the device = %v; want ErrKeyLost or ErrNotFound", err)
+	}
+	if p, err := b.Generate(ctx, "lost", spec); !errors.Is(err, keystore.ErrAlreadyExists) {
+		t.Errorf("Generate of the ID of a known key gone from the device = %T, %v; want ErrAlreadyExists (IDs are never reused)", p, err)
+	}
+	if err := b.Destroy(ctx, "lost"); err != nil && !errors.Is(err, keystore.ErrNotFound) {
+		t.Errorf("Destroy of a key gone from the device = %v; want nil or ErrNotFound", err)
+	}
+	if _, err := b.Sign(ctx, "lost", d, spec.Algorithm.SignerOpts()); err == nil {
+		t.Errorf("a key gone from the device still signs after Destroy")
+	}
+	expectList(t, b, "kept")
+	mustSignVerify(t, b, "kept", spec.Algorithm, keep)
 }

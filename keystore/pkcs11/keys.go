@@ -218,8 +218,8 @@ var digestInfoSHA256 = []byte{0x30, 0x31, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x
 // with SHA-256 and a salt as long as the hash, Ed25519 keys the message and
 // crypto.Hash(0).
 func signParams(k kind, digest []byte, opts crypto.SignerOpts) (*p11.Mechanism, []byte, error) {
-	if opts == nil {
-		return nil, nil, fmt.Errorf("no signer options: %w", keystore.ErrUnsupportedAlgorithm)
+	if err := keystore.CheckOpts(opts); err != nil {
+		return nil, nil, err
 	}
 	switch k {
 	case kindP256, kindP384:

@@ -707,6 +707,14 @@ func (b *Backend) Generate(ctx context.Context, id string, spec keystore.KeySpec
 			}
 			return fmt.Errorf("%w: token %q has an object labelled %q", keystore.ErrAlreadyExists, b.label, label)
 		}
+		b.mu.RLock()
+		_, existed := b.known[id]
+		b.mu.RUnlock()
+		if existed {
+			// Gone from the token behind keyd's back: the ID named
+			// another key, and IDs are never reused.
+			return fmt.Errorf("%w: key %s was on token %q and is gone from it; IDs are never reused", keystore.ErrAlreadyExists, id, b.label)
+		}
 		pubT, privT := keyAttrs(spec, label, ckaID)
 		mech := []*p11.Mechanism{p11.NewMechanism(algorithms[spec.Algorithm].gen, nil)}
 		pubH, privH, err := b.m.GenerateKeyPair(s.h, mech, pubT, privT)

@@ -474,3 +474,18 @@ func TestConfigNoPINInOutput(t *testing.T) {
 		t.Errorf("slog output does not say %s: %s", redacted, buf.String())
 	}
 }
+
+// LoseKey destroys the objects of key id on the token with a session of its
+// own, as another tool would.
+func (p probed) LoseKey(t *testing.T, id string) {
+	t.Helper()
+	h := rawSession(t, p.Backend)
+	defer p.lib.ctx.CloseSession(h)
+	for _, class := range []uint{p11.CKO_PRIVATE_KEY, p11.CKO_PUBLIC_KEY} {
+		for _, o := range rawFind(t, p.Backend, h, id, class) {
+			if err := p.lib.ctx.DestroyObject(h, o); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+}

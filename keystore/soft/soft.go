@@ -325,17 +325,8 @@ func (b *Backend) Sign(ctx context.Context, id string, digest []byte, opts crypt
 }
 
 func (b *Backend) sign(key crypto.Signer, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
-	switch o := opts.(type) {
-	case nil:
-		return nil, fmt.Errorf("no signer options: %w", keystore.ErrUnsupportedAlgorithm)
-	case *rsa.PSSOptions:
-		if o == nil {
-			return nil, fmt.Errorf("nil %T: %w", o, keystore.ErrUnsupportedAlgorithm)
-		}
-	case *ed25519.Options:
-		if o == nil {
-			return nil, fmt.Errorf("nil %T: %w", o, keystore.ErrUnsupportedAlgorithm)
-		}
+	if err := keystore.CheckOpts(opts); err != nil {
+		return nil, err
 	}
 	switch k := key.(type) {
 	case *ecdsa.PrivateKey:

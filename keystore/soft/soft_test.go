@@ -847,3 +847,78 @@ func TestTombstonedKeyFile(t *testing.T) {
 		t.Errorf("Sign by the other key: %v", err)
 	}
 }
+
+// LoseKey removes the key file of id behind the backend's back.
+func (p probed) LoseKey(t *testing.T, id string) {
+	t.Helper()
+	if err := os.Remove(filepath.Join(p.dir, id+".key")); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// S2 on a real full disk: a small tmpfs (root only) is filled, Generate
+// fails with ErrUnavailable, leaves no partial or temporary file, and the key
+// already there still loads and signs after a restart.
+func TestDiskFull(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("mounting a tmpfs needs root")
+	}
+	dir := t.TempDir()
+	if err := syscall.Mount("tmpfs", dir, "tmpfs", 0, "size=64k,mode=0700"); err != nil {
+		t.Skipf("cannot mount a tmpfs: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := syscall.Unmount(dir, 0); err != nil {
+			t.Errorf("unmount %s: %v", dir, err)
+		}
+	})
+	keys := filepath.Join(dir, "keys")
+	b := open(t, Config{Dir: keys})
+	old := generate(t, b, "old", keystore.ES256)
+
+	// Fill the file system, 1 KiB at a time, bounded by its size.
+	f, err := os.Create(filepath.Join(dir, "filler"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	chunk := make([]byte, 1024)
+	full := false
+	for range 128 {
+		if _, err := f.Write(chunk); err != nil {
+			if !errors.Is(err, syscall.ENOSPC) {
+				t.Fatalf("filling the tmpfs: %v", err)
+			}
+			full = true
+			break
+		}
+	}
+	if err := f.Close(); err != nil && !errors.Is(err, syscall.ENOSPC) {
+		t.Fatal(err)
+	}
+	if !full {
+		t.Fatal("the 64 KiB tmpfs did not fill up with 128 KiB")
+	}
+
+	for _, spec := range []keystore.KeySpec{{Algorithm: keystore.RS256, RSABits: 3072}, {Algorithm: keystore.ES256}} {
+		pub, err := b.Generate(t.Context(), "new", spec)
+		if !errors.Is(err, keystore.ErrUnavailable) {
+			t.Errorf("Generate(%v) on a full disk = %T, %v; want ErrUnavailable", spec, pub, err)
+		}
+		if got := dirNames(t, keys); !slices.Equal(got, []string{"old.key"}) {
+			t.Errorf("after Generate(%v) on a full disk the key directory holds %q, want [old.key]", spec, got)
+		}
+	}
+	b.Close()
+	b = open(t, Config{Dir: keys})
+	signVerify(t, b, "old", keystore.ES256, old)
+	if ids, err := b.List(t.Context()); err != nil || !slices.Equal(ids, []string{"old"}) {
+		t.Errorf("List after the full disk = %q, %v; want [old]", ids, err)
+	}
+
+	// With room again, the ID is free and works.
+	if err := os.Remove(filepath.Join(dir, "filler")); err != nil {
+		t.Fatal(err)
+	}
+	pub := generate(t, b, "new", keystore.ES256)
+	signVerify(t, b, "new", keystore.ES256, pub)
+}

@@ -1095,3 +1095,11 @@ func TestDeadlines(t *testing.T) {
 		t.Errorf("goroutines %d → %d", g0, g)
 	}
 }
+
+// LoseKey removes the key file of id behind the backend's back.
+func (p probed) LoseKey(t *testing.T, id string) {
+	t.Helper()
+	if err := os.Remove(p.keyPath(id)); err != nil {
+		t.Fatal(err)
+	}
+}
