@@ -28,15 +28,29 @@ func (cc *claimsCheck) run() error {
 	if v := cc.c.foldCollision(); v != nil {
 		return v
 	}
+	sent := len(cc.c.members)
+	var err error
 	switch cc.p.Purpose {
 	case DPoP:
-		return cc.dpop()
+		err = cc.dpop()
 	case ClientAssertion:
-		return cc.assertion()
+		err = cc.assertion()
 	case JWT:
-		return cc.jwt()
+		err = cc.jwt()
+	default:
+		return violation("claims", "unknown purpose %q", cc.p.Purpose) // unreachable: Validate ran
 	}
-	return violation("claims", "unknown purpose %q", cc.p.Purpose) // unreachable: Validate ran
+	if err != nil {
+		return err
+	}
+	// The claims keyd filled in must not collide with a caller's name in
+	// another letter case either (a jwt's "IAT" next to the iat keyd adds).
+	if len(cc.c.members) > sent {
+		if v := cc.c.foldCollision(); v != nil {
+			return v
+		}
+	}
+	return nil
 }
 
 var (

@@ -2,6 +2,7 @@ package policy
 
 import (
 	"encoding/json"
+	"strings"
 	"testing"
 )
 
@@ -67,5 +68,29 @@ func TestClaimNameCaseFoldLarge(t *testing.T) {
 	wantViolation(t, err, "sub")
 	if _, err := jwtPolicy.Prepare(now, testKey, nil, []byte(claims+`,"sub":"y"}`), &seqReader{}); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// keyd fills jti and iat into a jwt's claims after the caller's names were
+// checked for case collisions: a caller's "JTI" or "IAT" must not end up in
+// the signed claims next to the jti and iat keyd adds, where a verifier that
+// matches names without regard to case reads one as the other. Whatever
+// Prepare signs, CheckPrebuilt accepts too.
+func TestClaimNameCaseFoldFilled(t *testing.T) {
+	iss := `"iss":"https://op.example.com","exp":` + at(60)
+	for _, tc := range []struct{ claims, name string }{
+		{`{` + iss + `,"JTI":"` + strings.Repeat("x ", 100) + `"}`, "jti"},
+		{`{` + iss + `,"IAT":99999999999}`, "iat"},
+		{`{` + iss + `,"Iat":"yesterday","jti":"j1"}`, "iat"},
+	} {
+		tok, err := jwtPolicy.Prepare(now, testKey, nil, []byte(tc.claims), &seqReader{})
+		if err == nil {
+			t.Errorf("Prepare(%s) signs %s: two claims that are one to a case-insensitive verifier", tc.claims, tok.Claims)
+			if _, err := jwtPolicy.CheckPrebuilt(now, testKey, tok.Header, tok.Claims); err != nil {
+				t.Errorf("and CheckPrebuilt refuses it: %v", err)
+			}
+			continue
+		}
+		wantViolation(t, err, tc.name)
 	}
 }
