@@ -99,7 +99,10 @@ func checkJWTTyp(v any) (string, *Violation) {
 	if !ok || !isTyp(s) {
 		return "", violation("header.typ", "must be a string of 1 to 64 printable ASCII characters without spaces, like \"JWT\"")
 	}
-	switch strings.TrimPrefix(strings.ToLower(s), "application/") {
+	// The media type alone: without the "application/" a typ may omit
+	// (RFC 7515 §4.1.9) and without parameters (";v=1").
+	mt, _, _ := strings.Cut(strings.ToLower(s), ";")
+	switch strings.TrimPrefix(mt, "application/") {
 	case TypDPoP, TypClientAssertion:
 		return "", violation("header.typ", "%q is the type of another purpose's tokens; use a key set of that purpose", s)
 	}
