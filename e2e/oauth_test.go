@@ -219,12 +219,22 @@ func (e *env) testClientCredentials(t *testing.T) {
 		t.Errorf("POST answered %v after %d requests", post, len(e.rec.since(m)))
 	}
 
+	// A revoked token: the resource server says invalid_token, and the
+	// transport retries once with a new token.
 	if err := o.Revoke(testCtx(t), tok.AccessToken, "access_token"); err != nil {
 		t.Fatal(err)
 	}
 	mark := e.as.mark()
-	getJSON(t, hc, e.resource, 401)
+	m = e.rec.mark()
+	getJSON(t, hc, e.resource, 200)
 	e.as.expectRejection(t, mark, "resource.error", "invalid_token", "not active")
+	seen = e.rec.since(m)
+	if len(seen) < 2 || seen[0].status != 401 || !strings.Contains(seen[0].challenge, `error="invalid_token"`) || seen[len(seen)-1].status != 200 {
+		t.Errorf("resource exchanges after revocation %+v: want invalid_token, then a retry with a new token", seen)
+	}
+	if renewed, err := ts.Token(); err != nil || renewed.AccessToken == tok.AccessToken {
+		t.Errorf("after invalid_token the source still holds the revoked token (err %v)", err)
+	}
 }
 
 // Authorization code with PKCE (a headless login), then the resource and
