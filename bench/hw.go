@@ -35,7 +35,7 @@ const (
 	modeDirectCopy  = "direct copy"  // the same on a session copy of the key, as keyd signs (see p11direct.go)
 	modeCrypto11    = "crypto11"     // the same key through ThalesGroup/crypto11 (FindKeyPair, Sign), 2 sessions
 	modeKeydBackend = "keyd backend" // diagnostic: keyd's keystore/pkcs11 Backend.Sign in-process, 2 sessions
-	modeDirectProof = "direct proof" // the whole DPoP proof in-process, signed by the direct signer
+	modeDirectProof = "direct proof" // the whole DPoP proof in-process, signed by the direct signer (pkcs11: direct copy's, keyd's SoftHSM work)
 	modeBareRelay   = "bare relay"   // direct copy's signature made in a relay process, over a Unix socket (see p11relay.go)
 	modeDirectAgain = "direct again" // tpm: direct TPM2_Sign once more, after keyd let the TPM go
 )
@@ -333,7 +333,7 @@ func keydFailed(err error, keyd *child) error {
 // the same keys signed in-process directly, through crypto11 and through
 // keyd's own backend package.
 func benchPKCS11(ctx context.Context, o options) (sec *hwSection, err error) {
-	sec = &hwSection{Backend: "pkcs11", Algs: algStrings(o.p11Algs), Callers: o.p11Callers, Modes: p11Modes}
+	sec = &hwSection{Backend: "pkcs11", Algs: algStrings(o.p11Algs), Callers: o.p11Callers, Modes: p11Modes, KeydSessions: o.keydP11}
 	w, err := newWorkDir()
 	if err != nil {
 		return sec, err
@@ -481,7 +481,8 @@ func benchPKCS11(ctx context.Context, o options) (sec *hwSection, err error) {
 		if err != nil {
 			return sec, err
 		}
-		if s.pf, err = newInproc(direct, pol, v); err != nil {
+		// Signed as keyd signs: on a session copy of the key.
+		if s.pf, err = newInproc(directCopy, pol, v); err != nil {
 			return sec, err
 		}
 		if err := validate(ctx, kc, s.dp, s.pf, alg, name, htu); err != nil {
@@ -639,7 +640,7 @@ func benchPKCS11(ctx context.Context, o options) (sec *hwSection, err error) {
 		return sec, errors.New("keyd exited during the run")
 	}
 	sec.Notes = append(sec.Notes,
-		fmt.Sprintf("SoftHSM2 token %q (fresh, in the bench's temporary directory); keyd: backend pkcs11, max_sessions %d; keys are token objects made by keyd, labelled keyd:<id>; keyd, keyd backend, direct copy and the bare relay sign with session copies of them (C_CopyObject inside the token), direct and crypto11 with the token objects", token, o.keydP11),
+		fmt.Sprintf("SoftHSM2 token %q (fresh, in the bench's temporary directory); keyd: backend pkcs11, max_sessions %d; keys are token objects made by keyd, labelled keyd:<id>; keyd, keyd backend, direct copy, direct proof and the bare relay sign with session copies of them (C_CopyObject inside the token), direct and crypto11 with the token objects", token, o.keydP11),
 		"bare modes (direct, crypto11, keyd backend) sign a fixed SHA-256 digest (EdDSA: a 400-byte message); keyd signs a whole DPoP proof (policy, claims JSON, jti, the audit record) and returns it over gRPC",
 		"keyd backend can outrun direct with more callers than sessions: it makes each C_Sign on a goroutine of its own (to be able to abandon it), which spares Go's scheduler the P hand-offs a plain pool meets when both Ps sit in cgo calls; direct is the plain pool",
 	)

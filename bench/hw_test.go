@@ -99,7 +99,7 @@ func TestSectionGoals(t *testing.T) {
 	}}
 	g = p.compute()
 	if g[0].Value != 0.6 || g[0].Met || !strings.Contains(g[0].Name, "interleaved, 2 cycles") || !strings.Contains(g[0].Name, "median of 3 alternating rounds: 0.85") ||
-		!strings.Contains(g[0].Name, "nothing else: 0.80") || !strings.Contains(g[0].Name, "the same SoftHSM work per signature: 0.40") || g[1].Value != 0.95 {
+		!strings.Contains(g[0].Name, "the bare relay: 0.80; over direct copy") || !strings.Contains(g[0].Name, "nothing else: 0.53") || !strings.Contains(g[0].Name, "the same SoftHSM work per signature: 0.40") || g[1].Value != 0.95 {
 		t.Fatalf("pkcs11 goals with interleaved %+v", g)
 	}
 	if got := p.P11Interleaved[0].cycleRatios(modeKeyd); len(got) != 2 || math.Abs(got[0]-0.5) > 1e-9 || math.Abs(got[1]-0.7) > 1e-9 {
@@ -164,5 +164,49 @@ func TestRawToDER(t *testing.T) {
 	// r has its high bit set: a 0x00 sign byte; s has leading zeros: minimal.
 	if der[0] != 0x30 || der[2] != 0x02 || der[3] != 33 || der[4] != 0 || der[3+1+33] != 0x02 || der[3+1+33+1] != 1 {
 		t.Fatalf("DER % x", der)
+	}
+}
+
+// TestP11GoalRelayOverDirectCopy checks that the goal line's "one socket
+// round trip and nothing else" figure of the bare relay compares it with
+// direct copy, which signs the same session copies the relay signs, and not
+// with direct, which signs the token objects (a relay exactly as fast as
+// direct copy adds nothing).
+func TestP11GoalRelayOverDirectCopy(t *testing.T) {
+	r := func(mode string, ops float64) result {
+		return result{Alg: "ES256", Mode: mode, Callers: 16, OpsPerSec: ops, P50us: 1}
+	}
+	p := &hwSection{Backend: "pkcs11", Algs: []string{"ES256"}, Callers: []int{16}, Results: []result{
+		r(modeDirect, 1000), r(modeDirectCopy, 1500), r(modeBareRelay, 1500), r(modeKeyd, 900),
+	}}
+	const want = "the same SoftHSM work one socket round trip away and nothing else: 1.00]"
+	if g := p.compute(); !strings.Contains(g[0].Name, want) {
+		t.Errorf("sweep: goal %q, want it to contain %q", g[0].Name, want)
+	}
+	p.P11Interleaved = []*p11Interleaved{{Alg: "ES256", Callers: 16, Cycles: 1, SliceMs: 300,
+		Modes:     []string{modeDirect, modeDirectCopy, modeBareRelay, modeKeyd},
+		OpsPerSec: map[string]float64{modeDirect: 1000, modeDirectCopy: 1500, modeBareRelay: 1500, modeKeyd: 900},
+		PerCycle:  map[string][]float64{modeDirect: {1000}, modeDirectCopy: {1500}, modeBareRelay: {1500}, modeKeyd: {900}},
+	}}
+	if g := p.compute(); !strings.Contains(g[0].Name, want) {
+		t.Errorf("interleaved: goal %q, want it to contain %q", g[0].Name, want)
+	}
+}
+
+// TestP11GoalKeydSessions checks that a pkcs11 goal is not judged when keyd
+// ran with other max_sessions than direct's (-pkcs11-keyd-sessions): the
+// goal compares the two at p11Sessions each.
+func TestP11GoalKeydSessions(t *testing.T) {
+	r := func(mode string, ops float64) result {
+		return result{Alg: "ES256", Mode: mode, Callers: 16, OpsPerSec: ops, P50us: 1}
+	}
+	p := &hwSection{Backend: "pkcs11", Algs: []string{"ES256"}, Callers: []int{16}, KeydSessions: 4,
+		Results: []result{r(modeDirect, 1000), r(modeKeyd, 1200)}}
+	if g := p.compute(); g[0].Met || !strings.HasPrefix(g[0].Status, "n/a") {
+		t.Errorf("keyd with 4 sessions against direct with %d: goal %+v", p11Sessions, g[0])
+	}
+	p.KeydSessions = p11Sessions
+	if g := p.compute(); !g[0].Met || g[0].Status != "met" {
+		t.Errorf("keyd with %d sessions: goal %+v", p11Sessions, g[0])
 	}
 }

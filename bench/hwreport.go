@@ -35,6 +35,10 @@ type hwSection struct {
 		HWMKiB int64 `json:"hwm_kib"`
 	} `json:"keyd_rss"`
 
+	// KeydSessions is keyd's max_sessions in the pkcs11 section (0: not
+	// recorded); the goals compare keyd and direct at p11Sessions each.
+	KeydSessions int `json:"keyd_max_sessions,omitempty"`
+
 	keydUp   bool // keyd runs: measure its CPU time
 	swtpmPID int
 	relayPID int // the bare relay child, while it runs
@@ -53,13 +57,14 @@ type p11Ratio struct {
 	Crypto11VsDirect float64 `json:"crypto11_vs_direct,omitempty"`
 	// BackendVsDirect is keyd's backend package in-process / direct.
 	BackendVsDirect float64 `json:"keyd_backend_vs_direct"`
-	// ProofVsDirect is direct proof / direct: what making a whole proof
-	// in-process costs over the bare signature.
-	ProofVsDirect float64 `json:"direct_proof_vs_direct"`
+	// ProofVsCopy is direct proof / direct copy: what making a whole proof
+	// in-process costs over the bare signature it makes.
+	ProofVsCopy float64 `json:"direct_proof_vs_direct_copy"`
 	// KeydVsProof is keyd / direct proof: the same work, through keyd.
 	KeydVsProof float64 `json:"keyd_vs_direct_proof"`
-	// RelayVsDirect is bare relay / direct: direct's signature made in
-	// another process, one Unix socket round trip away.
+	// RelayVsDirect is bare relay / direct: direct copy's signature (a
+	// session copy of the key, not direct's token object) made in another
+	// process, one Unix socket round trip away.
 	RelayVsDirect float64 `json:"bare_relay_vs_direct"`
 	// P50 is keyd p50 / direct p50.
 	P50 float64 `json:"p50_keyd_vs_direct"`
@@ -164,7 +169,7 @@ func (s *hwSection) computeP11() []goal {
 				KeydVsCrypto11:   div(k, ops(alg, modeCrypto11, n)),
 				Crypto11VsDirect: ops(alg, modeCrypto11, n) / d,
 				BackendVsDirect:  ops(alg, modeKeydBackend, n) / d,
-				ProofVsDirect:    ops(alg, modeDirectProof, n) / d,
+				ProofVsCopy:      div(ops(alg, modeDirectProof, n), ops(alg, modeDirectCopy, n)),
 				KeydVsProof:      div(k, ops(alg, modeDirectProof, n)),
 				RelayVsDirect:    ops(alg, modeBareRelay, n) / d,
 				P50:              div(kr.P50us, dr.P50us),
@@ -186,6 +191,14 @@ func (s *hwSection) computeP11() []goal {
 				ratios := s.roundRatios(g.alg, goalP11N)
 				x.Value = median(ratios)
 				relay := median(s.relayRatios(g.alg, goalP11N))
+				// The relay signs with session copies, as direct copy does:
+				// only over direct copy is it one socket round trip apart.
+				relayCopy := 0.0
+				if c, ok := s.find(g.alg, modeDirectCopy, goalP11N); ok && c.OpsPerSec > 0 {
+					if b, ok := s.find(g.alg, modeBareRelay, goalP11N); ok {
+						relayCopy = b.OpsPerSec / c.OpsPerSec
+					}
+				}
 				how := "median of %d alternating rounds"
 				if len(ratios) < 2 {
 					how = "%d run"
@@ -194,16 +207,24 @@ func (s *hwSection) computeP11() []goal {
 				sameWork := 0.0
 				if il := s.p11Interleaved(g.alg); il != nil {
 					how = fmt.Sprintf("interleaved, %d cycles of %d ms slices (the %s: %.2f)", il.Cycles, il.SliceMs, how, x.Value)
-					x.Value, relay = il.ratio(modeKeyd), il.ratio(modeBareRelay)
+					x.Value, relay, relayCopy = il.ratio(modeKeyd), il.ratio(modeBareRelay), 0
 					if c := il.OpsPerSec[modeDirectCopy]; c > 0 {
 						sameWork = il.OpsPerSec[modeKeyd] / c
+						relayCopy = il.OpsPerSec[modeBareRelay] / c
 					}
 				}
 				x.Met = x.Value >= g.limit
 				x.Status = metString(x.Met)
+				if s.KeydSessions != 0 && s.KeydSessions != p11Sessions {
+					x.Met = false
+					x.Status = fmt.Sprintf("n/a (keyd ran with max_sessions %d, direct with %d: %.2f)", s.KeydSessions, p11Sessions, x.Value)
+				}
 				x.Name += ", " + how
-				if relay > 0 {
-					x.Name += fmt.Sprintf(" [the bare relay, one socket round trip per signature and nothing else: %.2f]", relay)
+				switch {
+				case relay > 0 && relayCopy > 0:
+					x.Name += fmt.Sprintf(" [the bare relay: %.2f; over direct copy, the same SoftHSM work one socket round trip away and nothing else: %.2f]", relay, relayCopy)
+				case relay > 0:
+					x.Name += fmt.Sprintf(" [the bare relay: %.2f (session copies against direct's token objects, and one socket round trip)]", relay)
 				}
 				if sameWork > 0 {
 					x.Name += fmt.Sprintf(" [keyd / direct copy, the same SoftHSM work per signature: %.2f]", sameWork)
@@ -381,7 +402,7 @@ func (s *hwSection) print(w io.Writer) {
        crypto11      the same key through ThalesGroup/crypto11 v1.5.0 (FindKeyPair by label, Signer.Sign),
                      MaxSessions 3 = 2 pooled sessions + its login session
        keyd backend  diagnostic: keyd's own keystore/pkcs11 Backend.Sign in this process, max_sessions 2
-       direct proof  a whole DPoP proof in-process, signed by "direct" (what keyd does per proof, minus
+       direct proof  a whole DPoP proof in-process, signed by "direct copy" (what keyd does per proof, minus
                      gRPC and the audit record)
        bare relay    direct copy's signature made by a relay process (its pool in a process of its
                      own, one goroutine per connection) over a Unix socket, one connection per caller:
@@ -410,13 +431,13 @@ func (s *hwSection) print(w io.Writer) {
 	if len(s.P11Ratios) > 0 {
 		fmt.Fprintf(w, "\nratios of ops/s: K = keyd / direct   (goal at %d callers: ES256 ≥ %.2f, RS256 ≥ %.2f)\n", goalP11N, goalP11ES256, goalP11RS256)
 		fmt.Fprintf(w, "                 U = keyd unary / direct     C = keyd / crypto11     c = crypto11 / direct\n")
-		fmt.Fprintf(w, "                 B = keyd backend / direct   P = direct proof / direct   KP = keyd / direct proof\n")
+		fmt.Fprintf(w, "                 B = keyd backend / direct   P = direct proof / direct copy   KP = keyd / direct proof\n")
 		fmt.Fprintf(w, "                 R = bare relay / direct     p50 = keyd p50 / direct p50\n")
 		fmt.Fprintf(w, "%-6s %7s %6s %6s %6s %6s %6s %6s %6s %6s %7s\n", "alg", "callers", "K", "U", "C", "c", "B", "P", "KP", "R", "p50")
 		for _, r := range s.P11Ratios {
 			// A ratio of a mode that did not run (-pkcs11-modes) is 0: n/a.
 			fmt.Fprintf(w, "%-6s %7d %6s %6s %6s %6s %6s %6s %6s %6s %7s\n", r.Alg, r.Callers, optRatio(r.KeydVsDirect), optRatio(r.UnaryVsDirect),
-				optRatio(r.KeydVsCrypto11), optRatio(r.Crypto11VsDirect), optRatio(r.BackendVsDirect), optRatio(r.ProofVsDirect), optRatio(r.KeydVsProof),
+				optRatio(r.KeydVsCrypto11), optRatio(r.Crypto11VsDirect), optRatio(r.BackendVsDirect), optRatio(r.ProofVsCopy), optRatio(r.KeydVsProof),
 				optRatio(r.RelayVsDirect), optRatio(r.P50))
 		}
 	}
