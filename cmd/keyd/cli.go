@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/signal"
 	"os/user"
+	"path/filepath"
 	"slices"
 	"strings"
 	"syscall"
@@ -308,13 +309,18 @@ func addClientFlags(fs *flag.FlagSet) clientFlags {
 }
 
 func (f clientFlags) path() string {
+	p := config.DefaultSocket()
 	if *f.socket != "" {
-		return *f.socket
+		p = *f.socket
+	} else if s := os.Getenv("KEYD_SOCKET"); s != "" {
+		p = s
 	}
-	if s := os.Getenv("KEYD_SOCKET"); s != "" {
-		return s
+	// client.Dial takes only an absolute path for a socket: a relative
+	// one would be a gRPC target, a host name.
+	if abs, err := filepath.Abs(p); err == nil {
+		return abs
 	}
-	return config.DefaultSocket()
+	return p
 }
 
 // dial connects and returns a context bounded by --timeout.
