@@ -139,7 +139,7 @@ func (c *cli) request(args []string) error {
 	fs := c.flags("request")
 	of := addOAuthFlags(fs, "request")
 	method := fs.String("X", "", "HTTP method (default GET, or POST with -d)")
-	data := fs.String("d", "", "request body; @FILE reads it from FILE, @- from stdin (default Content-Type: application/x-www-form-urlencoded)")
+	data := fs.String("d", "", "request body; @FILE reads it from FILE, @- from stdin, at most 64 MiB (default Content-Type: application/x-www-form-urlencoded)")
 	var headers headerList
 	fs.Var(&headers, "H", "request header 'Name: value' (repeatable)")
 	pos, err := parse(fs, args, 1)
@@ -213,10 +213,19 @@ func (c *cli) request(args []string) error {
 	return nil
 }
 
+// maxStdinData bounds a request body read from stdin (-d @-).
+const maxStdinData = 64 << 20
+
 func readData(d string) ([]byte, error) {
 	switch {
 	case d == "@-":
-		return io.ReadAll(io.LimitReader(os.Stdin, 64<<20))
+		// One byte more than the limit tells a longer body from one of
+		// exactly the limit: a longer one is refused, never cut.
+		b, err := io.ReadAll(io.LimitReader(os.Stdin, maxStdinData+1))
+		if err == nil && len(b) > maxStdinData {
+			err = fmt.Errorf("-d @-: the body on stdin is longer than %d MiB", maxStdinData>>20)
+		}
+		return b, err
 	case strings.HasPrefix(d, "@"):
 		return os.ReadFile(d[1:])
 	}

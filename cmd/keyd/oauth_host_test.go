@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"strings"
 	"testing"
 )
@@ -23,5 +24,25 @@ func TestRequestHostHeader(t *testing.T) {
 	want := `{"host":"rs.example.test","htu":"http://rs.example.test/api"}` + "\n"
 	if status != 0 || stdout.String() != want {
 		t.Errorf("exit %d, stdout %q, stderr %q; want stdout %q", status, stdout.String(), stderr.String(), want)
+	}
+}
+
+// `-d @-` refuses a body on stdin longer than it reads, rather than send
+// the first 64 MiB of it as if that were the whole body.
+func TestRequestDataFromStdinNotTruncated(t *testing.T) {
+	f, err := os.CreateTemp(t.TempDir(), "body")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := f.Truncate(64<<20 + 1); err != nil { // sparse: no disk used
+		t.Fatal(err)
+	}
+	stdin := os.Stdin
+	os.Stdin = f
+	defer func() { os.Stdin = stdin }()
+	b, err := readData("@-")
+	if err == nil {
+		t.Fatalf("read %d bytes of a %d-byte body without an error", len(b), 64<<20+1)
 	}
 }
