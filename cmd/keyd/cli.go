@@ -223,6 +223,16 @@ func (c *cli) serve(args []string) error {
 	if err != nil {
 		return configError{err}
 	}
+	// A name this host does not know stays unknown: exit as for any other
+	// invalid configuration, before the state directory is touched, so
+	// that a supervisor does not restart into it.
+	for _, err := range hostProblems(cfg) {
+		var uu user.UnknownUserError
+		var ug user.UnknownGroupError
+		if errors.As(err, &uu) || errors.As(err, &ug) {
+			return configError{err}
+		}
+	}
 	level := new(slog.LevelVar)
 	_ = level.UnmarshalText([]byte(cfg.LogLevel))
 	log := slog.New(slog.NewTextHandler(c.stderr, &slog.HandlerOptions{Level: level}))
@@ -269,29 +279,34 @@ func (c *cli) checkConfig(args []string) error {
 		fmt.Fprintln(c.stderr, err)
 		return errors.New("the configuration has problems (listed above)")
 	}
-	// The names in allow lists and socket_group must resolve on this host.
-	var problems []string
-	if cfg.SocketGroup != "" {
-		if _, err := user.LookupGroup(cfg.SocketGroup); err != nil {
-			problems = append(problems, fmt.Sprintf("socket_group: %v", err))
-		}
-	}
-	for _, ks := range cfg.KeySets {
-		if _, err := authz.NewList(authz.Spec(ks.Allow), nil); err != nil {
-			problems = append(problems, fmt.Sprintf("keysets (%s).allow: %v", ks.Name, err))
-		}
-	}
-	if cfg.Admins != nil {
-		if _, err := authz.NewList(authz.Spec(*cfg.Admins), nil); err != nil {
-			problems = append(problems, fmt.Sprintf("admins: %v", err))
-		}
-	}
-	if len(problems) > 0 {
-		fmt.Fprintln(c.stderr, strings.Join(problems, "\n"))
+	if problems := hostProblems(cfg); len(problems) > 0 {
+		fmt.Fprintln(c.stderr, errors.Join(problems...))
 		return errors.New("the configuration has problems (listed above)")
 	}
 	fmt.Fprintf(c.stdout, "%s: OK (%d key sets, socket %s)\n", *path, len(cfg.KeySets), cfg.Socket)
 	return nil
+}
+
+// hostProblems checks what the configuration names on this host: the names
+// in allow lists and socket_group must resolve.
+func hostProblems(cfg *config.Config) []error {
+	var problems []error
+	if cfg.SocketGroup != "" {
+		if _, err := user.LookupGroup(cfg.SocketGroup); err != nil {
+			problems = append(problems, fmt.Errorf("socket_group: %w", err))
+		}
+	}
+	for _, ks := range cfg.KeySets {
+		if _, err := authz.NewList(authz.Spec(ks.Allow), nil); err != nil {
+			problems = append(problems, fmt.Errorf("keysets (%s).allow: %w", ks.Name, err))
+		}
+	}
+	if cfg.Admins != nil {
+		if _, err := authz.NewList(authz.Spec(*cfg.Admins), nil); err != nil {
+			problems = append(problems, fmt.Errorf("admins: %w", err))
+		}
+	}
+	return problems
 }
 
 // --- client commands ---

@@ -29,6 +29,18 @@ func TestExitStatus(t *testing.T) {
 		"backend: {soft: {}}\nkeysets: [{name: d, purpose: dpop, alg: ES256, allow: {uids: [0]}}]\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
+	// The same, with a state directory serve may use (and must not touch).
+	state := filepath.Join(dir, "state")
+	noGroupServe := filepath.Join(dir, "nogroup-serve.yaml")
+	noUserServe := filepath.Join(dir, "nouser-serve.yaml")
+	for file, body := range map[string]string{
+		noGroupServe: "socket_group: keyd-no-such-group\nkeysets: [{name: d, purpose: dpop, alg: ES256, allow: {uids: [0]}}]\n",
+		noUserServe:  "keysets: [{name: d, purpose: dpop, alg: ES256, allow: {users: [keyd-no-such-user]}}]\n",
+	} {
+		if err := os.WriteFile(file, []byte("socket: "+filepath.Join(dir, "s.sock")+"\nstate_dir: "+state+"\nbackend: {soft: {}}\n"+body), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
 	const hint = "run 'keyd help' for usage\n"
 
 	for _, tc := range []struct {
@@ -62,6 +74,10 @@ func TestExitStatus(t *testing.T) {
 		{"bad config", []string{"check-config", "--config", bad}, 1, `(?s)\A.*: invalid configuration:\n.*socket: "relative.sock" must be an absolute path\n.*keyd: the configuration has problems \(listed above\)\n\z`, ""},
 		// check-config finds what serve would refuse at start.
 		{"check-config with an unknown socket_group", []string{"check-config", "--config", noGroup}, 1, `\Asocket_group: group: unknown group keyd-no-such-group\nkeyd: the configuration has problems \(listed above\)\n\z`, ""},
+		// ... and serve refuses them as an invalid configuration, so that
+		// systemd does not restart into it (RestartPreventExitStatus=78).
+		{"serve with an unknown socket_group", []string{"serve", "--config", noGroupServe}, 78, `\Akeyd: socket_group: group: unknown group keyd-no-such-group\n\z`, ""},
+		{"serve with an unknown user", []string{"serve", "--config", noUserServe}, 78, `\Akeyd: keysets \(d\)\.allow: user "keyd-no-such-user": user: unknown user keyd-no-such-user\n\z`, ""},
 		{"serve with bad config", []string{"serve", "--config", bad}, 78, `\Akeyd: .*invalid configuration: .*socket: "relative.sock" must be an absolute path.*\n\z`, ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

@@ -21,6 +21,7 @@ import (
 
 	"go.yaml.in/yaml/v3"
 
+	"github.com/keyd-dev/keyd/internal/authz"
 	"github.com/keyd-dev/keyd/internal/policy"
 	"github.com/keyd-dev/keyd/keystore"
 	"github.com/keyd-dev/keyd/keystore/pkcs11"
@@ -305,6 +306,16 @@ func Parse(b []byte, name string) (*Config, error) {
 			return nil, fmt.Errorf("%s: %w", name, err)
 		}
 	}
+	// Decode reads the first document only: a second one would be
+	// silently ignored, settings and all.
+	var extra yaml.Node
+	switch err := dec.Decode(&extra); {
+	case errors.Is(err, io.EOF):
+	case err != nil:
+		problems = append(problems, errors.New(strings.TrimPrefix(err.Error(), "yaml: ")))
+	case len(extra.Content) > 0 && extra.Content[0].Tag != "!!null":
+		problems = append(problems, errors.New("a second YAML document (after \"---\"): keyd reads one document per file"))
+	}
 	c.applyDefaults()
 	if err := c.Validate(); err != nil {
 		problems = append(problems, err)
@@ -402,6 +413,9 @@ func (c *Config) Validate() error {
 	if r := c.Limits.SignRate; math.IsNaN(r) || math.IsInf(r, 0) {
 		add("limits.sign_rate", "%v is not a number of requests per second (0 means no limit)", r)
 	}
+	if c.Limits.SignBurst > 0 && c.Limits.SignRate == 0 {
+		add("limits.sign_burst", "needs limits.sign_rate: without a rate there is no limit for a burst to exceed")
+	}
 	switch c.LogLevel {
 	case "debug", "info", "warn", "error":
 	default:
@@ -430,8 +444,10 @@ func (c *Config) Validate() error {
 		}
 		if b.URI == "" {
 			add("backend.pkcs11.uri", "required: the token, as an RFC 7512 URI such as pkcs11:token=keyd")
-		} else if _, err := pkcs11.ParseURI(b.URI); err != nil {
+		} else if u, err := pkcs11.ParseURI(b.URI); err != nil {
 			add("backend.pkcs11.uri", "%v", err)
+		} else if u.Token == "" && u.Serial == "" && !u.HasSlotID {
+			add("backend.pkcs11.uri", "%q: name the token with token=, serial= or slot-id=", b.URI)
 		}
 		switch {
 		case b.PINFile == "" && b.PINEnv == "":
@@ -447,8 +463,8 @@ func (c *Config) Validate() error {
 		if b.OpenTimeout < 0 {
 			add("backend.pkcs11.open_timeout", "must not be negative")
 		}
-		if b.MaxSessions < 0 {
-			add("backend.pkcs11.max_sessions", "must not be negative")
+		if b.MaxSessions < 0 || b.MaxSessions > pkcs11.MaxSessionsLimit {
+			add("backend.pkcs11.max_sessions", "%d: want 0 (automatic) to %d", b.MaxSessions, pkcs11.MaxSessionsLimit)
 		}
 	}
 	if b := c.Backend.TPM; b != nil {
@@ -482,6 +498,9 @@ func (c *Config) Validate() error {
 		}
 		for _, e := range ks.validate() {
 			add(where, "%v", e)
+		}
+		if spec, err := ks.KeySpec(); err == nil && spec.Algorithm == keystore.EdDSA && c.Backend.TPM != nil {
+			add(where+".alg", "EdDSA: the tpm backend cannot make EdDSA keys (TPM 2.0 has no Ed25519); use ES256")
 		}
 	}
 	return errors.Join(errs...)
@@ -545,6 +564,11 @@ func (a Allow) validate() []error {
 		if n == "" {
 			errs = append(errs, errors.New("users/groups: empty name"))
 		}
+	}
+	// The daemon parses identities at start; a bad one is an error of the
+	// file, not of the host.
+	if _, err := authz.NewList(authz.Spec{Identities: a.Identities}, nil); err != nil {
+		errs = append(errs, fmt.Errorf("identities: %w", err))
 	}
 	return errs
 }

@@ -327,3 +327,63 @@ func TestPKCS11OpenTimeout(t *testing.T) {
 		t.Errorf("negative open_timeout: %v", err)
 	}
 }
+
+// A second YAML document is refused, not silently ignored with its
+// settings; an empty one after a trailing "---" is harmless.
+func TestSecondDocumentIsAnError(t *testing.T) {
+	_, err := Parse([]byte(good+"---\nbackend: {pkcs11: {module: /usr/lib/x.so}}\n"), "keyd.yaml")
+	if err == nil || !strings.Contains(err.Error(), "a second YAML document") {
+		t.Errorf("a second document: %v, want it refused", err)
+	}
+	if _, err := Parse([]byte(good+"---\n"), "keyd.yaml"); err != nil {
+		t.Errorf("an empty second document: %v", err)
+	}
+}
+
+// TPM 2.0 has no Ed25519: check-config must refuse what serve would.
+func TestEdDSAOnTPMIsAnError(t *testing.T) {
+	in := "socket: /run/keyd/keyd.sock\nstate_dir: /var/lib/keyd\nbackend: {tpm: {address: \"tcp://127.0.0.1:2321\"}}\n" +
+		"keysets:\n  - {name: j, purpose: jwt, issuers: [\"https://op.example\"], alg: EdDSA, allow: {uids: [1]}}\n"
+	_, err := Parse([]byte(in), "keyd.yaml")
+	if err == nil || !strings.Contains(err.Error(), "keysets[0] (j).alg: EdDSA: the tpm backend cannot make EdDSA keys") {
+		t.Errorf("EdDSA on tpm: %v, want it refused", err)
+	}
+	if _, err := Parse([]byte(strings.Replace(in, "{tpm: {address: \"tcp://127.0.0.1:2321\"}}", "{soft: {}}", 1)), "keyd.yaml"); err != nil {
+		t.Errorf("EdDSA on soft: %v", err)
+	}
+}
+
+// check-config refuses the PKCS#11 settings that the backend refuses at
+// start: a URI that names no token, and a session pool past its limit.
+func TestPKCS11SettingsServeRefuses(t *testing.T) {
+	const base = "socket: /run/keyd/keyd.sock\nstate_dir: /var/lib/keyd\nkeysets: [{name: d, purpose: dpop, alg: ES256, allow: {uids: [1]}}]\n" +
+		"backend: {pkcs11: {module: /usr/lib/softhsm/libsofthsm2.so, pin_env: PIN, "
+	for in, want := range map[string]string{
+		`uri: "pkcs11:model=SoftHSM%20v2"}}`:            "backend.pkcs11.uri: \"pkcs11:model=SoftHSM%20v2\": name the token with token=, serial= or slot-id=",
+		`uri: "pkcs11:token=keyd", max_sessions: 257}}`: "backend.pkcs11.max_sessions: 257: want 0 (automatic) to 256",
+		`uri: "pkcs11:token=keyd", max_sessions: -1}}`:  "backend.pkcs11.max_sessions: -1: want 0 (automatic) to 256",
+	} {
+		if _, err := Parse([]byte(base+in+"\n"), "keyd.yaml"); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("%s: %v, want %s", in, err, want)
+		}
+	}
+	for _, in := range []string{`uri: "pkcs11:slot-id=0", max_sessions: 256}}`, `uri: "pkcs11:serial=abc"}}`} {
+		if _, err := Parse([]byte(base+in+"\n"), "keyd.yaml"); err != nil {
+			t.Errorf("%s: %v", in, err)
+		}
+	}
+}
+
+// A malformed mTLS identity is an error of the file: Parse (so check-config,
+// and serve with exit status 78) refuses it, as the daemon would at start.
+func TestBadIdentityIsAnError(t *testing.T) {
+	in := "socket: /run/keyd/keyd.sock\nstate_dir: /var/lib/keyd\nbackend: {soft: {}}\n" +
+		"keysets:\n  - {name: d, purpose: dpop, alg: ES256, allow: {identities: [\"spiffe://example.org/*/billing\"]}}\n"
+	_, err := Parse([]byte(in), "keyd.yaml")
+	if err == nil || !strings.Contains(err.Error(), `keysets[0] (d): allow: identities: identity "spiffe://example.org/*/billing": the only wildcard is a trailing /*`) {
+		t.Errorf("bad identity: %v, want it refused", err)
+	}
+	if _, err := Parse([]byte(strings.Replace(in, "*/billing", "billing/*", 1)), "keyd.yaml"); err != nil {
+		t.Errorf("good identity: %v", err)
+	}
+}

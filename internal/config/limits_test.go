@@ -40,3 +40,16 @@ func TestAdminSocketChecks(t *testing.T) {
 		}
 	}
 }
+
+// sign_burst alone would be ignored (sign_rate 0 is no limit at all), so an
+// operator who set it would believe bursts are bounded.
+func TestSignBurstNeedsSignRate(t *testing.T) {
+	cfg := strings.Replace(good, "admins: {uids: [0]}", "admins: {uids: [0]}\nlimits: {sign_burst: 5}", 1)
+	if _, err := Parse([]byte(cfg), "k.yaml"); err == nil || !strings.Contains(err.Error(), "limits.sign_burst: needs limits.sign_rate") {
+		t.Errorf("sign_burst without sign_rate: %v, want it refused", err)
+	}
+	cfg = strings.Replace(good, "admins: {uids: [0]}", "admins: {uids: [0]}\nlimits: {sign_rate: 10, sign_burst: 5}", 1)
+	if _, err := Parse([]byte(cfg), "k.yaml"); err != nil {
+		t.Errorf("sign_burst with sign_rate: %v", err)
+	}
+}

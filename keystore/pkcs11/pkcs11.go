@@ -159,8 +159,11 @@ const (
 	defaultRecoverBackoff = time.Second
 	defaultHangAfter      = 10 * time.Second
 	defaultCloseWait      = 10 * time.Second
-	maxMaxSessions        = 256
+	maxMaxSessions        = MaxSessionsLimit
 )
+
+// MaxSessionsLimit is the largest Config.MaxSessions.
+const MaxSessionsLimit = 256
 
 // options are knobs for tests.
 type options struct {
