@@ -322,6 +322,18 @@ func (d *Daemon) Manager() *rotation.Manager { return d.mgr }
 // Serve serves until ctx is done, then stops gracefully (in-flight calls
 // finish, for at most 10 s) and releases everything.
 func (d *Daemon) Serve(ctx context.Context) error {
+	// The health watch and the key lifecycle use the backend and the
+	// store: they stop, and are waited for, before those are closed.
+	bctx, stopBackground := context.WithCancel(ctx)
+	defer stopBackground()
+	var background sync.WaitGroup
+	if hc, ok := d.backend.(healthChecker); ok {
+		// The first check completes before anything is served (the
+		// socket accepts already, but no call is answered), so health
+		// never reports SERVING for a backend that is down.
+		serving := d.checkHealth(bctx, hc, true)
+		background.Go(func() { d.watchHealth(bctx, hc, serving) })
+	}
 	errc := make(chan error, 1)
 	go func() { errc <- d.grpc.Serve(d.lis) }()
 	if d.adminGRPC != nil {
@@ -338,17 +350,6 @@ func (d *Daemon) Serve(ctx context.Context) error {
 			}
 		}()
 		d.log.Info("mutual-TLS listener serving", "addr", d.tcpLis.Addr().String())
-	}
-	// The health watch and the key lifecycle use the backend and the
-	// store: they stop, and are waited for, before those are closed.
-	bctx, stopBackground := context.WithCancel(ctx)
-	defer stopBackground()
-	var background sync.WaitGroup
-	if hc, ok := d.backend.(healthChecker); ok {
-		// The first check completes before the daemon says it is ready,
-		// so health never reports SERVING for a backend that is down.
-		serving := d.checkHealth(bctx, hc, true)
-		background.Go(func() { d.watchHealth(bctx, hc, serving) })
 	}
 	background.Go(func() { d.mgr.Run(bctx, tickInterval(d.mgr.KeySets())) })
 	if d.http != nil {

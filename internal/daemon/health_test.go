@@ -27,6 +27,29 @@ func (downBackend) Health(ctx context.Context) error {
 	return errors.New("device gone")
 }
 
+// A15, before ready: a caller that connects as soon as the socket exists
+// (it does before Serve) must not be told SERVING while the first health
+// check of a backend that is down is still running.
+func TestHealthNotServingBeforeFirstCheck(t *testing.T) {
+	cfg := daemonConfig(t, "")
+	d, stop := serveWith(t, cfg, Options{}, func(d *Daemon) { d.backend = downBackend{d.backend} })
+	defer stop()
+	cl, err := client.Dial(cfg.Socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	cctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	r, err := healthpb.NewHealthClient(cl.Conn()).Check(cctx, &healthpb.HealthCheckRequest{Service: "keyd.backend." + d.backend.Name()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.Status == healthpb.HealthCheckResponse_SERVING {
+		t.Error("health reported SERVING while the first check of a backend that is down was running")
+	}
+}
+
 // A15: once the daemon says it is ready, health must not report SERVING
 // for a backend that is down.
 func TestHealthNotServingWhenBackendDownAtStart(t *testing.T) {
