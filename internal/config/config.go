@@ -278,12 +278,25 @@ func (d Duration) MarshalYAML() (any, error) { return time.Duration(d).String(),
 
 // Load reads and validates the configuration file at path.
 func Load(path string) (*Config, error) {
-	b, err := os.ReadFile(path)
+	f, err := os.Open(path)
 	if err != nil {
 		return nil, fmt.Errorf("read config: %w", err)
 	}
+	defer f.Close()
+	// One byte more than the cap tells a file of the cap from a longer one
+	// (or a device such as /dev/zero, which never ends).
+	b, err := io.ReadAll(io.LimitReader(f, maxConfigSize+1))
+	if err != nil {
+		return nil, fmt.Errorf("read config: %w", err)
+	}
+	if len(b) > maxConfigSize {
+		return nil, fmt.Errorf("read config: %s is longer than %d KiB; is it the configuration?", path, maxConfigSize>>10)
+	}
 	return Parse(b, path)
 }
+
+// maxConfigSize bounds a configuration file.
+const maxConfigSize = 1 << 20
 
 // Parse decodes and validates a configuration. name is used in messages.
 func Parse(b []byte, name string) (*Config, error) {

@@ -1,6 +1,8 @@
 package config
 
 import (
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -385,5 +387,22 @@ func TestBadIdentityIsAnError(t *testing.T) {
 	}
 	if _, err := Parse([]byte(strings.Replace(in, "*/billing", "billing/*", 1)), "keyd.yaml"); err != nil {
 		t.Errorf("good identity: %v", err)
+	}
+}
+
+// A file that is not a configuration (a device that never ends, a log)
+// is refused after 1 MiB instead of read until memory runs out.
+func TestLoadRefusesHugeFiles(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "huge.yaml")
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Truncate(1<<20 + 1); err != nil { // sparse
+		t.Fatal(err)
+	}
+	f.Close()
+	if _, err := Load(path); err == nil || !strings.Contains(err.Error(), "longer than 1024 KiB") {
+		t.Errorf("Load of a 1 MiB + 1 byte file = %v; want it refused as too long", err)
 	}
 }
