@@ -65,6 +65,11 @@ type OAuthConfig struct {
 	// HTTPClient makes the requests to the authorization server (and is
 	// the base of Client). Nil means http.DefaultClient.
 	HTTPClient *http.Client
+	// ASTimeout bounds each request to the authorization server
+	// (discovery, token, revocation) when HTTPClient sets no Timeout of
+	// its own: a server that accepts and never answers must not hold
+	// every caller of a TokenSource for good. Zero means 30 s.
+	ASTimeout time.Duration
 
 	// AllowBearer accepts a token_type other than DPoP (a server that does
 	// not bind the token) with a warning on Logger, and sends it as a bearer
@@ -159,11 +164,18 @@ func (c *Client) OAuth(ctx context.Context, cfg OAuthConfig) (*OAuth, error) {
 	if o.log == nil {
 		o.log = slog.Default()
 	}
-	endpoints := *o.http
+	as := *o.http
+	if as.Timeout == 0 {
+		as.Timeout = cfg.ASTimeout
+		if as.Timeout <= 0 {
+			as.Timeout = defaultASTimeout
+		}
+	}
+	endpoints := as
 	endpoints.CheckRedirect = func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }
 	o.endpoints = &endpoints
 	if cfg.Issuer != "" && cfg.TokenURL == "" {
-		m, err := Discover(ctx, o.http, cfg.Issuer)
+		m, err := Discover(ctx, &as, cfg.Issuer)
 		if err != nil {
 			return nil, err
 		}
@@ -344,6 +356,9 @@ type endpointResponse struct {
 	body []byte
 	kid  string // of the proof that got it
 }
+
+// defaultASTimeout is OAuthConfig.ASTimeout's default.
+const defaultASTimeout = 30 * time.Second
 
 // maxResponseSize bounds what is read of an authorization server's answer.
 const maxResponseSize = 1 << 20
