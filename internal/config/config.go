@@ -407,6 +407,9 @@ func (c *Config) Validate() error {
 			add("http.listen", "%q: want host:port, e.g. 127.0.0.1:8089", c.HTTP.Listen)
 		}
 	}
+	if c.HTTP != nil && c.TCP != nil && sameListen(c.HTTP.Listen, c.TCP.Listen) {
+		add("http.listen", "%q: the same port as tcp.listen %q; the two listeners need ports of their own", c.HTTP.Listen, c.TCP.Listen)
+	}
 	if t := c.TCP; t != nil {
 		if !validListen(t.Listen) {
 			add("tcp.listen", "%q: want host:port, e.g. 0.0.0.0:7443", t.Listen)
@@ -527,6 +530,24 @@ func envName(s string) bool {
 		}
 	}
 	return s != ""
+}
+
+// sameListen reports whether listening on a and on b would take the same
+// port: the same port number on the same host, or on any host when either
+// is a wildcard (empty, 0.0.0.0 or ::). Port 0 picks a free one each time.
+func sameListen(a, b string) bool {
+	ha, pa, errA := net.SplitHostPort(a)
+	hb, pb, errB := net.SplitHostPort(b)
+	if errA != nil || errB != nil {
+		return false
+	}
+	na, errA := net.LookupPort("tcp", pa)
+	nb, errB := net.LookupPort("tcp", pb)
+	if errA != nil || errB != nil || na != nb || na == 0 {
+		return false
+	}
+	wild := func(h string) bool { return h == "" || h == "0.0.0.0" || h == "::" }
+	return ha == hb || wild(ha) || wild(hb)
 }
 
 // validListen reports whether addr is a host:port a TCP listener can be

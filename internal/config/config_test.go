@@ -1,6 +1,7 @@
 package config
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -404,5 +405,30 @@ func TestLoadRefusesHugeFiles(t *testing.T) {
 	f.Close()
 	if _, err := Load(path); err == nil || !strings.Contains(err.Error(), "longer than 1024 KiB") {
 		t.Errorf("Load of a 1 MiB + 1 byte file = %v; want it refused as too long", err)
+	}
+}
+
+// http.listen and tcp.listen on one port would fail serve's second bind:
+// check-config says so.
+func TestHTTPAndTCPListenApart(t *testing.T) {
+	base := "socket: /run/keyd/keyd.sock\nstate_dir: /var/lib/keyd\nbackend: {soft: {}}\n" +
+		"keysets: [{name: d, purpose: dpop, alg: ES256, allow: {uids: [0]}}]\n" +
+		"tcp: {listen: %q, cert_file: /c, key_file: /k, client_ca_file: /ca}\nhttp: {listen: %q}\n"
+	for _, tc := range []struct {
+		tcp, http string
+		clash     bool
+	}{
+		{"127.0.0.1:7443", "127.0.0.1:7443", true},
+		{"0.0.0.0:7443", "127.0.0.1:7443", true},
+		{":7443", "[::1]:7443", true},
+		{"127.0.0.1:7443", "127.0.0.1:8089", false},
+		{"127.0.0.1:7443", "127.0.0.2:7443", false},
+		{"127.0.0.1:0", "127.0.0.1:0", false},
+	} {
+		_, err := Parse(fmt.Appendf(nil, base, tc.tcp, tc.http), "keyd.yaml")
+		got := err != nil && strings.Contains(err.Error(), "the same port as tcp.listen")
+		if got != tc.clash {
+			t.Errorf("tcp %s, http %s: err = %v; want a clash: %v", tc.tcp, tc.http, err, tc.clash)
+		}
 	}
 }
