@@ -319,6 +319,16 @@ func (m *Manager) setStateLocked(e *entry, v Version, point string) error {
 // retireLocked unpublishes a draining version.
 func (m *Manager) retireLocked(s *setState, e *entry, now time.Time) error {
 	v := e.v
+	if v.State == Lost {
+		// Gone from the backend already: only unpublished, nothing to
+		// destroy.
+		v.LostFrom, v.ChangedAt, v.RetireAt = Retired, now, time.Time{}
+		if err := m.setStateLocked(e, v, "retire.before_commit"); err != nil {
+			return err
+		}
+		m.log.Info("lost key unpublished at its retire time", "keyset", s.cfg.Name, "kid", v.Kid)
+		return nil
+	}
 	v.State, v.ChangedAt, v.RetireAt = Retired, now, time.Time{}
 	if r := s.cfg.Schedule.Retain; r > 0 {
 		v.DestroyAt = m.after(now, r)
@@ -414,7 +424,7 @@ func (m *Manager) Revoke(ctx context.Context, kid, keyset string) (Version, erro
 	v := e.v
 	prevState := v.State
 	wasActive := s.active == e
-	wasStale := prevState == Lost && stale(v, m.setVersions(s))
+	wasStale := prevState == Lost && v.LostFrom == Active && stale(v, m.setVersions(s))
 	v.State, v.ChangedAt = Revoked, now
 	v.ActivateAt, v.DeactivateAt, v.RetireAt = time.Time{}, time.Time{}, time.Time{}
 	if r := s.cfg.Schedule.Retain; r > 0 {

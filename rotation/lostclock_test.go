@@ -29,7 +29,7 @@ func TestRotateLostKeyAfterClockBack(t *testing.T) {
 	m := open(wiped{f.backend})
 	lost := active(t, m, "dpop")
 	clock.Advance(time.Hour)
-	signWithLost(t, m, "")
+	signWithLost(t, m, "dpop", "")
 	clock.Jump(-24 * time.Hour)
 	res, err := m.Rotate(context.Background(), "dpop", true)
 	if err != nil {
@@ -61,7 +61,7 @@ func TestRevokeLostActiveKeyReplacesIt(t *testing.T) {
 		t.Fatal(err)
 	}
 	lost := active(t, m, "dpop")
-	signWithLost(t, m, "")
+	signWithLost(t, m, "dpop", "")
 	if _, err := m.Revoke(context.Background(), lost.Kid, "dpop"); err != nil {
 		t.Fatal(err)
 	}
@@ -85,12 +85,12 @@ func TestRevokeOlderLostKeyKeepsBlocking(t *testing.T) {
 		t.Fatal(err)
 	}
 	first := active(t, m, "dpop")
-	signWithLost(t, m, "")
+	signWithLost(t, m, "dpop", "")
 	if _, err := m.Rotate(context.Background(), "dpop", true); err != nil {
 		t.Fatal(err)
 	}
 	second := active(t, m, "dpop")
-	signWithLost(t, m, "")
+	signWithLost(t, m, "dpop", "")
 	if _, err := m.Revoke(context.Background(), first.Kid, "dpop"); err != nil {
 		t.Fatal(err)
 	}

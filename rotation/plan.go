@@ -74,7 +74,8 @@ type Action struct {
 //   - active → draining when a next key activates; a next key is created
 //     Prepublish before the active key's DeactivateAt (or at once, activating
 //     after Prepublish, when that moment has passed);
-//   - draining → retired at RetireAt;
+//   - draining → retired at RetireAt (a draining key that was lost is
+//     unpublished then: it stays lost, lost from retired);
 //   - retired or revoked → destroyed at DestroyAt.
 func Plan(now time.Time, s Schedule, versions []Version) []Action {
 	var (
@@ -109,6 +110,12 @@ func Plan(now time.Time, s Schedule, versions []Version) []Action {
 		case Retired, Revoked:
 			if !v.DestroyAt.IsZero() && !now.Before(v.DestroyAt) {
 				actions = append(actions, Action{Kind: Destroy, Kid: v.Kid})
+			}
+		case Lost:
+			// A draining key that was lost stays published (stale)
+			// until it would have retired.
+			if v.LostFrom == Draining && !v.RetireAt.IsZero() && !now.Before(v.RetireAt) {
+				actions = append(actions, Action{Kind: Retire, Kid: v.Kid})
 			}
 		}
 	}
@@ -174,6 +181,10 @@ func NextDue(now time.Time, s Schedule, versions []Version) time.Time {
 			consider(v.RetireAt)
 		case Retired, Revoked:
 			consider(v.DestroyAt)
+		case Lost:
+			if v.LostFrom == Draining {
+				consider(v.RetireAt)
+			}
 		}
 	}
 	if !hasNext && s.Period > 0 {

@@ -21,11 +21,11 @@ func kidsOf(vs []rotation.Version) []string {
 	return kids
 }
 
-// signWithLost signs with kid of key set dpop (its active key if kid is
-// empty), which the backend says it lost.
-func signWithLost(t *testing.T, m *rotation.Manager, kid string) {
+// signWithLost signs with kid of keyset (its active key if kid is empty),
+// which the backend says it lost.
+func signWithLost(t *testing.T, m *rotation.Manager, keyset, kid string) {
 	t.Helper()
-	l, err := m.Acquire("dpop", kid)
+	l, err := m.Acquire(keyset, kid)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -47,7 +47,7 @@ func TestLostActiveKeyStaysPublishedStale(t *testing.T) {
 		t.Fatal(err)
 	}
 	v := active(t, m, "dpop")
-	signWithLost(t, m, "")
+	signWithLost(t, m, "dpop", "")
 	check := func(when string, m *rotation.Manager) {
 		t.Helper()
 		vs := m.Versions("dpop")
@@ -111,8 +111,52 @@ func TestKeyMissingAtStartStaysPublishedStale(t *testing.T) {
 	}
 }
 
-// A draining key that is lost was replaced already: it is not kept.
-func TestLostDrainingKeyIsNotStale(t *testing.T) {
+// A draining key that is lost stays published, stale, until its retire
+// time, as it would have (what it signed while draining still verifies);
+// then it leaves the JWK Set, and stays out after a restart.
+func TestLostDrainingKeyStaysUntilItsRetireTime(t *testing.T) {
+	f := newFixture(t)
+	clock := newClock()
+	m := scheduled(t, f, clock, wiped{f.backend})
+	old := active(t, m, "as")
+	res, err := m.Rotate(context.Background(), "as", true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	signWithLost(t, m, "as", old.Kid)
+	vs := m.Versions("as")
+	if got := kidsOf(rotation.Published(vs)); !slices.Equal(got, []string{old.Kid, res.Active.Kid}) {
+		t.Errorf("published %v, want the lost draining %s and the active %s", got, old.Kid, res.Active.Kid)
+	}
+	if got := rotation.StaleKids(vs); !slices.Equal(got, []string{old.Kid}) {
+		t.Errorf("stale %v, want %s", got, old.Kid)
+	}
+
+	clock.Advance(sched.Drain + time.Second)
+	if err := m.Tick(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	check := func(when string, m *rotation.Manager) {
+		t.Helper()
+		vs := m.Versions("as")
+		if got := kidsOf(rotation.Published(vs)); !slices.Equal(got, []string{res.Active.Kid}) {
+			t.Errorf("%s: published %v, want only the active %s", when, got, res.Active.Kid)
+		}
+		if got := rotation.StaleKids(vs); len(got) != 0 {
+			t.Errorf("%s: stale %v", when, got)
+		}
+		if vs[0].State != rotation.Lost || vs[0].LostFrom != rotation.Retired {
+			t.Errorf("%s: %s is %s from %s, want lost from retired", when, vs[0].Kid, vs[0].State, vs[0].LostFrom)
+		}
+	}
+	check("after its retire time", m)
+	f.restart(t)
+	check("after a restart", scheduled(t, f, clock, nil))
+}
+
+// Revoking a lost draining key unpublishes it and leaves the active key
+// alone: only a lost active key is replaced on revocation.
+func TestRevokeLostDrainingKeyKeepsActive(t *testing.T) {
 	f := newFixture(t)
 	m, err := rotation.New(context.Background(), rotation.Config{Backend: wiped{f.backend}, Store: f.store, KeySets: sets})
 	if err != nil {
@@ -123,13 +167,16 @@ func TestLostDrainingKeyIsNotStale(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	signWithLost(t, m, old.Kid)
+	signWithLost(t, m, "dpop", old.Kid)
+	if _, err := m.Revoke(context.Background(), old.Kid, "dpop"); err != nil {
+		t.Fatal(err)
+	}
 	vs := m.Versions("dpop")
 	if got := kidsOf(rotation.Published(vs)); !slices.Equal(got, []string{res.Active.Kid}) {
 		t.Errorf("published %v, want only the active %s", got, res.Active.Kid)
 	}
-	if got := rotation.StaleKids(vs); len(got) != 0 {
-		t.Errorf("stale %v", got)
+	if len(vs) != 2 {
+		t.Errorf("%d versions after revoking a lost draining key; want 2: no new key", len(vs))
 	}
 }
 
@@ -149,6 +196,8 @@ func TestStaleKids(t *testing.T) {
 		{"lost active", []rotation.Version{lost("a", "k1", rotation.Active, t0)}, []string{"k1"}},
 		{"record without lost_from", []rotation.Version{lost("a", "k1", rotation.Pending, t0)}, nil},
 		{"lost next", []rotation.Version{ver("a", "k0", rotation.Active, t0), lost("a", "k1", rotation.Next, time.Time{})}, nil},
+		{"lost draining", []rotation.Version{lost("a", "k0", rotation.Draining, t0), ver("a", "k1", rotation.Active, t0.Add(time.Hour))}, []string{"k0"}},
+		{"lost draining, retired since", []rotation.Version{lost("a", "k0", rotation.Retired, t0), ver("a", "k1", rotation.Active, t0.Add(time.Hour))}, nil},
 		{"lost revoked", []rotation.Version{lost("a", "k1", rotation.Revoked, t0)}, nil},
 		{"replaced", []rotation.Version{lost("a", "k1", rotation.Active, t0), ver("a", "k2", rotation.Active, t0.Add(time.Hour))}, nil},
 		{"replaced then revoked", []rotation.Version{lost("a", "k1", rotation.Active, t0), ver("a", "k2", rotation.Revoked, t0.Add(time.Hour))}, nil},

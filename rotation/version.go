@@ -81,12 +81,14 @@ func Published(vs []Version) []Version {
 	return out
 }
 
-// StaleKids returns the kids of the stale versions among vs: a key set's
-// active key, lost from the backend. It can no longer sign, but Published
-// keeps its last-known public key, so that what it signed before the loss
-// still verifies and the key set's JWK Set does not silently change
-// (RELIABILITY P1), until an operator rotates (a new key activates) or
-// revokes it. Whoever publishes them marks them stale.
+// StaleKids returns the kids of the stale versions among vs: published
+// keys that the backend lost. A key set's active key that was lost stays
+// published until an operator rotates (a new key activates) or revokes it;
+// a draining key that was lost, until its retire time, as it would have.
+// They can no longer sign, but Published keeps their last-known public
+// keys, so that what they signed before the loss still verifies and the
+// key set's JWK Set does not silently change (RELIABILITY P1). Whoever
+// publishes them marks them stale.
 func StaleKids(vs []Version) []string {
 	var kids []string
 	for _, v := range vs {
@@ -98,15 +100,22 @@ func StaleKids(vs []Version) []string {
 }
 
 func stale(v Version, vs []Version) bool {
-	if v.State != Lost || v.LostFrom != Active {
+	if v.State != Lost {
 		return false
 	}
-	for _, o := range vs {
-		if o.KeySet == v.KeySet && o.State != Lost && o.ActivatedAt.After(v.ActivatedAt) {
-			return false
+	switch v.LostFrom {
+	case Draining:
+		// Until the planner's retire time passes (see Plan).
+		return true
+	case Active:
+		for _, o := range vs {
+			if o.KeySet == v.KeySet && o.State != Lost && o.ActivatedAt.After(v.ActivatedAt) {
+				return false
+			}
 		}
+		return true
 	}
-	return true
+	return false
 }
 
 // Version is one key of a key set.

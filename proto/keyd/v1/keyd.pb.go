@@ -597,8 +597,9 @@ func (x *GetJWKSRequest) GetKeysets() []string {
 type GetJWKSResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// An RFC 7517 JWK Set, {"keys":[...]}: the published (next, active and
-	// draining) keys, and the last-known public key of a key set whose
-	// active key the backend lost, until an operator rotates or revokes it.
+	// draining) keys, and the last-known public keys of those the backend
+	// lost: an active key until an operator rotates or revokes it, a
+	// draining one until it would have retired.
 	Jwks []byte `protobuf:"bytes,1,opt,name=jwks,proto3" json:"jwks,omitempty"`
 	// The kids in jwks that are stale: lost from the backend, they can no
 	// longer sign (their key versions are in state lost).
