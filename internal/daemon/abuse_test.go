@@ -136,12 +136,15 @@ func settle(t *testing.T, baseline int, within time.Duration) int {
 
 // A11, A12: a flood of 10 000 connections (idle, garbage and half-open),
 // a flood of streams, oversized and malformed messages: the allowed caller
-// keeps being served, and goroutines come back to baseline.
+// keeps being served, and goroutines come back to baseline. The flood comes
+// from the test's own uid, like the caller, so the limit per uid is set to
+// the listener's: this is the flood max_connections must absorb (the limit
+// per uid has TestConnectionsPerUID).
 func TestAbuse(t *testing.T) {
 	if testing.Short() {
 		t.Skip("takes several seconds")
 	}
-	socket, stop := startDaemon(t, "limits: {max_connections: 256}\n")
+	socket, stop := startDaemon(t, "limits: {max_connections: 256, max_connections_per_uid: 256}\n")
 	cl, err := client.Dial(socket)
 	if err != nil {
 		t.Fatal(err)
