@@ -63,12 +63,12 @@ func Discover(ctx context.Context, httpClient *http.Client, issuer string) (*Met
 
 	var errs []error
 	for _, loc := range []string{rfc8414, oidc} {
-		m, found, err := fetchMetadata(ctx, httpClient, loc)
+		m, missing, err := fetchMetadata(ctx, httpClient, loc)
 		if err != nil {
 			return nil, fmt.Errorf("%w: %s: %w", ErrDiscovery, loc, err)
 		}
-		if !found {
-			errs = append(errs, fmt.Errorf("%s: not found", loc))
+		if missing != "" {
+			errs = append(errs, fmt.Errorf("%s: %s", loc, missing))
 			continue
 		}
 		if m.Issuer != issuer {
@@ -93,34 +93,38 @@ func Discover(ctx context.Context, httpClient *http.Client, issuer string) (*Met
 	return nil, fmt.Errorf("%w for issuer %s: %w", ErrDiscovery, issuer, errors.Join(errs...))
 }
 
-// fetchMetadata GETs one metadata document; found is false for a 404 (or
-// 405/410), which makes Discover try the next location.
-func fetchMetadata(ctx context.Context, httpClient *http.Client, loc string) (m *Metadata, found bool, err error) {
+// fetchMetadata GETs one metadata document. missing says why there is
+// none at loc — a client error (404, but also the 400 or 403 some servers
+// give a path they do not serve) or an answer that is not a metadata
+// document — which makes Discover try the next location; err is a failure
+// that trying another location would not cure (a server error, a
+// transport failure, an oversized document).
+func fetchMetadata(ctx context.Context, httpClient *http.Client, loc string) (m *Metadata, missing string, err error) {
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, loc, nil)
 	if err != nil {
-		return nil, false, err
+		return nil, "", err
 	}
 	req.Header.Set("Accept", "application/json")
 	resp, err := httpClient.Do(req)
 	if err != nil {
-		return nil, false, err
+		return nil, "", err
 	}
 	defer resp.Body.Close()
 	body, err := io.ReadAll(io.LimitReader(resp.Body, maxMetadataSize+1))
 	if err != nil {
-		return nil, false, err
+		return nil, "", err
 	}
 	switch {
-	case resp.StatusCode == http.StatusNotFound || resp.StatusCode == http.StatusMethodNotAllowed || resp.StatusCode == http.StatusGone:
-		return nil, false, nil
+	case resp.StatusCode >= 400 && resp.StatusCode < 500:
+		return nil, "HTTP " + resp.Status, nil
 	case resp.StatusCode != http.StatusOK:
-		return nil, false, fmt.Errorf("HTTP %s", resp.Status)
+		return nil, "", fmt.Errorf("HTTP %s", resp.Status)
 	case len(body) > maxMetadataSize:
-		return nil, false, fmt.Errorf("document is larger than %d bytes", maxMetadataSize)
+		return nil, "", fmt.Errorf("document is larger than %d bytes", maxMetadataSize)
 	}
 	m = new(Metadata)
 	if err := json.Unmarshal(body, m); err != nil {
-		return nil, false, fmt.Errorf("not a metadata document: %w", err)
+		return nil, fmt.Sprintf("not a metadata document (%v)", err), nil
 	}
-	return m, true, nil
+	return m, "", nil
 }

@@ -24,6 +24,15 @@ func TestDiscover(t *testing.T) {
 		mu.Lock()
 		paths = append(paths, r.URL.Path)
 		mu.Unlock()
+		switch r.URL.Path {
+		case "/.well-known/oauth-authorization-server/entra":
+			http.Error(w, "unknown tenant", http.StatusBadRequest)
+			return
+		case "/.well-known/oauth-authorization-server/portal":
+			w.Header().Set("Content-Type", "text/html")
+			w.Write([]byte("<html>sign in</html>"))
+			return
+		}
 		doc, ok := docs[r.URL.Path]
 		if !ok {
 			http.NotFound(w, r)
@@ -40,6 +49,8 @@ func TestDiscover(t *testing.T) {
 	}
 	docs["/.well-known/oauth-authorization-server/tenant/a"] = good("/tenant/a")
 	docs["/oidc/.well-known/openid-configuration"] = good("/oidc")
+	docs["/entra/.well-known/openid-configuration"] = good("/entra")
+	docs["/portal/.well-known/openid-configuration"] = good("/portal")
 	docs["/.well-known/oauth-authorization-server/liar"] = good("/someone-else")
 	docs["/.well-known/oauth-authorization-server/notoken"] = func(base string) map[string]string { return map[string]string{"issuer": base + "/notoken"} }
 
@@ -61,10 +72,19 @@ func TestDiscover(t *testing.T) {
 		t.Errorf("fetched %q", paths)
 	}
 
+	// A server that answers RFC 8414's location with a client error other
+	// than 404, or with a page that is no metadata, is asked at OpenID
+	// Connect's location too.
+	for _, issuer := range []string{srv.URL + "/entra", srv.URL + "/portal"} {
+		if _, err := client.Discover(ctx, nil, issuer); err != nil {
+			t.Errorf("Discover(%s) = %v; want the OpenID Connect document", issuer, err)
+		}
+	}
+
 	for _, tc := range []struct{ issuer, want string }{
 		{srv.URL + "/liar", `names issuer "` + srv.URL + `/someone-else"`},
 		{srv.URL + "/notoken", "names no token_endpoint"},
-		{srv.URL + "/missing", "openid-configuration: not found"},
+		{srv.URL + "/missing", "openid-configuration: HTTP 404 Not Found"},
 		{"ftp://x/", "must be an absolute http(s) URL"},
 		{srv.URL + "/?q=1", "must be an absolute http(s) URL"},
 	} {
