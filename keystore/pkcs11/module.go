@@ -129,14 +129,8 @@ func (l *library) reading() func() {
 // readingWithin is reading, unless stop fires while the module is held
 // for writing (a re-initialization): it then reports false.
 func (l *library) readingWithin(stop <-chan time.Time) (done func(), ok bool) {
-	tick := time.NewTicker(time.Millisecond)
-	defer tick.Stop()
-	for !l.rw.TryRLock() {
-		select {
-		case <-stop:
-			return nil, false
-		case <-tick.C:
-		}
+	if !tryWithin(l.rw.TryRLock, stop) {
+		return nil, false
 	}
 	return l.rw.RUnlock, true
 }

@@ -1264,10 +1264,14 @@ func (b *Backend) Close() error {
 }
 
 // lockWithin locks mu unless stop is closed or fires first.
-func lockWithin[T any](mu *sync.Mutex, stop <-chan T) bool {
+func lockWithin[T any](mu *sync.Mutex, stop <-chan T) bool { return tryWithin(mu.TryLock, stop) }
+
+// tryWithin calls try every millisecond until it succeeds, or until stop
+// is closed or fires first.
+func tryWithin[T any](try func() bool, stop <-chan T) bool {
 	tick := time.NewTicker(time.Millisecond)
 	defer tick.Stop()
-	for !mu.TryLock() {
+	for !try() {
 		select {
 		case <-stop:
 			return false
