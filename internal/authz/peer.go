@@ -19,6 +19,8 @@ import (
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/peer"
+
+	"github.com/keyd-dev/keyd/internal/listener"
 )
 
 // ErrNoCredentials means the connection carries no usable peer credentials.
@@ -117,19 +119,6 @@ func (u *uidConns) release(uid uint32) {
 	}
 }
 
-// countedConn gives its uid's place back when it is closed.
-type countedConn struct {
-	net.Conn
-	once    sync.Once
-	release func()
-}
-
-func (c *countedConn) Close() error {
-	err := c.Conn.Close()
-	c.once.Do(c.release)
-	return err
-}
-
 func (peerCreds) ClientHandshake(_ context.Context, _ string, c net.Conn) (net.Conn, credentials.AuthInfo, error) {
 	return c, AuthInfo{CommonAuthInfo: credentials.CommonAuthInfo{SecurityLevel: credentials.PrivacyAndIntegrity}}, nil
 }
@@ -143,7 +132,7 @@ func (p peerCreds) ServerHandshake(c net.Conn) (net.Conn, credentials.AuthInfo, 
 		if err := p.open.take(caller.UID); err != nil {
 			return nil, nil, err
 		}
-		c = &countedConn{Conn: c, release: func() { p.open.release(caller.UID) }}
+		c = listener.ReleaseOnClose(c, func() { p.open.release(caller.UID) })
 	}
 	return c, AuthInfo{
 		CommonAuthInfo: credentials.CommonAuthInfo{SecurityLevel: credentials.PrivacyAndIntegrity},

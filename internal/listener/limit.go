@@ -36,7 +36,7 @@ func (l *limitListener) Accept() (net.Conn, error) {
 		<-l.sem
 		return nil, err
 	}
-	return &limitConn{Conn: c, release: func() { <-l.sem }}, nil
+	return ReleaseOnClose(c, func() { <-l.sem }), nil
 }
 
 func (l *limitListener) Close() error {
@@ -45,20 +45,28 @@ func (l *limitListener) Close() error {
 	return err
 }
 
-type limitConn struct {
+// ReleaseOnClose returns c, calling release once when it is first closed:
+// a place taken in a count of open connections is given back. The
+// returned connection keeps c's SyscallConn, which peer-credential checks
+// need.
+func ReleaseOnClose(c net.Conn, release func()) net.Conn {
+	return &releaseConn{Conn: c, release: release}
+}
+
+type releaseConn struct {
 	net.Conn
 	once    sync.Once
 	release func()
 }
 
-func (c *limitConn) Close() error {
+func (c *releaseConn) Close() error {
 	err := c.Conn.Close()
 	c.once.Do(c.release)
 	return err
 }
 
 // SyscallConn exposes the socket, for SO_PEERCRED.
-func (c *limitConn) SyscallConn() (syscall.RawConn, error) {
+func (c *releaseConn) SyscallConn() (syscall.RawConn, error) {
 	if sc, ok := c.Conn.(syscall.Conn); ok {
 		return sc.SyscallConn()
 	}
