@@ -144,14 +144,8 @@ func Plan(now time.Time, s Schedule, versions []Version) []Action {
 // lostActive reports whether the key set's signing key is lost: a lost
 // version not older than the last activation of a version not lost.
 func lostActive(vs []Version) bool {
-	var latest time.Time
 	for _, v := range vs {
-		if v.State != Lost && v.ActivatedAt.After(latest) {
-			latest = v.ActivatedAt
-		}
-	}
-	for _, v := range vs {
-		if v.State == Lost && !v.ActivatedAt.Before(latest) {
+		if v.State == Lost && !replaced(v, vs) {
 			return true
 		}
 	}

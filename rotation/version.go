@@ -108,12 +108,18 @@ func stale(v Version, vs []Version) bool {
 		// Until the planner's retire time passes (see Plan).
 		return true
 	case Active:
-		for _, o := range vs {
-			if o.KeySet == v.KeySet && o.State != Lost && o.ActivatedAt.After(v.ActivatedAt) {
-				return false
-			}
+		return !replaced(v, vs)
+	}
+	return false
+}
+
+// replaced reports whether a version of v's key set that is not lost
+// activated after v.
+func replaced(v Version, vs []Version) bool {
+	for _, o := range vs {
+		if o.KeySet == v.KeySet && o.State != Lost && o.ActivatedAt.After(v.ActivatedAt) {
+			return true
 		}
-		return true
 	}
 	return false
 }
