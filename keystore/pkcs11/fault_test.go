@@ -1628,19 +1628,27 @@ func TestHealthFunctionFailed(t *testing.T) {
 	pub := keystoretest.MustGenerate(t, b, "k")
 	signOK(t, b, "k", pub)
 	f.set("Sign", always(p11.CKR_FUNCTION_FAILED))
+	healthFollowsSigns(t, b, f, pub, "with C_Sign failing", "once C_Sign works again")
+}
+
+// healthFollowsSigns checks, with f's faults set, that three Signs of key
+// "k" fail with ErrUnavailable and Health says so after each; then, with
+// the faults cleared, that Health passes and a Sign verifies with pub.
+func healthFollowsSigns(t *testing.T, b *Backend, f *faultModule, pub crypto.PublicKey, during, after string) {
+	t.Helper()
 	for i := range 3 {
 		if _, err := b.Sign(t.Context(), "k", make([]byte, 32), crypto.SHA256); !errors.Is(err, keystore.ErrUnavailable) {
-			t.Fatalf("Sign #%d with C_Sign failing = %v; want ErrUnavailable", i, err)
+			t.Fatalf("Sign #%d %s = %v; want ErrUnavailable", i, during, err)
 		}
 		time.Sleep(5 * time.Millisecond)
 		if err := b.Health(t.Context()); !errors.Is(err, keystore.ErrUnavailable) {
-			t.Fatalf("Health #%d with C_Sign failing = %v; want ErrUnavailable", i, err)
+			t.Fatalf("Health #%d %s = %v; want ErrUnavailable", i, during, err)
 		}
 	}
 	f.clear()
 	time.Sleep(5 * time.Millisecond)
 	if err := b.Health(t.Context()); err != nil {
-		t.Fatalf("Health once C_Sign works again = %v; want nil", err)
+		t.Fatalf("Health %s = %v; want nil", after, err)
 	}
 	signOK(t, b, "k", pub)
 }
@@ -1733,21 +1741,7 @@ func TestHealthWhileSessionsRefused(t *testing.T) {
 	signOK(t, b, "k", pub)
 	b.drainIdle()
 	f.set("OpenSession", always(p11.CKR_SESSION_COUNT))
-	for i := range 3 {
-		if _, err := b.Sign(t.Context(), "k", make([]byte, 32), crypto.SHA256); !errors.Is(err, keystore.ErrUnavailable) {
-			t.Fatalf("Sign #%d with CKR_SESSION_COUNT = %v; want ErrUnavailable", i, err)
-		}
-		time.Sleep(5 * time.Millisecond)
-		if err := b.Health(t.Context()); !errors.Is(err, keystore.ErrUnavailable) {
-			t.Fatalf("Health #%d while every Sign fails with ErrUnavailable = %v; want ErrUnavailable", i, err)
-		}
-	}
-	f.clear()
-	time.Sleep(5 * time.Millisecond)
-	if err := b.Health(t.Context()); err != nil {
-		t.Fatalf("Health once sessions open again = %v; want nil", err)
-	}
-	signOK(t, b, "k", pub)
+	healthFollowsSigns(t, b, f, pub, "with CKR_SESSION_COUNT", "once sessions open again")
 }
 
 // P7: the device hangs in C_OpenSession only (the anchor still answers).
