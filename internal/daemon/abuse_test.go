@@ -71,17 +71,7 @@ func serve(t *testing.T, cfg *config.Config) (d *Daemon, stop func()) {
 // New and Serve.
 func serveWith(t *testing.T, cfg *config.Config, opts Options, before func(*Daemon)) (d *Daemon, stop func()) {
 	t.Helper()
-	ctx, cancel := context.WithCancel(context.Background())
-	d, err := New(ctx, cfg, opts)
-	if err != nil {
-		cancel()
-		t.Fatal(err)
-	}
-	if before != nil {
-		before(d)
-	}
-	done := make(chan error, 1)
-	go func() { done <- d.Serve(ctx) }()
+	d, cancel, done := run(t, cfg, opts, before)
 	var once sync.Once
 	stop = func() {
 		once.Do(func() {
@@ -93,6 +83,25 @@ func serveWith(t *testing.T, cfg *config.Config, opts Options, before func(*Daem
 	}
 	t.Cleanup(stop)
 	return d, stop
+}
+
+// run makes a daemon with cfg and opts in this process, calls before (if
+// not nil), and starts Serve: cancel ends it, and done gives what Serve
+// returned, for a test that watches how Serve ends (serveWith checks it).
+func run(t *testing.T, cfg *config.Config, opts Options, before func(*Daemon)) (d *Daemon, cancel context.CancelFunc, done <-chan error) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	d, err := New(ctx, cfg, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if before != nil {
+		before(d)
+	}
+	served := make(chan error, 1)
+	go func() { served <- d.Serve(ctx) }()
+	return d, cancel, served
 }
 
 // probe signs n proofs over an established connection and returns the

@@ -54,14 +54,12 @@ func TestHealthNotServingBeforeFirstCheck(t *testing.T) {
 // for a backend that is down.
 func TestHealthNotServingWhenBackendDownAtStart(t *testing.T) {
 	cfg := daemonConfig(t, "")
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
 	type answer struct {
 		st  healthpb.HealthCheckResponse_ServingStatus
 		err error
 	}
 	got := make(chan answer, 3)
-	d, err := New(ctx, cfg, Options{Ready: func(socket string) {
+	_, cancel, done := run(t, cfg, Options{Ready: func(socket string) {
 		cl, err := client.Dial(socket)
 		if err != nil {
 			got <- answer{err: err}
@@ -78,13 +76,7 @@ func TestHealthNotServingWhenBackendDownAtStart(t *testing.T) {
 			}
 			got <- answer{st: r.Status}
 		}
-	}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	d.backend = downBackend{d.backend}
-	done := make(chan error, 1)
-	go func() { done <- d.Serve(ctx) }()
+	}}, func(d *Daemon) { d.backend = downBackend{d.backend} })
 	for range 3 {
 		select {
 		case a := <-got:
@@ -110,14 +102,7 @@ func TestShutdownNotHeldByWatchers(t *testing.T) {
 	for _, kind := range []string{"health", "keys"} {
 		t.Run(kind, func(t *testing.T) {
 			cfg := daemonConfig(t, "")
-			ctx, cancel := context.WithCancel(context.Background())
-			defer cancel()
-			d, err := New(ctx, cfg, Options{})
-			if err != nil {
-				t.Fatal(err)
-			}
-			done := make(chan error, 1)
-			go func() { done <- d.Serve(ctx) }()
+			_, cancel, done := run(t, cfg, Options{}, nil)
 			cl, err := client.Dial(cfg.Socket)
 			if err != nil {
 				t.Fatal(err)

@@ -29,16 +29,11 @@ func TestServeWaitsForLifecycle(t *testing.T) {
 			})
 		}
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	d, err := New(ctx, cfg, Options{Failpoint: failpoint})
-	if err != nil {
-		t.Fatal(err)
-	}
-	first := d.Manager().Versions("d")
-	armed.Store(true)
-	done := make(chan error, 1)
-	go func() { done <- d.Serve(ctx) }()
+	var first []rotation.Version
+	_, cancel, done := run(t, cfg, Options{Failpoint: failpoint}, func(d *Daemon) {
+		first = d.Manager().Versions("d")
+		armed.Store(true)
+	})
 	select {
 	case <-entered:
 	case <-time.After(10 * time.Second):
@@ -82,14 +77,7 @@ func TestServeWaitsForLifecycle(t *testing.T) {
 // backend and store.
 func TestMainSocketFailureStopsTheOthers(t *testing.T) {
 	cfg := daemonConfig(t, "admin_socket: {dir}/admin.sock\n")
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	d, err := New(ctx, cfg, Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- d.Serve(ctx) }()
+	d, _, done := run(t, cfg, Options{}, nil)
 	adm, err := client.Dial(cfg.AdminSocket)
 	if err != nil {
 		t.Fatal(err)
