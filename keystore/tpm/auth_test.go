@@ -74,18 +74,12 @@ func TestForeignKeyAuth(t *testing.T) {
 // the call runs again after a fresh load and succeeds; the key is not
 // reported lost (the rotation layer would record it lost for good).
 func TestBadAuthOnLoadedKey(t *testing.T) {
-	s := swtpmtest.Start(t)
 	in := &injector{}
-	b, err := newTestBackendErr(t, s, Config{}, in.hook)
-	if err != nil {
-		t.Fatal(err)
-	}
-	base := inspect(t, b)
-	pub := keystoretest.MustGenerate(t, b, "k")
+	b, base, pubs := twoKeys(t, in)
 	d := keystoretest.Digest(keystore.ES256, []byte("m"))
-	mustSign(t, b, "k", keystore.ES256, pub, d)
+	mustSign(t, b, "k1", keystore.ES256, pubs["k1"], d)
 	in.arm(tpm2.TPMCCSign, 0x9a2, 1) // TPM_RC_BAD_AUTH, session 1
-	mustSign(t, b, "k", keystore.ES256, pub, d)
+	mustSign(t, b, "k1", keystore.ES256, pubs["k1"], d)
 	if n := in.count(); n != 1 {
 		t.Errorf("the injected TPM_RC_BAD_AUTH was sent %d times, want 1", n)
 	}
@@ -98,19 +92,13 @@ func TestBadAuthOnLoadedKey(t *testing.T) {
 // ErrUnavailable and a message naming the lockout, without a retry storm;
 // the next Sign succeeds, and no slot or goroutine is left behind.
 func TestLockoutAnswer(t *testing.T) {
-	s := swtpmtest.Start(t)
 	in := &injector{}
-	b, err := newTestBackendErr(t, s, Config{}, in.hook)
-	if err != nil {
-		t.Fatal(err)
-	}
-	base := inspect(t, b)
-	pub := keystoretest.MustGenerate(t, b, "k")
+	b, base, pubs := twoKeys(t, in)
 	d := keystoretest.Digest(keystore.ES256, []byte("m"))
-	mustSign(t, b, "k", keystore.ES256, pub, d)
+	mustSign(t, b, "k1", keystore.ES256, pubs["k1"], d)
 	g0, _ := baseline()
 	in.arm(tpm2.TPMCCSign, uint32(tpm2.TPMRCLockout), 10)
-	_, err = b.Sign(t.Context(), "k", d, crypto.SHA256)
+	_, err := b.Sign(t.Context(), "k1", d, crypto.SHA256)
 	if !errors.Is(err, keystore.ErrUnavailable) || !strings.Contains(err.Error(), "lockout") {
 		t.Errorf("Sign on a TPM in lockout = %v, want ErrUnavailable naming the lockout", err)
 	}
@@ -118,7 +106,7 @@ func TestLockoutAnswer(t *testing.T) {
 		t.Errorf("TPM2_Sign sent %d times to a TPM in lockout, want 1", n)
 	}
 	in.arm(0, 0, 0)
-	mustSign(t, b, "k", keystore.ES256, pub, d)
+	mustSign(t, b, "k1", keystore.ES256, pubs["k1"], d)
 	checkFootprint(t, b, base)
 	if g, _ := settle(g0); g > g0 {
 		t.Errorf("goroutines %d → %d", g0, g)
