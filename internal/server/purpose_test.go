@@ -3,12 +3,10 @@ package server_test
 import (
 	"context"
 	"errors"
-	"os"
 	"path/filepath"
 	"testing"
 
 	"github.com/keyd-dev/keyd/client"
-	"github.com/keyd-dev/keyd/internal/authz"
 	"github.com/keyd-dev/keyd/internal/policy"
 	"github.com/keyd-dev/keyd/internal/server"
 	"github.com/keyd-dev/keyd/keystore"
@@ -52,23 +50,9 @@ func TestKeyOfAnotherPurposeDoesNotSign(t *testing.T) {
 	// Restarted with billing as a client_assertion key set.
 	mgr, store = open(policy.ClientAssertion)
 	t.Cleanup(func() { store.Close() })
-	allow, err := authz.NewList(authz.Spec{UIDs: []int{os.Geteuid()}}, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv, err := server.New(server.Config{Manager: mgr, Audit: &memAudit{}, KeySets: map[string]server.KeySet{
-		"billing": {Allow: allow, Policy: policy.Policy{Purpose: policy.ClientAssertion, ClientID: "c1", Audience: "https://as.example"}},
-	}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	e := &env{socket: filepath.Join(dir, "k.sock"), srv: srv, mgr: mgr}
-	e.serve(t)
-	cl, err := client.Dial(e.socket)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cl.Close() })
+	cl := serveManager(t, dir, mgr, map[string]server.KeySet{
+		"billing": {Allow: allowMe(t), Policy: policy.Policy{Purpose: policy.ClientAssertion, ClientID: "c1", Audience: "https://as.example"}},
+	})
 	s, err := cl.Sign(ctx(t), client.SignRequest{KeySet: "billing", Purpose: "client_assertion"})
 	if err == nil {
 		var v rotation.Version

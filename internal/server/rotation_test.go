@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"os"
 	"path/filepath"
 	"sync"
 	"sync/atomic"
@@ -14,7 +13,6 @@ import (
 	"github.com/go-jose/go-jose/v4"
 
 	"github.com/keyd-dev/keyd/client"
-	"github.com/keyd-dev/keyd/internal/authz"
 	"github.com/keyd-dev/keyd/internal/policy"
 	"github.com/keyd-dev/keyd/internal/server"
 	"github.com/keyd-dev/keyd/keystore"
@@ -65,18 +63,7 @@ func TestSignDuringRotationMatchesJWKSSnapshot(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	allow, _ := authz.NewList(authz.Spec{UIDs: []int{os.Geteuid()}}, nil)
-	srv, err := server.New(server.Config{Manager: mgr, KeySets: map[string]server.KeySet{"d": {Allow: allow, Policy: policy.Policy{Purpose: policy.DPoP}}}, Audit: &memAudit{}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	e := &env{socket: filepath.Join(dir, "k.sock"), srv: srv, mgr: mgr}
-	e.serve(t)
-	cl, err := client.Dial(e.socket)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cl.Close()
+	cl := serveManager(t, dir, mgr, map[string]server.KeySet{"d": {Allow: allowMe(t), Policy: policy.Policy{Purpose: policy.DPoP}}})
 
 	// snapshot returns the JWK Set served now, and the schedule's time
 	// just before and just after it was taken.

@@ -182,6 +182,34 @@ func newEnv(t testing.TB, sets []testKeySet, opts envOpts) *env {
 	return e
 }
 
+// serveManager serves mgr's key sets (this test's uid allowed, audited in
+// memory) on a socket in dir, and returns a client dialled to it.
+func serveManager(t testing.TB, dir string, mgr *rotation.Manager, sets map[string]server.KeySet) *client.Client {
+	t.Helper()
+	srv, err := server.New(server.Config{Manager: mgr, Audit: &memAudit{}, KeySets: sets})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := &env{socket: filepath.Join(dir, "k.sock"), srv: srv, mgr: mgr}
+	e.serve(t)
+	cl, err := client.Dial(e.socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cl.Close() })
+	return cl
+}
+
+// allowMe allows this test's uid.
+func allowMe(t testing.TB) *authz.List {
+	t.Helper()
+	allow, err := authz.NewList(authz.Spec{UIDs: []int{os.Geteuid()}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return allow
+}
+
 // serve starts (or restarts) the gRPC server on the env's socket.
 func (e *env) serve(t testing.TB) {
 	t.Helper()
