@@ -82,22 +82,7 @@ func TestWriteFailureIsReported(t *testing.T) {
 // A record reaches syslog, and with two sinks a failing one does not stop
 // the record (fall over); only when both fail is the record refused.
 func TestSyslogAndFallOver(t *testing.T) {
-	dir, err := os.MkdirTemp("", "kl")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer os.RemoveAll(dir)
-	addr := filepath.Join(dir, "log")
-	pc, err := net.ListenPacket("unixgram", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer pc.Close()
-	sl, err := OpenSyslog(addr, "keyd-audit")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sl.Close()
+	pc, sl := syslogPair(t)
 	full, err := Open("/dev/full")
 	if err != nil {
 		t.Skip("no /dev/full")
@@ -120,4 +105,28 @@ func TestSyslogAndFallOver(t *testing.T) {
 	if err := Either(nil, full, full).Record(sample()); !errors.Is(err, ErrWrite) {
 		t.Errorf("both sinks failing: %v", err)
 	}
+}
+
+// syslogPair returns a datagram socket standing for syslog (read only if
+// the test reads it) and a Syslog sink writing to it, both closed at
+// cleanup.
+func syslogPair(t *testing.T) (net.PacketConn, *Syslog) {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "kl")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	addr := filepath.Join(dir, "log")
+	pc, err := net.ListenPacket("unixgram", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { pc.Close() })
+	sl, err := OpenSyslog(addr, "keyd-audit")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { sl.Close() })
+	return pc, sl
 }

@@ -2,9 +2,6 @@ package audit
 
 import (
 	"bytes"
-	"net"
-	"os"
-	"path/filepath"
 	"testing"
 	"time"
 )
@@ -14,22 +11,7 @@ import (
 // file within a bounded time, not block every signature for good behind
 // the syslog sink.
 func TestSyslogBlockedFallsOver(t *testing.T) {
-	dir, err := os.MkdirTemp("", "kl")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer os.RemoveAll(dir)
-	addr := filepath.Join(dir, "log")
-	pc, err := net.ListenPacket("unixgram", addr) // never read
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer pc.Close()
-	sl, err := OpenSyslog(addr, "keyd-audit")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sl.Close()
+	pc, sl := syslogPair(t) // pc is not read until the end
 	var file bytes.Buffer
 	both := Either(nil, New(&file), sl)
 
