@@ -60,10 +60,7 @@ func TestClaimNameCaseFold(t *testing.T) {
 // The same holds for a claims set with many members (where the object is
 // searched through its index).
 func TestClaimNameCaseFoldLarge(t *testing.T) {
-	claims := `{"iss":"https://op.example.com","exp":` + at(60)
-	for i := range 20 {
-		claims += `,"c` + string(rune('a'+i)) + `":1`
-	}
+	claims := `{"iss":"https://op.example.com","exp":` + at(60) + manyClaims(20)
 	_, err := jwtPolicy.Prepare(now, testKey, nil, []byte(claims+`,"ſub":"x","sub":"y"}`), &seqReader{})
 	wantViolation(t, err, "sub")
 	if _, err := jwtPolicy.Prepare(now, testKey, nil, []byte(claims+`,"sub":"y"}`), &seqReader{}); err != nil {
@@ -82,6 +79,8 @@ func TestClaimNameCaseFoldFilled(t *testing.T) {
 		{`{` + iss + `,"JTI":"` + strings.Repeat("x ", 100) + `"}`, "jti"},
 		{`{` + iss + `,"IAT":99999999999}`, "iat"},
 		{`{` + iss + `,"Iat":"yesterday","jti":"j1"}`, "iat"},
+		// Past maxLinear members, the object is searched through its index.
+		{`{` + iss + manyClaims(20) + `,"IAT":1}`, "iat"},
 	} {
 		tok, err := jwtPolicy.Prepare(now, testKey, nil, []byte(tc.claims), &seqReader{})
 		if err == nil {
@@ -93,4 +92,13 @@ func TestClaimNameCaseFoldFilled(t *testing.T) {
 		}
 		wantViolation(t, err, tc.name)
 	}
+}
+
+// manyClaims is n more members for a claims set, ",\"ca\":1,\"cb\":1...".
+func manyClaims(n int) string {
+	var b strings.Builder
+	for i := range n {
+		b.WriteString(`,"c` + string(rune('a'+i)) + `":1`)
+	}
+	return b.String()
 }

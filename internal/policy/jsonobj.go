@@ -96,13 +96,18 @@ func (o *object) add(name string, v any) {
 // foldCollision returns a violation for the first member whose name equals
 // an earlier member's without regard to case (strings.EqualFold: ASCII case
 // and Unicode simple folding, so "iſſ" and "ISS" equal "iss"), or nil.
-func (o *object) foldCollision() *Violation {
+func (o *object) foldCollision() *Violation { return o.foldCollisionFrom(0) }
+
+// foldCollisionFrom is foldCollision for the members from index from on,
+// each against all before it: for members added to an object already
+// checked.
+func (o *object) foldCollisionFrom(from int) *Violation {
 	ms := o.members
 	clash := func(earlier, name string) *Violation {
 		return violation(name, "is the member %q in another letter case; verifiers that match names without regard to case would read one as the other: send each member once, in one spelling", earlier)
 	}
 	if len(ms) <= maxLinear {
-		for i := 1; i < len(ms); i++ {
+		for i := max(from, 1); i < len(ms); i++ {
 			for j := range i {
 				if strings.EqualFold(ms[i].name, ms[j].name) {
 					return clash(ms[j].name, ms[i].name)
@@ -112,12 +117,15 @@ func (o *object) foldCollision() *Violation {
 		return nil
 	}
 	seen := make(map[string]string, len(ms))
-	for _, m := range ms {
+	for i, m := range ms {
 		k := foldKey(m.name)
-		if earlier, ok := seen[k]; ok {
+		earlier, ok := seen[k]
+		switch {
+		case !ok:
+			seen[k] = m.name
+		case i >= from:
 			return clash(earlier, m.name)
 		}
-		seen[k] = m.name
 	}
 	return nil
 }
