@@ -97,6 +97,9 @@ func checkDir(dir string) error {
 	if err != nil {
 		return fmt.Errorf("socket directory: %w", err)
 	}
+	if real == filepath.Clean(dir) {
+		return nil // no symlink on the path: checked already
+	}
 	return checkPath(real)
 }
 
