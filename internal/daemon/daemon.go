@@ -15,9 +15,11 @@ import (
 	"os/user"
 	"runtime/debug"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
+	"unicode"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -50,6 +52,12 @@ type Options struct {
 	Failpoint func(string)
 	// Ready, when set, is called once the socket accepts connections.
 	Ready func(socket string)
+	// Status, when set, is given one line for people whenever the
+	// daemon's state changes: serving (and whether the backend is
+	// healthy), the backend failing or recovering, stopping. keyd serve
+	// hands it to systemd (STATUS=), where systemctl status shows it.
+	// The line has no control characters.
+	Status func(line string)
 }
 
 // Daemon is an assembled keyd.
@@ -74,6 +82,13 @@ type Daemon struct {
 	httpLis   net.Listener
 	http      *http.Server
 	ready     func(string)
+	status    func(string)
+	// statusMu guards what the status line is made of, and orders the
+	// lines: the last one told is the daemon's state.
+	statusMu  sync.Mutex
+	announced bool  // Serve has called ready
+	healthErr error // the backend's failure, nil while it is healthy
+	stopNote  string
 	// stopping is cancelled when Serve begins to stop: it ends the
 	// server-streaming watchers (health Watch, WatchKeys), which would
 	// otherwise hold a graceful stop until its forced-stop timeout.
@@ -88,7 +103,7 @@ func New(ctx context.Context, cfg *config.Config, opts Options) (_ *Daemon, err 
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	d := &Daemon{cfg: cfg, log: log, ready: opts.Ready, kick: make(chan struct{}, 1)}
+	d := &Daemon{cfg: cfg, log: log, ready: opts.Ready, status: opts.Status, kick: make(chan struct{}, 1)}
 	d.stopping, d.stopWatches = context.WithCancel(context.Background())
 	defer func() {
 		if err != nil {
@@ -364,9 +379,11 @@ func (d *Daemon) Serve(ctx context.Context) error {
 	if d.ready != nil {
 		d.ready(d.cfg.Socket)
 	}
+	d.updateStatus(func() { d.announced = true })
 	var err error
 	select {
 	case <-ctx.Done():
+		d.updateStatus(func() { d.stopNote = "finishing the calls in flight" })
 		d.health.Shutdown()
 		d.stopWatches()
 		if d.http != nil {
@@ -393,6 +410,7 @@ func (d *Daemon) Serve(ctx context.Context) error {
 		// other listeners' servers too (at once: they must not go on
 		// using the backend that is closed below), and say so to health.
 		d.log.Error("the socket failed; stopping", "err", err)
+		d.updateStatus(func() { d.stopNote = fmt.Sprintf("the socket failed: %v", err) })
 		d.health.Shutdown()
 		d.stopWatches()
 		if d.http != nil {
@@ -511,8 +529,46 @@ func (d *Daemon) checkHealth(ctx context.Context, hc healthChecker, serving bool
 			d.log.Error("backend unhealthy; health reports NOT_SERVING", "backend", d.backend.Name(), "err", err)
 		}
 		d.setHealth(st)
+		d.updateStatus(func() { d.healthErr = err })
 	}
 	return serving
+}
+
+// updateStatus applies change to the status's parts and, once Serve has
+// announced the daemon, tells Options.Status the line they make.
+func (d *Daemon) updateStatus(change func()) {
+	d.statusMu.Lock()
+	defer d.statusMu.Unlock()
+	change()
+	if d.status == nil || !d.announced {
+		return
+	}
+	var line string
+	switch {
+	case d.stopNote != "":
+		line = "stopping: " + d.stopNote
+	case d.healthErr != nil:
+		line = fmt.Sprintf("serving on %s; backend %s unavailable (health NOT_SERVING): %v", d.cfg.Socket, d.backend.Name(), d.healthErr)
+	default:
+		line = fmt.Sprintf("serving on %s; backend %s healthy; %d key set(s)", d.cfg.Socket, d.backend.Name(), len(d.cfg.KeySets))
+	}
+	d.status(oneLine(line))
+}
+
+// oneLine replaces control characters (a newline would start another
+// assignment in a systemd notification) and bounds the length.
+func oneLine(s string) string {
+	const limit = 400
+	s = strings.Map(func(r rune) rune {
+		if unicode.IsControl(r) {
+			return ' '
+		}
+		return r
+	}, s)
+	if len(s) > limit {
+		s = strings.ToValidUTF8(s[:limit], "") + "…"
+	}
+	return s
 }
 
 func (d *Daemon) close() {

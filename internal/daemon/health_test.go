@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto"
 	"errors"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -203,4 +204,67 @@ func TestHealthPollDoesNotTouchBackend(t *testing.T) {
 		t.Errorf("200 health polls made %d signatures", n)
 	}
 	t.Logf("200 health polls in %v", took)
+}
+
+// injectingBackend's health check fails with an error whose text holds a
+// newline and a systemd assignment, as a token label might.
+type injectingBackend struct{ keystore.Backend }
+
+func (injectingBackend) Health(ctx context.Context) error {
+	return errors.New("token \"x\nREADY=1\nMAINPID=1\" gone")
+}
+
+// The status line (systemd's STATUS=, see Options.Status) says whether
+// the backend is healthy once the daemon serves, and that it stops; it is
+// one line whatever the backend's error says.
+func TestStatusLine(t *testing.T) {
+	cfg := daemonConfig(t, "")
+	lines := make(chan string, 10)
+	_, cancel, done := run(t, cfg, Options{Status: func(l string) { lines <- l }},
+		func(d *Daemon) { d.backend = injectingBackend{d.backend} })
+	next := func() string {
+		select {
+		case l := <-lines:
+			return l
+		case <-time.After(10 * time.Second):
+			t.Fatal("no status line within 10 s")
+			return ""
+		}
+	}
+	l := next()
+	if !strings.HasPrefix(l, "serving on "+cfg.Socket+"; backend soft unavailable") || !strings.Contains(l, "gone") {
+		t.Errorf("first status line %q: want it to say the backend is unavailable", l)
+	}
+	if strings.ContainsAny(l, "\n\r") {
+		t.Errorf("status line %q has a line break", l)
+	}
+	cancel()
+	if l := next(); l != "stopping: finishing the calls in flight" {
+		t.Errorf("status line at stop: %q", l)
+	}
+	if err := <-done; err != nil {
+		t.Errorf("serve: %v", err)
+	}
+	select {
+	case l := <-lines:
+		t.Errorf("status line after stop: %q", l)
+	default:
+	}
+}
+
+// A healthy backend: one line that says so.
+func TestStatusLineHealthy(t *testing.T) {
+	cfg := daemonConfig(t, "")
+	lines := make(chan string, 10)
+	_, cancel, done := run(t, cfg, Options{Status: func(l string) { lines <- l }}, nil)
+	select {
+	case l := <-lines:
+		if want := "serving on " + cfg.Socket + "; backend soft healthy; 1 key set(s)"; l != want {
+			t.Errorf("status line %q, want %q", l, want)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("no status line within 10 s")
+	}
+	cancel()
+	<-done
 }
