@@ -197,17 +197,7 @@ func TestWrongPINExitStatus(t *testing.T) {
 		}
 		t.Skip("SoftHSM2 not installed")
 	}
-	shared := &sharedBinary{}
-	t.Cleanup(shared.remove)
-	bin, err := shared.get()
-	if err != nil {
-		t.Fatal(err)
-	}
-	dir, err := os.MkdirTemp("", "kp")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
+	bin, dir := binaryAndDir(t, "kp")
 	cmd := exec.Command(script, "keyd")
 	cmd.Env = append(os.Environ(), "SOFTHSM_TEST_DIR="+filepath.Join(dir, "hsm"))
 	out, err := cmd.Output()

@@ -242,10 +242,17 @@ func (c *cli) serve(args []string) error {
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	sd := &systemdNotifier{log: log}
+	go func() {
+		<-ctx.Done()
+		sd.stopping()
+	}()
 	d, err := daemon.New(ctx, cfg, daemon.Options{
 		Logger:    log,
 		Failpoint: failpoint(),
+		Status:    sd.status,
 		Ready: func(socket string) {
+			sd.ready()
 			if *path == "" {
 				fmt.Fprintf(c.stdout, "keyd is serving on %s (embedded default: soft keystore, key set \"dpop\", ES256)\n", socket)
 				fmt.Fprintf(c.stdout, "get a DPoP proof from another shell:\n  keyd proof --socket %s --keyset dpop --htm GET --htu https://api.example.com/resource\n", socket)

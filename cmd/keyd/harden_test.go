@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"regexp"
 	"syscall"
 	"testing"
@@ -16,26 +15,8 @@ import (
 // Like ssh-agent and gpg-agent it turns core dumps off for itself,
 // whatever limit it was started with.
 func TestServeDumpsNoCore(t *testing.T) {
-	shared := &sharedBinary{}
-	t.Cleanup(shared.remove)
-	bin, err := shared.get()
-	if err != nil {
-		t.Fatal(err)
-	}
-	dir, err := os.MkdirTemp("", "kc")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	conf := filepath.Join(dir, "keyd.yaml")
-	sock := filepath.Join(dir, "k.sock")
-	if err := os.WriteFile(conf, []byte(fmt.Sprintf(`socket: %[1]s/k.sock
-state_dir: %[1]s/state
-backend: {soft: {}}
-keysets: [{name: d, purpose: dpop, alg: ES256, allow: {uids: [0]}}]
-`, dir)), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	bin, dir := binaryAndDir(t, "kc")
+	conf, sock := softConfig(t, dir)
 	serve := exec.Command(bin, "serve", "--config", conf)
 	serve.Env = append(os.Environ(), "GORACE=atexit_sleep_ms=10")
 	var old syscall.Rlimit
@@ -46,7 +27,7 @@ keysets: [{name: d, purpose: dpop, alg: ES256, allow: {uids: [0]}}]
 	if err := syscall.Setrlimit(syscall.RLIMIT_CORE, &syscall.Rlimit{Cur: old.Max, Max: old.Max}); err != nil {
 		t.Fatal(err)
 	}
-	err = serve.Start()
+	err := serve.Start()
 	syscall.Setrlimit(syscall.RLIMIT_CORE, &old)
 	if err != nil {
 		t.Fatal(err)

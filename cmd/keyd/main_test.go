@@ -645,3 +645,37 @@ func (s *sharedBinary) cmdAsUser(ts *testscript.TestScript, neg bool, args []str
 		ts.Fatalf("unexpected command success")
 	}
 }
+
+// binaryAndDir returns a copy of the test binary that any user may run
+// (see sharedBinary) and a new temporary directory with a short path (for
+// sockets); both are removed when t ends.
+func binaryAndDir(t *testing.T, prefix string) (bin, dir string) {
+	t.Helper()
+	shared := &sharedBinary{}
+	t.Cleanup(shared.remove)
+	bin, err := shared.get()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if dir, err = os.MkdirTemp("", prefix); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return bin, dir
+}
+
+// softConfig writes, in dir, the configuration of a daemon on the soft
+// keystore with one dpop key set "d" for this test's uid, and returns its
+// path and socket.
+func softConfig(t *testing.T, dir string) (conf, sock string) {
+	t.Helper()
+	conf, sock = filepath.Join(dir, "keyd.yaml"), filepath.Join(dir, "k.sock")
+	if err := os.WriteFile(conf, fmt.Appendf(nil, `socket: %[1]s
+state_dir: %[2]s/state
+backend: {soft: {}}
+keysets: [{name: d, purpose: dpop, alg: ES256, allow: {uids: [%[3]d]}}]
+`, sock, dir, os.Geteuid()), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return conf, sock
+}

@@ -30,17 +30,7 @@ func TestScheduledRotationOverHTTP(t *testing.T) {
 		t.Skip("runs for several seconds")
 	}
 	t.Parallel()
-	shared := &sharedBinary{}
-	t.Cleanup(shared.remove)
-	bin, err := shared.get()
-	if err != nil {
-		t.Fatal(err)
-	}
-	dir, err := os.MkdirTemp("", "kr")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
+	bin, dir := binaryAndDir(t, "kr")
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
