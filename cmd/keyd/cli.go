@@ -594,13 +594,53 @@ func (c *cli) keysRevoke(args []string) error {
 	return nil
 }
 
+// maxAccessToken bounds an access token read by --access-token @FILE.
+const maxAccessToken = 64 << 10
+
+// accessToken returns --access-token's token: v itself, or read from the
+// file @FILE or from stdin (@-), without the line's end. A token in the
+// arguments is visible to every user of the host (ps, /proc/PID/cmdline);
+// in a file or on stdin it is not. A token never starts with '@' (RFC 6750
+// b64token), so the forms cannot be confused.
+func accessToken(v string) (string, error) {
+	name, ok := strings.CutPrefix(v, "@")
+	if !ok {
+		return v, nil
+	}
+	var r io.Reader = os.Stdin
+	if name != "-" {
+		f, err := os.Open(name)
+		if err != nil {
+			return "", fmt.Errorf("--access-token: %w", err)
+		}
+		defer f.Close()
+		r = f
+	} else {
+		name = "stdin"
+	}
+	b, err := io.ReadAll(io.LimitReader(r, maxAccessToken+1))
+	if err != nil {
+		return "", fmt.Errorf("--access-token: read %s: %w", name, err)
+	}
+	tok := strings.TrimRight(string(b), "\r\n")
+	switch {
+	case len(b) > maxAccessToken:
+		return "", fmt.Errorf("%w: --access-token: %s holds more than %d KiB, which is no access token", errUsage, name, maxAccessToken>>10)
+	case tok == "":
+		return "", fmt.Errorf("%w: --access-token: %s is empty (leave the flag out for a proof without ath)", errUsage, name)
+	case strings.ContainsAny(tok, " \t\r\n"):
+		return "", fmt.Errorf("%w: --access-token: %s holds more than one line or word; an access token has no spaces", errUsage, name)
+	}
+	return tok, nil
+}
+
 func (c *cli) proof(args []string) error {
 	fs := c.flags("proof")
 	cf := addClientFlags(fs)
 	keyset := fs.String("keyset", "", "dpop key set (required)")
 	htm := fs.String("htm", "", "HTTP method of the request (required)")
 	htu := fs.String("htu", "", "URL of the request; the proof carries it without query and fragment (required)")
-	token := fs.String("access-token", "", "access token to bind with ath (empty: none)")
+	token := fs.String("access-token", "", "access token to bind with ath (empty: none); @FILE reads it from FILE, @- from stdin, which other users cannot see as they can see arguments")
 	nonce := fs.String("nonce", "", "server-provided DPoP nonce (empty: none)")
 	kid := fs.String("kid", "", "prove with this (draining) key version instead of the active key")
 	if _, err := parse(fs, args, 0); err != nil {
@@ -616,13 +656,17 @@ func (c *cli) proof(args []string) error {
 		slices.Sort(missing)
 		return fmt.Errorf("%w: proof needs --keyset, --htm and --htu (missing %s)", errUsage, strings.Join(missing, ", "))
 	}
+	tok, err := accessToken(*token)
+	if err != nil {
+		return err
+	}
 	cl, ctx, done, err := cf.dial()
 	if err != nil {
 		return err
 	}
 	defer done()
 	p, err := cl.DPoP(*keyset).Proof(ctx, *htm, *htu,
-		client.WithAccessToken(*token), client.WithNonce(*nonce), client.WithKid(*kid))
+		client.WithAccessToken(tok), client.WithNonce(*nonce), client.WithKid(*kid))
 	if err != nil {
 		return err
 	}
