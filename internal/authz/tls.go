@@ -19,6 +19,8 @@ import (
 	"time"
 
 	"google.golang.org/grpc/credentials"
+
+	"github.com/keyd-dev/keyd/internal/secretfile"
 )
 
 // Transports a Caller can arrive on.
@@ -101,13 +103,15 @@ type TLSConfig struct {
 // ErrNoCredentials. FromContext returns that Caller (Transport
 // TransportMTLS); allow lists match it by Spec.Identities only.
 //
-// The three files are read now, and read again by the first handshake after
-// any of them changes (mtime, size or inode), so short-lived certificates
-// renewed on disk by an agent such as spiffe-helper take effect without a
-// restart. A change that does not load (a half-written file, a key that does
-// not match the certificate, an expired server certificate) is logged and
+// The key file must be private to keyd (see secretfile.Check: mode 0600,
+// or 0640 with keyd's group). The three files are read now, and read again
+// by the first handshake after any of them changes (mtime, size, mode or
+// inode), so short-lived certificates renewed on disk by an agent such as
+// spiffe-helper take effect without a restart. A change that does not load
+// (a half-written file, a key that does not match the certificate, an
+// expired server certificate, a key file others may read) is logged and
 // ignored: the previous certificates stay in use and the load is retried at
-// the next handshake.
+// the next change.
 //
 // An error names the file at fault; the credentials are for servers only.
 func MTLSCredentials(cfg TLSConfig) (credentials.TransportCredentials, error) {
@@ -152,6 +156,7 @@ type tlsReloader struct {
 type fileStamp struct {
 	mtime    time.Time
 	size     int64
+	mode     os.FileMode // a chmod may make a refused key file loadable
 	dev, ino uint64
 	err      bool
 }
@@ -164,7 +169,7 @@ func (r *tlsReloader) stamps() [3]fileStamp {
 			s[i].err = true
 			continue
 		}
-		s[i].mtime, s[i].size = fi.ModTime(), fi.Size()
+		s[i].mtime, s[i].size, s[i].mode = fi.ModTime(), fi.Size(), fi.Mode()
 		if st, ok := fi.Sys().(*syscall.Stat_t); ok {
 			s[i].dev, s[i].ino = uint64(st.Dev), st.Ino
 		}
@@ -191,6 +196,15 @@ func (r *tlsReloader) configForClient(*tls.ClientHelloInfo) (*tls.Config, error)
 }
 
 func (r *tlsReloader) load(now time.Time) (*tls.Config, error) {
+	// The private key must be keyd's alone: whoever reads it can act as
+	// this server to keyd's TCP callers.
+	fi, err := os.Stat(r.cfg.KeyFile)
+	if err != nil {
+		return nil, fmt.Errorf("mtls: key: %w", err)
+	}
+	if err := secretfile.Check("mtls: key", r.cfg.KeyFile, fi); err != nil {
+		return nil, err
+	}
 	cert, err := tls.LoadX509KeyPair(r.cfg.CertFile, r.cfg.KeyFile)
 	if err != nil {
 		return nil, fmt.Errorf("mtls: cert %s and key %s: %w", r.cfg.CertFile, r.cfg.KeyFile, err)

@@ -424,12 +424,60 @@ func TestMTLSCredentialsErrors(t *testing.T) {
 		{"CA file with garbage", TLSConfig{CertFile: cert, KeyFile: key, ClientCAFile: put("garbage.pem", append(clientCA.pem, "junk"...))}, "not PEM"},
 		{"key of another certificate", TLSConfig{CertFile: cert, KeyFile: put("other.key", otherKey), ClientCAFile: cas}, "does not match"},
 		{"expired server certificate", TLSConfig{CertFile: put("exp.pem", expiredPEM), KeyFile: put("exp.key", expiredKey), ClientCAFile: cas}, "expired at"},
+		{"key file others may read", TLSConfig{CertFile: cert, KeyFile: chmod(t, put("open.key", keyPEM), 0o644), ClientCAFile: cas}, "mode 0644 lets others (or the group) at it; chmod 0600"},
+		{"key file its group may write", TLSConfig{CertFile: cert, KeyFile: chmod(t, put("gw.key", keyPEM), 0o620), ClientCAFile: cas}, "mode 0620 lets others"},
+		{"no such key file", TLSConfig{CertFile: cert, KeyFile: filepath.Join(dir, "nope.key"), ClientCAFile: cas}, "mtls: key: stat"},
 	}
 	for _, tc := range cases {
 		_, err := MTLSCredentials(tc.cfg)
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%s: %v, want an error containing %q", tc.name, err, tc.want)
 		}
+	}
+}
+
+func chmod(t *testing.T, path string, mode os.FileMode) string {
+	t.Helper()
+	if err := os.Chmod(path, mode); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+// A renewed key file that others may read is not loaded (the previous
+// certificate stays served); once it is made private (a chmod, which
+// changes neither its size nor its mtime), it is.
+func TestMTLSReloadRefusesExposedKey(t *testing.T) {
+	ca := newCA(t, "client CA")
+	s := startMTLS(t, ca)
+	from, _, _ := ca.issue(t, leafOpts{uris: []string{"spiffe://example.org/billing/api"}})
+	_, certPEM, keyPEM := s.serverCA.issue(t, leafOpts{
+		dns: []string{"localhost"}, usage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		notAfter: time.Now().Add(3 * time.Hour).Truncate(time.Second),
+	})
+	writeFile(t, s.files.CertFile, certPEM)
+	writeFile(t, s.files.KeyFile, keyPEM)
+	chmod(t, s.files.KeyFile, 0o644)
+	served := func() time.Time {
+		t.Helper()
+		var notAfter time.Time
+		cfg := withCert(from)
+		cfg.VerifyConnection = func(cs tls.ConnectionState) error {
+			notAfter = cs.PeerCertificates[0].NotAfter
+			return nil
+		}
+		if err := s.call(t, cfg); err != nil {
+			t.Fatal(err)
+		}
+		<-s.callers
+		return notAfter
+	}
+	if time.Until(served()) > 2*time.Hour {
+		t.Error("the certificate whose key file others may read was loaded")
+	}
+	chmod(t, s.files.KeyFile, 0o600)
+	if time.Until(served()) < 2*time.Hour {
+		t.Error("the certificate was not loaded once its key file was made private")
 	}
 }
 

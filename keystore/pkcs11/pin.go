@@ -7,8 +7,8 @@ import (
 	"io"
 	"log/slog"
 	"os"
-	"syscall"
 
+	"github.com/keyd-dev/keyd/internal/secretfile"
 	"github.com/keyd-dev/keyd/keystore"
 )
 
@@ -90,21 +90,18 @@ func PINFromFile(path string) (PIN, error) {
 }
 
 func checkPINFile(path string, fi os.FileInfo) error {
-	if !fi.Mode().IsRegular() {
-		return fmt.Errorf("pin file %s: %w: not a regular file", path, keystore.ErrInsecureStorage)
-	}
-	perm := fi.Mode().Perm()
-	if perm&0o037 != 0 {
-		return fmt.Errorf("pin file %s: %w: mode %04o lets others (or the group) at it; chmod 0600", path, keystore.ErrInsecureStorage, perm)
-	}
-	if perm&0o040 != 0 {
-		st, ok := fi.Sys().(*syscall.Stat_t)
-		if !ok || int(st.Gid) != os.Getegid() {
-			return fmt.Errorf("pin file %s: %w: mode %04o lets its group read it and that group is not keyd's; chmod 0600", path, keystore.ErrInsecureStorage, perm)
-		}
+	if err := secretfile.Check("pin file", path, fi); err != nil {
+		return insecureFile{err}
 	}
 	return nil
 }
+
+// insecureFile is secretfile's refusal, which is also
+// keystore.ErrInsecureStorage.
+type insecureFile struct{ error }
+
+func (e insecureFile) Is(target error) bool { return target == keystore.ErrInsecureStorage }
+func (e insecureFile) Unwrap() error        { return e.error }
 
 // PINFromEnv reads a PIN from the environment variable name, which must be
 // set and not empty. One trailing newline is removed, as in PINFromFile.
