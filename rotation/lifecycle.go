@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/keyd-dev/keyd/internal/jws"
@@ -206,6 +207,7 @@ func (m *Manager) createLocked(ctx context.Context, s *setState, state State, ac
 	ne := &entry{v: nv}
 	ne.state.Store(int32(state))
 	m.mu.Lock()
+	wasStale := StaleKids(m.setVersionsLocked(s))
 	m.all = append(m.all, ne)
 	s.byKid[nv.Kid] = ne
 	var events []Event
@@ -218,6 +220,7 @@ func (m *Manager) createLocked(ctx context.Context, s *setState, state State, ac
 		s.active = ne
 	}
 	events = append(events, Event{Version: nv, Previous: Pending})
+	events = append(events, m.unpublishedLocked(s, wasStale)...)
 	m.publishLocked(events)
 	m.mu.Unlock()
 	m.failpoint("rotate.after_commit")
@@ -282,6 +285,7 @@ func (m *Manager) activateLocked(s *setState, next *entry, now time.Time) (Versi
 		return Version{}, fmt.Errorf("record activation: %w", err)
 	}
 	m.mu.Lock()
+	wasStale := StaleKids(m.setVersionsLocked(s))
 	next.v = nv
 	next.state.Store(int32(Active))
 	var events []Event
@@ -292,10 +296,29 @@ func (m *Manager) activateLocked(s *setState, next *entry, now time.Time) (Versi
 	}
 	s.active = next
 	events = append(events, Event{Version: nv, Previous: Next})
+	events = append(events, m.unpublishedLocked(s, wasStale)...)
 	m.publishLocked(events)
 	m.mu.Unlock()
 	m.log.Info("key activated", "keyset", s.cfg.Name, "kid", nv.Kid, "previous_kid", prev.Kid, "deactivate_at", nv.DeactivateAt)
 	return prev, nil
+}
+
+// unpublishedLocked returns an event for each lost version of s whose kid
+// was among wasStale and is stale no more: an activation replaced the lost
+// active key, which leaves the JWK Set (see StaleKids) although its state
+// stays lost, and watchers must hear of it. Callers hold m.mu.
+func (m *Manager) unpublishedLocked(s *setState, wasStale []string) []Event {
+	if len(wasStale) == 0 {
+		return nil
+	}
+	stale := StaleKids(m.setVersionsLocked(s))
+	var events []Event
+	for _, e := range m.all {
+		if e.v.KeySet == s.cfg.Name && e.v.State == Lost && slices.Contains(wasStale, e.v.Kid) && !slices.Contains(stale, e.v.Kid) {
+			events = append(events, Event{Version: e.v, Previous: Lost})
+		}
+	}
+	return events
 }
 
 // setState changes e's state (no backend involved) and publishes it.
@@ -500,6 +523,11 @@ func (m *Manager) tickLocked(ctx context.Context) error {
 func (m *Manager) setVersions(s *setState) []Version {
 	m.mu.RLock()
 	defer m.mu.RUnlock()
+	return m.setVersionsLocked(s)
+}
+
+// setVersionsLocked is setVersions for a caller that holds m.mu.
+func (m *Manager) setVersionsLocked(s *setState) []Version {
 	var vs []Version
 	for _, e := range m.all {
 		if e.v.KeySet == s.cfg.Name && e.v.State != Pending && e.v.State != Destroyed {

@@ -67,9 +67,23 @@ func TestLostActiveKeyStaysPublishedStale(t *testing.T) {
 	m = f.manager(t, nil)
 	check("after a restart", m)
 
+	_, events, cancel := m.Watch("dpop")
+	defer cancel()
 	res, err := m.Rotate(context.Background(), "dpop", true)
 	if err != nil {
 		t.Fatal(err)
+	}
+	// A watcher hears that the lost key left the JWK Set: its state is
+	// unchanged, so only an event for it says so.
+	heard := false
+	for len(events) > 0 {
+		ev := <-events
+		if ev.Version.Kid == v.Kid {
+			heard = ev.Version.State == rotation.Lost && ev.Previous == rotation.Lost
+		}
+	}
+	if !heard {
+		t.Errorf("no event for the lost key %s when the rotation unpublished it", v.Kid)
 	}
 	vs := m.Versions("dpop")
 	if got := kidsOf(rotation.Published(vs)); !slices.Equal(got, []string{res.Active.Kid}) {
@@ -77,6 +91,44 @@ func TestLostActiveKeyStaysPublishedStale(t *testing.T) {
 	}
 	if got := rotation.StaleKids(vs); len(got) != 0 {
 		t.Errorf("after rotate: stale %v", got)
+	}
+}
+
+// The same when the lost active key is replaced by a pre-published next
+// key that activates: watchers hear that the lost key left the JWK Set.
+func TestNextKeyReplacingLostKeyUnpublishesIt(t *testing.T) {
+	f := newFixture(t)
+	set := rotation.KeySet{Name: "a", Purpose: "client_assertion", Spec: keystore.KeySpec{Algorithm: keystore.ES256},
+		Prepublish: true, Schedule: rotation.Schedule{Prepublish: time.Hour}}
+	m, err := rotation.New(context.Background(), rotation.Config{Backend: wiped{f.backend}, Store: f.store, KeySets: []rotation.KeySet{set}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	v := active(t, m, "a")
+	res, err := m.Rotate(context.Background(), "a", false)
+	if err != nil || res.Next.Kid == "" {
+		t.Fatalf("rotate: %+v, %v; want a next key", res, err)
+	}
+	signWithLost(t, m, "a", "")
+	if got := rotation.StaleKids(m.Versions("a")); !slices.Equal(got, []string{v.Kid}) {
+		t.Fatalf("stale %v, want %s", got, v.Kid)
+	}
+	_, events, cancel := m.Watch("a")
+	defer cancel()
+	if _, err := m.Rotate(context.Background(), "a", true); err != nil {
+		t.Fatal(err)
+	}
+	heard := false
+	for len(events) > 0 {
+		if ev := <-events; ev.Version.Kid == v.Kid {
+			heard = ev.Version.State == rotation.Lost && ev.Previous == rotation.Lost
+		}
+	}
+	if !heard {
+		t.Errorf("no event for the lost key %s when the next key's activation unpublished it", v.Kid)
+	}
+	if got := rotation.StaleKids(m.Versions("a")); len(got) != 0 {
+		t.Errorf("stale %v after the next key activated", got)
 	}
 }
 
