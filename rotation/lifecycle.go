@@ -411,7 +411,7 @@ func (m *Manager) abandonLocked(ctx context.Context, intent Version) {
 		}
 		return
 	}
-	m.log.Error("could not remove the key of a failed generation; its intent stays recorded and the next start removes it", "id", intent.ID, "err", err)
+	m.log.Error("could not remove the key of a failed generation; its intent stays recorded and is removed once the backend destroys again", "id", intent.ID, "err", err)
 	e := &entry{v: intent}
 	e.state.Store(int32(Pending))
 	m.mu.Lock()
@@ -420,6 +420,45 @@ func (m *Manager) abandonLocked(ctx context.Context, intent Version) {
 	if perr := m.persist(); perr != nil {
 		m.log.Error("could not keep the intent record of a failed generation", "id", intent.ID, "err", perr)
 	}
+}
+
+// sweepIntentsLocked removes the intents that abandonLocked had to keep
+// (the backend could not destroy what a failed generation may have made):
+// their keys are destroyed and their records dropped. During an outage
+// each tick's failed rotation keeps one; they go at the first tick the
+// backend destroys again, not only at the next start. It stops at the
+// first failure, so that a backend still down costs one wait. Callers hold
+// opMu.
+func (m *Manager) sweepIntentsLocked(ctx context.Context) {
+	m.mu.RLock()
+	var pending []*entry
+	for _, e := range m.all {
+		if e.v.State == Pending {
+			pending = append(pending, e)
+		}
+	}
+	m.mu.RUnlock()
+	gone := map[*entry]bool{}
+	for _, e := range pending {
+		dctx, cancel := context.WithTimeout(ctx, DestroyWait)
+		err := m.backend.Destroy(dctx, e.v.ID)
+		cancel()
+		if err != nil && !errors.Is(err, keystore.ErrNotFound) {
+			break
+		}
+		gone[e] = true
+	}
+	if len(gone) == 0 {
+		return
+	}
+	m.mu.Lock()
+	m.all = slices.DeleteFunc(m.all, func(e *entry) bool { return gone[e] })
+	m.mu.Unlock()
+	if err := m.persist(); err != nil {
+		m.log.Error("could not drop the intent records of failed generations; the next start drops them", "err", err)
+		return
+	}
+	m.log.Info("removed what failed key generations left", "intents", len(gone))
 }
 
 // Revoke unpublishes the version with kid and makes it unusable at once,
@@ -499,6 +538,7 @@ func (m *Manager) Tick(ctx context.Context) error {
 }
 
 func (m *Manager) tickLocked(ctx context.Context) error {
+	m.sweepIntentsLocked(ctx)
 	var errs []error
 	for _, name := range m.order {
 		s := m.sets[name]

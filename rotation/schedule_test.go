@@ -56,11 +56,22 @@ func (c *fakeClock) Jump(d time.Duration) {
 
 var sched = rotation.Schedule{Period: 24 * time.Hour, Prepublish: time.Hour, Drain: 2 * time.Hour, Retain: 24 * time.Hour}
 
-// flaky fails Generate while down.
+// flaky fails Generate while down, and Destroy too if destroyDown.
 type flaky struct {
 	keystore.Backend
-	mu   sync.Mutex
-	down bool
+	mu          sync.Mutex
+	down        bool
+	destroyDown bool
+}
+
+func (b *flaky) Destroy(ctx context.Context, id string) error {
+	b.mu.Lock()
+	down := b.down && b.destroyDown
+	b.mu.Unlock()
+	if down {
+		return keystore.ErrUnavailable
+	}
+	return b.Backend.Destroy(ctx, id)
 }
 
 func (b *flaky) setDown(v bool) { b.mu.Lock(); b.down = v; b.mu.Unlock() }
@@ -396,5 +407,53 @@ func TestResurrectedKeyIsDestroyedAgain(t *testing.T) {
 	}
 	if _, err := m.Acquire("as", first.Kid); !errors.Is(err, rotation.ErrNotSignable) {
 		t.Errorf("acquire the resurrected key: %v, want ErrNotSignable", err)
+	}
+}
+
+// R4 with a backend that cannot destroy either: each failed generation
+// leaves its intent recorded (its key might exist). Once the backend is
+// back, the next tick removes them, rather than keeping one record per
+// tick of the outage until the next start.
+func TestIntentsOfOutageSweptAtNextTick(t *testing.T) {
+	f := newFixture(t)
+	clock := newClock()
+	b := &flaky{Backend: f.backend, destroyDown: true}
+	m := scheduled(t, f, clock, b)
+	first := active(t, m, "as")
+	pending := func() int {
+		t.Helper()
+		vs, err := f.store.Load()
+		if err != nil {
+			t.Fatal(err)
+		}
+		n := 0
+		for _, v := range vs {
+			if v.State == rotation.Pending {
+				n++
+			}
+		}
+		return n
+	}
+	b.setDown(true)
+	clock.Advance(23 * time.Hour)
+	for range 5 {
+		m.Tick(context.Background())
+		clock.Advance(30 * time.Second)
+	}
+	if n := pending(); n == 0 {
+		t.Fatal("no intent recorded while the backend could not destroy")
+	}
+	b.setDown(false)
+	if err := m.Tick(context.Background()); err != nil {
+		t.Fatalf("tick once the backend is back: %v", err)
+	}
+	if n := pending(); n != 0 {
+		t.Errorf("%d intents of failed generations still recorded after the backend came back", n)
+	}
+	if s := states(m); len(s) != 2 {
+		t.Errorf("states %v, want the active key and its pre-published successor", s)
+	}
+	if active(t, m, "as").Kid != first.Kid {
+		t.Error("active key changed")
 	}
 }
