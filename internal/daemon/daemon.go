@@ -94,6 +94,10 @@ type Daemon struct {
 	// otherwise hold a graceful stop until its forced-stop timeout.
 	stopping    context.Context
 	stopWatches context.CancelFunc
+	// calls counts the RPC handlers running. gRPC's Stop does not wait
+	// for them: Serve does, before it closes what they use. (Not a
+	// WaitGroup: a handler may still start while Serve waits.)
+	calls atomic.Int64
 }
 
 // New builds a daemon: it locks the state directory, opens the backend,
@@ -335,7 +339,8 @@ func openBackend(ctx context.Context, cfg *config.Config, log *slog.Logger) (key
 func (d *Daemon) Manager() *rotation.Manager { return d.mgr }
 
 // Serve serves until ctx is done, then stops gracefully (in-flight calls
-// finish, for at most 10 s) and releases everything.
+// finish, for at most 10 s; the handlers of calls cut off then are waited
+// for, at most backgroundWait) and releases everything.
 func (d *Daemon) Serve(ctx context.Context) error {
 	// The health watch and the key lifecycle use the backend and the
 	// store: they stop, and are waited for, before those are closed.
@@ -391,9 +396,13 @@ func (d *Daemon) Serve(ctx context.Context) error {
 			d.http.Shutdown(sctx)
 			cancel()
 		}
+		// Every server stops taking new calls at once; a call still
+		// running on one must not keep the others answering new ones.
 		stopped := make(chan struct{})
 		go func() {
-			d.eachServer((*grpc.Server).GracefulStop)
+			var wg sync.WaitGroup
+			d.eachServer(func(g *grpc.Server) { wg.Go(g.GracefulStop) })
+			wg.Wait()
 			close(stopped)
 		}()
 		select {
@@ -418,6 +427,9 @@ func (d *Daemon) Serve(ctx context.Context) error {
 		}
 		d.eachServer((*grpc.Server).Stop)
 	}
+	// Calls cut off by a forced stop may still be running: they use the
+	// backend, the store and the audit log as the background work does.
+	background.Go(d.waitCalls)
 	stopBackground()
 	d.waitBackground(&background)
 	d.close()
@@ -441,6 +453,20 @@ func (d *Daemon) eachServer(stop func(*grpc.Server)) {
 // stopping.
 const backgroundWait = 15 * time.Second
 
+// waitCalls waits until no handler runs, at most backgroundWait.
+func (d *Daemon) waitCalls() {
+	for range backgroundWait / (10 * time.Millisecond) {
+		if d.calls.Load() == 0 {
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// auditCloseWait bounds how long stopping waits for the audit log's
+// pending write.
+const auditCloseWait = 5 * time.Second
+
 // waitBackground waits for wg, at most backgroundWait.
 func (d *Daemon) waitBackground(wg *sync.WaitGroup) {
 	done := make(chan struct{})
@@ -451,7 +477,7 @@ func (d *Daemon) waitBackground(wg *sync.WaitGroup) {
 	select {
 	case <-done:
 	case <-time.After(backgroundWait):
-		d.log.Error("the key lifecycle or the health watch did not stop in time; closing the backend under it", "waited", backgroundWait)
+		d.log.Error("the key lifecycle, the health watch or a call did not stop in time; closing the backend under it", "waited", backgroundWait)
 	}
 }
 
@@ -585,7 +611,19 @@ func (d *Daemon) close() {
 		d.adminLis.Close()
 	}
 	if d.audit != nil {
-		d.audit.Close()
+		// Close waits for the write in progress: an audit sink that
+		// stopped taking writes (a stalled FIFO reader, a hung mount)
+		// must not keep keyd from stopping.
+		closed := make(chan struct{})
+		go func() {
+			d.audit.Close()
+			close(closed)
+		}()
+		select {
+		case <-closed:
+		case <-time.After(auditCloseWait):
+			d.log.Error("the audit log did not finish its pending write in time; stopping without it", "waited", auditCloseWait)
+		}
 	}
 	if d.syslog != nil {
 		d.syslog.Close()
@@ -605,6 +643,8 @@ func (d *Daemon) close() {
 const defaultTimeout = 30 * time.Second
 
 func (d *Daemon) unaryInterceptor(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (resp any, err error) {
+	d.calls.Add(1)
+	defer d.calls.Add(-1)
 	start := time.Now()
 	if _, ok := ctx.Deadline(); !ok {
 		var cancel context.CancelFunc
@@ -622,6 +662,8 @@ func (d *Daemon) unaryInterceptor(ctx context.Context, req any, info *grpc.Unary
 }
 
 func (d *Daemon) streamInterceptor(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) (err error) {
+	d.calls.Add(1)
+	defer d.calls.Add(-1)
 	start := time.Now()
 	defer func() {
 		if r := recover(); r != nil {

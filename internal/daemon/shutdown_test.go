@@ -2,14 +2,17 @@ package daemon
 
 import (
 	"context"
+	"path/filepath"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	"github.com/keyd-dev/keyd/client"
+	"github.com/keyd-dev/keyd/internal/config"
 	"github.com/keyd-dev/keyd/rotation"
 )
 
@@ -18,35 +21,34 @@ import (
 // first, and is recorded.
 func TestServeWaitsForLifecycle(t *testing.T) {
 	cfg := daemonConfig(t, "    token_lifetime: 1s\n    rotation: {period: 1s, drain: 1s, retain: 1s}\n")
-	var armed atomic.Bool
-	entered, release := make(chan struct{}), make(chan struct{})
-	var once sync.Once
-	failpoint := func(name string) {
-		if name == "rotate.after_generate" && armed.Load() {
-			once.Do(func() {
-				close(entered)
-				<-release
-			})
-		}
-	}
+	hold := holdRotation(t)
 	var first []rotation.Version
-	_, cancel, done := run(t, cfg, Options{Failpoint: failpoint}, func(d *Daemon) {
+	_, cancel, done := run(t, cfg, Options{Failpoint: hold.failpoint}, func(d *Daemon) {
 		first = d.Manager().Versions("d")
-		armed.Store(true)
+		hold.armed.Store(true)
 	})
 	select {
-	case <-entered:
+	case <-hold.entered:
 	case <-time.After(10 * time.Second):
 		t.Fatal("no scheduled rotation within 10 s")
 	}
+	stopWhileHeld(t, cfg, hold, cancel, done, first, 300*time.Millisecond)
+}
+
+// stopWhileHeld stops the daemon while hold holds a rotation and checks
+// that Serve does not return for held (and the rotation's end), then that
+// it returns once the rotation is released, and that the rotation, which
+// makes a new active key, was recorded.
+func stopWhileHeld(t *testing.T, cfg *config.Config, hold *rotationHold, cancel context.CancelFunc, done <-chan error, first []rotation.Version, held time.Duration) {
+	t.Helper()
 	cancel()
 	select {
 	case err := <-done:
-		close(release)
-		t.Fatalf("Serve returned (%v) while a scheduled rotation was still running", err)
-	case <-time.After(300 * time.Millisecond):
+		hold.release()
+		t.Fatalf("Serve returned (%v) while a rotation was still running: it released the state directory and closed the backend under it", err)
+	case <-time.After(held):
 	}
-	close(release)
+	hold.release()
 	select {
 	case err := <-done:
 		if err != nil {
@@ -55,8 +57,6 @@ func TestServeWaitsForLifecycle(t *testing.T) {
 	case <-time.After(backgroundWait + 5*time.Second):
 		t.Fatal("Serve did not return")
 	}
-
-	// The rotation that was running is recorded.
 	store, err := rotation.OpenStore(cfg.StateDir)
 	if err != nil {
 		t.Fatal(err)
@@ -66,8 +66,14 @@ func TestServeWaitsForLifecycle(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(vs) <= len(first) {
-		t.Errorf("%d versions recorded after the rotation, %d before: the rotation running at shutdown was lost", len(vs), len(first))
+	var active []string
+	for _, v := range vs {
+		if v.State == rotation.Active {
+			active = append(active, v.Kid)
+		}
+	}
+	if len(first) != 1 || len(active) != 1 || active[0] == first[0].Kid {
+		t.Errorf("active kids %v after the rotation, %v before: the rotation running at shutdown was lost", active, first)
 	}
 }
 
@@ -105,4 +111,174 @@ func TestMainSocketFailureStopsTheOthers(t *testing.T) {
 	if err := check(); err == nil {
 		t.Error("the admin socket's open connection is still served after Serve returned")
 	}
+}
+
+// rotationHold holds the first rotation after armed at its
+// rotate.after_generate failpoint until release (or the test's end).
+type rotationHold struct {
+	armed   atomic.Bool
+	entered chan struct{} // closed when the rotation is held
+	release func()
+	gate    chan struct{}
+	once    sync.Once
+}
+
+func holdRotation(t *testing.T) *rotationHold {
+	h := &rotationHold{entered: make(chan struct{}), gate: make(chan struct{})}
+	var once sync.Once
+	h.release = func() { once.Do(func() { close(h.gate) }) }
+	t.Cleanup(h.release)
+	return h
+}
+
+func (h *rotationHold) failpoint(name string) {
+	if name == "rotate.after_generate" && h.armed.Load() {
+		h.once.Do(func() {
+			close(h.entered)
+			<-h.gate
+		})
+	}
+}
+
+// At shutdown every listener stops taking new calls at once: a call still
+// running on the admin socket (a rotation) must not keep the main socket
+// answering new callers while it finishes.
+func TestShutdownStopsEveryListenerAtOnce(t *testing.T) {
+	cfg := daemonConfig(t, "admin_socket: {dir}/admin.sock\n")
+	hold := holdRotation(t)
+	_, cancel, done := run(t, cfg, Options{Failpoint: hold.failpoint}, func(*Daemon) { hold.armed.Store(true) })
+	adm, err := client.Dial(cfg.AdminSocket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer adm.Close()
+	rotated := make(chan error, 1)
+	go func() {
+		ctx, c := context.WithTimeout(context.Background(), 30*time.Second)
+		defer c()
+		_, err := adm.Rotate(ctx, "d", true)
+		rotated <- err
+	}()
+	select {
+	case <-hold.entered:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the rotation did not start within 10 s")
+	}
+	cancel()
+	time.Sleep(300 * time.Millisecond)
+
+	cl, err := client.Dial(cfg.Socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	if c, err := proofCode(cl, 2*time.Second); err == nil {
+		t.Errorf("a new caller got a proof (%v) on the main socket after shutdown began", c)
+	}
+
+	hold.release()
+	if err := <-rotated; err != nil {
+		t.Errorf("the rotation running at shutdown: %v", err)
+	}
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Errorf("Serve: %v", err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("Serve did not return")
+	}
+}
+
+// A14 at shutdown: an audit sink that stopped taking writes (the reader
+// of a FIFO stalled, a hung mount) holds a signature's record. Stopping
+// keyd must still end within its bounds; the caller gets no signature.
+func TestShutdownBoundedWhenAuditBlocked(t *testing.T) {
+	t.Parallel()
+	cfg := daemonConfig(t, "")
+	cfg.AuditLog = filepath.Join(filepath.Dir(cfg.Socket), "audit.fifo")
+	if err := syscall.Mkfifo(cfg.AuditLog, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	// A reader that never reads, and a pipe filled up to its capacity.
+	r, err := syscall.Open(cfg.AuditLog, syscall.O_RDONLY|syscall.O_NONBLOCK, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w, err := syscall.Open(cfg.AuditLog, syscall.O_WRONLY|syscall.O_NONBLOCK, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 4096)
+	for range 1 << 10 {
+		if _, err := syscall.Write(w, buf); err != nil {
+			break
+		}
+	}
+	syscall.Close(w)
+	t.Cleanup(func() {
+		// Drain the pipe, so that the blocked write ends.
+		defer syscall.Close(r)
+		for range 1 << 10 {
+			if _, err := syscall.Read(r, buf); err != nil {
+				return
+			}
+		}
+	})
+	_, cancel, done := run(t, cfg, Options{}, nil)
+	cl, err := client.Dial(cfg.Socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	signed := make(chan error, 1)
+	go func() {
+		_, err := proofCode(cl, time.Minute)
+		signed <- err
+	}()
+	time.Sleep(500 * time.Millisecond) // the proof's record is now blocked
+	start := time.Now()
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Errorf("Serve: %v", err)
+		}
+	case <-time.After(10*time.Second + backgroundWait + 10*time.Second): // the forced stop, the wait for the call, and a few seconds for the audit log
+		t.Fatalf("Serve still running %v after it was told to stop, behind a blocked audit sink", time.Since(start))
+	}
+	if err := <-signed; err == nil {
+		t.Error("a proof whose record could not be written was returned")
+	}
+}
+
+// A call still running when the graceful stop gives up (gRPC's Stop does
+// not wait for its handlers) uses the backend and the store too: Serve
+// waits for it, as for the key lifecycle, before it closes them. An admin
+// rotation running at shutdown finishes, and is recorded.
+func TestServeWaitsForCallsAfterForcedStop(t *testing.T) {
+	t.Parallel()
+	cfg := daemonConfig(t, "admin_socket: {dir}/admin.sock\n")
+	hold := holdRotation(t)
+	var first []rotation.Version
+	_, cancel, done := run(t, cfg, Options{Failpoint: hold.failpoint}, func(d *Daemon) {
+		first = d.Manager().Versions("d")
+		hold.armed.Store(true)
+	})
+	adm, err := client.Dial(cfg.AdminSocket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer adm.Close()
+	go func() {
+		ctx, c := context.WithTimeout(context.Background(), time.Minute)
+		defer c()
+		adm.Rotate(ctx, "d", true) // cut off by the forced stop
+	}()
+	select {
+	case <-hold.entered:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the rotation did not start within 10 s")
+	}
+	stopWhileHeld(t, cfg, hold, cancel, done, first, 11*time.Second) // past the forced stop
 }
