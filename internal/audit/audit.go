@@ -46,6 +46,22 @@ type Record struct {
 	Reason string `json:"reason,omitempty"`
 }
 
+// stallAfter is how long one Write may take before the log counts as
+// stalled: a FIFO whose reader stopped reading, a file on a hung mount.
+// The callers waiting for it then fail (ErrStalled), and so do new records
+// until the Write returns, so that a signature is refused within this
+// bound instead of hanging, and a second sink (Either) takes the records.
+// Only the caller inside the Write stays until it returns. The records of
+// the waiting callers are not written afterwards; the stalled write's own
+// may be, although its callers were told it failed: the log may then hold
+// a record of a signature that was refused, never lack one that was
+// released.
+const stallAfter = 5 * time.Second
+
+// ErrStalled means a record failed because the audit log's writer has been
+// blocked for longer than the stall bound. It wraps ErrWrite.
+var ErrStalled = fmt.Errorf("%w: the audit log has not completed a write for over %v (a stalled reader of a FIFO, a hung mount?)", ErrWrite, stallAfter)
+
 // maxPending bounds the bytes of records waiting for the writer. A caller
 // whose record would take the pending buffer past it waits until the writer
 // has taken the buffer; a single record larger than the bound is still
@@ -88,6 +104,13 @@ type Log struct {
 	spare   []byte // the buffer of the previous write, for reuse
 	limit   int    // maxPending, smaller in tests
 	torn    bool   // the last write failed part-way and could not be undone; only the writer touches it
+
+	// A write that does not return (see stallAfter) stalls the log.
+	writes     uint64        // writes begun and ended, for the watchdog
+	stalled    bool          // records fail at once until the write returns
+	stallCh    chan struct{} // closed when the log stalls
+	stallAfter time.Duration
+	stop       chan struct{} // closed by Close: the watchdog ends
 
 	lines sync.Pool // *[]byte buffers records are formatted into, outside the lock
 }
@@ -169,9 +192,41 @@ func openFile(path string) (*os.File, os.FileInfo, error) {
 func New(w io.Writer) *Log { return newLog(w, nil) }
 
 func newLog(w io.Writer, c io.Closer) *Log {
-	l := &Log{w: w, c: c, limit: maxPending}
+	return newLogStalling(w, c, stallAfter)
+}
+
+func newLogStalling(w io.Writer, c io.Closer, after time.Duration) *Log {
+	l := &Log{w: w, c: c, limit: maxPending, stallAfter: after, stallCh: make(chan struct{}), stop: make(chan struct{})}
 	l.cond.L = &l.mu
+	go l.watch()
 	return l
+}
+
+// watch marks the log stalled when one write has been in progress for
+// stallAfter. It ends when the log is closed.
+func (l *Log) watch() {
+	t := time.NewTicker(max(l.stallAfter/10, time.Millisecond))
+	defer t.Stop()
+	var seen uint64
+	var since time.Time
+	for {
+		var now time.Time
+		select {
+		case <-l.stop:
+			return
+		case now = <-t.C:
+		}
+		l.mu.Lock()
+		switch {
+		case !l.writing || l.writes != seen:
+			seen, since = l.writes, now
+		case !l.stalled && now.Sub(since) >= l.stallAfter:
+			l.stalled = true
+			close(l.stallCh)
+			l.cond.Broadcast() // callers waiting for room fail too
+		}
+		l.mu.Unlock()
+	}
 }
 
 // Record writes r. It returns nil only once r's line was completely written
@@ -186,13 +241,18 @@ func (l *Log) Record(r Record) error {
 	line := append(appendJSON((*bp)[:0], &r), '\n')
 
 	l.mu.Lock()
-	for !l.closed && len(l.pending) > 0 && len(l.pending)+len(line) > l.limit {
+	for !l.closed && !l.stalled && len(l.pending) > 0 && len(l.pending)+len(line) > l.limit {
 		l.cond.Wait()
 	}
 	if l.closed {
 		l.mu.Unlock()
 		l.putLine(bp, line)
 		return fmt.Errorf("%w: %w", ErrWrite, os.ErrClosed)
+	}
+	if l.stalled {
+		l.mu.Unlock()
+		l.putLine(bp, line)
+		return ErrStalled
 	}
 	l.pending = append(l.pending, line...)
 	l.putLine(bp, line)
@@ -206,8 +266,29 @@ func (l *Log) Record(r Record) error {
 		g = &group{ch: make(chan struct{}, 1)}
 		l.cur = g
 	}
+	stalled := l.stallCh
 	l.mu.Unlock()
-	if _, lead := <-g.ch; lead {
+	select {
+	case _, lead := <-g.ch:
+		return l.joined(g, lead)
+	case <-stalled:
+		// The write in progress does not return. When it does, its
+		// writer drops this record rather than hand the group the write
+		// (see write). A hand-off or outcome given before the stall is
+		// taken still: a writer role left unclaimed would wedge the log.
+		select {
+		case _, lead := <-g.ch:
+			return l.joined(g, lead)
+		default:
+			return ErrStalled
+		}
+	}
+}
+
+// joined is the outcome for a caller waiting in group g once g's channel
+// gave it the writer role (lead) or was closed.
+func (l *Log) joined(g *group, lead bool) error {
+	if lead {
 		// The previous writer handed the write of this group to us.
 		l.mu.Lock()
 		return l.write(g)
@@ -224,6 +305,7 @@ func (l *Log) Record(r Record) error {
 func (l *Log) write(g *group) error {
 	buf := l.pending
 	l.pending, l.spare, l.cur = l.spare[:0], nil, nil
+	l.writes++
 	l.cond.Broadcast() // room in pending again
 	l.mu.Unlock()
 
@@ -249,6 +331,7 @@ func (l *Log) write(g *group) error {
 	}
 
 	l.mu.Lock()
+	l.writes++ // the watchdog times the next write from now
 	if cap(buf) <= 2*l.limit {
 		l.spare = buf[:0]
 	}
@@ -256,7 +339,19 @@ func (l *Log) write(g *group) error {
 		g.err = err
 		close(g.ch)
 	}
-	if next := l.cur; next != nil {
+	if l.stalled {
+		// The callers of the records pending were told they failed
+		// (ErrStalled) and have gone: their records are dropped, and
+		// the log takes records again.
+		if next := l.cur; next != nil {
+			next.err = ErrStalled
+			close(next.ch)
+		}
+		l.pending, l.cur = l.pending[:0], nil
+		l.stalled, l.stallCh = false, make(chan struct{})
+		l.writing = false
+		l.cond.Broadcast()
+	} else if next := l.cur; next != nil {
 		next.ch <- struct{}{} // never blocks: the one token of a group waiting for it
 	} else {
 		l.writing = false
@@ -306,6 +401,7 @@ func (l *Log) Close() error {
 		return nil
 	}
 	l.closed = true
+	close(l.stop)
 	l.cond.Broadcast() // callers waiting for room now fail
 	for l.writing {
 		l.cond.Wait()
