@@ -13,11 +13,13 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"iter"
 	"strings"
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/protobuf/types/known/timestamppb"
@@ -320,9 +322,15 @@ func (c *Client) Watch(ctx context.Context, keysets ...string) iter.Seq2[KeyEven
 		for {
 			ev, err := stream.Recv()
 			if err != nil {
-				if ctx.Err() == nil {
-					yield(KeyEvent{}, fromStatus(err))
+				if ctx.Err() != nil {
+					return
 				}
+				if errors.Is(err, io.EOF) {
+					// The daemon ended the stream, as it does when it
+					// stops: it is gone, as far as the watch goes.
+					err = &Error{Code: codes.Unavailable, Message: "watch keys: the daemon ended the stream"}
+				}
+				yield(KeyEvent{}, fromStatus(err))
 				return
 			}
 			ke := KeyEvent{
