@@ -277,6 +277,11 @@ func (s *streamSigner) register(ctx context.Context) (*signStream, uint64, chan 
 		err := st.err
 		st.mu.Unlock()
 		s.drop(st)
+		if status.Code(err) == codes.Unimplemented {
+			// The daemon has no SignStream: like the requests the stream
+			// took before it ended, this one goes as a unary Sign.
+			return nil, 0, nil, errFallback
+		}
 		return nil, 0, nil, err
 	}
 	st.pending[id] = ch
