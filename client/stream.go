@@ -8,6 +8,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unicode/utf8"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -27,6 +28,15 @@ const (
 	// at once; past it, it stops reading the stream until it has answered
 	// one, and a send may then block for as long as the daemon is busy.
 	streamInFlight = 64
+	// streamUnit is the size a request counts as against streamInFlight:
+	// one unit up to it, one more for each further streamUnit bytes. The
+	// daemon's flow-control window of a stream is 64 KiB, so the requests
+	// of streamInFlight units fit in it, and a send that stays within
+	// them does not block even when the daemon reads nothing more.
+	streamUnit = 1 << 10
+	// streamQueueCompact is the least length of the queue at which the
+	// requests of callers that stopped waiting are dropped from it.
+	streamQueueCompact = 4 * streamBatch
 )
 
 // streamSigner multiplexes the client's signatures over one SignStream,
@@ -77,11 +87,18 @@ type signStream struct {
 	queue   []*keydv1.SignStreamItem
 	spare   []*keydv1.SignStreamItem
 	sending bool
+	// compactAt is the length of the queue at which it is next compacted
+	// (at least streamQueueCompact).
+	compactAt int
 
-	// unanswered counts the requests sent whose results have not come
-	// back, including those whose callers stopped waiting: the daemon
-	// serves them all the same.
+	// unanswered counts the units (streamUnit) of the requests sent whose
+	// results have not come back, including those whose callers stopped
+	// waiting: the daemon serves them all the same.
 	unanswered atomic.Int64
+	// big holds the units of the requests of more than one unit, from
+	// their queueing until their result or until they are dropped from
+	// the queue (guarded by mu).
+	big map[uint64]int64
 	// broken forgets the stream after a send failed.
 	broken func()
 }
@@ -97,10 +114,16 @@ var errFallback = errors.New("sign stream unavailable")
 
 // sign sends req over the stream and waits for its answer or ctx.
 func (s *streamSigner) sign(ctx context.Context, req *keydv1.SignRequest) (*keydv1.SignResponse, error) {
-	if proto.Size(req) > streamBatchBytes/2 {
+	size := proto.Size(req)
+	if size > streamBatchBytes/2 {
 		// Alone in a message it could still exceed the daemon's limit,
 		// which would end the stream for everyone; unary, only this call
 		// fails.
+		return nil, errFallback
+	}
+	if !utf8.ValidString(req.Keyset) || !utf8.ValidString(req.Kid) || !utf8.ValidString(req.Purpose) {
+		// Protobuf cannot encode it: the failed send would end the
+		// stream, failing every request on it with this one's error.
 		return nil, errFallback
 	}
 	st, id, ch, err := s.register(ctx)
@@ -117,6 +140,11 @@ func (s *streamSigner) sign(ctx context.Context, req *keydv1.SignRequest) (*keyd
 		if ms < 1<<31 {
 			item.TimeoutMs = uint32(ms)
 		}
+	}
+	if n := int64(size/streamUnit + 1); n > 1 {
+		st.mu.Lock()
+		st.big[id] = n
+		st.mu.Unlock()
 	}
 	if err := st.enqueue(item); err != nil {
 		// The receiver sees the same failure and answers every pending
@@ -148,6 +176,15 @@ func (st *signStream) enqueue(item *keydv1.SignStreamItem) error {
 	st.qmu.Lock()
 	st.queue = append(st.queue, item)
 	if st.sending {
+		if len(st.queue) >= max(st.compactAt, streamQueueCompact) {
+			// A send is in progress, perhaps one the daemon does not
+			// read: drop the requests of callers that gave up
+			// meanwhile, rather than keep every one until it does.
+			live, _ := st.live(st.queue)
+			clear(st.queue[len(live):])
+			st.queue = live
+			st.compactAt = 2 * len(live)
+		}
 		st.qmu.Unlock()
 		return nil
 	}
@@ -172,8 +209,8 @@ func (st *signStream) drain(inline bool) error {
 	var err error
 	for len(st.queue) > 0 && err == nil {
 		q := st.queue
-		batch, rest := split(q)
-		if inline && st.unanswered.Load()+int64(len(batch)) > streamInFlight {
+		batch, rest, units := split(q)
+		if inline && st.unanswered.Load()+units > streamInFlight {
 			st.qmu.Unlock()
 			go func() {
 				st.qmu.Lock()
@@ -186,8 +223,8 @@ func (st *signStream) drain(inline bool) error {
 		st.queue = append(st.spare[:0], rest...)
 		clear(rest)
 		st.qmu.Unlock()
-		if live := st.live(batch); len(live) > 0 {
-			st.unanswered.Add(int64(len(live)))
+		if live, units := st.live(batch); len(live) > 0 {
+			st.unanswered.Add(units)
 			err = st.stream.Send(&keydv1.SignStreamRequest{Requests: live})
 		}
 		clear(batch)
@@ -209,30 +246,37 @@ func (st *signStream) inFlight() int {
 	return len(st.pending)
 }
 
-// split returns the first message's worth of q and the rest.
-func split(q []*keydv1.SignStreamItem) (batch, rest []*keydv1.SignStreamItem) {
+// split returns the first message's worth of q, the rest, and the units
+// of the first.
+func split(q []*keydv1.SignStreamItem) (batch, rest []*keydv1.SignStreamItem, units int64) {
 	size := 0
 	for i, it := range q {
-		size += proto.Size(it) + 3 // the field's tag and length
+		n := proto.Size(it) + 3 // the field's tag and length
+		size += n
 		if i == streamBatch || (i > 0 && size > streamBatchBytes) {
-			return q[:i], q[i:]
+			return q[:i], q[i:], units
 		}
+		units += int64(n/streamUnit + 1)
 	}
-	return q, nil
+	return q, nil, units
 }
 
 // live drops from batch, in place, the requests whose callers stopped
-// waiting while they were queued.
-func (st *signStream) live(batch []*keydv1.SignStreamItem) []*keydv1.SignStreamItem {
+// waiting while they were queued, and returns the units of the others.
+func (st *signStream) live(batch []*keydv1.SignStreamItem) (out []*keydv1.SignStreamItem, units int64) {
 	st.mu.Lock()
 	defer st.mu.Unlock()
-	out := batch[:0]
+	out = batch[:0]
 	for _, it := range batch {
+		n, big := st.big[it.Id]
 		if _, ok := st.pending[it.Id]; ok {
 			out = append(out, it)
+			units += max(n, 1)
+		} else if big {
+			delete(st.big, it.Id)
 		}
 	}
-	return out
+	return out, units
 }
 
 // register returns the open stream (opening one if needed) and a fresh id
@@ -304,7 +348,7 @@ func (s *streamSigner) open(op *streamOpen) {
 		cancel()
 		op.err = fromStatus(err)
 	default:
-		st := &signStream{stream: stream, cancel: cancel, pending: map[uint64]chan *keydv1.SignStreamResult{}}
+		st := &signStream{stream: stream, cancel: cancel, pending: map[uint64]chan *keydv1.SignStreamResult{}, big: map[uint64]int64{}}
 		st.broken = func() { s.drop(st) }
 		op.st = st
 		s.cur = op.st
@@ -329,8 +373,17 @@ func (s *streamSigner) receive(st *signStream) {
 			st.fail(err)
 			return
 		}
-		st.unanswered.Add(-int64(len(resp.Results)))
 		st.mu.Lock()
+		units := int64(len(resp.Results))
+		if len(st.big) > 0 {
+			for _, r := range resp.Results {
+				if n, ok := st.big[r.Id]; ok {
+					units += n - 1
+					delete(st.big, r.Id)
+				}
+			}
+		}
+		st.unanswered.Add(-units)
 		for _, r := range resp.Results {
 			if ch, ok := st.pending[r.Id]; ok {
 				delete(st.pending, r.Id)
