@@ -98,6 +98,10 @@ type Daemon struct {
 	// for them: Serve does, before it closes what they use. (Not a
 	// WaitGroup: a handler may still start while Serve waits.)
 	calls atomic.Int64
+	// signStreams counts the SignStream handlers among calls: a client
+	// keeps its stream open between signatures.
+	signStreams atomic.Int64
+	srv         *server.Server
 }
 
 // New builds a daemon: it locks the state directory, opens the backend,
@@ -179,7 +183,7 @@ func New(ctx context.Context, cfg *config.Config, opts Options) (_ *Daemon, err 
 		sink = audit.Either(log, d.audit, d.syslog)
 	}
 	d.metrics = metrics.New(d.backend.Name(), d.mgr)
-	srv, err := server.New(server.Config{
+	d.srv, err = server.New(server.Config{
 		Manager: d.mgr, KeySets: policies, Admins: admins, Audit: sink, Logger: log,
 		Metrics: d.metrics, SignRate: cfg.Limits.SignRate, SignBurst: cfg.Limits.SignBurst,
 		BackendFailed: func(error) {
@@ -197,17 +201,17 @@ func New(ctx context.Context, cfg *config.Config, opts Options) (_ *Daemon, err 
 	d.setHealth(healthpb.HealthCheckResponse_SERVING)
 	perUID := cfg.Limits.MaxConnectionsPerUID
 	if cfg.AdminSocket == "" {
-		d.grpc = d.newGRPCServer(authz.PeerCredentialsPerUID(perUID), srv.Register)
+		d.grpc = d.newGRPCServer(authz.PeerCredentialsPerUID(perUID), d.srv.Register)
 	} else {
-		d.grpc = d.newGRPCServer(authz.PeerCredentialsPerUID(perUID), srv.RegisterKeys)
-		d.adminGRPC = d.newGRPCServer(authz.PeerCredentialsPerUID(perUID), srv.RegisterAdmin)
+		d.grpc = d.newGRPCServer(authz.PeerCredentialsPerUID(perUID), d.srv.RegisterKeys)
+		d.adminGRPC = d.newGRPCServer(authz.PeerCredentialsPerUID(perUID), d.srv.RegisterAdmin)
 	}
 	if t := cfg.TCP; t != nil {
 		creds, err := authz.MTLSCredentials(authz.TLSConfig{CertFile: t.CertFile, KeyFile: t.KeyFile, ClientCAFile: t.ClientCAFile, Logger: log})
 		if err != nil {
 			return nil, fmt.Errorf("tcp: %w", err)
 		}
-		d.tcpGRPC = d.newGRPCServer(creds, srv.RegisterKeys)
+		d.tcpGRPC = d.newGRPCServer(creds, d.srv.RegisterKeys)
 		l, err := net.Listen("tcp", t.Listen)
 		if err != nil {
 			return nil, fmt.Errorf("tcp.listen: %w", err)
@@ -339,7 +343,8 @@ func openBackend(ctx context.Context, cfg *config.Config, log *slog.Logger) (key
 func (d *Daemon) Manager() *rotation.Manager { return d.mgr }
 
 // Serve serves until ctx is done, then stops gracefully (in-flight calls
-// finish, for at most 10 s; the handlers of calls cut off then are waited
+// finish, for at most gracefulWait; SignStreams that have nothing in
+// flight do not hold the stop; the handlers of calls cut off then are waited
 // for, at most backgroundWait) and releases everything.
 func (d *Daemon) Serve(ctx context.Context) error {
 	// The health watch and the key lifecycle use the backend and the
@@ -405,11 +410,7 @@ func (d *Daemon) Serve(ctx context.Context) error {
 			wg.Wait()
 			close(stopped)
 		}()
-		select {
-		case <-stopped:
-		case <-time.After(10 * time.Second):
-			d.eachServer((*grpc.Server).Stop)
-		}
+		d.awaitStop(stopped)
 		err = <-errc
 		if errors.Is(err, grpc.ErrServerStopped) {
 			err = nil
@@ -452,6 +453,35 @@ func (d *Daemon) eachServer(stop func(*grpc.Server)) {
 // stuck in a device that ignores cancellation must not keep keyd from
 // stopping.
 const backgroundWait = 15 * time.Second
+
+// gracefulWait bounds the graceful stop: calls still running then are cut
+// off.
+const gracefulWait = 10 * time.Second
+
+// awaitStop waits for the graceful stop (stopped closed), at most
+// gracefulWait. It stops the servers at once when all that is left is
+// idle SignStreams, which clients keep open between signatures and would
+// otherwise hold every stop for gracefulWait: nothing is lost then.
+func (d *Daemon) awaitStop(stopped <-chan struct{}) {
+	limit := time.NewTimer(gracefulWait)
+	defer limit.Stop()
+	poll := time.NewTicker(20 * time.Millisecond)
+	defer poll.Stop()
+	for {
+		select {
+		case <-stopped:
+			return
+		case <-limit.C:
+			d.eachServer((*grpc.Server).Stop)
+			return
+		case <-poll.C:
+			if d.calls.Load() == d.signStreams.Load() && d.srv.StreamItemsInFlight() == 0 {
+				d.eachServer((*grpc.Server).Stop)
+				return
+			}
+		}
+	}
+}
 
 // waitCalls waits until no handler runs, at most backgroundWait.
 func (d *Daemon) waitCalls() {
@@ -672,6 +702,10 @@ func (d *Daemon) streamInterceptor(srv any, ss grpc.ServerStream, info *grpc.Str
 		}
 		d.logRPC(ss.Context(), info.FullMethod, start, err)
 	}()
+	if info.FullMethod == keydv1.KeyService_SignStream_FullMethodName {
+		d.signStreams.Add(1)
+		defer d.signStreams.Add(-1)
+	}
 	if info.IsServerStream && !info.IsClientStream && d.stopping != nil {
 		// A watcher ends when the daemon stops.
 		ctx, cancel := context.WithCancel(ss.Context())

@@ -190,17 +190,16 @@ func TestShutdownStopsEveryListenerAtOnce(t *testing.T) {
 	}
 }
 
-// A14 at shutdown: an audit sink that stopped taking writes (the reader
-// of a FIFO stalled, a hung mount) holds a signature's record. Stopping
-// keyd must still end within its bounds; the caller gets no signature.
-func TestShutdownBoundedWhenAuditBlocked(t *testing.T) {
-	t.Parallel()
-	cfg := daemonConfig(t, "")
+// fullAuditFIFO makes cfg's audit log a FIFO whose reader does not read
+// and whose pipe is full, so that the daemon's next audit write blocks;
+// drain empties the pipe once, letting that write through. The test's end
+// drains it too.
+func fullAuditFIFO(t *testing.T, cfg *config.Config) (drain func()) {
+	t.Helper()
 	cfg.AuditLog = filepath.Join(filepath.Dir(cfg.Socket), "audit.fifo")
 	if err := syscall.Mkfifo(cfg.AuditLog, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	// A reader that never reads, and a pipe filled up to its capacity.
 	r, err := syscall.Open(cfg.AuditLog, syscall.O_RDONLY|syscall.O_NONBLOCK, 0)
 	if err != nil {
 		t.Fatal(err)
@@ -216,15 +215,27 @@ func TestShutdownBoundedWhenAuditBlocked(t *testing.T) {
 		}
 	}
 	syscall.Close(w)
-	t.Cleanup(func() {
-		// Drain the pipe, so that the blocked write ends.
-		defer syscall.Close(r)
+	drain = func() {
 		for range 1 << 10 {
 			if _, err := syscall.Read(r, buf); err != nil {
 				return
 			}
 		}
+	}
+	t.Cleanup(func() {
+		drain()
+		syscall.Close(r)
 	})
+	return drain
+}
+
+// A14 at shutdown: an audit sink that stopped taking writes (the reader
+// of a FIFO stalled, a hung mount) holds a signature's record. Stopping
+// keyd must still end within its bounds; the caller gets no signature.
+func TestShutdownBoundedWhenAuditBlocked(t *testing.T) {
+	t.Parallel()
+	cfg := daemonConfig(t, "")
+	fullAuditFIFO(t, cfg)
 	_, cancel, done := run(t, cfg, Options{}, nil)
 	cl, err := client.Dial(cfg.Socket)
 	if err != nil {
@@ -281,4 +292,70 @@ func TestServeWaitsForCallsAfterForcedStop(t *testing.T) {
 		t.Fatal("the rotation did not start within 10 s")
 	}
 	stopWhileHeld(t, cfg, hold, cancel, done, first, 11*time.Second) // past the forced stop
+}
+
+// A client keeps its SignStream open between signatures. When nothing is
+// being signed, such streams must not hold the graceful stop until its
+// 10 s timeout: every restart would take that long, and callers that
+// connect meanwhile are refused.
+func TestStopNotHeldByIdleSignStream(t *testing.T) {
+	t.Parallel()
+	cfg := daemonConfig(t, "")
+	_, cancel, done := run(t, cfg, Options{}, nil)
+	cl, err := client.Dial(cfg.Socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	if _, err := proofCode(cl, 10*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Errorf("Serve: %v", err)
+		}
+		if d := time.Since(start); d > 5*time.Second {
+			t.Errorf("stopping took %v with an idle SignStream open", d.Round(time.Millisecond))
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("Serve did not return within 30 s")
+	}
+}
+
+// A request being served on a SignStream when the stop begins is not an
+// idle stream: the stop waits for its answer (here, its audit record is
+// held for a moment).
+func TestStopWaitsForStreamRequestInFlight(t *testing.T) {
+	t.Parallel()
+	cfg := daemonConfig(t, "")
+	drain := fullAuditFIFO(t, cfg)
+	d, cancel, done := run(t, cfg, Options{}, nil)
+	cl, err := client.Dial(cfg.Socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	signed := make(chan error, 1)
+	go func() {
+		_, err := proofCode(cl, time.Minute)
+		signed <- err
+	}()
+	for i := 0; d.srv.StreamItemsInFlight() == 0; i++ { // its record is then held
+		if i == 1000 {
+			t.Fatal("the proof was not taken from the stream within 10 s")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	cancel()
+	time.Sleep(700 * time.Millisecond)
+	drain()
+	if err := <-signed; err != nil {
+		t.Errorf("the proof in flight when the stop began: %v", err)
+	}
+	if err := <-done; err != nil {
+		t.Errorf("Serve: %v", err)
+	}
 }

@@ -13,6 +13,7 @@ import (
 	"log/slog"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 	"unicode/utf8"
 
@@ -80,6 +81,8 @@ type Server struct {
 	failed  func(error)
 	metrics *metrics.Metrics
 	limit   *limiter
+
+	streamItems atomic.Int64 // see StreamItemsInFlight
 }
 
 // New returns a Server.

@@ -8,6 +8,7 @@ import (
 	"runtime"
 	"runtime/debug"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc"
@@ -53,7 +54,7 @@ func (s *Server) SignStream(stream grpc.BidiStreamingServer[keydv1.SignStreamReq
 		jobs: make(chan *keydv1.SignStreamItem),
 		done: make(chan struct{}),
 	}
-	st.out = outbox{send: stream.Send, sem: st.sem}
+	st.out = outbox{send: stream.Send, sem: st.sem, served: &s.streamItems}
 	defer st.wg.Wait()
 	defer close(st.done)
 	for {
@@ -79,10 +80,17 @@ func (s *Server) SignStream(stream grpc.BidiStreamingServer[keydv1.SignStreamReq
 			case <-ctx.Done():
 				return nil
 			}
+			s.streamItems.Add(1)
 			st.dispatch(it)
 		}
 	}
 }
+
+// StreamItemsInFlight returns the number of SignStream requests being
+// served: taken from a stream and their results not yet sent (or
+// dropped). The daemon stops at
+// once when only idle streams are left.
+func (s *Server) StreamItemsInFlight() int64 { return s.streamItems.Load() }
 
 // streamState is one SignStream being served.
 type streamState struct {
@@ -133,6 +141,8 @@ type outbox struct {
 	send func(*keydv1.SignStreamResponse) error
 	// sem has a slot per request being served or result not yet sent.
 	sem chan struct{}
+	// served, if set, counts the same, for every stream of a Server.
+	served *atomic.Int64
 
 	mu      sync.Mutex
 	pending []*keydv1.SignStreamResult
@@ -190,6 +200,9 @@ func (o *outbox) push(r *keydv1.SignStreamResult) {
 func (o *outbox) free(n int) {
 	for range n {
 		<-o.sem
+	}
+	if o.served != nil {
+		o.served.Add(-int64(n))
 	}
 }
 
