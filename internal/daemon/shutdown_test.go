@@ -229,6 +229,29 @@ func fullAuditFIFO(t *testing.T, cfg *config.Config) (drain func()) {
 	return drain
 }
 
+// proofInFlight asks d for a proof on a new client (closed at the test's
+// end) and returns once d is serving it, with the channel of its outcome.
+func proofInFlight(t *testing.T, d *Daemon) <-chan error {
+	t.Helper()
+	cl, err := client.Dial(d.cfg.Socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cl.Close() })
+	signed := make(chan error, 1)
+	go func() {
+		_, err := proofCode(cl, time.Minute)
+		signed <- err
+	}()
+	for i := 0; d.srv.StreamItemsInFlight() == 0; i++ {
+		if i == 1000 {
+			t.Fatal("the proof was not taken from the stream within 10 s")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	return signed
+}
+
 // A14 at shutdown: an audit sink that stopped taking writes (the reader
 // of a FIFO stalled, a hung mount) holds a signature's record. Stopping
 // keyd must still end within its bounds; the caller gets no signature.
@@ -236,18 +259,8 @@ func TestShutdownBoundedWhenAuditBlocked(t *testing.T) {
 	t.Parallel()
 	cfg := daemonConfig(t, "")
 	fullAuditFIFO(t, cfg)
-	_, cancel, done := run(t, cfg, Options{}, nil)
-	cl, err := client.Dial(cfg.Socket)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cl.Close()
-	signed := make(chan error, 1)
-	go func() {
-		_, err := proofCode(cl, time.Minute)
-		signed <- err
-	}()
-	time.Sleep(500 * time.Millisecond) // the proof's record is now blocked
+	d, cancel, done := run(t, cfg, Options{}, nil)
+	signed := proofInFlight(t, d)
 	start := time.Now()
 	cancel()
 	select {
@@ -333,22 +346,7 @@ func TestStopWaitsForStreamRequestInFlight(t *testing.T) {
 	cfg := daemonConfig(t, "")
 	drain := fullAuditFIFO(t, cfg)
 	d, cancel, done := run(t, cfg, Options{}, nil)
-	cl, err := client.Dial(cfg.Socket)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cl.Close()
-	signed := make(chan error, 1)
-	go func() {
-		_, err := proofCode(cl, time.Minute)
-		signed <- err
-	}()
-	for i := 0; d.srv.StreamItemsInFlight() == 0; i++ { // its record is then held
-		if i == 1000 {
-			t.Fatal("the proof was not taken from the stream within 10 s")
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	signed := proofInFlight(t, d)
 	cancel()
 	time.Sleep(700 * time.Millisecond)
 	drain()
