@@ -243,6 +243,9 @@ func New(ctx context.Context, cfg *config.Config, opts Options) (_ *Daemon, err 
 		if d.httpLis, err = net.Listen("tcp", cfg.HTTP.Listen); err != nil {
 			return nil, fmt.Errorf("http.listen: %w", err)
 		}
+		// Whoever reaches it may hold connections open: bounded, they
+		// cannot use up the descriptors the socket and the audit log need.
+		d.httpLis = listener.Limit(d.httpLis, cfg.Limits.MaxConnections)
 		d.http = httpapi.Server(cfg.HTTP.Listen, h)
 	}
 	if d.lis, err = listener.Unix(cfg.Socket, mode, gid); err != nil {

@@ -3,8 +3,10 @@ package daemon
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"strings"
 	"testing"
 	"time"
@@ -106,5 +108,49 @@ func TestConnectionsPerUID(t *testing.T) {
 	}
 	if err != nil {
 		t.Errorf("after one of the uid's connections closed: %v", err)
+	}
+}
+
+// The HTTP listener (the JWK Set, served to verifiers, often on a network
+// address) takes at most limits.max_connections connections, like the
+// other listeners: connections held open by anyone who can reach it must
+// not use up keyd's file descriptors, which the socket and the audit log
+// need.
+func TestHTTPConnectionsLimited(t *testing.T) {
+	cfg := daemonConfig(t, "http: {listen: \"127.0.0.1:0\"}\nlimits: {max_connections: 2}\n")
+	d, _ := serve(t, cfg)
+	addr := d.httpLis.Addr().String()
+	var held []net.Conn
+	for range 2 {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		held = append(held, c)
+	}
+	defer func() {
+		for _, c := range held {
+			c.Close()
+		}
+	}()
+	get := func(timeout time.Duration) error {
+		hc := &http.Client{Timeout: timeout}
+		resp, err := hc.Get("http://" + addr + "/jwks/d.json")
+		if err != nil {
+			return err
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			return fmt.Errorf("HTTP %s", resp.Status)
+		}
+		return nil
+	}
+	if err := get(time.Second); err == nil {
+		t.Fatal("a third connection was served with max_connections 2")
+	}
+	held[0].Close()
+	held = held[1:]
+	if err := get(10 * time.Second); err != nil {
+		t.Errorf("after one of the connections closed: %v", err)
 	}
 }
