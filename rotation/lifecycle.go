@@ -422,6 +422,39 @@ func (m *Manager) abandonLocked(ctx context.Context, intent Version) {
 	}
 }
 
+// DestroyedKeep is how long the record of a destroyed key is kept. Until
+// then ListKeys shows it, and a key that comes back into the backend (a
+// token restored from a backup) is recognised and destroyed again (P11).
+// Then the record is dropped, so that the state does not grow with every
+// rotation for ever; a key that came back after that is one keyd has no
+// record of: left alone, and never used.
+const DestroyedKeep = 30 * 24 * time.Hour
+
+// pruneLocked drops the records of keys destroyed more than DestroyedKeep
+// ago. Callers hold opMu.
+func (m *Manager) pruneLocked() {
+	cut := m.now().Add(-DestroyedKeep)
+	old := func(e *entry) bool { return e.v.State == Destroyed && e.v.ChangedAt.Before(cut) }
+	m.mu.Lock()
+	n := len(m.all)
+	for _, e := range m.all {
+		if s := m.sets[e.v.KeySet]; s != nil && old(e) && s.byKid[e.v.Kid] == e {
+			delete(s.byKid, e.v.Kid)
+		}
+	}
+	m.all = slices.DeleteFunc(m.all, old)
+	n -= len(m.all)
+	m.mu.Unlock()
+	if n == 0 {
+		return
+	}
+	if err := m.persist(); err != nil {
+		m.log.Error("could not record that the records of keys destroyed long ago were dropped; the next change records it", "err", err)
+		return
+	}
+	m.log.Info("dropped the records of keys destroyed long ago", "records", n, "destroyed_before", cut)
+}
+
 // sweepIntentsLocked removes the intents that abandonLocked had to keep
 // (the backend could not destroy what a failed generation may have made):
 // their keys are destroyed and their records dropped. During an outage
@@ -539,6 +572,7 @@ func (m *Manager) Tick(ctx context.Context) error {
 
 func (m *Manager) tickLocked(ctx context.Context) error {
 	m.sweepIntentsLocked(ctx)
+	m.pruneLocked()
 	var errs []error
 	for _, name := range m.order {
 		s := m.sets[name]

@@ -457,3 +457,38 @@ func TestIntentsOfOutageSweptAtNextTick(t *testing.T) {
 		t.Error("active key changed")
 	}
 }
+
+// The records of destroyed keys are dropped 30 days after their destroy
+// (rotation.DestroyedKeep): the state file does not grow with every
+// rotation for ever.
+func TestDestroyedRecordsPruned(t *testing.T) {
+	f := newFixture(t)
+	clock := newClock()
+	m := scheduled(t, f, clock, nil)
+	first := active(t, m, "as")
+	for range 60 * 4 { // 60 days in 6-hour steps: one rotation a day
+		clock.Advance(6 * time.Hour)
+		if err := m.Tick(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	vs, err := f.store.Load()
+	if err != nil {
+		t.Fatal(err)
+	}
+	destroyed := 0
+	for _, v := range vs {
+		if v.Kid == first.Kid {
+			t.Errorf("the first key's record (%s since %v) is still kept after 60 days", v.State, v.ChangedAt)
+		}
+		if v.State == rotation.Destroyed {
+			destroyed++
+			if age := clock.Now().Sub(v.ChangedAt); age > rotation.DestroyedKeep {
+				t.Errorf("a record destroyed %v ago is kept", age)
+			}
+		}
+	}
+	if destroyed == 0 || destroyed > 31 {
+		t.Errorf("%d destroyed records kept, want those of the last 30 days", destroyed)
+	}
+}
