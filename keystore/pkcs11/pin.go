@@ -7,6 +7,8 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"strings"
+	"unicode"
 
 	"github.com/keyd-dev/keyd/internal/secretfile"
 	"github.com/keyd-dev/keyd/keystore"
@@ -109,16 +111,29 @@ func PINFromEnv(name string) (PIN, error) {
 	if name == "" {
 		return PIN{}, errors.New("pin environment variable: no name given")
 	}
+	what := envName(name)
 	v, ok := os.LookupEnv(name)
 	if !ok {
-		return PIN{}, fmt.Errorf("pin environment variable %s is not set", name)
+		return PIN{}, fmt.Errorf("pin %s is not set", what)
 	}
 	pin, err := parsePIN([]byte(v))
 	if err != nil {
-		return PIN{}, fmt.Errorf("pin environment variable %s: %w", name, err)
+		return PIN{}, fmt.Errorf("pin %s: %w", what, err)
 	}
-	pin.from = "environment variable " + name
+	pin.from = what
 	return pin, nil
+}
+
+// envName names the variable name for messages, when it looks like a
+// variable's name (upper case, with an underscore: KEYD_PKCS11_PIN). A
+// PIN written into pin_env by mistake (1234, or a word) is a valid name
+// too, and must not reach a log or an error.
+func envName(name string) string {
+	conventional := strings.Contains(name, "_") && strings.IndexFunc(name, unicode.IsLower) < 0
+	if !conventional {
+		return "environment variable (the one backend.pkcs11.pin_env names)"
+	}
+	return "environment variable " + name
 }
 
 // parsePIN trims one trailing newline and refuses what cannot be a PIN.

@@ -86,6 +86,18 @@ func TestPINFromEnv(t *testing.T) {
 			t.Errorf("PINFromEnv(%q) succeeded", name)
 		}
 	}
+	// A conventional name is named, to help fix a typo.
+	if _, err := PINFromEnv("KEYD_TEST_UNSET_PIN"); err == nil || !strings.Contains(err.Error(), "KEYD_TEST_UNSET_PIN") {
+		t.Errorf("unset KEYD_TEST_UNSET_PIN: %v, want it named", err)
+	}
+	// A PIN written into pin_env is a valid name too: it is never echoed.
+	t.Setenv("s3cretPIN", "")
+	for _, pinAsName := range []string{"123456", "s3cretPIN", "S3CRET", "abc_def"} {
+		_, err := PINFromEnv(pinAsName)
+		if err == nil || strings.Contains(err.Error(), pinAsName) {
+			t.Errorf("PINFromEnv(%q) = %v: want an error that does not quote it", pinAsName, err)
+		}
+	}
 }
 
 // A PIN prints as REDACTED however it is printed.
