@@ -221,8 +221,10 @@ type Key struct {
 	DeactivateAt time.Time
 	RetireAt     time.Time // draining: when it is unpublished
 	DestroyAt    time.Time // retired or revoked: when it is destroyed
-	JWK          json.RawMessage
-	Backend      string
+	// JWK is the public key while the key is in the JWK Set: published,
+	// or lost and still published stale. It is empty otherwise.
+	JWK     json.RawMessage
+	Backend string
 }
 
 func keyFromProto(k *keydv1.KeyVersion) Key {

@@ -66,7 +66,9 @@ func (w *KeyWatcher) run(ctx context.Context, c *Client, keysets []string) {
 				// is reported like any other change.
 				if w.onChange != nil && syncedBefore {
 					for kid, k := range fresh {
-						if o, ok := old[kid]; !ok || o.State != k.State {
+						// A key's JWK goes when it leaves the JWK Set
+						// while its state stays lost (see Key.JWK).
+						if o, ok := old[kid]; !ok || o.State != k.State || (len(o.JWK) == 0) != (len(k.JWK) == 0) {
 							w.onChange(KeyEvent{Type: "changed", Key: k, Previous: o.State})
 						}
 					}
