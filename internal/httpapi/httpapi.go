@@ -7,6 +7,7 @@ import (
 	"crypto/sha256"
 	"encoding/base64"
 	"fmt"
+	"log/slog"
 	"net/http"
 	"strconv"
 	"strings"
@@ -32,6 +33,8 @@ type Config struct {
 	Healthy func() bool
 	// Metrics serves /metrics (nil: not served).
 	Metrics http.Handler
+	// Logger gets what an HTTP answer cannot say (nil: discarded).
+	Logger *slog.Logger
 }
 
 // StaleHeader names the stale keys of a JWK Set response: the kids,
@@ -65,7 +68,10 @@ func Handler(cfg Config) http.Handler {
 		vs := cfg.Keys.Versions(name)
 		body, err := cfg.Encode(vs)
 		if err != nil {
-			http.Error(w, "internal error", http.StatusInternalServerError)
+			if cfg.Logger != nil {
+				cfg.Logger.Error("cannot encode a JWK Set; answering 500", "keyset", name, "err", err)
+			}
+			http.Error(w, "internal error; the daemon log has the details", http.StatusInternalServerError)
 			return
 		}
 		sum := sha256.Sum256(body)

@@ -2,8 +2,11 @@ package httpapi
 
 import (
 	"encoding/json"
+	"errors"
+	"log/slog"
 	"net/http"
 	"net/http/httptest"
+	"strings"
 	"testing"
 	"time"
 
@@ -115,5 +118,22 @@ func TestJWKSStaleHeader(t *testing.T) {
 	h.ServeHTTP(rec, httptest.NewRequest("GET", "/jwks/as.json", nil))
 	if rec.Body.String() != `{"keys":[{"kid":"b"}]}` || rec.Header().Get(StaleHeader) != "" {
 		t.Errorf("after a new key activated: %s, %s %q", rec.Body, StaleHeader, rec.Header().Get(StaleHeader))
+	}
+}
+
+// A JWK Set that cannot be encoded (a corrupt stored key) is a 500, and
+// the log says why: the answer cannot.
+func TestJWKSEncodeFailureLogged(t *testing.T) {
+	var logged strings.Builder
+	keys := fakeKeys{"as": nil}
+	h := Handler(Config{Keys: keys, Logger: slog.New(slog.NewTextHandler(&logged, nil)),
+		Encode: func([]rotation.Version) ([]byte, error) { return nil, errors.New("bad stored JWK") }})
+	rec := httptest.NewRecorder()
+	h.ServeHTTP(rec, httptest.NewRequest("GET", "/jwks/as.json", nil))
+	if rec.Code != http.StatusInternalServerError {
+		t.Errorf("HTTP %d, want 500", rec.Code)
+	}
+	if !strings.Contains(logged.String(), "bad stored JWK") || !strings.Contains(logged.String(), "keyset=as") {
+		t.Errorf("log %q: want the error and the key set", logged.String())
 	}
 }
