@@ -799,6 +799,10 @@ func (c *Config) Mode() (os.FileMode, error) {
 	if v&0o007 != 0 {
 		return 0, fmt.Errorf("%q gives access to every user on the host; use 0660 or stricter", c.SocketMode)
 	}
+	if v&0o220 == 0 {
+		// Connecting to a socket takes write permission on it.
+		return 0, fmt.Errorf("%q lets neither the owner nor the group write to the socket, which connecting needs: no caller but root could; use 0660 (callers in socket_group) or 0600", c.SocketMode)
+	}
 	return os.FileMode(v), nil
 }
 

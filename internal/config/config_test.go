@@ -49,6 +49,19 @@ func TestIssueExample(t *testing.T) {
 	}
 }
 
+// A socket mode nobody but root could connect with is refused.
+func TestSocketModeUsable(t *testing.T) {
+	for mode, ok := range map[string]bool{"0660": true, "0600": true, "0620": true, "0": false, "0440": false, "0550": false} {
+		_, err := (&Config{SocketMode: mode}).Mode()
+		if (err == nil) != ok {
+			t.Errorf("socket_mode %q: %v, want accepted %v", mode, err, ok)
+		}
+		if err != nil && !ok && !strings.Contains(err.Error(), "connecting needs") {
+			t.Errorf("socket_mode %q: %v, want it to say why", mode, err)
+		}
+	}
+}
+
 func TestEveryProblemAtOnce(t *testing.T) {
 	bad := `
 socket: relative.sock
