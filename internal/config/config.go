@@ -124,7 +124,12 @@ type Allow struct {
 
 // Empty reports whether the list allows nobody.
 func (a Allow) Empty() bool {
-	return len(a.UIDs) == 0 && len(a.GIDs) == 0 && len(a.Users) == 0 && len(a.Groups) == 0 && len(a.Identities) == 0
+	return !a.local() && len(a.Identities) == 0
+}
+
+// local reports whether a lists local callers (uids, gids, users, groups).
+func (a Allow) local() bool {
+	return len(a.UIDs) > 0 || len(a.GIDs) > 0 || len(a.Users) > 0 || len(a.Groups) > 0
 }
 
 // Backend selects the key store: exactly one member is set.
@@ -517,6 +522,9 @@ func (c *Config) Validate() error {
 		}
 		if spec, err := ks.KeySpec(); err == nil && spec.Algorithm == keystore.EdDSA && c.Backend.TPM != nil {
 			add(where+".alg", "EdDSA: the tpm backend cannot make EdDSA keys (TPM 2.0 has no Ed25519); use ES256")
+		}
+		if c.TCP == nil && len(ks.Allow.Identities) > 0 && !ks.Allow.local() {
+			add(where+".allow", "only identities, which only callers over the mutual-TLS listener have, and there is no tcp listener: nobody could use this key set; configure tcp or list local uids, gids, users or groups")
 		}
 	}
 	return errors.Join(errs...)

@@ -394,6 +394,7 @@ func TestPKCS11SettingsServeRefuses(t *testing.T) {
 // and serve with exit status 78) refuses it, as the daemon would at start.
 func TestBadIdentityIsAnError(t *testing.T) {
 	in := "socket: /run/keyd/keyd.sock\nstate_dir: /var/lib/keyd\nbackend: {soft: {}}\n" +
+		"tcp: {listen: \"127.0.0.1:7443\", cert_file: /c.pem, key_file: /k.pem, client_ca_file: /ca.pem}\n" +
 		"keysets:\n  - {name: d, purpose: dpop, alg: ES256, allow: {identities: [\"spiffe://example.org/*/billing\"]}}\n"
 	_, err := Parse([]byte(in), "keyd.yaml")
 	if err == nil || !strings.Contains(err.Error(), `keysets[0] (d): allow: identities: identity "spiffe://example.org/*/billing": the only wildcard is a trailing /*`) {
@@ -443,5 +444,19 @@ func TestHTTPAndTCPListenApart(t *testing.T) {
 		if got != tc.clash {
 			t.Errorf("tcp %s, http %s: err = %v; want a clash: %v", tc.tcp, tc.http, err, tc.clash)
 		}
+	}
+}
+
+// A key set only mutual-TLS callers may use needs the mutual-TLS
+// listener: without tcp nobody could sign with it.
+func TestIdentitiesOnlyNeedTCP(t *testing.T) {
+	const base = "socket: /run/keyd/keyd.sock\nstate_dir: /var/lib/keyd\nbackend: {soft: {}}\n"
+	const set = "keysets: [{name: d, purpose: dpop, alg: ES256, allow: %s}]\n"
+	_, err := Parse([]byte(base+fmt.Sprintf(set, "{identities: [\"spiffe://example.org/billing\"]}")), "k.yaml")
+	if err == nil || !strings.Contains(err.Error(), "nobody could use this key set") {
+		t.Errorf("identities only, no tcp: %v, want refused", err)
+	}
+	if _, err := Parse([]byte(base+fmt.Sprintf(set, "{identities: [\"spiffe://example.org/billing\"], uids: [1001]}")), "k.yaml"); err != nil {
+		t.Errorf("identities and a uid, no tcp: %v", err)
 	}
 }
