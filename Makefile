@@ -95,5 +95,9 @@ generate:
 	$(GOTOOL) buf lint
 	$(GOTOOL) buf generate
 
+## check-generated: fail if the committed protobuf code differs from what generate makes
+check-generated: generate
+	@git diff --exit-code -- proto || { echo "the generated protobuf code is out of date: run make generate and commit"; exit 1; }
+
 clean:
 	rm -rf bin

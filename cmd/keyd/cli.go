@@ -426,7 +426,7 @@ func (c *cli) jwks(args []string) error {
 		return err
 	}
 	for _, kid := range set.StaleKids {
-		fmt.Fprintf(c.stderr, "keyd: warning: key %s is stale: the backend lost it and it no longer signs; it stays published until you rotate its key set (keyd keys rotate NAME --now) or revoke it\n", kid)
+		fmt.Fprintf(c.stderr, "keyd: warning: key %s is stale: the backend lost it and it no longer signs; it stays published, so that what it signed still verifies, until a new key replaces it (keyd keys rotate NAME --now) or you revoke it (a lost draining key: until it would have retired)\n", kid)
 	}
 	return nil
 }

@@ -85,8 +85,9 @@ type Limits struct {
 	// SignBurst is how many Sign requests a caller may make at once above
 	// the rate (default: one second's worth).
 	SignBurst int `yaml:"sign_burst"`
-	// MaxConnections bounds the open connections to the socket (default
-	// 1024); further clients wait in the kernel's accept queue.
+	// MaxConnections bounds the open connections of each listener: the
+	// socket, tcp and http (default 1024; the admin socket has 64);
+	// further clients wait in the kernel's accept queue.
 	MaxConnections int `yaml:"max_connections"`
 	// MaxConnectionsPerUID bounds the open connections of one local user
 	// (default a quarter of MaxConnections), so that one cannot take them

@@ -24,8 +24,8 @@ var ErrInUse = errors.New("socket path in use")
 // The order closes the window other daemons leave open between bind and
 // chmod: socket, bind, chmod and chown of the path, and only then listen, so
 // a connection attempt before the permissions are set is refused by the
-// kernel rather than accepted. The parent directory is created 0750 (or 0755
-// when mode grants others nothing and the directory is shared). An existing
+// kernel rather than accepted. A missing parent directory is created 0750.
+// An existing
 // path is removed only when it is a socket nobody listens on; anything else is
 // ErrInUse. Abstract socket names ("@...") are refused: they have no
 // permissions at all.
