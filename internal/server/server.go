@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"runtime/debug"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -160,7 +161,7 @@ func (s *Server) Sign(ctx context.Context, req *keydv1.SignRequest) (*keydv1.Sig
 	}
 	var resp *keydv1.SignResponse
 	if s.limit.allow(callerKey(c), start) {
-		resp, err = s.sign(ctx, c, req, &rec)
+		resp, err = s.signRecovered(ctx, c, req, &rec)
 	} else {
 		s.metrics.Limited("sign_rate")
 		err = fmt.Errorf("%w: sign rate limit for %s exceeded (%v per second, bursts of %d); slow down and retry", errLimited, c, s.limit.rate, s.limit.burst)
@@ -212,6 +213,23 @@ func (s *Server) metricKeySet(name string) string {
 		return name
 	}
 	return unknownKeySet
+}
+
+// errPanic is a panic recovered while signing.
+var errPanic = errors.New("panic while signing")
+
+// signRecovered is sign with a panic (a backend's or a policy's bug) turned
+// into errPanic, answered Internal: the attempt is still audited and
+// measured like any other, which a recovery further up (the interceptor's,
+// a SignStream's) cannot do.
+func (s *Server) signRecovered(ctx context.Context, c authz.Caller, req *keydv1.SignRequest, rec *audit.Record) (resp *keydv1.SignResponse, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			s.log.LogAttrs(ctx, slog.LevelError, "panic while signing", slog.Any("panic", r), slog.String("stack", string(debug.Stack())))
+			resp, err = nil, errPanic
+		}
+	}()
+	return s.sign(ctx, c, req, rec)
 }
 
 func (s *Server) sign(ctx context.Context, c authz.Caller, req *keydv1.SignRequest, rec *audit.Record) (*keydv1.SignResponse, error) {

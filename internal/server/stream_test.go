@@ -516,3 +516,58 @@ func TestStreamBackPressureWhenCallerStopsReading(t *testing.T) {
 		t.Errorf("%d requests served (results buffered) for a caller that reads nothing; the in-flight bound is 64", served)
 	}
 }
+
+// panicsOnce panics in the signature after armed is set, once; the others
+// pass.
+type panicsOnce struct {
+	keystore.Backend
+	armed atomic.Bool
+	once  sync.Once
+}
+
+func (b *panicsOnce) Sign(ctx context.Context, id string, d []byte, o crypto.SignerOpts) ([]byte, error) {
+	if b.armed.Load() {
+		b.once.Do(func() { panic("backend bug") })
+	}
+	return b.Backend.Sign(ctx, id, d, o)
+}
+
+// A panic while one request of a stream is being signed (a backend's bug)
+// ends only that request, answered Internal, and the attempt is audited
+// like any other: an audit record exists for every sign attempt.
+func TestStreamPanicAudited(t *testing.T) {
+	pb := &panicsOnce{}
+	e := newEnv(t, defaultSets[:1], envOpts{wrap: func(b keystore.Backend) keystore.Backend { pb.Backend = b; return pb }})
+	pb.armed.Store(true)
+	st := rawStream(t, e)
+	const n = 8
+	var items []*keydv1.SignStreamItem
+	for i := range n {
+		items = append(items, dpopItem(uint64(i)))
+	}
+	if err := st.Send(&keydv1.SignStreamRequest{Requests: items}); err != nil {
+		t.Fatal(err)
+	}
+	codesGot := map[codes.Code]int{}
+	for got := 0; got < n; {
+		resp, err := st.Recv()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, r := range resp.Results {
+			got++
+			codesGot[codes.Code(r.Code)]++
+		}
+	}
+	st.CloseSend()
+	if codesGot[codes.OK] != n-1 || codesGot[codes.Internal] != 1 {
+		t.Errorf("result codes %v; want %d OK and one Internal", codesGot, n-1)
+	}
+	outcomes := map[string]int{}
+	for _, r := range e.audit.records() {
+		outcomes[r.Outcome]++
+	}
+	if outcomes["ok"] != n-1 || outcomes[codes.Internal.String()] != 1 {
+		t.Errorf("audit outcomes %v; want %d ok and one %s", outcomes, n-1, codes.Internal)
+	}
+}
