@@ -84,6 +84,7 @@ type Server struct {
 	limit   *limiter
 
 	streamItems atomic.Int64 // see StreamItemsInFlight
+	callerSlots callerSlots
 }
 
 // New returns a Server.

@@ -55,6 +55,11 @@ func (s *Server) SignStream(stream grpc.BidiStreamingServer[keydv1.SignStreamReq
 		done: make(chan struct{}),
 	}
 	st.out = outbox{send: stream.Send, sem: st.sem, served: &s.streamItems}
+	if c, err := s.caller(ctx); err == nil {
+		// Without credentials every request is refused anyway; the
+		// stream's own bound holds.
+		st.out.caller = s.callerSlots.of(callerKey(c))
+	}
 	defer st.wg.Wait()
 	defer close(st.done)
 	for {
@@ -80,10 +85,48 @@ func (s *Server) SignStream(stream grpc.BidiStreamingServer[keydv1.SignStreamReq
 			case <-ctx.Done():
 				return nil
 			}
+			if st.out.caller != nil {
+				select {
+				case st.out.caller <- struct{}{}:
+				case <-ctx.Done():
+					<-st.sem
+					return nil
+				}
+			}
 			s.streamItems.Add(1)
 			st.dispatch(it)
 		}
 	}
+}
+
+// callerInFlight bounds the SignStream requests one caller (a local uid,
+// or a mutual-TLS identity) has being served at once, over all its streams
+// and connections; further requests wait to be read, as a stream's
+// request past streamInFlight does. Without it one caller's connections
+// (limits.max_connections_per_uid) × streams (64 each) × streamInFlight
+// could have keyd hold about a million requests, with a goroutine each.
+const callerInFlight = 256
+
+// callerSlots holds the slots of callerInFlight per caller. Callers are
+// never forgotten: there are as many as uids and identities allowed to
+// connect.
+type callerSlots struct {
+	mu sync.Mutex
+	m  map[string]chan struct{}
+}
+
+func (c *callerSlots) of(key string) chan struct{} {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.m == nil {
+		c.m = map[string]chan struct{}{}
+	}
+	ch := c.m[key]
+	if ch == nil {
+		ch = make(chan struct{}, callerInFlight)
+		c.m[key] = ch
+	}
+	return ch
 }
 
 // StreamItemsInFlight returns the number of SignStream requests being
@@ -143,6 +186,9 @@ type outbox struct {
 	sem chan struct{}
 	// served, if set, counts the same, for every stream of a Server.
 	served *atomic.Int64
+	// caller, if set, has the same slots in the caller's own bound, over
+	// all its streams (see callerInFlight).
+	caller chan struct{}
 
 	mu      sync.Mutex
 	pending []*keydv1.SignStreamResult
@@ -200,6 +246,11 @@ func (o *outbox) push(r *keydv1.SignStreamResult) {
 func (o *outbox) free(n int) {
 	for range n {
 		<-o.sem
+	}
+	if o.caller != nil {
+		for range n {
+			<-o.caller
+		}
 	}
 	if o.served != nil {
 		o.served.Add(-int64(n))

@@ -571,3 +571,65 @@ func TestStreamPanicAudited(t *testing.T) {
 		t.Errorf("audit outcomes %v; want %d ok and one %s", outcomes, n-1, codes.Internal)
 	}
 }
+
+// gated holds every signature until open is closed.
+type gated struct {
+	keystore.Backend
+	open chan struct{}
+}
+
+func (b *gated) Sign(ctx context.Context, id string, d []byte, o crypto.SignerOpts) ([]byte, error) {
+	select {
+	case <-b.open:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	return b.Backend.Sign(ctx, id, d, o)
+}
+
+// One caller's streams together have at most 256 requests being served
+// (each with a goroutine and its request held); the rest wait to be read,
+// and are served once the first ones are answered.
+func TestCallerStreamRequestsBounded(t *testing.T) {
+	gb := &gated{open: make(chan struct{})}
+	e := newEnv(t, defaultSets[:1], envOpts{wrap: func(b keystore.Backend) keystore.Backend { gb.Backend = b; return gb }})
+	const streams = 8 // 8 × 64 = 512 requests, over the bound
+	var sts []keydv1.KeyService_SignStreamClient
+	for s := range streams {
+		st := rawStream(t, e)
+		var items []*keydv1.SignStreamItem
+		for i := range 64 {
+			items = append(items, dpopItem(uint64(s*64+i)))
+		}
+		if err := st.Send(&keydv1.SignStreamRequest{Requests: items}); err != nil {
+			t.Fatal(err)
+		}
+		sts = append(sts, st)
+	}
+	for i := 0; e.srv.StreamItemsInFlight() < 256; i++ {
+		if i == 500 {
+			t.Fatalf("%d requests in flight after 5 s, want 256", e.srv.StreamItemsInFlight())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	time.Sleep(200 * time.Millisecond) // the others would be taken by now
+	if n := e.srv.StreamItemsInFlight(); n != 256 {
+		t.Errorf("%d requests of one caller being served at once, want 256", n)
+	}
+	close(gb.open)
+	for s, st := range sts {
+		got := 0
+		for got < 64 {
+			resp, err := st.Recv()
+			if err != nil {
+				t.Fatalf("stream %d: %v after %d results", s, err, got)
+			}
+			for _, r := range resp.Results {
+				if r.Response == nil {
+					t.Errorf("stream %d request %d: code %d: %s", s, r.Id, r.Code, r.Message)
+				}
+			}
+			got += len(resp.Results)
+		}
+	}
+}
