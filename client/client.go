@@ -367,7 +367,7 @@ type Rotation struct {
 func (c *Client) Rotate(ctx context.Context, keyset string, now bool) (Rotation, error) {
 	resp, err := c.admin.Rotate(ctx, &keydv1.RotateRequest{Keyset: keyset, Now: now})
 	if err != nil {
-		return Rotation{}, fromStatus(err)
+		return Rotation{}, adminStatus(err)
 	}
 	return Rotation{Active: keyFromProto(resp.Active), Previous: keyFromProto(resp.Previous), Next: keyFromProto(resp.Next)}, nil
 }
@@ -377,7 +377,20 @@ func (c *Client) Rotate(ctx context.Context, keyset string, now bool) (Rotation,
 func (c *Client) Revoke(ctx context.Context, kid, keyset string) (Key, error) {
 	resp, err := c.admin.Revoke(ctx, &keydv1.RevokeRequest{Kid: kid, Keyset: keyset})
 	if err != nil {
-		return Key{}, fromStatus(err)
+		return Key{}, adminStatus(err)
 	}
 	return keyFromProto(resp.Key), nil
+}
+
+// adminStatus is fromStatus for the admin calls: a socket that does not
+// serve them (keyd's main socket when admin_socket is configured, or the
+// mutual-TLS listener) says only "unknown service"; the error says where
+// they go.
+func adminStatus(err error) error {
+	err = fromStatus(err)
+	var e *Error
+	if errors.As(err, &e) && e.Code == codes.Unimplemented {
+		return &Error{Code: e.Code, Message: e.Message + ": this socket takes no admin calls; with admin_socket configured, rotate and revoke go to that socket (--socket)"}
+	}
+	return err
 }

@@ -11,6 +11,9 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
 	"github.com/keyd-dev/keyd/client"
 	"github.com/keyd-dev/keyd/internal/config"
 )
@@ -152,5 +155,26 @@ func TestHTTPConnectionsLimited(t *testing.T) {
 	held = held[1:]
 	if err := get(10 * time.Second); err != nil {
 		t.Errorf("after one of the connections closed: %v", err)
+	}
+}
+
+// With admin_socket, the main socket takes no rotate or revoke, and the
+// error says where they go instead of only "unknown service".
+func TestAdminCallOnMainSocketSaysWhere(t *testing.T) {
+	cfg := daemonConfig(t, "admin_socket: {dir}/admin.sock\n")
+	serve(t, cfg)
+	cl, err := client.Dial(cfg.Socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	_, rerr := cl.Rotate(ctx, "d", true)
+	_, verr := cl.Revoke(ctx, "kid", "")
+	for _, err := range []error{rerr, verr} {
+		if status.Code(err) != codes.Unimplemented || !strings.Contains(err.Error(), "admin_socket") {
+			t.Errorf("admin call on the main socket: %v, want Unimplemented naming admin_socket", err)
+		}
 	}
 }
