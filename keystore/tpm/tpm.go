@@ -473,6 +473,9 @@ func (b *Backend) Generate(ctx context.Context, id string, spec keystore.KeySpec
 	timeout := b.cmdTimeout
 	if kind.isRSA() {
 		timeout = b.keygenTimeout
+		// A hardware TPM takes seconds to tens of seconds to find RSA
+		// primes, and it is serial: say so before, not only after.
+		b.log.Info("generating an RSA key in the TPM; this can take a while, and signatures wait for it", "id", id, "spec", spec.String(), "timeout", timeout)
 	}
 	var blob *keyBlob
 	err = b.do(ctx, timeout, func(o *op) error {

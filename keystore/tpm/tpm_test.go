@@ -1103,3 +1103,28 @@ func (p probed) LoseKey(t *testing.T, id string) {
 		t.Fatal(err)
 	}
 }
+
+// RSA key generation takes a hardware TPM seconds to tens of seconds, with
+// every signature waiting: the log says so when it begins, not only once
+// it is done. EC keys are quick and say nothing before.
+func TestRSAGenerationAnnounced(t *testing.T) {
+	s := swtpmtest.Start(t)
+	log, logged := testLogger(t)
+	b := newTestBackend(t, s, Config{Logger: log})
+	defer b.Close()
+	const announce = "generating an RSA key in the TPM"
+	if _, err := b.Generate(t.Context(), "ec", keystore.KeySpec{Algorithm: keystore.ES256}); err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(logged(), announce) {
+		t.Errorf("an EC key's generation was announced:\n%s", logged())
+	}
+	if _, err := b.Generate(t.Context(), "rs", keystore.KeySpec{Algorithm: keystore.RS256}); err != nil {
+		t.Fatal(err)
+	}
+	out := logged()
+	i, j := strings.Index(out, announce), strings.LastIndex(out, "key generated")
+	if i < 0 || i > j || !strings.Contains(out[i:], "id=rs") {
+		t.Errorf("the RSA key's generation was not announced before it ended:\n%s", out)
+	}
+}
