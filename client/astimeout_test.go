@@ -52,3 +52,48 @@ func isTimeout(err error) bool {
 	var te interface{ Timeout() bool }
 	return errors.As(err, &te) && te.Timeout()
 }
+
+// A request whose context ends while another request of the same
+// TokenSource waits for a token gives up then, not when that token comes
+// (up to ASTimeout later).
+func TestRequestStopsWaitingForAnotherTokenFetch(t *testing.T) {
+	release := make(chan struct{})
+	as := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case <-release:
+		case <-r.Context().Done():
+		}
+	}))
+	defer as.Close()
+	defer close(release)
+	kc := startKeyd(t, as.URL)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	o, err := kc.OAuth(ctx, client.OAuthConfig{TokenURL: as.URL + "/token", ClientID: "c1",
+		AssertionKeySet: "assert", DPoPKeySet: "dpop", ASTimeout: 30 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	hc := o.Client(o.ClientCredentials(ctx))
+	get := func(timeout time.Duration) error {
+		rctx, rcancel := context.WithTimeout(context.Background(), timeout)
+		defer rcancel()
+		req, _ := http.NewRequestWithContext(rctx, "GET", "https://rs.invalid/r", nil)
+		resp, err := hc.Do(req)
+		if err == nil {
+			resp.Body.Close()
+		}
+		return err
+	}
+	first := make(chan error, 1)
+	go func() { first <- get(20 * time.Second) }() // fetches, and hangs with the server
+	time.Sleep(300 * time.Millisecond)
+	start := time.Now()
+	err = get(300 * time.Millisecond)
+	if took := time.Since(start); took > 5*time.Second {
+		t.Errorf("a request with a 300 ms deadline returned after %v, behind another's token fetch", took.Round(time.Millisecond))
+	}
+	if !errors.Is(err, client.ErrDeadlineExceeded) && !errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("request behind another's token fetch: %v, want a deadline error", err)
+	}
+}

@@ -159,8 +159,8 @@ func (o *OAuth) keyChanged(ev KeyEvent) {
 // is bound to kid (which is now in state) and would otherwise still be
 // used. Concurrent Token calls wait for it, as for any fetch.
 func (s *TokenSource) replaceBoundTo(kid, state string) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
+	s.hold()
+	defer s.release()
 	tok := s.tok
 	if tok == nil || BoundKid(tok) != kid || !s.fresh(tok, time.Now()) {
 		return // another token by now, or one due for replacement anyway

@@ -225,7 +225,7 @@ func (o *OAuth) ClientCredentialsToken(ctx context.Context) (*oauth2.Token, erro
 // caches each token until shortly before it expires (see ExpiryMargin).
 // ctx bounds every request the source makes.
 func (o *OAuth) ClientCredentials(ctx context.Context) *TokenSource {
-	return o.track(&TokenSource{o: o, ctx: ctx, fetch: func(ctx context.Context, _ *oauth2.Token) (*oauth2.Token, error) {
+	return o.track(&TokenSource{o: o, ctx: ctx, lock: make(chan struct{}, 1), fetch: func(ctx context.Context, _ *oauth2.Token) (*oauth2.Token, error) {
 		return o.ClientCredentialsToken(ctx)
 	}})
 }
@@ -300,7 +300,7 @@ func (o *OAuth) Refresh(ctx context.Context, refreshToken string) (*oauth2.Token
 // to expire, refreshes it with its refresh token (keeping that refresh
 // token when the server sends no new one). ctx bounds every refresh.
 func (o *OAuth) TokenSource(ctx context.Context, tok *oauth2.Token) *TokenSource {
-	return o.track(&TokenSource{o: o, ctx: ctx, tok: tok, fetch: func(ctx context.Context, cur *oauth2.Token) (*oauth2.Token, error) {
+	return o.track(&TokenSource{o: o, ctx: ctx, lock: make(chan struct{}, 1), tok: tok, fetch: func(ctx context.Context, cur *oauth2.Token) (*oauth2.Token, error) {
 		if cur == nil || cur.RefreshToken == "" {
 			return nil, fmt.Errorf("the token expired: %w", ErrNoRefreshToken)
 		}
@@ -641,9 +641,32 @@ type TokenSource struct {
 	ctx   context.Context
 	fetch func(ctx context.Context, cur *oauth2.Token) (*oauth2.Token, error)
 
-	mu  sync.Mutex
-	tok *oauth2.Token
+	// lock is held (a value in it) by whoever reads or replaces tok,
+	// during a fetch too; a channel, so that a caller can stop waiting
+	// for it (TokenContext).
+	lock chan struct{}
+	tok  *oauth2.Token
 }
+
+// acquire takes s's lock, or gives up when ctx ends.
+func (s *TokenSource) acquire(ctx context.Context) error {
+	select {
+	case s.lock <- struct{}{}:
+		return nil
+	default:
+	}
+	select {
+	case s.lock <- struct{}{}:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("%w: waiting for the access token being fetched: %w", ErrDeadlineExceeded, ctx.Err())
+	}
+}
+
+// hold takes s's lock, however long that takes.
+func (s *TokenSource) hold() { s.lock <- struct{}{} }
+
+func (s *TokenSource) release() { <-s.lock }
 
 // defaultExpiryMargin is OAuthConfig.ExpiryMargin's default.
 const defaultExpiryMargin = 30 * time.Second
@@ -651,8 +674,18 @@ const defaultExpiryMargin = 30 * time.Second
 // Token returns the cached token, or a new one when it is about to expire
 // or its DPoP key is about to stop signing.
 func (s *TokenSource) Token() (*oauth2.Token, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
+	return s.TokenContext(context.Background())
+}
+
+// TokenContext is Token for a caller that stops waiting when ctx ends:
+// while another call fetches a token (which OAuthConfig.ASTimeout bounds),
+// or while it fetches one itself. A fetch it started goes on for the
+// others, bounded by the source's own context.
+func (s *TokenSource) TokenContext(ctx context.Context) (*oauth2.Token, error) {
+	if err := s.acquire(ctx); err != nil {
+		return nil, err
+	}
+	defer s.release()
 	if s.tok != nil && s.usable(s.tok, time.Now()) {
 		return s.tok, nil
 	}
@@ -668,8 +701,8 @@ func (s *TokenSource) Token() (*oauth2.Token, error) {
 // the next Token call gets a new one (a resource server said the token is
 // invalid, say). A refreshing source keeps tok's refresh token.
 func (s *TokenSource) Invalidate(tok *oauth2.Token) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
+	s.hold()
+	defer s.release()
 	s.invalidateLocked(tok)
 }
 

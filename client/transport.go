@@ -1,6 +1,7 @@
 package client
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -97,6 +98,15 @@ func (t *Transport) base() http.RoundTripper {
 	return http.DefaultTransport
 }
 
+// token is the Source's token; a TokenSource's stops waiting when the
+// request's context ends.
+func (t *Transport) token(ctx context.Context) (*oauth2.Token, error) {
+	if ts, ok := t.Source.(*TokenSource); ok {
+		return ts.TokenContext(ctx)
+	}
+	return t.Source.Token()
+}
+
 // RoundTrip implements http.RoundTripper.
 func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	fail := func(err error) (*http.Response, error) {
@@ -115,7 +125,7 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		// header it was given when a redirect leaves the origin.
 		return t.base().RoundTrip(req)
 	}
-	tok, err := t.Source.Token()
+	tok, err := t.token(req.Context())
 	if err != nil {
 		return fail(err)
 	}
@@ -142,7 +152,7 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		// The bound key is no longer signable: get a token for the active key.
 		if ts, ok := t.Source.(*TokenSource); ok {
 			ts.Invalidate(tok)
-			if tok, err = ts.Token(); err != nil {
+			if tok, err = ts.TokenContext(req.Context()); err != nil {
 				return fail(err)
 			}
 			proof, err = prove(tok)
@@ -182,7 +192,7 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		ptok := tok
 		if renew {
 			ts.Invalidate(tok)
-			if ptok, err = ts.Token(); err != nil {
+			if ptok, err = ts.TokenContext(req.Context()); err != nil {
 				if next != nil {
 					next.Close()
 				}
