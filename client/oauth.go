@@ -86,7 +86,8 @@ type OAuthConfig struct {
 }
 
 // Errors of the OAuth client, besides *oauth2.RetrieveError for an error
-// response of the authorization server.
+// response of the authorization server (match it with errors.As: an answer
+// that is no OAuth error response comes wrapped, with a short message).
 var (
 	// ErrNotDPoPBound: the authorization server answered with a token_type
 	// other than DPoP, so the token is not bound to keyd's key.
@@ -380,7 +381,7 @@ func (o *OAuth) post(ctx context.Context, endpoint string, params url.Values) (*
 		}
 		rerr := retrieveError(r.resp, r.body)
 		if loc := r.resp.Header.Get("Location"); loc != "" && r.resp.StatusCode >= 300 && r.resp.StatusCode < 400 {
-			return nil, fmt.Errorf("%s redirects to %s, which a client does not follow with its credentials (configure the endpoint the redirect names): %w", endpoint, loc, rerr)
+			return nil, fmt.Errorf("%s redirects to %s, which a client does not follow with its credentials (configure the endpoint the redirect names): %w", endpoint, loc, answerError(endpoint, rerr))
 		}
 		switch {
 		case isNonceChallenge(r.resp, rerr):
@@ -397,7 +398,7 @@ func (o *OAuth) post(ctx context.Context, endpoint string, params url.Values) (*
 			skewRetried = true
 			continue
 		}
-		return nil, rerr
+		return nil, answerError(endpoint, rerr)
 	}
 	return nil, fmt.Errorf("%s: gave up after three attempts", endpoint) // unreachable: every third answer returns
 }
@@ -458,6 +459,37 @@ func retrieveError(resp *http.Response, body []byte) *oauth2.RetrieveError {
 	}
 	return e
 }
+
+// answerError is rerr, or, for an answer that is no OAuth error response
+// (a proxy's HTML page), an error that unwraps to rerr whose message names
+// endpoint and the status and quotes the start of the body: the message of
+// such a RetrieveError holds the whole body, raw.
+func answerError(endpoint string, rerr *oauth2.RetrieveError) error {
+	if rerr.ErrorCode != "" {
+		return rerr
+	}
+	return &answerErr{endpoint: endpoint, rerr: rerr}
+}
+
+type answerErr struct {
+	endpoint string
+	rerr     *oauth2.RetrieveError
+}
+
+// maxErrorExcerpt bounds how much of an answer's body an error quotes.
+const maxErrorExcerpt = 200
+
+func (e *answerErr) Error() string {
+	msg := fmt.Sprintf("%s answered HTTP %s, not an OAuth error response", e.endpoint, e.rerr.Response.Status)
+	if b := e.rerr.Body; len(b) > maxErrorExcerpt {
+		msg += fmt.Sprintf(": %q (%d bytes more)", b[:maxErrorExcerpt], len(b)-maxErrorExcerpt)
+	} else if len(b) > 0 {
+		msg += fmt.Sprintf(": %q", b)
+	}
+	return msg
+}
+
+func (e *answerErr) Unwrap() error { return e.rerr }
 
 // isNonceChallenge reports whether an error answer asks for a DPoP nonce:
 // error use_dpop_nonce in the body (an authorization server) or in a DPoP

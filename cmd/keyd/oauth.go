@@ -141,7 +141,7 @@ func (c *cli) request(args []string) error {
 	method := fs.String("X", "", "HTTP method (default GET, or POST with -d)")
 	data := fs.String("d", "", "request body; @FILE reads it from FILE, @- from stdin (at most 64 MiB) (default Content-Type: application/x-www-form-urlencoded)")
 	var headers headerList
-	fs.Var(&headers, "H", "request header 'Name: value' (repeatable)")
+	fs.Var(&headers, "H", "request header 'Name: value' (repeatable; not Authorization or DPoP, which keyd sets)")
 	pos, err := parse(fs, args, 1)
 	if err != nil {
 		return err
@@ -150,8 +150,21 @@ func (c *cli) request(args []string) error {
 		return err
 	}
 	target := pos[0]
-	if u, err := url.Parse(target); err != nil || (u.Scheme != "https" && u.Scheme != "http") || u.Host == "" {
-		return fmt.Errorf("%w: request needs an absolute http(s) URL, not %q", errUsage, target)
+	u, err := url.Parse(target)
+	if err != nil {
+		// Not quoted: url.Error quotes the whole URL, password included.
+		return fmt.Errorf("%w: request needs an absolute http(s) URL, and this one does not parse", errUsage)
+	}
+	if (u.Scheme != "https" && u.Scheme != "http") || u.Host == "" {
+		return fmt.Errorf("%w: request needs an absolute http(s) URL, not %q", errUsage, u.Redacted())
+	}
+	// shown is target as messages name it: without a password it holds.
+	shown := u.Redacted()
+	for _, h := range headers {
+		name, _, _ := strings.Cut(h, ":")
+		if name = strings.TrimSpace(name); strings.EqualFold(name, "Authorization") || strings.EqualFold(name, "DPoP") {
+			return fmt.Errorf("%w: -H %s: keyd request sends the access token and a DPoP proof in Authorization and DPoP itself", errUsage, name)
+		}
 	}
 	dataSet := false
 	fs.Visit(func(f *flag.Flag) { dataSet = dataSet || f.Name == "d" })
@@ -185,6 +198,7 @@ func (c *cli) request(args []string) error {
 	if dataSet {
 		req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
 	}
+	given := map[string]bool{}
 	for _, h := range headers {
 		name, value, _ := strings.Cut(h, ":")
 		name, value = strings.TrimSpace(name), strings.TrimSpace(value)
@@ -193,7 +207,14 @@ func (c *cli) request(args []string) error {
 			req.Host = value
 			continue
 		}
-		req.Header.Set(name, value)
+		// The first -H of a name replaces a default (Content-Type of
+		// -d); the next ones add to it, as curl does.
+		if key := http.CanonicalHeaderKey(name); given[key] {
+			req.Header.Add(name, value)
+		} else {
+			given[key] = true
+			req.Header.Set(name, value)
+		}
 	}
 	resp, err := o.Client(o.ClientCredentials(ctx)).Do(req)
 	if err != nil {
@@ -201,14 +222,14 @@ func (c *cli) request(args []string) error {
 	}
 	defer resp.Body.Close()
 	if _, err := io.Copy(c.stdout, resp.Body); err != nil {
-		return fmt.Errorf("%s %s: reading the response: %w", m, target, err)
+		return fmt.Errorf("%s %s: reading the response: %w", m, shown, err)
 	}
 	if resp.StatusCode >= 400 {
 		detail := ""
 		if ch := resp.Header.Get("WWW-Authenticate"); ch != "" {
 			detail = " (WWW-Authenticate: " + ch + ")"
 		}
-		return fmt.Errorf("%s %s: HTTP %s%s", m, target, resp.Status, detail)
+		return fmt.Errorf("%s %s: HTTP %s%s", m, shown, resp.Status, detail)
 	}
 	return nil
 }

@@ -228,3 +228,93 @@ func TestTokenAndRequest(t *testing.T) {
 		t.Errorf("--allow-bearer: exit %d, stdout %q, stderr %q", status, out, errOut)
 	}
 }
+
+// An authorization server that answers an HTML page (a proxy's 502) rather
+// than an OAuth error is reported in one short line naming the endpoint and
+// the status, with the start of the page quoted: not the whole page, raw,
+// terminal escape sequences included.
+func TestTokenEndpointErrorPage(t *testing.T) {
+	f := newFakeServer(t)
+	socket := startDaemon(t, f.srv.URL)
+	page := "<html>\x1b]0;owned\x07\x1b[2J" + strings.Repeat("Bad Gateway ", 20000) + "</html>"
+	as := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/html")
+		w.WriteHeader(http.StatusBadGateway)
+		fmt.Fprint(w, page)
+	}))
+	defer as.Close()
+	flags := []string{"--socket", socket, "--token-url", as.URL + "/token", "--client-id", "c1", "--dpop-keyset", "dpop", "--assertion-keyset", "assert"}
+	for _, args := range [][]string{{"token"}, {"request", f.srv.URL + "/api"}} {
+		var stdout, stderr strings.Builder
+		status := run(append(args, flags...), &stdout, &stderr)
+		errOut := stderr.String()
+		if status != 1 || stdout.Len() != 0 || strings.Count(errOut, "\n") != 1 || len(errOut) > 1024 ||
+			strings.ContainsAny(errOut, "\x1b\x07") || !strings.Contains(errOut, as.URL+"/token") || !strings.Contains(errOut, "502 Bad Gateway") {
+			t.Errorf("%s: exit %d, stdout %q, stderr (%d bytes) %.300q", args[0], status, stdout.String(), len(errOut), errOut)
+		}
+	}
+}
+
+// -H adds a header as given: one named twice is sent twice, as curl does.
+func TestRequestRepeatedHeader(t *testing.T) {
+	f := newFakeServer(t)
+	socket := startDaemon(t, f.srv.URL)
+	rs := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		json.NewEncoder(w).Encode(map[string]any{"accept": r.Header.Values("Accept"), "ct": r.Header.Values("Content-Type")})
+	}))
+	defer rs.Close()
+	var stdout, stderr strings.Builder
+	status := run([]string{"request", "-H", "Accept: text/plain", "-H", "Accept: application/json", "-d", "{}", "-H", "Content-Type: application/json",
+		"--socket", socket, "--issuer", f.srv.URL, "--client-id", "c1", "--dpop-keyset", "dpop", "--assertion-keyset", "assert", rs.URL + "/api"}, &stdout, &stderr)
+	want := `{"accept":["text/plain","application/json"],"ct":["application/json"]}` + "\n"
+	if status != 0 || stdout.String() != want {
+		t.Errorf("exit %d, stdout %q, stderr %q; want stdout %q", status, stdout.String(), stderr.String(), want)
+	}
+}
+
+// keyd request writes Authorization and DPoP itself: a -H that sets either
+// is a usage error, not a header silently replaced; nothing is sent.
+func TestRequestAuthorizationHeaderRefused(t *testing.T) {
+	f := newFakeServer(t)
+	socket := startDaemon(t, f.srv.URL)
+	hits := 0
+	rs := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { hits++ }))
+	for _, h := range []string{"Authorization: Basic dTpw", "dpop: eyJ.x.y"} {
+		var stdout, stderr strings.Builder
+		status := run([]string{"request", "-H", h, "--socket", socket, "--issuer", f.srv.URL, "--client-id", "c1",
+			"--dpop-keyset", "dpop", "--assertion-keyset", "assert", rs.URL + "/api"}, &stdout, &stderr)
+		name, _, _ := strings.Cut(h, ":")
+		if status != 2 || stdout.Len() != 0 || !strings.Contains(stderr.String(), name) {
+			t.Errorf("-H %q: exit %d, stdout %q, stderr %q", h, status, stdout.String(), stderr.String())
+		}
+	}
+	rs.Close() // waits for its handlers: hits is theirs no more
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if hits != 0 || len(f.forms) != 0 {
+		t.Errorf("%d requests to the resource, %d to the token endpoint", hits, len(f.forms))
+	}
+}
+
+// A password in the request URL is not printed in the error line of a
+// failed request (net/http's own errors redact it too).
+func TestRequestErrorRedactsPassword(t *testing.T) {
+	f := newFakeServer(t)
+	socket := startDaemon(t, f.srv.URL)
+	target := strings.Replace(f.srv.URL, "http://", "http://user:s3cret@", 1) + "/api/missing"
+	var stdout, stderr strings.Builder
+	status := run([]string{"request", "--socket", socket, "--issuer", f.srv.URL, "--client-id", "c1",
+		"--dpop-keyset", "dpop", "--assertion-keyset", "assert", target}, &stdout, &stderr)
+	if status != 1 || strings.Contains(stderr.String(), "s3cret") || !strings.Contains(stderr.String(), "HTTP 404") {
+		t.Errorf("exit %d, stderr %q", status, stderr.String())
+	}
+	// Usage errors about the URL do not quote the password either.
+	for _, bad := range []string{"ftp://user:s3cret@host/x", "http://user:s3cret@host/%zz"} {
+		stderr.Reset()
+		status := run([]string{"request", "--socket", socket, "--issuer", f.srv.URL, "--client-id", "c1",
+			"--dpop-keyset", "dpop", "--assertion-keyset", "assert", bad}, &stdout, &stderr)
+		if status != 2 || strings.Contains(stderr.String(), "s3cret") {
+			t.Errorf("%s: exit %d, stderr %q", bad, status, stderr.String())
+		}
+	}
+}
