@@ -326,7 +326,7 @@ type clientFlags struct {
 func addClientFlags(fs *flag.FlagSet) clientFlags {
 	return clientFlags{
 		socket:  fs.String("socket", "", "daemon socket (default $KEYD_SOCKET, else "+config.DefaultSocket()+")"),
-		timeout: fs.Duration("timeout", 10*time.Second, "give up after this long"),
+		timeout: fs.Duration("timeout", 10*time.Second, "give up after this long (0: no limit)"),
 	}
 }
 
@@ -355,7 +355,10 @@ func (f clientFlags) dial() (*client.Client, context.Context, context.CancelFunc
 	if err != nil {
 		return nil, nil, nil, err
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), *f.timeout)
+	ctx, cancel := context.WithCancel(context.Background())
+	if *f.timeout > 0 {
+		ctx, cancel = context.WithTimeout(context.Background(), *f.timeout)
+	}
 	return cl, ctx, func() { cancel(); cl.Close() }, nil
 }
 

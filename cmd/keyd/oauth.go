@@ -77,6 +77,9 @@ func (f *oauthFlags) config() client.OAuthConfig {
 		Scopes:          scopes,
 		Resources:       f.resources,
 		AllowBearer:     *f.allowBearer,
+		// The authorization server gets the command's time, not only
+		// the client's default 30 s (which stays with --timeout 0).
+		ASTimeout: max(*f.clientFlags.timeout, 0),
 	}
 }
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/base64"
 	"encoding/json"
+	"flag"
 	"fmt"
 	"io"
 	"net/http"
@@ -15,6 +16,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/keyd-dev/keyd/internal/config"
 	"github.com/keyd-dev/keyd/internal/daemon"
@@ -315,6 +317,37 @@ func TestRequestErrorRedactsPassword(t *testing.T) {
 			"--dpop-keyset", "dpop", "--assertion-keyset", "assert", bad}, &stdout, &stderr)
 		if status != 2 || strings.Contains(stderr.String(), "s3cret") {
 			t.Errorf("%s: exit %d, stderr %q", bad, status, stderr.String())
+		}
+	}
+}
+
+// --timeout 0 means no limit (as curl's --max-time 0), not a deadline
+// already past.
+func TestTimeoutZeroIsNoLimit(t *testing.T) {
+	f := newFakeServer(t)
+	socket := startDaemon(t, f.srv.URL)
+	for _, args := range [][]string{
+		{"jwks", "--socket", socket, "--timeout", "0"},
+		{"token", "--socket", socket, "--timeout", "0", "--issuer", f.srv.URL, "--client-id", "c1", "--dpop-keyset", "dpop", "--assertion-keyset", "assert"},
+	} {
+		var stdout, stderr strings.Builder
+		if status := run(args, &stdout, &stderr); status != 0 {
+			t.Errorf("keyd %s --timeout 0: exit %d, stderr %q", args[0], status, stderr.String())
+		}
+	}
+}
+
+// The authorization server gets the command's --timeout, not only the
+// client's default 30 s.
+func TestTimeoutAppliesToAuthorizationServer(t *testing.T) {
+	for timeout, want := range map[string]time.Duration{"45s": 45 * time.Second, "5s": 5 * time.Second, "0": 0} {
+		fs := flag.NewFlagSet("token", flag.ContinueOnError)
+		of := addOAuthFlags(fs, "token")
+		if err := fs.Parse([]string{"--timeout", timeout}); err != nil {
+			t.Fatal(err)
+		}
+		if got := of.config().ASTimeout; got != want {
+			t.Errorf("--timeout %s: ASTimeout %v, want %v (0: the client's default)", timeout, got, want)
 		}
 	}
 }
