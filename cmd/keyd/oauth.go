@@ -227,6 +227,10 @@ func (c *cli) request(args []string) error {
 	if _, err := io.Copy(c.stdout, resp.Body); err != nil {
 		return fmt.Errorf("%s %s: reading the response: %w", m, shown, err)
 	}
+	if loc := resp.Header.Get("Location"); loc != "" && resp.StatusCode >= 300 && resp.StatusCode < 400 {
+		// Client follows redirects within the origin only.
+		fmt.Fprintf(c.stderr, "keyd: warning: not following the redirect (HTTP %s) to %q: another origin gets neither the access token nor a proof; call that URL if you trust it\n", resp.Status, loc)
+	}
 	if resp.StatusCode >= 400 {
 		detail := ""
 		if ch := resp.Header.Get("WWW-Authenticate"); ch != "" {

@@ -100,6 +100,8 @@ func (f *fakeServer) serve(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		json.NewEncoder(w).Encode(map[string]any{"access_token": "tok", "token_type": f.tokenType, "expires_in": 60, "scope": r.PostForm.Get("scope")})
+	case r.URL.Path == "/moved":
+		http.Redirect(w, r, "http://127.0.0.2:9/elsewhere", http.StatusTemporaryRedirect)
 	case strings.HasPrefix(r.URL.Path, "/api"):
 		if proof["nonce"] != "r1" {
 			w.Header().Set("WWW-Authenticate", `DPoP error="use_dpop_nonce"`)
@@ -349,5 +351,20 @@ func TestTimeoutAppliesToAuthorizationServer(t *testing.T) {
 		if got := of.config().ASTimeout; got != want {
 			t.Errorf("--timeout %s: ASTimeout %v, want %v (0: the client's default)", timeout, got, want)
 		}
+	}
+}
+
+// A redirect to another origin is not followed (the token and the proof
+// stay with the first server), and keyd request says so: otherwise a
+// request that reached no resource looks like one that did.
+func TestRequestCrossOriginRedirectWarned(t *testing.T) {
+	f := newFakeServer(t)
+	socket := startDaemon(t, f.srv.URL)
+	var stdout, stderr strings.Builder
+	status := run([]string{"request", "--socket", socket, "--issuer", f.srv.URL, "--client-id", "c1",
+		"--dpop-keyset", "dpop", "--assertion-keyset", "assert", f.srv.URL + "/moved"}, &stdout, &stderr)
+	if status != 0 || !strings.Contains(stderr.String(), "keyd: warning: not following the redirect (HTTP 307") ||
+		!strings.Contains(stderr.String(), "http://127.0.0.2:9/elsewhere") {
+		t.Errorf("exit %d, stderr %q", status, stderr.String())
 	}
 }
