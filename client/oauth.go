@@ -14,6 +14,7 @@ import (
 	"math"
 	"net/http"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -57,7 +58,8 @@ type OAuthConfig struct {
 	// Scopes are requested by client credentials and AuthCodeURL.
 	Scopes []string
 	// Resources are RFC 8707 resource indicators sent with client
-	// credentials requests and by AuthCodeURL.
+	// credentials requests and by AuthCodeURL: absolute URIs without a
+	// fragment (OAuth refuses others). Repeated Scopes are sent once.
 	Resources []string
 	// EndpointParams are extra parameters of client credentials requests.
 	EndpointParams url.Values
@@ -157,6 +159,13 @@ func (c *Client) OAuth(ctx context.Context, cfg OAuthConfig) (*OAuth, error) {
 	if len(missing) > 0 {
 		return nil, fmt.Errorf("%w: OAuthConfig needs %s", ErrInvalidArgument, strings.Join(missing, ", "))
 	}
+	for _, r := range cfg.Resources {
+		// RFC 8707 §2: an absolute URI without a fragment.
+		if u, err := url.Parse(r); err != nil || !u.IsAbs() || u.Fragment != "" || strings.Contains(r, "#") {
+			return nil, fmt.Errorf("%w: resource %q: a resource indicator is an absolute URI without a fragment (RFC 8707)", ErrInvalidArgument, r)
+		}
+	}
+	cfg.Scopes = dedupe(cfg.Scopes)
 	o := &OAuth{kc: c, cfg: cfg, http: cfg.HTTPClient, log: cfg.Logger, clientID: cfg.ClientID,
 		tokenURL: cfg.TokenURL, authURL: cfg.AuthURL, revocationURL: cfg.RevocationURL}
 	if o.http == nil {
@@ -194,6 +203,17 @@ func (c *Client) OAuth(ctx context.Context, cfg OAuthConfig) (*OAuth, error) {
 		}
 	}
 	return o, nil
+}
+
+// dedupe returns ss without its repeated values, in their first order.
+func dedupe(ss []string) []string {
+	var out []string
+	for _, s := range ss {
+		if !slices.Contains(out, s) {
+			out = append(out, s)
+		}
+	}
+	return out
 }
 
 // Metadata returns the authorization server's metadata, or nil when the

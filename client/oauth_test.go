@@ -588,3 +588,31 @@ func TestClientRedirects(t *testing.T) {
 		t.Errorf("same-origin redirect: %s", resp.Status)
 	}
 }
+
+// RFC 8707: a resource indicator is an absolute URI without a fragment; an
+// OAuthConfig with another is refused before any request. A scope given
+// twice is requested once.
+func TestResourcesAndScopesChecked(t *testing.T) {
+	f := newFakeAS(t)
+	kc := startKeyd(t, f.url())
+	for _, bad := range []string{"api", "/relative", "https://rs.example/api#frag", "https://rs.example/#"} {
+		_, err := kc.OAuth(ctx(t), client.OAuthConfig{TokenURL: f.url() + "/token", ClientID: "c1", AssertionKeySet: "assert", DPoPKeySet: "dpop", Resources: []string{bad}})
+		if !errors.Is(err, client.ErrInvalidArgument) || !strings.Contains(err.Error(), "RFC 8707") {
+			t.Errorf("resource %q: %v, want refused", bad, err)
+		}
+	}
+	if n := len(f.seen()); n != 0 {
+		t.Errorf("%d requests made with a bad resource", n)
+	}
+	o, _ := newOAuth(t, f, func(c *client.OAuthConfig) {
+		c.Scopes = []string{"s1", "s2", "s1"}
+		c.Resources = []string{"https://rs.example/api"}
+	})
+	if _, err := o.ClientCredentialsToken(ctx(t)); err != nil {
+		t.Fatal(err)
+	}
+	seen := f.seen()
+	if got := seen[len(seen)-1].form["scope"]; len(got) != 1 || got[0] != "s1 s2" {
+		t.Errorf("scope sent %q, want \"s1 s2\"", got)
+	}
+}
