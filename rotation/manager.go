@@ -107,7 +107,9 @@ type entry struct {
 // New loads the store, reconciles it with what the backend holds, and makes
 // sure every configured key set has an active key (generating the first one
 // on a first start). A version whose key the backend no longer has is marked
-// Lost and never replaced silently.
+// Lost and never replaced silently; a store that records no key while the
+// backend holds keyd's keys (the state file was lost) fails with
+// ErrCorruptState.
 func New(ctx context.Context, cfg Config) (*Manager, error) {
 	if cfg.Backend == nil || cfg.Store == nil {
 		return nil, errors.New("rotation: Backend and Store are required")
@@ -199,6 +201,13 @@ func (m *Manager) reconcile(ctx context.Context) error {
 	held, err := m.backend.List(ctx)
 	if err != nil {
 		return fmt.Errorf("list backend keys: %w", err)
+	}
+	if len(stored) == 0 && len(held) > 0 {
+		// keyd records every key before the backend makes it, so this is
+		// lost metadata, not a first start: new keys would silently
+		// replace the active ones.
+		return fmt.Errorf("%s: %w: it records no key, but the %s backend holds %d of keyd's keys (%s…), and keyd will not replace them with new keys: restore the file from a backup; or, if another keyd with its own state directory uses this backend, give this one a backend of its own; or, to start over, remove keyd's keys from the backend",
+			m.store.path, ErrCorruptState, m.backend.Name(), len(held), held[0])
 	}
 	inBackend := map[string]bool{}
 	for _, id := range held {

@@ -4,10 +4,15 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
+	"strings"
+	"syscall"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/keyd-dev/keyd/keystore"
 )
 
 // Store persists the versions of every key set in one small JSON file,
@@ -27,7 +32,11 @@ type Store struct {
 	lock *os.File
 }
 
-const stateFile = "keys.json"
+const (
+	stateFile = "keys.json"
+	// tempPrefix starts the names of Save's temporary files.
+	tempPrefix = ".keys.json.tmp-"
+)
 
 type stateDoc struct {
 	Format   int       `json:"format"`
@@ -35,7 +44,10 @@ type stateDoc struct {
 }
 
 // OpenStore opens (creating 0700 when missing) the state directory dir and
-// takes its lock. It fails with ErrLocked when another process holds it.
+// takes its lock. It fails with ErrLocked when another process holds it,
+// and with keystore.ErrInsecureStorage when dir is writable by group or
+// others or owned by another user. It removes the temporary files of a
+// save that a crash interrupted.
 func OpenStore(dir string) (*Store, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("state directory: %w", err)
@@ -48,7 +60,10 @@ func OpenStore(dir string) (*Store, error) {
 		return nil, fmt.Errorf("state directory %s: not a directory", dir)
 	}
 	if fi.Mode().Perm()&0o022 != 0 {
-		return nil, fmt.Errorf("state directory %s: mode %v lets others write; use 0700", dir, fi.Mode().Perm())
+		return nil, fmt.Errorf("state directory %s: mode %v lets others write; use 0700: %w", dir, fi.Mode().Perm(), keystore.ErrInsecureStorage)
+	}
+	if err := checkOwner(dir, fi); err != nil {
+		return nil, fmt.Errorf("state directory: %w", err)
 	}
 	lf, err := os.OpenFile(filepath.Join(dir, "keyd.lock"), os.O_RDWR|os.O_CREATE|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
 	if err != nil {
@@ -61,15 +76,71 @@ func OpenStore(dir string) (*Store, error) {
 		}
 		return nil, fmt.Errorf("state lock: %w", err)
 	}
+	// Ours alone now: a temporary file is what a crash in Save left.
+	if entries, err := os.ReadDir(dir); err == nil {
+		for _, e := range entries {
+			if strings.HasPrefix(e.Name(), tempPrefix) {
+				os.Remove(filepath.Join(dir, e.Name()))
+			}
+		}
+	}
 	return &Store{dir: dir, path: filepath.Join(dir, stateFile), lock: lf}, nil
 }
 
+// checkOwner refuses (keystore.ErrInsecureStorage) a file or directory
+// owned by another user than this process's.
+func checkOwner(path string, fi os.FileInfo) error {
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok && int(st.Uid) != os.Geteuid() {
+		return fmt.Errorf("%s is owned by uid %d, not by this process's uid %d: %w", path, st.Uid, os.Geteuid(), keystore.ErrInsecureStorage)
+	}
+	return nil
+}
+
+// checkStateFile refuses (keystore.ErrInsecureStorage) a state file that
+// Save did not write: a symlink, not a regular file, writable by group or
+// others, or owned by another user.
+func checkStateFile(path string, fi os.FileInfo) error {
+	switch {
+	case !fi.Mode().IsRegular():
+		return fmt.Errorf("key metadata %s is not a regular file (%v): %w", path, fi.Mode().Type(), keystore.ErrInsecureStorage)
+	case fi.Mode().Perm()&0o022 != 0:
+		return fmt.Errorf("key metadata %s has mode %04o, writable by group or others; chmod 600 it: %w", path, fi.Mode().Perm(), keystore.ErrInsecureStorage)
+	}
+	return checkOwner(path, fi)
+}
+
 // Load returns the stored versions (none when the file does not exist yet).
+// It fails with ErrCorruptState when the file cannot be read as keyd wrote
+// it, and with keystore.ErrInsecureStorage when it is not a file that Save
+// wrote (see checkStateFile); it never follows a symlink or blocks on a
+// FIFO.
 func (s *Store) Load() ([]Version, error) {
-	b, err := os.ReadFile(s.path)
+	fi, err := os.Lstat(s.path)
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, nil
 	}
+	if err != nil {
+		return nil, fmt.Errorf("read key metadata: %w", err)
+	}
+	if err := checkStateFile(s.path, fi); err != nil {
+		return nil, err
+	}
+	f, err := os.OpenFile(s.path, os.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("read key metadata: %w", err)
+	}
+	defer f.Close()
+	ofi, err := f.Stat()
+	if err != nil {
+		return nil, fmt.Errorf("read key metadata: %w", err)
+	}
+	if err := checkStateFile(s.path, ofi); err != nil {
+		return nil, err
+	}
+	if !os.SameFile(fi, ofi) {
+		return nil, fmt.Errorf("key metadata %s was replaced while being opened: %w", s.path, keystore.ErrInsecureStorage)
+	}
+	b, err := io.ReadAll(f)
 	if err != nil {
 		return nil, fmt.Errorf("read key metadata: %w", err)
 	}
@@ -89,7 +160,7 @@ func (s *Store) Save(vs []Version) error {
 	if err != nil {
 		return fmt.Errorf("encode key metadata: %w", err)
 	}
-	tmp, err := os.CreateTemp(s.dir, ".keys.json.tmp-*")
+	tmp, err := os.CreateTemp(s.dir, tempPrefix+"*")
 	if err != nil {
 		return fmt.Errorf("write key metadata: %w", err)
 	}
