@@ -321,7 +321,7 @@ func (m *Manager) persist() error {
 		vs = append(vs, e.v)
 	}
 	m.mu.RUnlock()
-	return m.store.Save(vs)
+	return m.save(vs)
 }
 
 // persistWith writes every version plus the changes, without making the
@@ -337,7 +337,18 @@ func (m *Manager) persistWith(changes map[*entry]Version, added ...Version) erro
 		}
 	}
 	m.mu.RUnlock()
-	return m.store.Save(append(vs, added...))
+	return m.save(append(vs, added...))
+}
+
+// save saves vs. A save that wrote the file but could not sync its
+// directory counts as done (see ErrNotDurable), with an error logged.
+func (m *Manager) save(vs []Version) error {
+	err := m.store.Save(vs)
+	if errors.Is(err, ErrNotDurable) {
+		m.log.Error("key metadata written, but the state directory could not be synced: a power loss now could bring back the previous state", "err", err)
+		return nil
+	}
+	return err
 }
 
 func (m *Manager) newID(keyset string) (string, error) {

@@ -30,6 +30,9 @@ type Store struct {
 	dir  string
 	path string
 	lock *os.File
+	// syncDir syncs the directory after a rename; nil: the real one
+	// (tests make it fail).
+	syncDir func(dir string) error
 }
 
 const (
@@ -187,15 +190,32 @@ func (s *Store) Save(vs []Version) error {
 		return fmt.Errorf("write key metadata: %w", err)
 	}
 	ok = true
-	d, err := os.Open(s.dir)
-	if err != nil {
-		return fmt.Errorf("sync state directory: %w", err)
+	// From here the new state is the file's: a Load reads it. Only its
+	// durability across a power loss is in question, and a power loss
+	// would bring back the previous state, which is consistent too.
+	sync := s.syncDir
+	if sync == nil {
+		sync = syncDir
 	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("sync state directory: %w", err)
+	if err := sync(s.dir); err != nil {
+		return fmt.Errorf("%w: sync state directory: %w", ErrNotDurable, err)
 	}
 	return nil
+}
+
+// ErrNotDurable is wrapped by a Save whose new state is written (later
+// Loads read it) but whose directory could not be synced. The caller must
+// treat the state as saved: undoing what it records (destroying a key it
+// names) would leave the file naming what is gone.
+var ErrNotDurable = errors.New("key metadata written but not synced to disk")
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
 }
 
 // Dir is the state directory.
