@@ -108,7 +108,14 @@ type AuditSyslog struct {
 type HTTP struct {
 	// Listen is host:port, e.g. 127.0.0.1:8089.
 	Listen string `yaml:"listen"`
+	// Metrics serves /metrics on this listener (default true). Set it
+	// false when the listener is reachable by those who may fetch the JWK
+	// Set but should not see keyd's metrics (key set names, rates).
+	Metrics *bool `yaml:"metrics"`
 }
+
+// ServesMetrics reports whether /metrics is served.
+func (h *HTTP) ServesMetrics() bool { return h.Metrics == nil || *h.Metrics }
 
 // Allow is an allow list of local callers, matched against the peer
 // credentials of the socket connection.

@@ -239,7 +239,11 @@ func New(ctx context.Context, cfg *config.Config, opts Options) (_ *Daemon, err 
 		for _, ks := range cfg.KeySets {
 			maxAge[ks.Name] = ks.JWKSMaxAge()
 		}
-		h := httpapi.Handler(httpapi.Config{Keys: d.mgr, MaxAge: maxAge, Encode: server.JWKS, Healthy: d.healthy.Load, Metrics: d.metrics.Handler(), Logger: log})
+		var metricsHandler http.Handler
+		if cfg.HTTP.ServesMetrics() {
+			metricsHandler = d.metrics.Handler()
+		}
+		h := httpapi.Handler(httpapi.Config{Keys: d.mgr, MaxAge: maxAge, Encode: server.JWKS, Healthy: d.healthy.Load, Metrics: metricsHandler, Logger: log})
 		if d.httpLis, err = net.Listen("tcp", cfg.HTTP.Listen); err != nil {
 			return nil, fmt.Errorf("http.listen: %w", err)
 		}

@@ -178,3 +178,27 @@ func TestAdminCallOnMainSocketSaysWhere(t *testing.T) {
 		}
 	}
 }
+
+// http.metrics: false keeps /metrics off a listener that serves the JWK
+// Set to those who should not see keyd's metrics; by default it is served.
+func TestHTTPMetricsCanBeOff(t *testing.T) {
+	for extra, want := range map[string]int{
+		"http: {listen: \"127.0.0.1:0\"}\n":                 http.StatusOK,
+		"http: {listen: \"127.0.0.1:0\", metrics: false}\n": http.StatusNotFound,
+	} {
+		cfg := daemonConfig(t, extra)
+		d, stop := serve(t, cfg)
+		base := "http://" + d.httpLis.Addr().String()
+		for path, code := range map[string]int{"/metrics": want, "/jwks/d.json": http.StatusOK} {
+			resp, err := http.Get(base + path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			resp.Body.Close()
+			if resp.StatusCode != code {
+				t.Errorf("%q: GET %s: HTTP %d, want %d", extra, path, resp.StatusCode, code)
+			}
+		}
+		stop()
+	}
+}
