@@ -16,6 +16,7 @@ import (
 	"io"
 	"iter"
 	"strings"
+	"sync"
 	"time"
 
 	"google.golang.org/grpc"
@@ -33,6 +34,10 @@ type Client struct {
 	keys   keydv1.KeyServiceClient
 	admin  keydv1.KeyAdminServiceClient
 	stream *streamSigner // nil: unary Sign only
+	// closed is closed by Close: the client's goroutines (a KeyWatcher
+	// waiting to reconnect) end at once.
+	closed    chan struct{}
+	closeOnce sync.Once
 }
 
 type options struct {
@@ -96,7 +101,7 @@ func Dial(target string, opts ...Option) (*Client, error) {
 	if err != nil {
 		return nil, fmt.Errorf("dial keyd at %s: %w", target, err)
 	}
-	c := &Client{conn: conn, keys: keydv1.NewKeyServiceClient(conn), admin: keydv1.NewKeyAdminServiceClient(conn)}
+	c := &Client{conn: conn, keys: keydv1.NewKeyServiceClient(conn), admin: keydv1.NewKeyAdminServiceClient(conn), closed: make(chan struct{})}
 	if !o.unary {
 		c.stream = newStreamSigner(c.keys)
 	}
@@ -105,6 +110,7 @@ func Dial(target string, opts ...Option) (*Client, error) {
 
 // Close closes the connection.
 func (c *Client) Close() error {
+	c.closeOnce.Do(func() { close(c.closed) })
 	if c.stream != nil {
 		c.stream.close()
 	}

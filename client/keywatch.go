@@ -104,6 +104,8 @@ func (w *KeyWatcher) run(ctx context.Context, c *Client, keysets []string) {
 		select {
 		case <-ctx.Done():
 			return
+		case <-c.closed:
+			return
 		case <-time.After(backoff):
 		}
 	}

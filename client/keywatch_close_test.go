@@ -6,6 +6,13 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/keyd-dev/keyd/client"
+	keydv1 "github.com/keyd-dev/keyd/proto/keyd/v1"
 )
 
 // watcherGoroutines counts the goroutines running a KeyWatcher's loop.
@@ -34,6 +41,34 @@ func TestKeyWatcherEndsWithClose(t *testing.T) {
 	for watcherGoroutines() > before {
 		if time.Now().After(deadline) {
 			t.Fatalf("the watcher of a closed client still runs 3s after Close")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// noWatch refuses every WatchKeys: a watcher of it retries with a growing
+// backoff.
+type noWatch struct{ keydv1.UnimplementedKeyServiceServer }
+
+func (noWatch) WatchKeys(*keydv1.WatchKeysRequest, grpc.ServerStreamingServer[keydv1.WatchKeysResponse]) error {
+	return status.Error(codes.Unavailable, "not now")
+}
+
+// A watcher waiting out its reconnection backoff (up to 5 s) ends when the
+// client is closed, not when the wait is over.
+func TestKeyWatcherEndsWithCloseDuringBackoff(t *testing.T) {
+	kc, err := client.Dial(serveKeys(t, noWatch{}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	before := watcherGoroutines()
+	kc.WatchKeys(context.Background(), []string{"dpop"})
+	time.Sleep(3200 * time.Millisecond) // the backoff has grown past 1.6 s
+	start := time.Now()
+	kc.Close()
+	for watcherGoroutines() > before {
+		if time.Since(start) > time.Second {
+			t.Fatalf("the watcher still runs %v after Close", time.Since(start).Round(time.Millisecond))
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
