@@ -48,7 +48,9 @@ func TestKeyWatcherEndsWithClose(t *testing.T) {
 
 // noWatch refuses every WatchKeys: a watcher of it retries with a growing
 // backoff.
-type noWatch struct{ keydv1.UnimplementedKeyServiceServer }
+type noWatch struct {
+	keydv1.UnimplementedKeyServiceServer
+}
 
 func (noWatch) WatchKeys(*keydv1.WatchKeysRequest, grpc.ServerStreamingServer[keydv1.WatchKeysResponse]) error {
 	return status.Error(codes.Unavailable, "not now")
