@@ -309,6 +309,13 @@ func (f *faultModule) GenerateKeyPair(sh p11.SessionHandle, m []*p11.Mechanism, 
 	return ph, kh, err
 }
 
+func (f *faultModule) DestroyObject(sh p11.SessionHandle, oh p11.ObjectHandle) error {
+	if err := f.fault("DestroyObject"); err != nil {
+		return err
+	}
+	return f.module.DestroyObject(sh, oh)
+}
+
 func (f *faultModule) CopyObject(sh p11.SessionHandle, o p11.ObjectHandle, a []*p11.Attribute) (p11.ObjectHandle, error) {
 	f.copies.Add(1)
 	if err := f.fault("CopyObject"); err != nil {
@@ -1991,5 +1998,211 @@ func hangUntil(release <-chan struct{}) func() error {
 				cgoblock.Sleep(2 * time.Millisecond) // hung in the module
 			}
 		}
+	}
+}
+
+// Close racing a recovery of this Backend that finds the device gone and
+// must re-initialize the module: Close takes the pool's places first, and
+// the recovery, waiting for those places (quiesce) while it holds the
+// anchor, used to keep them both waiting until Close gave up, leaving the
+// module initialized and this Backend counted as its user for good. The
+// recovery gives up at once when the Backend closes, and Close finishes.
+func TestCloseDuringRecovery(t *testing.T) {
+	checkGoroutines(t)
+	tok := newToken(t)
+	const closeWait = 300 * time.Millisecond
+	f := newFaultModule()
+	b, err := open(t.Context(), tok.config(t), f.options(options{closeWait: closeWait}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		// A Close that gave up leaves the module initialized: finalize
+		// it, so that the next test's token is the one SoftHSM reads.
+		if libUsers(b.lib.path) > 0 {
+			if err := b.lib.release(b.m, time.Second); err != nil {
+				t.Error(err)
+			}
+		}
+	})
+	pub := keystoretest.MustGenerate(t, b, "k")
+	signOK(t, b, "k", pub)
+
+	entered, release := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	// The recovery asks whether the anchor lives; the module answers
+	// only once Close has begun, and says the device is gone.
+	f.set("GetSessionInfo", func() error {
+		once.Do(func() { close(entered) })
+		<-release
+		return p11.Error(p11.CKR_DEVICE_REMOVED)
+	})
+	f.set("SignInit", times(1, p11.CKR_SESSION_HANDLE_INVALID))
+	signed := make(chan error, 1)
+	go func() { signed <- signVerify(t.Context(), b, "k", pub) }()
+	select {
+	case <-entered:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the recovery never asked about the anchor")
+	}
+	closed := make(chan error, 1)
+	start := time.Now()
+	go func() { closed <- b.Close() }()
+	for i := 0; len(b.sem) < b.n; i++ {
+		if i == 5000 {
+			t.Fatal("Close did not take the pool's places")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	close(release)
+	err = <-closed
+	took := time.Since(start)
+	if err != nil {
+		t.Errorf("Close during a recovery: %v (after %v)", err, took.Round(time.Millisecond))
+	}
+	if n := libUsers(b.lib.path); n != 0 {
+		t.Errorf("the module has %d user(s) after Close; want 0 (finalized)", n)
+	}
+	if err := <-signed; !errors.Is(err, keystore.ErrClosed) && !errors.Is(err, keystore.ErrUnavailable) {
+		t.Errorf("Sign whose recovery met Close: %v; want ErrClosed or ErrUnavailable", err)
+	}
+	f.clear()
+}
+
+// A Sign or Public racing keyd's own Destroy of the key is not a loss:
+// while Destroy runs (its private key gone, its public key not yet), the
+// key answers ErrNotFound, never ErrKeyLost, which the rotation layer
+// records for good as DATA_LOSS.
+func TestDestroyRacingSignNotLost(t *testing.T) {
+	checkGoroutines(t)
+	f := newFaultModule()
+	b, _ := faultBackend(t, f, options{})
+	pub := keystoretest.MustGenerate(t, b, "k")
+	signOK(t, b, "k", pub)
+
+	entered, release := make(chan struct{}), make(chan struct{})
+	var calls atomic.Int32
+	// The second C_DestroyObject is the public key's (the private key
+	// goes first): hold it until the racing calls have answered.
+	f.set("DestroyObject", func() error {
+		if calls.Add(1) == 2 {
+			close(entered)
+			<-release
+		}
+		return nil
+	})
+	destroyed := make(chan error, 1)
+	go func() { destroyed <- b.Destroy(t.Context(), "k") }()
+	select {
+	case <-entered:
+	case <-time.After(5 * time.Second):
+		close(release)
+		t.Fatal("Destroy never reached the public key")
+	}
+	d := keystoretest.Digest(keystore.ES256, []byte("racing destroy"))
+	_, serr := b.Sign(t.Context(), "k", d, crypto.SHA256)
+	_, perr := b.Public(t.Context(), "k")
+	close(release)
+	if err := <-destroyed; err != nil {
+		t.Fatalf("Destroy: %v", err)
+	}
+	f.clear()
+	for what, err := range map[string]error{"Sign": serr, "Public": perr} {
+		if !errors.Is(err, keystore.ErrNotFound) || errors.Is(err, keystore.ErrKeyLost) {
+			t.Errorf("%s during Destroy of the key: %v; want ErrNotFound, not ErrKeyLost", what, err)
+		}
+	}
+	if _, err := b.Sign(t.Context(), "k", d, crypto.SHA256); !errors.Is(err, keystore.ErrNotFound) {
+		t.Errorf("Sign after Destroy: %v; want ErrNotFound", err)
+	}
+}
+
+// P4 during List: another part of the application logs out after List
+// checked the login, just before its search or just before it read the
+// labels of the keys found. Logged out, the search sees no private key, and
+// the handles found died with the login (CKR_OBJECT_HANDLE_INVALID, which
+// List took for "destroyed meanwhile"): List used to return a token
+// without keys, as if they were all gone. It logs in again and finds them.
+func TestListLogoutDuringList(t *testing.T) {
+	for _, call := range []string{"FindObjectsInit", "GetAttributeValue"} {
+		t.Run(call, func(t *testing.T) {
+			checkGoroutines(t)
+			f := newFaultModule()
+			b, _ := faultBackend(t, f, options{})
+			want := []string{"k0", "k1", "k2"}
+			for _, id := range want {
+				keystoretest.MustGenerate(t, b, id)
+			}
+			h := rawSession(t, b)
+			defer b.lib.ctx.CloseSession(h)
+			var once sync.Once
+			f.set(call, func() error {
+				once.Do(func() {
+					if err := b.lib.ctx.Logout(h); err != nil {
+						t.Errorf("C_Logout elsewhere: %v", err)
+					}
+				})
+				return nil
+			})
+			ids, err := b.List(t.Context())
+			f.clear()
+			if err != nil && !errors.Is(err, keystore.ErrUnavailable) {
+				t.Fatalf("List with a logout before %s: %v; want the keys or ErrUnavailable", call, err)
+			}
+			if err == nil && !slices.Equal(ids, want) {
+				t.Fatalf("List with a logout before %s = %q; want %q", call, ids, want)
+			}
+			ids, err = b.List(t.Context())
+			if err != nil || !slices.Equal(ids, want) {
+				t.Fatalf("List after = %q, %v; want %q", ids, err, want)
+			}
+		})
+	}
+}
+
+// SoftHSM 2.6 fails a C_GenerateKeyPair that a search of the token's
+// objects on another session runs into (CKR_GENERAL_ERROR, or
+// CKR_TEMPLATE_INCONSISTENT, which keyd reports as ErrUnsupportedAlgorithm;
+// the retry after a recovery fails the same way and marks the Backend
+// unhealthy). A rotation's Generate while the daemon lists its keys, or
+// looks up one it has not cached, must still succeed.
+func TestGenerateWhileSearching(t *testing.T) {
+	checkGoroutines(t)
+	tok := newToken(t)
+	b := openBackend(t, tok.config(t), options{})
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for _, search := range []func() error{
+		func() error { _, err := b.List(t.Context()); return err },
+		func() error { _, err := b.Public(t.Context(), "absent"); return err },
+	} {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; i < 100000; i++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				_ = search()
+			}
+		}()
+	}
+	failed := 0
+	for i := range 40 {
+		id := fmt.Sprintf("r%d", i)
+		if _, err := b.Generate(t.Context(), id, keystore.KeySpec{Algorithm: keystore.ES256}); err != nil {
+			failed++
+			t.Errorf("Generate(%s) while searching: %v", id, err)
+		}
+	}
+	close(stop)
+	wg.Wait()
+	if failed > 0 {
+		t.Logf("%d of 40 key generations failed", failed)
+	}
+	if err := b.Health(t.Context()); err != nil {
+		t.Errorf("Health after generating while searching: %v", err)
 	}
 }

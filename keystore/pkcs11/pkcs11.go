@@ -213,6 +213,13 @@ type Backend struct {
 	// creation of a key cannot interleave with another's.
 	wmu sync.Mutex
 
+	// objs is held for reading by every search of the token's objects
+	// (find) and for writing around C_GenerateKeyPair: SoftHSM 2.6 fails
+	// a key generation that a search on another session runs into, with
+	// CKR_GENERAL_ERROR or CKR_TEMPLATE_INCONSISTENT. A signature with a
+	// cached key searches nothing.
+	objs sync.RWMutex
+
 	// dev serializes recoveries and every use of the anchor session.
 	dev        sync.Mutex
 	anchor     p11.SessionHandle
@@ -252,6 +259,10 @@ type Backend struct {
 	cache    map[string]*key
 	known    map[string][]byte // key ID → CKA_ID of every key this Backend has seen
 	sessions map[*session]struct{}
+	// destroying is the ID of the key a Destroy is deleting (Destroys are
+	// serialized by wmu): a lookup that misses it then says ErrNotFound,
+	// not ErrKeyLost.
+	destroying string
 
 	failing atomic.Pointer[failure]
 }
@@ -720,7 +731,9 @@ func (b *Backend) Generate(ctx context.Context, id string, spec keystore.KeySpec
 		}
 		pubT, privT := keyAttrs(spec, label, ckaID)
 		mech := []*p11.Mechanism{p11.NewMechanism(algorithms[spec.Algorithm].gen, nil)}
+		b.objs.Lock()
 		pubH, privH, err := b.m.GenerateKeyPair(s.h, mech, pubT, privT)
+		b.objs.Unlock()
 		if err != nil {
 			return fmt.Errorf("C_GenerateKeyPair %v: %w", spec, err)
 		}
@@ -854,13 +867,17 @@ func (b *Backend) List(ctx context.Context) ([]string, error) {
 		if err != nil {
 			return err
 		}
+		var skipped error
 		for _, h := range hs {
 			a, err := b.m.GetAttributeValue(s.h, h, []*p11.Attribute{
 				p11.NewAttribute(p11.CKA_LABEL, nil),
 				p11.NewAttribute(p11.CKA_ID, nil),
 			})
 			if isCode(err, p11.CKR_OBJECT_HANDLE_INVALID) {
-				continue // destroyed meanwhile, by someone else
+				// Destroyed meanwhile, by someone else — or the
+				// login that found it ended (see below).
+				skipped = err
+				continue
 			}
 			if err != nil {
 				return fmt.Errorf("C_GetAttributeValue: %w", err)
@@ -868,6 +885,21 @@ func (b *Backend) List(ctx context.Context) ([]string, error) {
 			id, ok := strings.CutPrefix(string(a[0].Value), labelPrefix)
 			if ok && ownID(a[1].Value) && keystore.ValidID(id) == nil {
 				ids = append(ids, id)
+			}
+		}
+		// A logout during the search hides every private key, and one
+		// after it kills the handles it found: the list is believed
+		// only from a session still logged in, and a skipped handle
+		// only if no recovery (a new login) came in between.
+		if err := b.checkLogin(s); err != nil {
+			return err
+		}
+		if skipped != nil {
+			b.mu.RLock()
+			moved := b.epoch != s.epoch
+			b.mu.RUnlock()
+			if moved {
+				return fmt.Errorf("C_GetAttributeValue: %w", skipped)
 			}
 		}
 		return nil
@@ -901,7 +933,13 @@ func (b *Backend) Destroy(ctx context.Context, id string) error {
 	b.mu.Lock()
 	delete(b.cache, id)
 	b.forget++
+	b.destroying = id
 	b.mu.Unlock()
+	defer func() {
+		b.mu.Lock()
+		b.destroying = ""
+		b.mu.Unlock()
+	}()
 	err := b.do(ctx, false, func(s *session) error {
 		if err := b.checkLogin(s); err != nil {
 			return err
@@ -1582,7 +1620,7 @@ func (b *Backend) recoverLocked(ep uint64, cause error) error {
 	defer giveBack()
 	if err != nil {
 		b.lastFail = time.Now()
-		if errors.Is(err, keystore.ErrLocked) {
+		if errors.Is(err, keystore.ErrLocked) || errors.Is(err, keystore.ErrClosed) {
 			return err
 		}
 		werr := fmt.Errorf("%w: token %q: recovering from %s failed: %w", keystore.ErrUnavailable, b.label, ckrName(cause), err)
@@ -1625,6 +1663,12 @@ func (b *Backend) reconnect(cause error) (giveBack func(), err error) {
 	// Backend's own calls, so they cannot keep the module busy.
 	giveBack, ok := b.quiesce(b.opts.closeWait)
 	if !ok {
+		select {
+		case <-b.done:
+			// Close holds the places, and waits for this recovery.
+			return func() {}, keystore.ErrClosed
+		default:
+		}
 		return func() {}, fmt.Errorf("calls still running after %v; not re-initializing the module under them", b.opts.closeWait)
 	}
 	gen, err := b.lib.reinitialize(b.m, b.libGen, b.opts.closeWait)
@@ -1661,6 +1705,11 @@ func (b *Backend) quiesce(wait time.Duration) (giveBack func(), ok bool) {
 		case b.sem <- struct{}{}:
 			held++
 		case <-timer.C:
+			giveBack()
+			return nil, false
+		case <-b.done:
+			// Close takes the places and then waits for the recovery
+			// that calls this: give up rather than wait for each other.
 			giveBack()
 			return nil, false
 		}
@@ -1784,6 +1833,8 @@ func (b *Backend) checkLogin(s *session) error {
 
 // find returns up to max (0: all) objects matching tmpl.
 func (b *Backend) find(s *session, tmpl []*p11.Attribute, max int) ([]p11.ObjectHandle, error) {
+	b.objs.RLock() // see objs
+	defer b.objs.RUnlock()
 	if err := b.m.FindObjectsInit(s.h, tmpl); err != nil {
 		return nil, fmt.Errorf("C_FindObjectsInit: %w", err)
 	}
@@ -1843,7 +1894,7 @@ func (b *Backend) lookup(s *session, id string) (*key, error) {
 		if err := b.checkLogin(s); err != nil {
 			return nil, err
 		}
-		if known != nil {
+		if known != nil && !b.beingDestroyed(id) {
 			return nil, &missing{fmt.Errorf("%w: token %q no longer has the key (CKA_ID %x); keyd will not make a replacement",
 				keystore.ErrKeyLost, b.label, known)}
 		}
@@ -1863,6 +1914,9 @@ func (b *Backend) lookup(s *session, id string) (*key, error) {
 	}
 	switch len(pubs) {
 	case 0:
+		if b.beingDestroyed(id) {
+			return nil, &missing{keystore.ErrNotFound}
+		}
 		// Believed only if a second look says so too (see do): the
 		// rotation layer records a lost key for good.
 		return nil, &missing{fmt.Errorf("%w: token %q has the private key (CKA_ID %x) but no longer its public key object %q; keyd will not make a replacement",
@@ -1884,6 +1938,14 @@ func (b *Backend) lookup(s *session, id string) (*key, error) {
 	}
 	b.mu.Unlock()
 	return k, nil
+}
+
+// beingDestroyed reports whether a Destroy of id is running: a key it has
+// deleted part of is not lost.
+func (b *Backend) beingDestroyed(id string) bool {
+	b.mu.RLock()
+	defer b.mu.RUnlock()
+	return b.destroying == id
 }
 
 // readPublic reads the public key object h.
