@@ -1,8 +1,10 @@
 package tpm
 
 import (
+	"bytes"
 	"crypto"
 	"errors"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -110,5 +112,20 @@ func TestLockoutAnswer(t *testing.T) {
 	checkFootprint(t, b, base)
 	if g, _ := settle(g0); g > g0 {
 		t.Errorf("goroutines %d → %d", g0, g)
+	}
+}
+
+// TestOwnerAuthTooLong: an owner auth file holding more than the TPM takes
+// as an authorization (the TPM answers TPM_RC_SIZE on the password
+// session) is a refused owner authorization, ErrLocked with a message
+// that points at owner_auth_file, like a wrong one.
+func TestOwnerAuthTooLong(t *testing.T) {
+	s := swtpmtest.Start(t)
+	s.Tool(t, "tpm2_changeauth", "-c", "o", "hunter2")
+	path := filepath.Join(t.TempDir(), "auth")
+	writeFile(t, path, append(bytes.Repeat([]byte("hunter2"), 10), '\n'), 0o600)
+	_, err := newTestBackendErr(t, s, Config{OwnerAuthFile: path}, nil)
+	if !errors.Is(err, keystore.ErrLocked) || !strings.Contains(err.Error(), "owner_auth_file") {
+		t.Errorf("New with a 70-byte owner auth = %v, want ErrLocked naming owner_auth_file", err)
 	}
 }

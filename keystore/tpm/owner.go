@@ -360,13 +360,15 @@ func (b *Backend) run(ctx context.Context, timeout time.Duration, fn func(o *op)
 	o := &op{b: b, ctx: ctx, timeout: timeout}
 	var err error
 	for attempt := 0; attempt < 2; attempt++ {
-		if err = b.ready(ctx); err != nil {
-			return err
+		// A reset or a broken connection can come while ready
+		// re-initialises the TPM as well as during fn: either way the
+		// call runs once more.
+		if err = b.ready(ctx); err == nil {
+			if err = ctx.Err(); err != nil {
+				return err
+			}
+			err = fn(o)
 		}
-		if err = ctx.Err(); err != nil {
-			return err
-		}
-		err = fn(o)
 		if err == nil || !b.recoverable(err) {
 			break
 		}
@@ -425,6 +427,16 @@ func staleHandle(err error) bool {
 	return false
 }
 
+// onSession reports whether rc is about an authorization session.
+func onSession(rc tpm2.TPMRC) bool {
+	var f1 tpm2.TPMFmt1Error
+	if !errors.As(rc, &f1) {
+		return false
+	}
+	isSession, _ := f1.Session()
+	return isSession
+}
+
 // ready makes sure the connection is up and the TPM prepared. Called by the
 // token holder.
 func (b *Backend) ready(ctx context.Context) error {
@@ -457,7 +469,7 @@ func (b *Backend) ready(ctx context.Context) error {
 		if st.lost != nil {
 			return st.lost
 		}
-		return b.mapErr(err)
+		return err // run classifies it; do's callers map it
 	}
 	st.downUntil = time.Time{}
 	return nil
@@ -679,7 +691,9 @@ func (b *Backend) mapErr(err error) error {
 	if errors.As(err, &ce) {
 		return fmt.Errorf("%w: TPM %s: %v", keystore.ErrUnavailable, b.ep, err)
 	}
-	if errors.Is(err, errStale) || errors.Is(err, errProtocol) {
+	// A handle error that outlived do's re-initialisation is the TPM's
+	// state too (someone else flushing or resetting it), not the key's.
+	if errors.Is(err, errStale) || errors.Is(err, errProtocol) || staleHandle(err) {
 		return fmt.Errorf("%w: %v", keystore.ErrUnavailable, err)
 	}
 	var rc tpm2.TPMRC
@@ -691,6 +705,9 @@ func (b *Backend) mapErr(err error) error {
 			return fmt.Errorf("%w: %v", keystore.ErrUnavailable, err)
 		case rc.Is(tpm2.TPMRCBadAuth), rc.Is(tpm2.TPMRCAuthFail):
 			return fmt.Errorf("%w: owner hierarchy authorization refused (check owner_auth_file): %v", keystore.ErrLocked, err)
+		case rc.Is(tpm2.TPMRCSize) && onSession(rc):
+			// keyd's only non-empty password is the owner's.
+			return fmt.Errorf("%w: owner hierarchy authorization refused: longer than this TPM takes (check owner_auth_file): %v", keystore.ErrLocked, err)
 		case rc == tpm2.TPMRCDisabled, rc.Is(tpm2.TPMRCHierarchy):
 			return fmt.Errorf("%w: the owner hierarchy is disabled: %v", keystore.ErrLocked, err)
 		}

@@ -154,3 +154,56 @@ func TestProbeFailureFailsStart(t *testing.T) {
 		t.Fatalf("algorithms %v, want PS256 among them", b.algs)
 	}
 }
+
+// TestStaleHandleTwice: a handle error that the re-initialisation does
+// not cure (the TPM answers TPM_RC_HANDLE on the key's handle again after
+// a fresh SRK and load) fails Sign with ErrUnavailable, a passing TPM
+// state, not with a bare TPM code the server answers as an internal error;
+// the key is not reported lost, and signs once the TPM behaves.
+func TestStaleHandleTwice(t *testing.T) {
+	in := &injector{}
+	b, base, pubs := twoKeys(t, in)
+	d := keystoretest.Digest(keystore.ES256, []byte("m"))
+	mustSign(t, b, "k1", keystore.ES256, pubs["k1"], d)
+	handleH1 := uint32(tpm2.TPMRCHandle) + 0x100 // TPM_RC_HANDLE, handle 1
+	in.arm(tpm2.TPMCCSign, handleH1, 2)
+	if _, err := b.Sign(t.Context(), "k1", d, crypto.SHA256); !errors.Is(err, keystore.ErrUnavailable) {
+		t.Errorf("Sign answered TPM_RC_HANDLE twice = %v, want ErrUnavailable", err)
+	}
+	if in.count() != 2 {
+		t.Errorf("TPM2_Sign answered TPM_RC_HANDLE %d times, want 2 (one re-initialisation)", in.count())
+	}
+	mustSign(t, b, "k1", keystore.ES256, pubs["k1"], d)
+	checkFootprint(t, b, base)
+}
+
+// TestResetDuringPrepare (T2): a TPM reset that lands while keyd is
+// re-initialising the TPM (after it listed the transient objects, before
+// TPM2_CreatePrimary) is a call that hit a reset like any other: keyd
+// starts the TPM, re-creates the SRK and runs the call a second time,
+// instead of failing it with ErrUnavailable.
+func TestResetDuringPrepare(t *testing.T) {
+	s, in, b := hookedBackend(t)
+	base := inspect(t, b)
+	pub := keystoretest.MustGenerate(t, b, "k")
+	d := keystoretest.Digest(keystore.ES256, []byte("m"))
+	mustSign(t, b, "k", keystore.ES256, pub, d)
+
+	// The next call re-initialises the TPM (as after a lost connection);
+	// the TPM is reset just before its TPM2_CreatePrimary.
+	disconnect(t, b)
+	in.mu.Lock()
+	in.before = func() { s.Reset(t) }
+	in.mu.Unlock()
+	in.arm(tpm2.TPMCCCreatePrimary, 0, 1)
+	sig, err := b.Sign(t.Context(), "k", d, crypto.SHA256)
+	if in.count() != 1 {
+		t.Fatalf("the TPM was reset before %d TPM2_CreatePrimary, want 1", in.count())
+	}
+	if err != nil {
+		t.Errorf("Sign whose re-initialisation met a TPM reset = %v, want a signature (one re-run after the reset)", err)
+	} else if err := keystoretest.VerifyDER(keystore.ES256, pub, d, sig); err != nil {
+		t.Error(err)
+	}
+	checkFootprint(t, b, base)
+}

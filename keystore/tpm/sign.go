@@ -142,7 +142,7 @@ func parseSignResponse(rsp []byte) (tpmSignature, error) {
 		sig.sig = r.sized()
 	default:
 		if !r.bad {
-			return tpmSignature{}, fmt.Errorf("TPM returned a signature of type %#x", uint16(sig.alg))
+			return tpmSignature{}, fmt.Errorf("%w: TPM returned a signature of type %#x", errProtocol, uint16(sig.alg))
 		}
 	}
 	if r.bad || len(r.b) != 0 {

@@ -28,6 +28,19 @@ func newTestBackend(t *testing.T, s *swtpmtest.SWTPM, cfg Config) *Backend {
 	return b
 }
 
+// hookedBackend starts a swtpm and a Backend on it whose commands pass
+// through a fresh injector.
+func hookedBackend(t *testing.T) (*swtpmtest.SWTPM, *injector, *Backend) {
+	t.Helper()
+	s := swtpmtest.Start(t)
+	in := &injector{}
+	b, err := newTestBackendErr(t, s, Config{}, in.hook)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s, in, b
+}
+
 func newTestBackendErr(t *testing.T, s *swtpmtest.SWTPM, cfg Config, hook func([]byte) ([]byte, bool, error)) (*Backend, error) {
 	t.Helper()
 	cfg.Address = s.Addr()

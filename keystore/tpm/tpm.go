@@ -112,7 +112,9 @@
 //
 //	ErrUnavailable  connection refused or broken, command timeout, TPM
 //	                warnings after retries (TPM_RC_RETRY, _YIELDED,
-//	                _TESTING, _OBJECT_MEMORY, _LOCKOUT…), TPM_RC_FAILURE
+//	                _TESTING, _OBJECT_MEMORY, _LOCKOUT…), TPM_RC_FAILURE,
+//	                a handle error that outlives re-initialisation, a
+//	                signature of a form keyd did not ask for
 //	ErrKeyLost      SRK name differs from the pinned one (TPM cleared or
 //	                replaced, template changed); srk.name missing beside
 //	                keys; a key blob the TPM refuses under the right SRK
@@ -120,7 +122,8 @@
 //	                a key whose authValue is not empty (TPM_RC_BAD_AUTH on
 //	                TPM2_Sign: a key file keyd did not make)
 //	ErrLocked       owner hierarchy authorization refused
-//	                (TPM_RC_BAD_AUTH, TPM_RC_AUTH_FAIL) or hierarchy disabled
+//	                (TPM_RC_BAD_AUTH, TPM_RC_AUTH_FAIL, TPM_RC_SIZE on the
+//	                session: longer than the TPM takes) or hierarchy disabled
 //	ErrInsecureStorage  unsafe state directory or key file; a key file
 //	                whose key is not noDA/fixedTPM/fixedParent
 //	ErrUnsupportedAlgorithm  EdDSA, algorithms the TPM lacks, PS256 that
@@ -644,7 +647,9 @@ func (b *Backend) sign(o *op, id string, blob *keyBlob, digest []byte, scheme si
 	}
 	sig, err := encodeSig(blob, scheme, ts)
 	if err != nil {
-		return nil, err
+		// The TPM answered with something keyd did not ask for: a
+		// device fault, never a lost key or a caller's mistake.
+		return nil, fmt.Errorf("%w: %w", keystore.ErrUnavailable, err)
 	}
 	if !st.cached.verified {
 		if err := verifySig(blob, digest, scheme.alg, sig); err != nil {
@@ -677,8 +682,9 @@ func keyAuthRefused(fresh bool, err error) error {
 // scheme checks digest and opts against the key and returns the TPM
 // signature scheme.
 func (b *Backend) scheme(blob *keyBlob, digest []byte, opts crypto.SignerOpts) (sigScheme, error) {
-	if opts == nil {
-		return sigScheme{}, fmt.Errorf("no signer options: %w", keystore.ErrUnsupportedAlgorithm)
+	// nil, or a nil *rsa.PSSOptions, whose fields would panic below.
+	if err := keystore.CheckOpts(opts); err != nil {
+		return sigScheme{}, err
 	}
 	pssOpts, pss := opts.(*rsa.PSSOptions)
 	var alg tpm2.TPMAlgID

@@ -206,12 +206,7 @@ func errorResponse(rc uint32) []byte {
 // TestRetry (T5): TPM_RC_RETRY, _YIELDED and _TESTING are retried at one
 // place, at most three times, then reported as ErrUnavailable.
 func TestRetry(t *testing.T) {
-	s := swtpmtest.Start(t)
-	in := &injector{}
-	b, err := newTestBackendErr(t, s, Config{}, in.hook)
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, in, b := hookedBackend(t)
 	base := inspect(t, b)
 	g0, _ := baseline()
 	pub := keystoretest.MustGenerate(t, b, "k")

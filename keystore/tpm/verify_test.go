@@ -6,6 +6,7 @@ import (
 	"crypto/elliptic"
 	crand "crypto/rand"
 	"encoding/binary"
+	"errors"
 	"strings"
 	"sync"
 	"testing"
@@ -208,4 +209,41 @@ func TestVerifySig(t *testing.T) {
 	if err := verifySig(blob, d, tpm2.TPMAlgECDSA, bad); err == nil {
 		t.Error("a signature by another key verifies")
 	}
+}
+
+// TestMalformedSignatureUnavailable: a signature the structural checks
+// refuse (the TPM answered TPM2_Sign with something keyd did not ask for)
+// fails Sign with ErrUnavailable, as Sign's contract lists, not with a bare
+// error the server can only answer as an internal error.
+func TestMalformedSignatureUnavailable(t *testing.T) {
+	s := swtpmtest.Start(t)
+	f := newForger(t)
+	b, err := newTestBackendErr(t, s, Config{}, f.hook)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub := keystoretest.MustGenerate(t, b, "k")
+	d := keystoretest.Digest(keystore.ES256, []byte("m"))
+	mustSign(t, b, "k", keystore.ES256, pub, d)
+	r32 := make([]byte, 32)
+	r32[0] = 1
+	for _, tc := range []struct {
+		name string
+		rsp  []byte
+	}{
+		{"r zero", signResponse(ecdsaSig(tpm2.TPMAlgSHA256, make([]byte, 32), r32))},
+		{"s long", signResponse(ecdsaSig(tpm2.TPMAlgSHA256, r32, make([]byte, 33)))},
+		{"hash", signResponse(ecdsaSig(tpm2.TPMAlgSHA384, r32, r32))},
+		{"rsa", signResponse(rsaSig(tpm2.TPMAlgRSASSA, tpm2.TPMAlgSHA256, r32))},
+		{"hmac", signResponse(tpm2.TPMTSignature{
+			SigAlg:    tpm2.TPMAlgHMAC,
+			Signature: tpm2.NewTPMUSignature(tpm2.TPMAlgHMAC, &tpm2.TPMTHA{HashAlg: tpm2.TPMAlgSHA256, Digest: r32}),
+		})},
+	} {
+		f.set(func(f *forger) { f.next = func([]byte) []byte { return tc.rsp } })
+		if _, err := b.Sign(t.Context(), "k", d, crypto.SHA256); !errors.Is(err, keystore.ErrUnavailable) {
+			t.Errorf("%s: Sign = %v, want ErrUnavailable", tc.name, err)
+		}
+	}
+	mustSign(t, b, "k", keystore.ES256, pub, d)
 }
