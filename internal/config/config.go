@@ -253,6 +253,13 @@ type Rotation struct {
 	Retain *Duration `yaml:"retain"`
 }
 
+// MaxPublishedKeys bounds how many keys of one key set a schedule keeps
+// published at once (next, active and draining): generous for any real
+// schedule (five-minute DPoP keys for one-hour tokens keep 13), but a
+// period of milliseconds against a drain of an hour would pile up
+// millions of keys in the backend and the JWK Set.
+const MaxPublishedKeys = 32
+
 // Defaults of the schedule.
 const (
 	DefaultJWKSCache     = 5 * time.Minute
@@ -724,8 +731,27 @@ func (ks KeySet) validateSchedule(p policy.Policy) []error {
 				add("rotation.%s: must not be negative", name)
 			}
 		}
+		if r.Retain != nil && *r.Retain == 0 {
+			// The lifecycle schedules no destroy for a retain of zero: an
+			// unpublished key would stay in the backend for good.
+			add("rotation.retain: must be positive: with 0 retired and revoked keys would never be destroyed; write e.g. 1m to destroy them soon after they are unpublished")
+		}
 		if r.Period > 0 && s.Prepublish >= time.Duration(r.Period) {
 			add("rotation.prepublish (%v) must be shorter than rotation.period (%v)", s.Prepublish, time.Duration(r.Period))
+		}
+		if p := time.Duration(r.Period); p > 0 && s.Drain > 0 {
+			// The active key, the draining ones (a new one every period,
+			// each for drain) and a next key while it is pre-published.
+			n := 1 + s.Drain/p
+			if s.Drain%p != 0 {
+				n++
+			}
+			if s.Prepublish > 0 {
+				n++
+			}
+			if n > MaxPublishedKeys {
+				add("rotation.period (%v) is too short for rotation.drain (%v): %d keys would be published at once, at most %d are allowed; a key set that rotates much faster than its keys drain piles keys up in the backend and the JWK Set", p, s.Drain, n, MaxPublishedKeys)
+			}
 		}
 	}
 	cache := orDefault(ks.JWKSCache, DefaultJWKSCache)

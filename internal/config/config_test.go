@@ -210,6 +210,16 @@ func TestScheduleDefaultsAndRules(t *testing.T) {
 		{1, "rotation: {period: 4m}", "must be shorter than rotation.period"},
 		{1, "rotation: {prepublish: 10m}", "rotation.period: required"},
 		{1, "token_lifetime: 1h", "token_lifetime: only for purpose dpop"},
+		// retain 0 would never destroy an unpublished key (no DestroyAt).
+		{0, "rotation: {period: 24h, retain: 0s}", "rotation.retain: must be positive"},
+		{1, "rotation: {period: 24h, retain: 1s}", ""},
+		// A period much shorter than the drain piles keys up: one new key
+		// per period, each published for drain.
+		{0, "rotation: {period: 1ms}", "3600001 keys would be published at once"},
+		{0, "rotation: {period: 1m}", "61 keys would be published at once, at most 32"},
+		{0, "rotation: {period: 5m}", ""}, // 13 keys: five-minute keys for one-hour tokens
+		{0, "token_lifetime: 10m\n    rotation: {period: 2m, drain: 10m}", ""},
+		{1, "jwks_cache: 1s\n    iat_skew: 2s\n    rotation: {period: 3m, prepublish: 2s, drain: 8m, retain: 1s}", ""},
 	}
 	for _, tc := range cases {
 		err := with(tc.keyset, tc.extra)
