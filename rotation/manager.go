@@ -168,6 +168,24 @@ func New(ctx context.Context, cfg Config) (*Manager, error) {
 			m.log.Error("key set has lost its active key; not generating a replacement: rotate it explicitly once the cause is understood", "keyset", name)
 		}
 	}
+	// Keys of a key set the configuration no longer declares (removed or
+	// renamed) stay in the backend: nothing publishes, rotates or destroys
+	// them, and keys list no longer shows them. Say so at every start.
+	unconfigured := map[string][]string{}
+	var names []string
+	for _, e := range m.all {
+		if _, ok := m.sets[e.v.KeySet]; ok || e.v.State == Pending || e.v.State == Destroyed {
+			continue
+		}
+		if _, seen := unconfigured[e.v.KeySet]; !seen {
+			names = append(names, e.v.KeySet)
+		}
+		unconfigured[e.v.KeySet] = append(unconfigured[e.v.KeySet], e.v.Kid)
+	}
+	for _, name := range names {
+		m.log.Warn("key set is no longer configured; its keys stay in the backend, unpublished and unused, and are not destroyed: declare the key set again to resume its schedule",
+			"keyset", name, "kids", unconfigured[name])
+	}
 	// Whatever the schedule says is due now (a first key, overdue
 	// transitions) happens before the daemon serves. Only a key set left
 	// without an active key fails the start; other steps are retried (R4).
