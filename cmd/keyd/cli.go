@@ -501,6 +501,10 @@ func nextChange(k client.Key) string {
 		what, at = "retires", k.RetireAt
 	case "retired", "revoked":
 		what, at = "destroyed", k.DestroyAt
+	case "lost":
+		// A draining key that the backend lost stays published (stale)
+		// until it would have retired.
+		what, at = "unpublished", k.RetireAt
 	}
 	if at.IsZero() {
 		return "-"
