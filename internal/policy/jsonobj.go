@@ -104,7 +104,7 @@ func (o *object) foldCollision() *Violation { return o.foldCollisionFrom(0) }
 func (o *object) foldCollisionFrom(from int) *Violation {
 	ms := o.members
 	clash := func(earlier, name string) *Violation {
-		return violation(name, "is the member %q in another letter case; verifiers that match names without regard to case would read one as the other: send each member once, in one spelling", earlier)
+		return violation(name, "is the member %s in another letter case; verifiers that match names without regard to case would read one as the other: send each member once, in one spelling", quoteName(earlier))
 	}
 	if len(ms) <= maxLinear {
 		for i := max(from, 1); i < len(ms); i++ {
@@ -231,7 +231,7 @@ func parseObject(data []byte, what string) (*object, *Violation) {
 			var dupErr *duplicateError
 			switch {
 			case errors.As(err, &dupErr):
-				return nil, violation(memberName(name), "contains an object with member %q more than once", dupErr.name)
+				return nil, violation(memberName(name), "contains an object with member %s more than once", quoteName(dupErr.name))
 			case errors.Is(err, errTooDeep):
 				return nil, violation(memberName(name), "is nested more than %d levels deep", maxDepth)
 			}

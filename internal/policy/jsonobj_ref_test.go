@@ -67,7 +67,7 @@ func refParseObject(data []byte, what string) (*refObject, *Violation) {
 		if err != nil {
 			var dupErr *refDuplicateError
 			if errors.As(err, &dupErr) {
-				return nil, violation(memberName(name), "contains an object with member %q more than once", dupErr.name)
+				return nil, violation(memberName(name), "contains an object with member %s more than once", quoteName(dupErr.name))
 			}
 			if errors.Is(err, errRefTooDeep) {
 				return nil, violation(memberName(name), "is nested more than %d levels deep", maxDepth)

@@ -805,3 +805,32 @@ func TestViolationMessages(t *testing.T) {
 		}
 	}
 }
+
+// TestViolationLongNames: a message names the caller's claim or parameter by
+// its start only. A whole name, up to MaxJSONSize bytes and tripled by %q
+// for characters it escapes (U+0378 is unassigned: 2 bytes in, 6 out),
+// would go into the caller's error and the audit record of every refusal.
+func TestViolationLongNames(t *testing.T) {
+	long := strings.Repeat("\u0378", 4000)
+	jwtOK := `"iss":"https://op.example.com","exp":` + at(60)
+	for _, tc := range []struct {
+		name           string
+		p              Policy
+		header, claims string
+	}{
+		{"unknown claim", dpopPolicy, "", `{"` + long + long + `":1}`},
+		{"header parameter", dpopPolicy, `{"` + long + long + `":1}`, ""},
+		{"letter case", jwtPolicy, "", `{` + jwtOK + `,"` + long + `a":1,"` + long + `A":2}`},
+		{"nested duplicate", jwtPolicy, "", `{` + jwtOK + `,"x":{"` + long + `":1,"` + long + `":2}}`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := tc.p.Prepare(now, testKey, []byte(tc.header), []byte(tc.claims), &seqReader{})
+			if !errors.Is(err, ErrViolation) {
+				t.Fatalf("Prepare: %v, want a violation", err)
+			}
+			if n := len(err.Error()); n > 1<<10 {
+				t.Errorf("message of %d bytes: %.120s…", n, err)
+			}
+		})
+	}
+}

@@ -3,6 +3,7 @@ package policy
 import (
 	"errors"
 	"fmt"
+	"strconv"
 	"strings"
 )
 
@@ -22,16 +23,24 @@ type Violation struct {
 }
 
 // Error returns the violation as one line, e.g.
-// `claim "htu": must not have a query (the "?" and what follows)`.
+// `claim "htu": must not have a query (the "?" and what follows)`. A long
+// claim or parameter name, which the caller chose, is shortened (see
+// quoteName).
 func (v *Violation) Error() string {
 	switch {
 	case v.Claim == "header" || v.Claim == "claims":
 		return v.Claim + ": " + v.Reason
 	case strings.HasPrefix(v.Claim, "header."):
-		return fmt.Sprintf("header parameter %q: %s", strings.TrimPrefix(v.Claim, "header."), v.Reason)
+		return "header parameter " + quoteName(strings.TrimPrefix(v.Claim, "header.")) + ": " + v.Reason
 	}
-	return fmt.Sprintf("claim %q: %s", v.Claim, v.Reason)
+	return "claim " + quoteName(v.Claim) + ": " + v.Reason
 }
+
+// quoteName quotes a member name for a message, as %q does, shortened to
+// about 80 bytes: the name is the caller's, up to MaxJSONSize bytes, and %q
+// can triple it, so whole it would let one refused request write tens of KiB
+// to the audit log.
+func quoteName(name string) string { return strconv.Quote(truncate(name)) }
 
 // Is reports whether target is ErrViolation.
 func (v *Violation) Is(target error) bool { return target == ErrViolation }

@@ -77,3 +77,35 @@ func TestLongKeySetNameAudited(t *testing.T) {
 		t.Errorf("audit record keyset is %d bytes (%.80q); want its start and its length", len(ks), ks)
 	}
 }
+
+// A claim name is the caller's to choose, up to the 16 KiB of a claims set,
+// and a policy violation names it: the audit record (and the caller's
+// error) keep only its start, so that a refused request cannot write tens of
+// KiB to the audit log. A name of characters that %q escapes (U+0378 is
+// unassigned: 2 bytes in, 6 out) would otherwise triple in size.
+func TestLongClaimNameAudited(t *testing.T) {
+	e := newEnv(t, defaultSets, envOpts{})
+	for _, tc := range []struct {
+		name   string
+		claims map[string]any
+	}{
+		{"unknown claim", map[string]any{"htm": "GET", "htu": "https://a.example/", strings.Repeat("\u0378", 8000): 1}},
+		{"names in two letter cases", map[string]any{"htm": "GET", "htu": "https://a.example/",
+			strings.Repeat("\u0378", 3900) + "a": 1, strings.Repeat("\u0378", 3900) + "A": 1}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := e.cl.Sign(ctx(t), client.SignRequest{KeySet: "dpop", Claims: tc.claims})
+			if !errors.Is(err, client.ErrInvalidArgument) {
+				t.Fatalf("sign: %v", err)
+			}
+			if len(err.Error()) > 1<<10 {
+				t.Errorf("the caller's error is %d bytes: %.120s…", len(err.Error()), err)
+			}
+			recs := e.audit.records()
+			last := recs[len(recs)-1]
+			if last.Outcome != "InvalidArgument" || len(last.Reason) > 1<<10 {
+				t.Errorf("audit record: outcome %s, reason of %d bytes: %.120s…", last.Outcome, len(last.Reason), last.Reason)
+			}
+		})
+	}
+}
