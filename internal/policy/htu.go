@@ -36,6 +36,12 @@ func NormalizeHTU(raw string) (string, error) {
 	if i, ok := findSpaceOrControl(raw); ok {
 		return "", fmt.Errorf("htu: URL contains %s at byte %d", describeByte(raw[i]), i)
 	}
+	if i := strings.IndexByte(raw, '\\'); i >= 0 {
+		// No URI has one (RFC 3986); URL parsers that take it anyway
+		// disagree: a path separator to a browser's (so the host is
+		// what comes before it), part of the userinfo to curl's.
+		return "", fmt.Errorf("htu: URL contains a backslash at byte %d, which URL parsers read differently; percent-encode it as %%5C", i)
+	}
 	s, _, _ := strings.Cut(raw, "#")
 	s, _, _ = strings.Cut(s, "?")
 	scheme, authority, path, reason := splitHTU(s)
@@ -84,6 +90,9 @@ func checkHTU(raw string) string {
 	}
 	if i := strings.IndexByte(raw, '?'); i >= 0 {
 		return `must not have a query (the "?" and what follows): the htu is the request URI without query and fragment`
+	}
+	if i := strings.IndexByte(raw, '\\'); i >= 0 {
+		return fmt.Sprintf("must not contain a backslash (byte %d), which URL parsers read differently; percent-encode it as %%5C", i)
 	}
 	scheme, authority, _, reason := splitHTU(raw)
 	if reason != "" {

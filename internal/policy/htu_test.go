@@ -47,6 +47,12 @@ func TestNormalizeHTU(t *testing.T) {
 			t.Errorf("policy refuses NormalizeHTU(%q) = %q: %s", tc.in, got, reason)
 		}
 	}
+	// A caller's own htu claim is held to the same: no backslash.
+	for _, raw := range []string{`https://a.example/x\y`, `https://a.example\x/`} {
+		if reason := checkHTU(raw); !strings.Contains(reason, "backslash") {
+			t.Errorf("checkHTU(%q) = %q, want a backslash refused", raw, reason)
+		}
+	}
 	for _, tc := range []struct {
 		in, want string // want: a substring of the error
 	}{
@@ -73,6 +79,12 @@ func TestNormalizeHTU(t *testing.T) {
 		{"https://[fe80::1%25en0]/", "percent-encoded host or an IPv6 zone"},
 		{"https://[::1]x/", "not a port"},
 		{"https://a.example/%zz", "path is not valid"},
+		// A browser's URL parser (Node's) reads a backslash as a path
+		// separator, curl and Python as part of the userinfo: the two
+		// would disagree on the host the proof is for.
+		{`https://good.example\@evil.example/x`, "backslash"},
+		{`https://a.example\x/`, "backslash"},
+		{`https://a.example/x\y`, "backslash"},
 		{"https://a.example/a b", "a space at byte 19"},
 		{"https://a.example/\tb", "control character 0x09"},
 		{"https://a.example/\x7f", "control character 0x7f"},
