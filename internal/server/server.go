@@ -284,6 +284,12 @@ func (s *Server) sign(ctx context.Context, c authz.Caller, req *keydv1.SignReque
 		input = jws.SigningInput(tok.Header, tok.Claims)
 	}
 	fillAudit(rec, sum)
+	if v.State == rotation.Draining && !v.RetireAt.IsZero() && sum.Exp != 0 && time.Unix(sum.Exp, 0).After(v.RetireAt) {
+		// R2: the key leaves the JWK Set at RetireAt; a token it signs
+		// must not outlive it, or verifiers refuse it before its exp.
+		return nil, fmt.Errorf("kid %s is draining and leaves the JWK Set at %s, before this token's exp %s: %w; sign with the active key (no kid) or with an earlier exp",
+			v.Kid, v.RetireAt.UTC().Format(time.RFC3339), time.Unix(sum.Exp, 0).UTC().Format(time.RFC3339), rotation.ErrNotSignable)
+	}
 
 	digest, err := jws.Digest(v.Alg, input)
 	if err != nil {

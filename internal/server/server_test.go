@@ -43,6 +43,7 @@ type testKeySet struct {
 	spec    keystore.KeySpec
 	uids    []int
 	pol     policy.Policy
+	sched   rotation.Schedule
 }
 
 type env struct {
@@ -136,7 +137,7 @@ func newEnv(t testing.TB, sets []testKeySet, opts envOpts) *env {
 	var rsets []rotation.KeySet
 	policies := map[string]server.KeySet{}
 	for _, s := range sets {
-		rsets = append(rsets, rotation.KeySet{Name: s.name, Purpose: string(s.purpose), Spec: s.spec})
+		rsets = append(rsets, rotation.KeySet{Name: s.name, Purpose: string(s.purpose), Spec: s.spec, Schedule: s.sched})
 		uids := s.uids
 		if uids == nil {
 			uids = []int{os.Geteuid()}
@@ -766,5 +767,35 @@ func TestRevokedWhileSigningIsDiscarded(t *testing.T) {
 	close(sb.release)
 	if err := <-errc; !errors.Is(err, client.ErrFailedPrecondition) {
 		t.Fatalf("signature by a key revoked mid-sign: err = %v", err)
+	}
+}
+
+// R2: a draining key leaves the JWK Set at its retire time; a token it
+// signs (a caller names its kid) must expire by then, or verifiers refuse
+// it before its exp. The active key signs the same claims.
+func TestDrainingKeyTokenOutlivesIt(t *testing.T) {
+	idt := defaultSets[2]
+	idt.sched = rotation.Schedule{Drain: 30 * time.Second, Retain: time.Hour}
+	e := newEnv(t, []testKeySet{idt}, envOpts{})
+	old, err := e.cl.Sign(ctx(t), client.SignRequest{KeySet: "idt", Claims: map[string]any{"iss": "https://op.example.com", "exp": time.Now().Add(time.Minute).Unix()}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.mgr.Rotate(ctx(t), "idt", true); err != nil {
+		t.Fatal(err)
+	}
+	// The old key drains for 30 s: a token of 20 s it may sign, one of a
+	// minute it may not.
+	short := map[string]any{"iss": "https://op.example.com", "exp": time.Now().Add(20 * time.Second).Unix()}
+	if _, err := e.cl.Sign(ctx(t), client.SignRequest{KeySet: "idt", Kid: old.Kid, Claims: short}); err != nil {
+		t.Errorf("token expiring before its draining key retires: %v", err)
+	}
+	claims := map[string]any{"iss": "https://op.example.com", "exp": time.Now().Add(time.Minute).Unix()}
+	_, err = e.cl.Sign(ctx(t), client.SignRequest{KeySet: "idt", Kid: old.Kid, Claims: claims})
+	if !errors.Is(err, client.ErrFailedPrecondition) || !strings.Contains(err.Error(), "leaves the JWK Set") {
+		t.Errorf("token outliving its draining key: %v, want FAILED_PRECONDITION", err)
+	}
+	if _, err := e.cl.Sign(ctx(t), client.SignRequest{KeySet: "idt", Claims: claims}); err != nil {
+		t.Errorf("the active key: %v", err)
 	}
 }
