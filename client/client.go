@@ -89,8 +89,23 @@ func Dial(target string, opts ...Option) (*Client, error) {
 	if o.tls != nil {
 		creds = credentials.NewTLS(o.tls)
 	}
+	closed := make(chan struct{})
 	dial := append([]grpc.DialOption{
 		grpc.WithTransportCredentials(creds),
+		// A call on a closed client is ErrUnavailable, as a stream Sign's
+		// is, not gRPC's Canceled, which matches no sentinel.
+		grpc.WithChainUnaryInterceptor(func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoke grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+			if isClosed(closed) {
+				return errClientClosed
+			}
+			return invoke(ctx, method, req, reply, cc, opts...)
+		}),
+		grpc.WithChainStreamInterceptor(func(ctx context.Context, desc *grpc.StreamDesc, cc *grpc.ClientConn, method string, stream grpc.Streamer, opts ...grpc.CallOption) (grpc.ClientStream, error) {
+			if isClosed(closed) {
+				return nil, errClientClosed
+			}
+			return stream(ctx, desc, cc, method, opts...)
+		}),
 		// A fixed window (gRPC's default size) instead of BDP probing,
 		// whose pings and window updates add frames and wake-ups to each
 		// exchange; keyd's answers are small.
@@ -101,7 +116,7 @@ func Dial(target string, opts ...Option) (*Client, error) {
 	if err != nil {
 		return nil, fmt.Errorf("dial keyd at %s: %w", target, err)
 	}
-	c := &Client{conn: conn, keys: keydv1.NewKeyServiceClient(conn), admin: keydv1.NewKeyAdminServiceClient(conn), closed: make(chan struct{})}
+	c := &Client{conn: conn, keys: keydv1.NewKeyServiceClient(conn), admin: keydv1.NewKeyAdminServiceClient(conn), closed: closed}
 	if !o.unary {
 		c.stream = newStreamSigner(c.keys)
 	}
@@ -115,6 +130,18 @@ func (c *Client) Close() error {
 		c.stream.close()
 	}
 	return c.conn.Close()
+}
+
+// errClientClosed is the error of a call on a closed Client.
+var errClientClosed = &Error{Code: codes.Unavailable, Message: "the client is closed"}
+
+func isClosed(ch <-chan struct{}) bool {
+	select {
+	case <-ch:
+		return true
+	default:
+		return false
+	}
 }
 
 // Conn returns the underlying connection (for the health service, say).

@@ -2,6 +2,7 @@ package client_test
 
 import (
 	"context"
+	"errors"
 	"runtime"
 	"strings"
 	"testing"
@@ -73,5 +74,24 @@ func TestKeyWatcherEndsWithCloseDuringBackoff(t *testing.T) {
 			t.Fatalf("the watcher still runs %v after Close", time.Since(start).Round(time.Millisecond))
 		}
 		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// Every call on a closed client is ErrUnavailable: unary ones were gRPC's
+// Canceled, which matches no sentinel, while stream Signs were
+// ErrUnavailable already.
+func TestClosedClientCallsUnavailable(t *testing.T) {
+	kc := startKeyd(t, "https://as.example")
+	if _, err := kc.JWKS(ctx(t)); err != nil {
+		t.Fatal(err)
+	}
+	kc.Close()
+	big := strings.Repeat("x", 40<<10) // too large for the stream: a unary Sign
+	_, serr := kc.Sign(ctx(t), client.SignRequest{KeySet: "dpop", Claims: map[string]any{"htm": "GET", "htu": "https://a.example/" + big}})
+	_, jerr := kc.JWKS(ctx(t))
+	for name, err := range map[string]error{"unary Sign": serr, "JWKS": jerr} {
+		if !errors.Is(err, client.ErrUnavailable) {
+			t.Errorf("%s on a closed client: %v, want ErrUnavailable", name, err)
+		}
 	}
 }
