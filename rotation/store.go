@@ -8,10 +8,10 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"syscall"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/keyd-dev/keyd/internal/keyfile"
 	"github.com/keyd-dev/keyd/keystore"
 )
 
@@ -48,25 +48,15 @@ type stateDoc struct {
 
 // OpenStore opens (creating 0700 when missing) the state directory dir and
 // takes its lock. It fails with ErrLocked when another process holds it,
-// and with keystore.ErrInsecureStorage when dir is writable by group or
-// others or owned by another user. It removes the temporary files of a
-// save that a crash interrupted.
+// and with keystore.ErrInsecureStorage when dir is a symlink, writable by
+// group or others, or owned by another user (keyfile.CheckDir). It removes
+// the temporary files of a save that a crash interrupted.
 func OpenStore(dir string) (*Store, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("state directory: %w", err)
 	}
-	fi, err := os.Lstat(dir)
-	if err != nil {
-		return nil, fmt.Errorf("state directory: %w", err)
-	}
-	if !fi.IsDir() {
-		return nil, fmt.Errorf("state directory %s: not a directory", dir)
-	}
-	if fi.Mode().Perm()&0o022 != 0 {
-		return nil, fmt.Errorf("state directory %s: mode %v lets others write; use 0700: %w", dir, fi.Mode().Perm(), keystore.ErrInsecureStorage)
-	}
-	if err := checkOwner(dir, fi); err != nil {
-		return nil, fmt.Errorf("state directory: %w", err)
+	if err := keyfile.CheckDir(dir, "state directory"); err != nil {
+		return nil, err
 	}
 	lf, err := os.OpenFile(filepath.Join(dir, "keyd.lock"), os.O_RDWR|os.O_CREATE|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
 	if err != nil {
@@ -90,32 +80,14 @@ func OpenStore(dir string) (*Store, error) {
 	return &Store{dir: dir, path: filepath.Join(dir, stateFile), lock: lf}, nil
 }
 
-// checkOwner refuses (keystore.ErrInsecureStorage) a file or directory
-// owned by another user than this process's.
-func checkOwner(path string, fi os.FileInfo) error {
-	if st, ok := fi.Sys().(*syscall.Stat_t); ok && int(st.Uid) != os.Geteuid() {
-		return fmt.Errorf("%s is owned by uid %d, not by this process's uid %d: %w", path, st.Uid, os.Geteuid(), keystore.ErrInsecureStorage)
-	}
-	return nil
-}
-
-// checkStateFile refuses (keystore.ErrInsecureStorage) a state file that
-// Save did not write: a symlink, not a regular file, writable by group or
-// others, or owned by another user.
-func checkStateFile(path string, fi os.FileInfo) error {
-	switch {
-	case !fi.Mode().IsRegular():
-		return fmt.Errorf("key metadata %s is not a regular file (%v): %w", path, fi.Mode().Type(), keystore.ErrInsecureStorage)
-	case fi.Mode().Perm()&0o022 != 0:
-		return fmt.Errorf("key metadata %s has mode %04o, writable by group or others; chmod 600 it: %w", path, fi.Mode().Perm(), keystore.ErrInsecureStorage)
-	}
-	return checkOwner(path, fi)
-}
+// stateFileRule is what Load accepts as the state file: what Save
+// writes, not writable by group or others, and owned by keyd's user.
+var stateFileRule = keyfile.Rule{Mask: 0o022}
 
 // Load returns the stored versions (none when the file does not exist yet).
 // It fails with ErrCorruptState when the file cannot be read as keyd wrote
 // it, and with keystore.ErrInsecureStorage when it is not a file that Save
-// wrote (see checkStateFile); it never follows a symlink or blocks on a
+// wrote (see stateFileRule); it never follows a symlink or blocks on a
 // FIFO.
 func (s *Store) Load() ([]Version, error) {
 	fi, err := os.Lstat(s.path)
@@ -125,7 +97,7 @@ func (s *Store) Load() ([]Version, error) {
 	if err != nil {
 		return nil, fmt.Errorf("read key metadata: %w", err)
 	}
-	if err := checkStateFile(s.path, fi); err != nil {
+	if err := keyfile.CheckInfo(s.path, "key metadata", fi, stateFileRule); err != nil {
 		return nil, err
 	}
 	f, err := os.OpenFile(s.path, os.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
@@ -137,7 +109,7 @@ func (s *Store) Load() ([]Version, error) {
 	if err != nil {
 		return nil, fmt.Errorf("read key metadata: %w", err)
 	}
-	if err := checkStateFile(s.path, ofi); err != nil {
+	if err := keyfile.CheckInfo(s.path, "key metadata", ofi, stateFileRule); err != nil {
 		return nil, err
 	}
 	if !os.SameFile(fi, ofi) {

@@ -13,8 +13,8 @@ import (
 	"io/fs"
 	"os"
 
+	"github.com/keyd-dev/keyd/internal/keyfile"
 	"github.com/keyd-dev/keyd/keystore"
-	"github.com/keyd-dev/keyd/keystore/internal/keyfile"
 )
 
 const (

@@ -64,8 +64,8 @@ import (
 	"strings"
 	"sync"
 
+	"github.com/keyd-dev/keyd/internal/keyfile"
 	"github.com/keyd-dev/keyd/keystore"
-	"github.com/keyd-dev/keyd/keystore/internal/keyfile"
 )
 
 // Config configures a soft Backend.

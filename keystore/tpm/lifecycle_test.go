@@ -14,9 +14,9 @@ import (
 
 	"github.com/google/go-tpm/tpm2"
 
+	"github.com/keyd-dev/keyd/internal/keyfile"
 	"github.com/keyd-dev/keyd/internal/swtpmtest"
 	"github.com/keyd-dev/keyd/keystore"
-	"github.com/keyd-dev/keyd/keystore/internal/keyfile"
 	"github.com/keyd-dev/keyd/keystore/keystoretest"
 )
 

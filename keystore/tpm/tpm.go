@@ -152,8 +152,8 @@ import (
 	"github.com/google/go-tpm/tpm2"
 
 	"github.com/keyd-dev/keyd/internal/ecdsasig"
+	"github.com/keyd-dev/keyd/internal/keyfile"
 	"github.com/keyd-dev/keyd/keystore"
-	"github.com/keyd-dev/keyd/keystore/internal/keyfile"
 )
 
 // Defaults for Config.
