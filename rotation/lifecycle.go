@@ -434,25 +434,32 @@ const DestroyedKeep = 30 * 24 * time.Hour
 // ago. Callers hold opMu.
 func (m *Manager) pruneLocked() {
 	cut := m.now().Add(-DestroyedKeep)
-	old := func(e *entry) bool { return e.v.State == Destroyed && e.v.ChangedAt.Before(cut) }
+	n, err := m.dropLocked(func(e *entry) bool { return e.v.State == Destroyed && e.v.ChangedAt.Before(cut) })
+	switch {
+	case err != nil:
+		m.log.Error("could not record that the records of keys destroyed long ago were dropped; the next change records it", "err", err)
+	case n > 0:
+		m.log.Info("dropped the records of keys destroyed long ago", "records", n, "destroyed_before", cut)
+	}
+}
+
+// dropLocked removes the entries gone reports from the manager and, if it
+// removed any, records the versions left. Callers hold opMu.
+func (m *Manager) dropLocked(gone func(*entry) bool) (int, error) {
 	m.mu.Lock()
 	n := len(m.all)
 	for _, e := range m.all {
-		if s := m.sets[e.v.KeySet]; s != nil && old(e) && s.byKid[e.v.Kid] == e {
+		if s := m.sets[e.v.KeySet]; s != nil && gone(e) && s.byKid[e.v.Kid] == e {
 			delete(s.byKid, e.v.Kid)
 		}
 	}
-	m.all = slices.DeleteFunc(m.all, old)
+	m.all = slices.DeleteFunc(m.all, gone)
 	n -= len(m.all)
 	m.mu.Unlock()
 	if n == 0 {
-		return
+		return 0, nil
 	}
-	if err := m.persist(); err != nil {
-		m.log.Error("could not record that the records of keys destroyed long ago were dropped; the next change records it", "err", err)
-		return
-	}
-	m.log.Info("dropped the records of keys destroyed long ago", "records", n, "destroyed_before", cut)
+	return n, m.persist()
 }
 
 // sweepIntentsLocked removes the intents that abandonLocked had to keep
@@ -481,17 +488,13 @@ func (m *Manager) sweepIntentsLocked(ctx context.Context) {
 		}
 		gone[e] = true
 	}
-	if len(gone) == 0 {
-		return
-	}
-	m.mu.Lock()
-	m.all = slices.DeleteFunc(m.all, func(e *entry) bool { return gone[e] })
-	m.mu.Unlock()
-	if err := m.persist(); err != nil {
+	n, err := m.dropLocked(func(e *entry) bool { return gone[e] })
+	switch {
+	case err != nil:
 		m.log.Error("could not drop the intent records of failed generations; the next start drops them", "err", err)
-		return
+	case n > 0:
+		m.log.Info("removed what failed key generations left", "intents", n)
 	}
-	m.log.Info("removed what failed key generations left", "intents", len(gone))
 }
 
 // Revoke unpublishes the version with kid and makes it unusable at once,
