@@ -129,19 +129,7 @@ func TestShutdownNotHeldByWatchers(t *testing.T) {
 					t.Fatal(err)
 				}
 			}
-			start := time.Now()
-			cancel()
-			select {
-			case err := <-done:
-				if err != nil {
-					t.Errorf("serve: %v", err)
-				}
-				if took := time.Since(start); took > 3*time.Second {
-					t.Errorf("Serve took %v to stop with one open %s watcher", took, kind)
-				}
-			case <-time.After(20 * time.Second):
-				t.Fatal("Serve did not return")
-			}
+			stopWithin(t, cancel, done, 3*time.Second, 20*time.Second, "with one open "+kind+" watcher")
 		})
 	}
 }

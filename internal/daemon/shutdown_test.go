@@ -323,6 +323,14 @@ func TestStopNotHeldByIdleSignStream(t *testing.T) {
 	if _, err := proofCode(cl, 10*time.Second); err != nil {
 		t.Fatal(err)
 	}
+	stopWithin(t, cancel, done, 5*time.Second, 30*time.Second, "with an idle SignStream open")
+}
+
+// stopWithin cancels Serve's context and checks that Serve returns nil
+// within limit (an error) and at all within giveUp (fatal); what says
+// what was open.
+func stopWithin(t *testing.T, cancel context.CancelFunc, done <-chan error, limit, giveUp time.Duration, what string) {
+	t.Helper()
 	start := time.Now()
 	cancel()
 	select {
@@ -330,11 +338,11 @@ func TestStopNotHeldByIdleSignStream(t *testing.T) {
 		if err != nil {
 			t.Errorf("Serve: %v", err)
 		}
-		if d := time.Since(start); d > 5*time.Second {
-			t.Errorf("stopping took %v with an idle SignStream open", d.Round(time.Millisecond))
+		if took := time.Since(start); took > limit {
+			t.Errorf("Serve took %v to stop %s", took.Round(time.Millisecond), what)
 		}
-	case <-time.After(30 * time.Second):
-		t.Fatal("Serve did not return within 30 s")
+	case <-time.After(giveUp):
+		t.Fatalf("Serve did not return within %v %s", giveUp, what)
 	}
 }
 
