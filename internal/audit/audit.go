@@ -91,9 +91,16 @@ type Log struct {
 
 	// path and fi are the file Open opened and its identity: when the path
 	// names another file (logrotate renamed ours) or none, the writer
-	// reopens it before writing. Only the writer touches them, and w and c.
-	path string
-	fi   os.FileInfo
+	// reopens it before writing. It looks the path up (stat) when fw
+	// saw an event on the file, when statEvery passed since it last did, or
+	// before every write if there is no fw. Only the writer touches
+	// these, and w and c.
+	path      string
+	fi        os.FileInfo
+	fw        *fileWatch // nil: no inotify
+	statAt    time.Time  // the last look that found the file; zero: look before the next write
+	statEvery time.Duration
+	stat      func(string) (os.FileInfo, error)
 
 	mu      sync.Mutex
 	cond    sync.Cond // signalled when the pending buffer is taken or the writer goes idle
@@ -131,9 +138,21 @@ func Open(path string) (*Log, error) {
 		return nil, fmt.Errorf("open audit log: %w", err)
 	}
 	l := newLog(f, f)
-	l.path, l.fi = path, fi
+	l.path, l.fi, l.stat, l.statEvery = path, fi, os.Stat, statEvery
+	if w, err := newFileWatch(path); err == nil {
+		l.fw = w
+	}
+	// The watch is on the file opened unless the path was renamed
+	// meanwhile; if it was, the first write looks.
+	if now, err := os.Stat(path); err == nil && os.SameFile(now, fi) {
+		l.statAt = time.Now()
+	}
 	return l, nil
 }
+
+// statEvery is how often the writer looks the audit path up although the
+// file's watch saw nothing: for what the watch cannot see (see fileWatch).
+const statEvery = time.Second
 
 // reopen reopens the audit file when its path no longer names the file the
 // log writes to: logrotate renamed it (and will compress and delete it) or
@@ -144,8 +163,16 @@ func (l *Log) reopen() error {
 	if l.path == "" {
 		return nil
 	}
-	fi, err := os.Stat(l.path)
+	now := time.Now()
+	if l.fw != nil && !l.fw.changed() && now.Sub(l.statAt) < l.statEvery {
+		return nil
+	}
+	// Until a look succeeds, every write looks: the events it consumed
+	// are gone.
+	l.statAt = time.Time{}
+	fi, err := l.stat(l.path)
 	if err == nil && os.SameFile(fi, l.fi) {
+		l.statAt = now
 		return nil
 	}
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
@@ -160,6 +187,12 @@ func (l *Log) reopen() error {
 	if old != nil {
 		old.Close()
 	}
+	if l.fw != nil && l.fw.rewatch(l.path) != nil {
+		l.fw.close()
+		l.fw = nil
+	}
+	// statAt stays zero: the path may have been renamed again between the
+	// open and the watch, so the next write looks once more.
 	return nil
 }
 
@@ -407,6 +440,9 @@ func (l *Log) Close() error {
 		l.cond.Wait()
 	}
 	l.mu.Unlock()
+	if l.fw != nil {
+		l.fw.close()
+	}
 	if l.c == nil {
 		return nil
 	}
