@@ -58,15 +58,11 @@ func OpenStore(dir string) (*Store, error) {
 	if err := keyfile.CheckDir(dir, "state directory"); err != nil {
 		return nil, err
 	}
-	lf, err := os.OpenFile(filepath.Join(dir, "keyd.lock"), os.O_RDWR|os.O_CREATE|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
-	if err != nil {
-		return nil, fmt.Errorf("state lock: %w", err)
+	lf, err := keyfile.LockDir(dir, "keyd.lock")
+	if errors.Is(err, keyfile.ErrInUse) {
+		return nil, fmt.Errorf("%s: %w", dir, ErrLocked)
 	}
-	if err := unix.Flock(int(lf.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
-		lf.Close()
-		if errors.Is(err, unix.EWOULDBLOCK) {
-			return nil, fmt.Errorf("%s: %w", dir, ErrLocked)
-		}
+	if err != nil {
 		return nil, fmt.Errorf("state lock: %w", err)
 	}
 	// Ours alone now: a temporary file is what a crash in Save left.

@@ -289,3 +289,27 @@ func CheckFree(keyPath, tombPath string) error {
 	}
 	return nil
 }
+
+// ErrInUse means another process holds a directory's lock (or this process
+// does, through another open of it).
+var ErrInUse = errors.New("in use by another keyd")
+
+// LockDir takes an exclusive flock on dir/name (created mode 0600, never
+// through a symlink), held until the returned file is closed, so that two
+// processes never share the directory. A lock held elsewhere fails at once
+// with an error wrapping ErrInUse; a crashed holder's lock is gone with it.
+func LockDir(dir, name string) (*os.File, error) {
+	path := filepath.Join(dir, name)
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|syscall.O_NOFOLLOW|syscall.O_CLOEXEC, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("lock %s: %w", dir, err)
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		f.Close()
+		if errors.Is(err, syscall.EWOULDBLOCK) {
+			return nil, fmt.Errorf("%s: %w", dir, ErrInUse)
+		}
+		return nil, fmt.Errorf("lock %s: %w", path, err)
+	}
+	return f, nil
+}

@@ -35,7 +35,9 @@
 // checks every key file and logs the ones that would be refused, but still
 // opens, so the other keys stay usable.
 //
-// One process at a time may use a directory.
+// One process at a time may use a directory: New takes an exclusive lock on
+// the file "lock" in it, held until Close, and fails with an error wrapping
+// keyfile.ErrInUse while another process (or another open Backend) holds it.
 //
 // # Context
 //
@@ -88,6 +90,7 @@ type Backend struct {
 	dir  string
 	log  *slog.Logger
 	rand io.Reader
+	lock *os.File // the directory's lock (lockFile), held until Close
 
 	// wmu serializes changes to the directory (the file part of Generate,
 	// Destroy), so a Generate and a Destroy of one ID cannot interleave.
@@ -134,15 +137,22 @@ func New(cfg Config) (*Backend, error) {
 	if err := keyfile.CheckDir(dir, "key directory"); err != nil {
 		return nil, fmt.Errorf("soft: %w", err)
 	}
+	// Ours alone from here: scan may remove what a crash left.
+	lock, err := keyfile.LockDir(dir, lockFile)
+	if err != nil {
+		return nil, fmt.Errorf("soft: key directory: %w", err)
+	}
 	b := &Backend{
 		dir:  dir,
 		log:  log.With("backend", "soft", "dir", dir),
 		rand: r,
+		lock: lock,
 		keys: map[string]crypto.Signer{},
 		gone: map[string]struct{}{},
 	}
 	n, err := b.scan()
 	if err != nil {
+		lock.Close()
 		return nil, fmt.Errorf("soft: %w", err)
 	}
 	b.log.Warn("soft key store opened: keys are files protected only by permissions; not for production", "keys", n)
@@ -416,9 +426,12 @@ func (b *Backend) Destroy(ctx context.Context, id string) error {
 func (b *Backend) Close() error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
+	if b.closed {
+		return nil
+	}
 	b.closed = true
 	b.keys = nil
-	return nil
+	return b.lock.Close()
 }
 
 // loaded reports whether key id is loaded.
@@ -489,6 +502,7 @@ const (
 	keySuffix  = ".key"
 	tombSuffix = ".destroyed"
 	tempInfix  = keySuffix + keyfile.TempInfix
+	lockFile   = "lock"
 )
 
 // keyID returns the ID of a key file name "<id>.key".

@@ -29,6 +29,7 @@ import (
 	"syscall"
 	"testing"
 
+	"github.com/keyd-dev/keyd/internal/keyfile"
 	"github.com/keyd-dev/keyd/keystore"
 	"github.com/keyd-dev/keyd/keystore/keystoretest"
 )
@@ -116,7 +117,7 @@ func signVerify(t *testing.T, b *Backend, id string, alg keystore.Algorithm, pub
 	}
 }
 
-// dirNames lists the file names in dir.
+// dirNames lists the file names in dir but the directory's lock file.
 func dirNames(t *testing.T, dir string) []string {
 	t.Helper()
 	entries, err := os.ReadDir(dir)
@@ -125,7 +126,9 @@ func dirNames(t *testing.T, dir string) []string {
 	}
 	var names []string
 	for _, e := range entries {
-		names = append(names, e.Name())
+		if e.Name() != lockFile {
+			names = append(names, e.Name())
+		}
 	}
 	return names
 }
@@ -921,4 +924,26 @@ func TestDiskFull(t *testing.T) {
 	}
 	pub := generate(t, b, "new", keystore.ES256)
 	signVerify(t, b, "new", keystore.ES256, pub)
+}
+
+// One process at a time may use a key directory: a second keyd (with a
+// state directory of its own but backend.soft.dir shared) would remove
+// the first one's files in progress as a crash's leftovers.
+func TestOneBackendPerDirectory(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "keys")
+	b := open(t, Config{Dir: dir})
+	if _, err := New(Config{Dir: dir}); !errors.Is(err, keyfile.ErrInUse) {
+		t.Fatalf("second New on %s = %v; want keyfile.ErrInUse", dir, err)
+	}
+	if err := b.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Close(); err != nil {
+		t.Errorf("second Close = %v; want nil", err)
+	}
+	b2, err := New(Config{Dir: dir})
+	if err != nil {
+		t.Fatalf("New after Close: %v", err)
+	}
+	b2.Close()
 }

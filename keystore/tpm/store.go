@@ -9,9 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
 	"strings"
-	"syscall"
 
 	"github.com/google/go-tpm/tpm2"
 
@@ -28,8 +26,7 @@ const (
 
 	// maxFile bounds what is read from the state directory; an RSA-3072
 	// key file is about 1.3 KB.
-	maxFile  = 64 << 10
-	noFollow = syscall.O_NOFOLLOW
+	maxFile = 64 << 10
 
 	pemType = "TSS2 PRIVATE KEY"
 )
@@ -204,17 +201,9 @@ var (
 // lockDir takes an exclusive lock on dir/lock, held until the file is
 // closed, so two processes never share a state directory.
 func lockDir(dir string) (*os.File, error) {
-	path := filepath.Join(dir, lockFile)
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|noFollow|syscall.O_CLOEXEC, 0o600)
-	if err != nil {
-		return nil, fmt.Errorf("lock state directory: %w", err)
+	f, err := keyfile.LockDir(dir, lockFile)
+	if errors.Is(err, keyfile.ErrInUse) {
+		return nil, fmt.Errorf("state directory %s is in use by another keyd (or another tpm backend in this process)", dir)
 	}
-	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
-		f.Close()
-		if errors.Is(err, syscall.EWOULDBLOCK) {
-			return nil, fmt.Errorf("state directory %s is in use by another keyd (or another tpm backend in this process)", dir)
-		}
-		return nil, fmt.Errorf("lock %s: %w", path, err)
-	}
-	return f, nil
+	return f, err
 }
