@@ -4,12 +4,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"strings"
-
-	"golang.org/x/sys/unix"
 
 	"github.com/keyd-dev/keyd/internal/keyfile"
 	"github.com/keyd-dev/keyd/keystore"
@@ -76,6 +73,11 @@ func OpenStore(dir string) (*Store, error) {
 	return &Store{dir: dir, path: filepath.Join(dir, stateFile), lock: lf}, nil
 }
 
+// maxStateFile bounds what Load reads. A version record takes about 300
+// bytes, and records of destroyed keys are dropped after a while, so the
+// state of even hundreds of key sets stays far below it.
+const maxStateFile = 64 << 20
+
 // stateFileRule is what Load accepts as the state file: what Save
 // writes, not writable by group or others, and owned by keyd's user.
 var stateFileRule = keyfile.Rule{Mask: 0o022}
@@ -86,33 +88,14 @@ var stateFileRule = keyfile.Rule{Mask: 0o022}
 // wrote (see stateFileRule); it never follows a symlink or blocks on a
 // FIFO.
 func (s *Store) Load() ([]Version, error) {
-	fi, err := os.Lstat(s.path)
-	if errors.Is(err, os.ErrNotExist) {
+	b, err := keyfile.Read(s.path, "key metadata", stateFileRule, maxStateFile)
+	switch {
+	case errors.Is(err, keystore.ErrNotFound):
 		return nil, nil
-	}
-	if err != nil {
-		return nil, fmt.Errorf("read key metadata: %w", err)
-	}
-	if err := keyfile.CheckInfo(s.path, "key metadata", fi, stateFileRule); err != nil {
-		return nil, err
-	}
-	f, err := os.OpenFile(s.path, os.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
-	if err != nil {
-		return nil, fmt.Errorf("read key metadata: %w", err)
-	}
-	defer f.Close()
-	ofi, err := f.Stat()
-	if err != nil {
-		return nil, fmt.Errorf("read key metadata: %w", err)
-	}
-	if err := keyfile.CheckInfo(s.path, "key metadata", ofi, stateFileRule); err != nil {
-		return nil, err
-	}
-	if !os.SameFile(fi, ofi) {
-		return nil, fmt.Errorf("key metadata %s was replaced while being opened: %w", s.path, keystore.ErrInsecureStorage)
-	}
-	b, err := io.ReadAll(f)
-	if err != nil {
+	case errors.Is(err, keystore.ErrKeyLost):
+		// Larger than Save ever writes: not keyd's state file.
+		return nil, fmt.Errorf("%s: %w: larger than %d MiB", s.path, ErrCorruptState, maxStateFile>>20)
+	case err != nil:
 		return nil, fmt.Errorf("read key metadata: %w", err)
 	}
 	var doc stateDoc

@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"syscall"
 	"testing"
@@ -89,6 +90,34 @@ func TestUntrustedStateRefused(t *testing.T) {
 				t.Fatal("load blocked")
 			}
 		})
+	}
+}
+
+// A state file far larger than Save writes (a wrong file restored in its
+// place, a corrupted file system) is refused as corrupt, not read whole
+// into memory at start. The file is sparse: it takes no disk space.
+func TestOversizedStateRefused(t *testing.T) {
+	f := newFixture(t)
+	f.manager(t, nil)
+	f.store.Close()
+	state := filepath.Join(f.dir, "state")
+	if err := os.Truncate(filepath.Join(state, "keys.json"), 1<<30); err != nil {
+		t.Fatal(err)
+	}
+	s, err := rotation.OpenStore(state)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	_, err = s.Load()
+	runtime.ReadMemStats(&after)
+	if !errors.Is(err, rotation.ErrCorruptState) {
+		t.Errorf("Load of a 1 GiB state file = %v; want ErrCorruptState", err)
+	}
+	if n := after.TotalAlloc - before.TotalAlloc; n > 256<<20 {
+		t.Errorf("Load of a 1 GiB state file allocated %d MiB; want it refused before it is read whole", n>>20)
 	}
 }
 
