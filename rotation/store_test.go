@@ -116,7 +116,7 @@ func TestOversizedStateRefused(t *testing.T) {
 	if !errors.Is(err, rotation.ErrCorruptState) {
 		t.Errorf("Load of a 1 GiB state file = %v; want ErrCorruptState", err)
 	}
-	if n := after.TotalAlloc - before.TotalAlloc; n > 256<<20 {
+	if n := after.TotalAlloc - before.TotalAlloc; n > 16<<20 {
 		t.Errorf("Load of a 1 GiB state file allocated %d MiB; want it refused before it is read whole", n>>20)
 	}
 }

@@ -262,6 +262,9 @@ func Read(path, what string, rule Rule, max int) ([]byte, error) {
 	if !os.SameFile(fi, ofi) {
 		return nil, fmt.Errorf("%s %s was replaced while being opened: %w", what, path, keystore.ErrInsecureStorage)
 	}
+	if ofi.Size() > int64(max) {
+		return nil, fmt.Errorf("%s %s is larger than %d bytes: %w", what, path, max, keystore.ErrKeyLost)
+	}
 	data, err := io.ReadAll(io.LimitReader(f, int64(max)+1))
 	if err != nil {
 		clear(data)
