@@ -2206,3 +2206,67 @@ func TestGenerateWhileSearching(t *testing.T) {
 		t.Errorf("Health after generating while searching: %v", err)
 	}
 }
+
+// A C_GenerateKeyPair that does not return (a wedged HSM) holds the objects
+// lock: calls that must search the token wait for it, but only until their
+// deadline.
+func TestGenerateHangsCallersKeepDeadline(t *testing.T) {
+	checkGoroutines(t)
+	f := newFaultModule()
+	b, _ := faultBackend(t, f, options{})
+	pub := keystoretest.MustGenerate(t, b, "k")
+	keystoretest.MustGenerate(t, b, "k2")
+	signOK(t, b, "k", pub)
+
+	entered, release := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	f.set("GenerateKeyPair", func() error {
+		once.Do(func() { close(entered) })
+		return hangUntil(release)()
+	})
+	generated := make(chan error, 1)
+	go func() {
+		_, err := b.Generate(context.Background(), "slow", keystore.KeySpec{Algorithm: keystore.ES256})
+		generated <- err
+	}()
+	select {
+	case <-entered:
+	case <-time.After(10 * time.Second):
+		close(release)
+		t.Fatal("Generate never reached C_GenerateKeyPair")
+	}
+	forgetHandles(b) // k2 and k must be searched for again
+
+	d := keystoretest.Digest(keystore.ES256, []byte("while generating"))
+	calls := map[string]func(context.Context) error{
+		"Sign of an uncached key": func(ctx context.Context) error { _, err := b.Sign(ctx, "k2", d, crypto.SHA256); return err },
+		"Public":                  func(ctx context.Context) error { _, err := b.Public(ctx, "k"); return err },
+		"List":                    func(ctx context.Context) error { _, err := b.List(ctx); return err },
+		"Destroy":                 func(ctx context.Context) error { return b.Destroy(ctx, "k2") },
+		"Generate of another key": func(ctx context.Context) error {
+			_, err := b.Generate(ctx, "other", keystore.KeySpec{Algorithm: keystore.ES256})
+			return err
+		},
+	}
+	for what, call := range calls {
+		ctx, cancel := context.WithTimeout(t.Context(), 100*time.Millisecond)
+		ch := make(chan error, 1)
+		go func() { ch <- call(ctx) }()
+		select {
+		case err := <-ch:
+			if !errors.Is(err, context.DeadlineExceeded) {
+				t.Errorf("%s while C_GenerateKeyPair hangs: %v; want DeadlineExceeded", what, err)
+			}
+		case <-time.After(10 * time.Second):
+			t.Errorf("%s while C_GenerateKeyPair hangs: still waiting 10 s after its 100 ms deadline", what)
+		}
+		cancel()
+	}
+	close(release)
+	if err := <-generated; err != nil {
+		t.Errorf("Generate after the device answered: %v", err)
+	}
+	f.clear()
+	waitIdle(t, b)
+	keyIntact(t, b, "k", pub)
+}

@@ -49,7 +49,8 @@
 // the wait for a session; Sign, Public and List also return when the context
 // ends while their call runs, and the call finishes in the background, its
 // session going back to the pool only then (so the bound above holds).
-// Generate and Destroy run to completion once started.
+// Generate and Destroy wait for each other only until the context ends, but
+// run to completion once started.
 //
 // # Failures
 //
@@ -210,7 +211,9 @@ type Backend struct {
 	done chan struct{} // closed by Close
 
 	// wmu serializes Generate and Destroy, so the label check and the
-	// creation of a key cannot interleave with another's.
+	// creation of a key cannot interleave with another's. They wait for
+	// it only until their context ends: a C_GenerateKeyPair may take
+	// seconds (an RSA key on a real HSM), or never return on a wedged one.
 	wmu sync.Mutex
 
 	// objs is held for reading by every search of the token's objects
@@ -679,7 +682,9 @@ func (b *Backend) Generate(ctx context.Context, id string, spec keystore.KeySpec
 	}
 	label := labelPrefix + id
 
-	b.wmu.Lock()
+	if !lockWithin(&b.wmu, ctx.Done()) {
+		return nil, fmt.Errorf("generate %s: waiting for another key's generation or destruction: %w", id, ctx.Err())
+	}
 	defer b.wmu.Unlock()
 	if err := ctx.Err(); err != nil {
 		return nil, fmt.Errorf("generate %s: %w", id, err)
@@ -925,7 +930,9 @@ func (b *Backend) Destroy(ctx context.Context, id string) error {
 		return fmt.Errorf("destroy %s: %w", id, err)
 	}
 	label := labelPrefix + id
-	b.wmu.Lock()
+	if !lockWithin(&b.wmu, ctx.Done()) {
+		return fmt.Errorf("destroy %s: waiting for another key's generation or destruction: %w", id, ctx.Err())
+	}
 	defer b.wmu.Unlock()
 	if err := ctx.Err(); err != nil {
 		return fmt.Errorf("destroy %s: %w", id, err)
