@@ -2207,6 +2207,58 @@ func TestGenerateWhileSearching(t *testing.T) {
 	}
 }
 
+// A Sign with a cached key whose session copy keyd's own Destroy deletes
+// between the Sign's lookup and its C_SignInit (which then fails with
+// CKR_OBJECT_HANDLE_INVALID) answers ErrNotFound without a recovery: a
+// recovery drops every key's cached handle and closes the other signers'
+// idle sessions, for one key that is simply gone.
+func TestDestroyRacingCachedSignNoRecovery(t *testing.T) {
+	t.Run("SessionCopy", func(t *testing.T) { destroyRacingCachedSign(t, false) })
+	t.Run("TokenObject", func(t *testing.T) { destroyRacingCachedSign(t, true) })
+}
+
+func destroyRacingCachedSign(t *testing.T, noCopies bool) {
+	checkGoroutines(t)
+	f := newFaultModule()
+	tok := newToken(t)
+	cfg := tok.config(t)
+	cfg.NoSessionCopies = noCopies
+	b := openBackend(t, cfg, f.options(options{}))
+	pub := keystoretest.MustGenerate(t, b, "k")
+	otherPub := keystoretest.MustGenerate(t, b, "other")
+	signOK(t, b, "k", pub)
+	signOK(t, b, "other", otherPub)
+	b.mu.RLock()
+	ep := b.epoch
+	b.mu.RUnlock()
+
+	var once sync.Once
+	var derr error
+	f.set("SignInit", func() error {
+		once.Do(func() { derr = b.Destroy(t.Context(), "k") })
+		return nil
+	})
+	d := keystoretest.Digest(keystore.ES256, []byte("racing destroy"))
+	_, err := b.Sign(t.Context(), "k", d, crypto.SHA256)
+	f.clear()
+	if derr != nil {
+		t.Fatalf("Destroy: %v", derr)
+	}
+	if !errors.Is(err, keystore.ErrNotFound) || errors.Is(err, keystore.ErrKeyLost) {
+		t.Errorf("Sign whose copy Destroy deleted: %v; want ErrNotFound", err)
+	}
+	b.mu.RLock()
+	now, cached := b.epoch, b.cache["other"] != nil
+	b.mu.RUnlock()
+	if now != ep || !cached {
+		t.Errorf("Sign racing Destroy of its key recovered (epoch %d → %d, other key still cached: %v); want ErrNotFound without a recovery", ep, now, cached)
+	}
+	signOK(t, b, "other", otherPub)
+	if err := b.Health(t.Context()); err != nil {
+		t.Errorf("Health: %v", err)
+	}
+}
+
 // A C_GenerateKeyPair that does not return (a wedged HSM) holds the objects
 // lock: calls that must search the token wait for it, but only until their
 // deadline.

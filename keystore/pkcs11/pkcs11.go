@@ -812,10 +812,10 @@ func (b *Backend) Sign(ctx context.Context, id string, digest []byte, opts crypt
 		}
 		h, err := b.signHandle(s, id, k)
 		if err != nil {
-			return err
+			return b.destroyedWhileSigning(id, k, err)
 		}
 		if err := b.m.SignInit(s.h, []*p11.Mechanism{mech}, h); err != nil {
-			return fmt.Errorf("C_SignInit: %w", err)
+			return b.destroyedWhileSigning(id, k, fmt.Errorf("C_SignInit: %w", err))
 		}
 		out, err := b.m.Sign(s.h, data)
 		if err != nil {
@@ -843,6 +843,27 @@ func (b *Backend) Sign(ctx context.Context, id string, digest []byte, opts crypt
 		b.failing.CompareAndSwap(f, nil)
 	}
 	return sig, nil
+}
+
+// destroyedWhileSigning returns err, a failure of Sign with key k, or, if err
+// says k's handle is invalid and keyd's own Destroy of id has run since k
+// was found (or runs now), a missing: do then looks for the key again on a
+// new session (ErrNotFound if it is gone) instead of recovering, which would
+// drop every key's handles and the pool's idle sessions for one key that is
+// simply gone.
+func (b *Backend) destroyedWhileSigning(id string, k *key, err error) error {
+	switch code(err) {
+	case p11.CKR_OBJECT_HANDLE_INVALID, p11.CKR_KEY_HANDLE_INVALID:
+	default:
+		return err
+	}
+	b.mu.RLock()
+	destroyed := b.destroying == id || !bytes.Equal(b.known[id], k.ckaID)
+	b.mu.RUnlock()
+	if !destroyed {
+		return err
+	}
+	return &missing{keystore.ErrNotFound}
 }
 
 // List returns the IDs of the keys keyd made on the token: private keys
