@@ -170,8 +170,15 @@ func (b *Backend) pssSelfTest(o *op) error {
 		InScheme:   scheme,
 		Validation: tpm2.TPMTTKHashCheck{Tag: tpm2.TPMSTHashCheck, Hierarchy: tpm2.TPMRHNull},
 	}.Execute(o)
-	if _, ferr := (tpm2.FlushContext{FlushHandle: h.Handle}).Execute(o); ferr != nil && err == nil {
-		err = ferr
+	if _, ferr := (tpm2.FlushContext{FlushHandle: h.Handle}).Execute(o); ferr != nil {
+		// The key may still be loaded: as in flushCached, keyd forgets
+		// what the TPM holds, so that Close (after a failed start) or the
+		// next use flushes every transient object instead of leaving a
+		// slot taken.
+		b.st.dirty = true
+		if err == nil {
+			err = ferr
+		}
 	}
 	if err != nil {
 		return fmt.Errorf("RSA-PSS self-test signature: %w", err)

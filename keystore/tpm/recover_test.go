@@ -5,6 +5,7 @@ import (
 	"crypto"
 	"errors"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -206,4 +207,65 @@ func TestResetDuringPrepare(t *testing.T) {
 		t.Error(err)
 	}
 	checkFootprint(t, b, base)
+}
+
+// TestSelfTestLeavesNoObject (T3): the PS256 self-test's key — loaded
+// from software or generated in the TPM — is flushed whether New succeeds
+// or fails, even when its TPM2_FlushContext fails (TPM_RC_RETRY past the
+// retries): a failed start must not leave one of swtpm's three slots taken
+// (Close flushes keyd's objects), and a good one leaves only the SRK.
+func TestSelfTestLeavesNoObject(t *testing.T) {
+	refuseLoadExternal := func(cmd []byte) bool {
+		return tpm2.TPMCC(commandCode(cmd)) == tpm2.TPMCCLoadExternal
+	}
+	for _, tc := range []struct {
+		name   string
+		refuse func(cmd []byte) bool // commands answered TPM_RC_COMMAND_CODE
+		cc     tpm2.TPMCC            // answered rc maxRetries+1 times
+		rc     tpm2.TPMRC
+	}{
+		{"ExternalKeyFlushFails", nil, tpm2.TPMCCFlushContext, tpm2.TPMRCRetry},
+		{"TPMKeyFlushFails", refuseLoadExternal, tpm2.TPMCCFlushContext, tpm2.TPMRCRetry},
+		{"ExternalKeySignFails", nil, tpm2.TPMCCSign, tpm2.TPMRCTesting},
+		{"TPMKeySignFails", refuseLoadExternal, tpm2.TPMCCSign, tpm2.TPMRCTesting},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := swtpmtest.Start(t)
+			in := &injector{}
+			in.arm(tc.cc, uint32(tc.rc), maxRetries+1)
+			hook := func(cmd []byte) ([]byte, bool, error) {
+				if tc.refuse != nil && tc.refuse(cmd) {
+					return errorResponse(uint32(tpm2.TPMRCCommandCode)), true, nil
+				}
+				return in.hook(cmd)
+			}
+			b, err := newTestBackendErr(t, s, Config{}, hook)
+			if err == nil {
+				t.Fatalf("New with %v answered %#x: nil error; algorithms %v", tc.cc, uint32(tc.rc), b.algs)
+			}
+			if !errors.Is(err, keystore.ErrUnavailable) {
+				t.Errorf("New with %v answered %#x: %v, want ErrUnavailable", tc.cc, uint32(tc.rc), err)
+			}
+			if in.count() != maxRetries+1 {
+				t.Fatalf("%v answered %#x %d times, want %d", tc.cc, uint32(tc.rc), in.count(), maxRetries+1)
+			}
+			// New closed its connection: tpm2-tools can connect.
+			if out := s.Tool(t, "tpm2_getcap", "handles-transient"); strings.TrimSpace(out) != "" {
+				t.Errorf("transient objects left after a failed New: %s", out)
+			}
+
+			in.arm(0, 0, 0)
+			b, err = newTestBackendErr(t, s, Config{}, hook)
+			if err != nil {
+				t.Fatalf("New once the TPM answers: %v", err)
+			}
+			if info := inspect(t, b); len(info.transients) != 1 {
+				t.Errorf("after New the TPM holds %#x; want only the SRK", info.transients)
+			}
+			b.Close()
+			if out := s.Tool(t, "tpm2_getcap", "handles-transient"); strings.TrimSpace(out) != "" {
+				t.Errorf("transient objects left after Close: %s", out)
+			}
+		})
+	}
 }
