@@ -59,6 +59,11 @@ type tpmState struct {
 	// lost is set, for good, when the TPM's SRK no longer has the pinned
 	// name: the TPM was cleared or replaced, and no key can ever load again.
 	lost error
+
+	// answered means the TPM answered the last command sent with
+	// TPM_RC_SUCCESS: an error that follows it and is no TPM response
+	// code is about that answer (see run).
+	answered bool
 }
 
 // cachedKey is the key kept loaded: key id's blob at handle h.
@@ -92,6 +97,15 @@ func (e *connError) Error() string {
 }
 
 func (e *connError) Unwrap() error { return e.err }
+
+// answerError is an error that came after the TPM answered TPM_RC_SUCCESS
+// and is no TPM response code or transport failure: go-tpm could not parse
+// the answer, or keyd refused what it held. Its text is err's; mapErr
+// reports it as ErrUnavailable unless err says more.
+type answerError struct{ err error }
+
+func (e *answerError) Error() string { return e.err.Error() }
+func (e *answerError) Unwrap() error { return e.err }
 
 var (
 	errProtocol = errors.New("malformed TPM response")
@@ -195,6 +209,7 @@ func (o *op) Send(cmd []byte) ([]byte, error) {
 		if st.conn == nil {
 			return nil, &connError{err: errors.New("not connected")}
 		}
+		st.answered = false
 		rsp, err := b.roundTrip(o.ctx, cmd, time.Now().Add(o.timeout))
 		if err != nil {
 			if st.detached != nil {
@@ -205,6 +220,7 @@ func (o *op) Send(cmd []byte) ([]byte, error) {
 		}
 		rc := responseCode(rsp)
 		if !retryable(rc) || attempt >= maxRetries {
+			st.answered = rc == uint32(tpm2.TPMRCSuccess)
 			return rsp, nil
 		}
 		b.log.Debug("TPM asked to retry", "rc", fmt.Sprintf("%#x", rc), "attempt", attempt+1)
@@ -358,6 +374,7 @@ func (b *Backend) do(ctx context.Context, timeout time.Duration, fn func(o *op) 
 // run is do's work, by the token holder.
 func (b *Backend) run(ctx context.Context, timeout time.Duration, fn func(o *op) error) error {
 	o := &op{b: b, ctx: ctx, timeout: timeout}
+	b.st.answered = false // not an earlier call's answer
 	var err error
 	for attempt := 0; attempt < 2; attempt++ {
 		// A reset or a broken connection can come while ready
@@ -373,6 +390,14 @@ func (b *Backend) run(ctx context.Context, timeout time.Duration, fn func(o *op)
 			break
 		}
 		b.log.Warn("TPM state lost; re-initialising and retrying once", "err", err)
+	}
+	var rc tpm2.TPMRC
+	var ce *connError
+	if err != nil && b.st.answered && !errors.As(err, &rc) && !errors.As(err, &ce) {
+		// A response keyd cannot use is the device's fault or the
+		// transport's, as a malformed TPM2_Sign response is
+		// (errProtocol), not keyd's internal error.
+		err = &answerError{err}
 	}
 	return err
 }
@@ -669,9 +694,14 @@ func blobRefused(rc tpm2.TPMRC) bool {
 
 // passingCondition reports whether rc is the TPM's state rather than an
 // answer about the command: a warning (retry, testing, lockout, no slot…),
-// a failure, not started, or a self-test needed.
+// a failure, not started, a self-test needed, field upgrade mode, or a
+// reboot needed.
 func passingCondition(rc tpm2.TPMRC) bool {
-	return rc.IsWarning() || rc == tpm2.TPMRCFailure || rc == tpm2.TPMRCInitialize || rc == tpm2.TPMRCNeedsTest
+	switch rc {
+	case tpm2.TPMRCFailure, tpm2.TPMRCInitialize, tpm2.TPMRCNeedsTest, tpm2.TPMRCUpgrade, tpm2.TPMRCReboot:
+		return true
+	}
+	return rc.IsWarning()
 }
 
 // mapErr turns a TPM or transport error into one wrapping a keystore
@@ -695,6 +725,10 @@ func (b *Backend) mapErr(err error) error {
 	// state too (someone else flushing or resetting it), not the key's.
 	if errors.Is(err, errStale) || errors.Is(err, errProtocol) || staleHandle(err) {
 		return fmt.Errorf("%w: %v", keystore.ErrUnavailable, err)
+	}
+	var ae *answerError
+	if errors.As(err, &ae) {
+		return fmt.Errorf("%w: %v: %v", keystore.ErrUnavailable, errProtocol, err)
 	}
 	var rc tpm2.TPMRC
 	if errors.As(err, &rc) {

@@ -83,7 +83,7 @@ func (b *Backend) probe(o *op) error {
 		}
 	}
 	if len(b.algs) == 0 {
-		return errors.New("the TPM supports none of ES256, ES384, RS256, PS256")
+		return fmt.Errorf("%w: the TPM supports none of ES256, ES384, RS256, PS256", keystore.ErrUnsupportedAlgorithm)
 	}
 	return nil
 }

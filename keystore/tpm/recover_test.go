@@ -6,6 +6,7 @@ import (
 	"errors"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -268,4 +269,99 @@ func TestSelfTestLeavesNoObject(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestUnusableAnswerIsUnavailable: a TPM_RC_SUCCESS response that go-tpm
+// cannot parse (a device or transport fault: here a parameter area shorter
+// than the response says) and the TPM's field-upgrade and reboot-needed
+// states fail Generate, Sign and Health with ErrUnavailable, which the
+// server answers UNAVAILABLE, not with an error wrapping no sentinel, which
+// it answers INTERNAL; the key is not reported lost, and everything works
+// once the TPM answers properly.
+func TestUnusableAnswerIsUnavailable(t *testing.T) {
+	var (
+		mu     sync.Mutex
+		cc     tpm2.TPMCC
+		answer []byte
+		seen   int
+	)
+	arm := func(c tpm2.TPMCC, rsp []byte) {
+		mu.Lock()
+		cc, answer, seen = c, rsp, 0
+		mu.Unlock()
+	}
+	hook := func(cmd []byte) ([]byte, bool, error) {
+		mu.Lock()
+		defer mu.Unlock()
+		if answer == nil || tpm2.TPMCC(commandCode(cmd)) != cc {
+			return nil, false, nil
+		}
+		seen++
+		rsp := answer
+		answer = nil
+		return rsp, true, nil
+	}
+	s := swtpmtest.Start(t)
+	b, err := newTestBackendErr(t, s, Config{}, hook)
+	if err != nil {
+		t.Fatal(err)
+	}
+	base := inspect(t, b)
+	pub := keystoretest.MustGenerate(t, b, "k")
+	d := keystoretest.Digest(keystore.ES256, []byte("m"))
+	mustSign(t, b, "k", keystore.ES256, pub, d)
+
+	// TPM_RC_SUCCESS with a 4-byte parameter size claiming 9 bytes, and
+	// none after it.
+	short := []byte{0x80, 0x02, 0, 0, 0, 14, 0, 0, 0, 0, 0, 0, 0, 9}
+	generate := func() error {
+		_, err := b.Generate(t.Context(), "new", keystore.KeySpec{Algorithm: keystore.ES256})
+		return err
+	}
+	for _, tc := range []struct {
+		name       string
+		cc         tpm2.TPMCC
+		rsp        []byte
+		disconnect bool // so that the call prepares the TPM first
+		dropCache  bool // so that Sign loads the key
+		call       func() error
+	}{
+		{"Generate/Create", tpm2.TPMCCCreate, short, false, false, generate},
+		{"Generate/GetCapability", tpm2.TPMCCGetCapability, short, true, false, generate},
+		{"Generate/CreatePrimary", tpm2.TPMCCCreatePrimary, short, true, false, generate},
+		{"Generate/Upgrade", tpm2.TPMCCCreate, errorResponse(uint32(tpm2.TPMRCUpgrade)), false, false, generate},
+		{"Generate/Reboot", tpm2.TPMCCCreate, errorResponse(uint32(tpm2.TPMRCReboot)), false, false, generate},
+		{"Sign/Load", tpm2.TPMCCLoad, short, false, true, func() error {
+			_, err := b.Sign(t.Context(), "k", d, crypto.SHA256)
+			return err
+		}},
+		{"Health/ReadPublic", tpm2.TPMCCReadPublic, short, false, false, func() error { return b.Health(t.Context()) }},
+	} {
+		if tc.disconnect {
+			disconnect(t, b)
+		}
+		if tc.dropCache {
+			dropCache(t, b)
+		}
+		arm(tc.cc, tc.rsp)
+		err := tc.call()
+		mu.Lock()
+		n := seen
+		mu.Unlock()
+		if n != 1 {
+			t.Fatalf("%s: the command was answered by the test %d times, want 1", tc.name, n)
+		}
+		if !errors.Is(err, keystore.ErrUnavailable) || errors.Is(err, keystore.ErrKeyLost) {
+			t.Errorf("%s: %v, want ErrUnavailable (and not ErrKeyLost)", tc.name, err)
+		} else {
+			t.Logf("%s: %v", tc.name, err)
+		}
+	}
+	arm(0, nil)
+	mustSign(t, b, "k", keystore.ES256, pub, d)
+	keystoretest.MustGenerate(t, b, "k2")
+	if err := b.Health(t.Context()); err != nil {
+		t.Errorf("Health: %v", err)
+	}
+	checkFootprint(t, b, base)
 }

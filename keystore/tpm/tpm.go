@@ -113,7 +113,8 @@
 //	ErrUnavailable  connection refused or broken, command timeout, TPM
 //	                warnings after retries (TPM_RC_RETRY, _YIELDED,
 //	                _TESTING, _OBJECT_MEMORY, _LOCKOUT…), TPM_RC_FAILURE,
-//	                a handle error that outlives re-initialisation, a
+//	                _UPGRADE, _REBOOT, a handle error that outlives
+//	                re-initialisation, a response keyd cannot parse, a
 //	                signature of a form keyd did not ask for
 //	ErrKeyLost      SRK name differs from the pinned one (TPM cleared or
 //	                replaced, template changed); srk.name missing beside
