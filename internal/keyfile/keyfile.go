@@ -88,18 +88,25 @@ func WriteNew(dir, name string, data []byte, fail func(stage string) error) (err
 
 // WriteTombstone creates the empty file dir/name (mode 0600, if missing,
 // never through a symlink, never blocking on a FIFO) and makes it durable.
-// An existing name that is not a regular file is refused.
+// An existing name that is not a regular file is refused with
+// keystore.ErrInsecureStorage; a failure to write is keystore.ErrUnavailable.
 func WriteTombstone(dir, name string) error {
-	f, err := os.OpenFile(filepath.Join(dir, name), os.O_WRONLY|os.O_CREATE|syscall.O_NOFOLLOW|syscall.O_NONBLOCK, 0o600)
-	if err != nil {
-		return err
+	path := filepath.Join(dir, name)
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|syscall.O_NOFOLLOW|syscall.O_NONBLOCK, 0o600)
+	switch {
+	case errors.Is(err, syscall.ELOOP), errors.Is(err, syscall.EISDIR), errors.Is(err, syscall.ENXIO):
+		// A symlink, a directory, a FIFO without a reader: put there by
+		// someone else, never by keyd.
+		return fmt.Errorf("%s is not a regular file: %w", path, keystore.ErrInsecureStorage)
+	case err != nil:
+		return fmt.Errorf("%w: %v", keystore.ErrUnavailable, err)
 	}
 	if fi, serr := f.Stat(); serr != nil {
 		f.Close()
-		return serr
+		return fmt.Errorf("%w: %v", keystore.ErrUnavailable, serr)
 	} else if !fi.Mode().IsRegular() {
 		f.Close()
-		return fmt.Errorf("%s is not a regular file (%v): %w", filepath.Join(dir, name), fi.Mode().Type(), keystore.ErrInsecureStorage)
+		return fmt.Errorf("%s is not a regular file (%v): %w", path, fi.Mode().Type(), keystore.ErrInsecureStorage)
 	}
 	err = f.Sync()
 	if cerr := f.Close(); err == nil {
@@ -108,7 +115,10 @@ func WriteTombstone(dir, name string) error {
 	if err == nil {
 		err = SyncDir(dir)
 	}
-	return err
+	if err != nil {
+		return fmt.Errorf("%w: %v", keystore.ErrUnavailable, err)
+	}
+	return nil
 }
 
 // Tombstoned reports whether the key file at keyPath, of key id, has a

@@ -403,7 +403,7 @@ func (b *Backend) Destroy(ctx context.Context, id string) error {
 	tomb := b.tombstonePath(id)
 	err := keyfile.WriteTombstone(b.dir, filepath.Base(tomb))
 	if err != nil {
-		return fmt.Errorf("destroy %s: write tombstone %s: %w", id, tomb, err)
+		return fmt.Errorf("destroy %s: write tombstone: %w", id, err)
 	}
 
 	b.mu.Lock()
@@ -412,10 +412,10 @@ func (b *Backend) Destroy(ctx context.Context, id string) error {
 	b.mu.Unlock()
 
 	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return fmt.Errorf("destroy %s: %w", id, err)
+		return fmt.Errorf("destroy %s: %w: %v", id, keystore.ErrUnavailable, err)
 	}
 	if err := keyfile.SyncDir(b.dir); err != nil {
-		return fmt.Errorf("destroy %s: %w", id, err)
+		return fmt.Errorf("destroy %s: %w: %v", id, keystore.ErrUnavailable, err)
 	}
 	b.log.Info("key destroyed", "id", id)
 	return nil

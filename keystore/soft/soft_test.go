@@ -947,3 +947,29 @@ func TestOneBackendPerDirectory(t *testing.T) {
 	}
 	b2.Close()
 }
+
+// Something other than a file where Destroy writes its tombstone (put there
+// by someone else: keyd writes only files) fails the Destroy with
+// ErrInsecureStorage, which the server answers FAILED_PRECONDITION with
+// the path, not with an error wrapping no sentinel (INTERNAL); the key is
+// left as it was.
+func TestDestroyTombstoneNotAFile(t *testing.T) {
+	for name, put := range map[string]func(path string) error{
+		"directory": func(path string) error { return os.Mkdir(path, 0o700) },
+		"fifo":      func(path string) error { return syscall.Mkfifo(path, 0o600) },
+		"symlink":   func(path string) error { return os.Symlink("/dev/null", path) },
+	} {
+		t.Run(name, func(t *testing.T) {
+			dir := t.TempDir()
+			b := open(t, Config{Dir: dir})
+			pub := generate(t, b, "k", keystore.ES256)
+			if err := put(filepath.Join(dir, "k"+tombSuffix)); err != nil {
+				t.Fatal(err)
+			}
+			if err := b.Destroy(t.Context(), "k"); !errors.Is(err, keystore.ErrInsecureStorage) {
+				t.Errorf("Destroy with a %s at its tombstone = %v; want ErrInsecureStorage", name, err)
+			}
+			signVerify(t, b, "k", keystore.ES256, pub)
+		})
+	}
+}

@@ -858,9 +858,12 @@ func (b *Backend) destroyFile(id string) error {
 	b.gone[id] = struct{}{}
 	b.mu.Unlock()
 	if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return err
+		return fmt.Errorf("%w: %v", keystore.ErrUnavailable, err)
 	}
-	return keyfile.SyncDir(b.dir)
+	if err := keyfile.SyncDir(b.dir); err != nil {
+		return fmt.Errorf("%w: %v", keystore.ErrUnavailable, err)
+	}
+	return nil
 }
 
 // Health checks that the TPM answers and still has the pinned storage root
