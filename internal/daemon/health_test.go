@@ -154,7 +154,10 @@ func (b countingBackend) Sign(ctx context.Context, id string, digest []byte, opt
 }
 
 // A15: polling health reads a cached status: 200 checks cause no backend
-// health check and no signature.
+// health check and no signature. The counting backend is the one the
+// daemon's health checks use (a check that signed, as some HSM probes do,
+// would count); the lifecycle manager keeps the backend New gave it, so
+// callers' signatures are not counted here.
 func TestHealthPollDoesNotTouchBackend(t *testing.T) {
 	cfg := daemonConfig(t, "")
 	var health, sign atomic.Int64
@@ -175,6 +178,10 @@ func TestHealthPollDoesNotTouchBackend(t *testing.T) {
 		t.Fatal(err)
 	}
 	h0, s0 := health.Load(), sign.Load()
+	if h0 == 0 {
+		// Else the counts below would hold whatever the polls did.
+		t.Fatal("the counting backend saw not even the first health check: the test does not watch the daemon's backend")
+	}
 	start := time.Now()
 	for range 200 {
 		r, err := hc.Check(cctx, &healthpb.HealthCheckRequest{Service: "keyd.backend." + d.backend.Name()})
