@@ -614,31 +614,52 @@ func accessToken(v string) (string, error) {
 	if !ok {
 		return v, nil
 	}
-	var r io.Reader = os.Stdin
-	if name != "-" {
-		f, err := os.Open(name)
-		if err != nil {
-			return "", fmt.Errorf("--access-token: %w", err)
-		}
-		defer f.Close()
-		r = f
-	} else {
-		name = "stdin"
-	}
-	b, err := io.ReadAll(io.LimitReader(r, maxAccessToken+1))
+	b, src, err := readArg("--access-token", name, maxAccessToken)
 	if err != nil {
-		return "", fmt.Errorf("--access-token: read %s: %w", name, err)
+		return "", err
 	}
 	tok := strings.TrimRight(string(b), "\r\n")
 	switch {
-	case len(b) > maxAccessToken:
-		return "", fmt.Errorf("%w: --access-token: %s holds more than %d KiB, which is no access token", errUsage, name, maxAccessToken>>10)
 	case tok == "":
-		return "", fmt.Errorf("%w: --access-token: %s is empty (leave the flag out for a proof without ath)", errUsage, name)
+		return "", fmt.Errorf("%w: --access-token: %s is empty (leave the flag out for a proof without ath)", errUsage, src)
 	case strings.ContainsAny(tok, " \t\r\n"):
-		return "", fmt.Errorf("%w: --access-token: %s holds more than one line or word; an access token has no spaces", errUsage, name)
+		return "", fmt.Errorf("%w: --access-token: %s holds more than one line or word; an access token has no spaces", errUsage, src)
 	}
 	return tok, nil
+}
+
+// readArg reads the value of a flag given as @FILE or @- (name is what
+// follows the @): the file, or stdin for "-", at most max bytes. One byte
+// more than max tells a longer value from one of exactly max: a longer one
+// is refused, never cut, and a device or FIFO that never ends is read no
+// further. It also returns the source's name for messages.
+func readArg(flag, name string, max int) (b []byte, src string, err error) {
+	var r io.Reader = os.Stdin
+	src = "stdin"
+	if name != "-" {
+		f, err := os.Open(name)
+		if err != nil {
+			return nil, name, fmt.Errorf("%s: %w", flag, err)
+		}
+		defer f.Close()
+		r, src = f, name
+	}
+	b, err = io.ReadAll(io.LimitReader(r, int64(max)+1))
+	if err != nil {
+		return nil, src, fmt.Errorf("%s: read %s: %w", flag, src, err)
+	}
+	if len(b) > max {
+		return nil, src, fmt.Errorf("%w: %s: %s holds more than %s", errUsage, flag, src, byteSize(max))
+	}
+	return b, src, nil
+}
+
+// byteSize writes n, a whole number of KiB or MiB, for people.
+func byteSize(n int) string {
+	if n >= 1<<20 && n%(1<<20) == 0 {
+		return fmt.Sprintf("%d MiB", n>>20)
+	}
+	return fmt.Sprintf("%d KiB", n>>10)
 }
 
 func (c *cli) proof(args []string) error {

@@ -9,7 +9,6 @@ import (
 	"log/slog"
 	"net/http"
 	"net/url"
-	"os"
 	"slices"
 	"strings"
 
@@ -241,23 +240,16 @@ func (c *cli) request(args []string) error {
 	return nil
 }
 
-// maxStdinData bounds a request body read from stdin (-d @-).
-const maxStdinData = 64 << 20
+// maxData bounds a request body read from a file or stdin (-d @FILE, -d @-).
+const maxData = 64 << 20
 
 func readData(d string) ([]byte, error) {
-	switch {
-	case d == "@-":
-		// One byte more than the limit tells a longer body from one of
-		// exactly the limit: a longer one is refused, never cut.
-		b, err := io.ReadAll(io.LimitReader(os.Stdin, maxStdinData+1))
-		if err == nil && len(b) > maxStdinData {
-			err = fmt.Errorf("-d @-: the body on stdin is longer than %d MiB", maxStdinData>>20)
-		}
-		return b, err
-	case strings.HasPrefix(d, "@"):
-		return os.ReadFile(d[1:])
+	name, ok := strings.CutPrefix(d, "@")
+	if !ok {
+		return []byte(d), nil
 	}
-	return []byte(d), nil
+	b, _, err := readArg("-d", name, maxData)
+	return b, err
 }
 
 // withLogger sends the client's warnings (a token that is not DPoP-bound)

@@ -2,9 +2,11 @@ package main
 
 import (
 	"encoding/json"
+	"errors"
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 )
@@ -44,5 +46,21 @@ func TestRequestDataFromStdinNotTruncated(t *testing.T) {
 	b, err := readData("@-")
 	if err == nil {
 		t.Fatalf("read %d bytes of a %d-byte body without an error", len(b), 64<<20+1)
+	}
+}
+
+// `-d @FILE` is bounded as `-d @-` is: a file (or a device that never ends)
+// larger than a request body can be is refused, not read into memory.
+func TestRequestDataFromFileBounded(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "body")
+	if err := os.WriteFile(p, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(p, 64<<20+1); err != nil { // sparse: no disk used
+		t.Fatal(err)
+	}
+	b, err := readData("@" + p)
+	if !errors.Is(err, errUsage) || !strings.Contains(err.Error(), "64 MiB") {
+		t.Fatalf("readData(@FILE of %d bytes) = %d bytes, %v; want a usage error naming the 64 MiB bound", 64<<20+1, len(b), err)
 	}
 }
