@@ -27,7 +27,9 @@ type Record struct {
 	GID   uint32    `json:"gid"`
 	PID   int32     `json:"pid"`
 	// Identity is the client certificate identity of a caller over the
-	// mutual-TLS listener (its uid, gid and pid are then 0).
+	// mutual-TLS listener (its uid, gid and pid are then 0): for an allowed
+	// signature, the identity the key set's allow list admitted (a
+	// certificate may carry several), else the certificate's first.
 	Identity string   `json:"identity,omitempty"`
 	KeySet   string   `json:"keyset"`
 	Kid      string   `json:"kid,omitempty"`

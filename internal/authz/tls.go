@@ -361,17 +361,35 @@ func (l *List) addIdentity(rule string) error {
 
 // permitsIdentity reports whether any of ids is on the list.
 func (l *List) permitsIdentity(ids []string) bool {
+	_, ok := l.matchIdentity(ids)
+	return ok
+}
+
+// AllowedIdentity returns the identity of mTLS caller c that the list
+// permits (the first, when several are), or "" when it permits none of
+// them or c is no mTLS caller. A certificate may carry several identities:
+// the audit names the one a decision rested on, not merely the first.
+func (l *List) AllowedIdentity(c Caller) string {
+	if l == nil || c.Transport != TransportMTLS {
+		return ""
+	}
+	id, _ := l.matchIdentity(c.Identities)
+	return id
+}
+
+// matchIdentity returns the first of ids that is on the list.
+func (l *List) matchIdentity(ids []string) (string, bool) {
 	for _, id := range ids {
 		if slices.Contains(l.ids, id) {
-			return true
+			return id, true
 		}
 		for _, p := range l.idPrefixes {
 			if rest, ok := strings.CutPrefix(id, p); ok && cleanPath(rest) {
-				return true
+				return id, true
 			}
 		}
 	}
-	return false
+	return "", false
 }
 
 // cleanPath reports whether rest is one or more path segments, none empty,

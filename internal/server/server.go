@@ -241,6 +241,9 @@ func (s *Server) sign(ctx context.Context, c authz.Caller, req *keydv1.SignReque
 	if err != nil {
 		return nil, err
 	}
+	if id := ks.Allow.AllowedIdentity(c); id != "" {
+		rec.Identity = id
+	}
 	rec.Purpose = string(ks.Policy.Purpose)
 	if req.Purpose != "" && req.Purpose != rec.Purpose {
 		return nil, invalid("key set %q has purpose %s; it cannot sign a %s token", req.Keyset, rec.Purpose, req.Purpose)
