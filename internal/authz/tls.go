@@ -13,8 +13,10 @@ import (
 	"net/url"
 	"os"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -37,6 +39,10 @@ const (
 type MTLSAuthInfo struct {
 	credentials.TLSInfo
 	Caller Caller
+
+	// cert rechecks the connection's client certificate at each call;
+	// nil (an AuthInfo built by hand) checks nothing.
+	cert *connCert
 }
 
 // callerOf returns the caller an AuthInfo of this package carries.
@@ -49,13 +55,24 @@ func callerOf(ai credentials.AuthInfo) (Caller, error) {
 			return ai.Caller, nil
 		}
 	case MTLSAuthInfo:
-		return ai.Caller, nil
+		return ai.caller()
 	case *MTLSAuthInfo:
 		if ai != nil {
-			return ai.Caller, nil
+			return ai.caller()
 		}
 	}
 	return Caller{}, ErrNoCredentials
+}
+
+// caller returns the connection's caller if its client certificate would
+// still pass the handshake now.
+func (ai MTLSAuthInfo) caller() (Caller, error) {
+	if ai.cert != nil {
+		if err := ai.cert.check(); err != nil {
+			return Caller{}, err
+		}
+	}
+	return ai.Caller, nil
 }
 
 func mtlsString(ids []string) string {
@@ -91,6 +108,9 @@ type TLSConfig struct {
 	ClientCAFile string
 	// Logger, when set, logs reloads of the files.
 	Logger *slog.Logger
+	// Now is the clock certificates are checked against; nil means
+	// time.Now.
+	Now func() time.Time
 }
 
 // MTLSCredentials returns gRPC transport credentials for keyd's TCP
@@ -102,6 +122,13 @@ type TLSConfig struct {
 // its DNS SANs, in lower case; a certificate with neither is refused with
 // ErrNoCredentials. FromContext returns that Caller (Transport
 // TransportMTLS); allow lists match it by Spec.Identities only.
+//
+// A connection lives longer than the checks of its handshake: FromContext
+// checks its certificate again at every call, and answers ErrNoCredentials
+// once the certificate (or a certificate of its chain) has expired, or once
+// the client CA bundle, reloaded (calls look at the files at most once a
+// second, lookEvery), no longer has a CA that issued it. A client told so
+// reconnects with a current certificate.
 //
 // The key file must be private to keyd (see secretfile.Check: mode 0600,
 // or 0640 with keyd's group). The three files are read now, and read again
@@ -123,19 +150,20 @@ func MTLSCredentials(cfg TLSConfig) (credentials.TransportCredentials, error) {
 		r.log = slog.New(slog.DiscardHandler)
 	}
 	st := r.stamps()
-	cur, err := r.load(time.Now())
+	cur, err := r.load(r.now())
 	if err != nil {
 		return nil, err
 	}
 	r.cur, r.stamp = cur, st
 	base := cur.Clone()
 	base.GetConfigForClient = r.configForClient
-	return mtlsCreds{credentials.NewTLS(base)}, nil
+	return mtlsCreds{TransportCredentials: credentials.NewTLS(base), r: r}, nil
 }
 
 // serverTLSConfig is the fixed part of every handshake's configuration.
-func serverTLSConfig(cert tls.Certificate, clientCAs *x509.CertPool) *tls.Config {
+func serverTLSConfig(cert tls.Certificate, clientCAs *x509.CertPool, now func() time.Time) *tls.Config {
 	return &tls.Config{
+		Time:                   now,
 		MinVersion:             tls.VersionTLS13,
 		ClientAuth:             tls.RequireAndVerifyClientCert,
 		ClientCAs:              clientCAs,
@@ -148,10 +176,18 @@ type tlsReloader struct {
 	cfg TLSConfig
 	log *slog.Logger
 
-	mu    sync.Mutex
-	cur   *tls.Config
-	stamp [3]fileStamp
+	mu     sync.Mutex
+	cur    *tls.Config
+	stamp  [3]fileStamp
+	looked time.Time // when current last looked at the files
 }
+
+// lookEvery bounds how often the certificate checks of calls on open
+// connections look at the three files (a stat each): a stat of a path on
+// every call cost keyd a tenth of its signing throughput on the audit log
+// (see audit.fileWatch). A CA taken out of the bundle is noticed by open
+// connections within it; a new handshake always looks.
+const lookEvery = time.Second
 
 type fileStamp struct {
 	mtime    time.Time
@@ -177,22 +213,56 @@ func (r *tlsReloader) stamps() [3]fileStamp {
 	return s
 }
 
+func (r *tlsReloader) now() time.Time {
+	if r.cfg.Now != nil {
+		return r.cfg.Now()
+	}
+	return time.Now()
+}
+
 // configForClient returns the configuration of one handshake, reloading
 // the files first if they changed.
 func (r *tlsReloader) configForClient(*tls.ClientHelloInfo) (*tls.Config, error) {
+	return r.current(), nil
+}
+
+// recent is current, looking at the files only if lookEvery has passed
+// since the last look.
+func (r *tlsReloader) recent() *tls.Config {
+	r.mu.Lock()
+	cur, fresh := r.cur, time.Since(r.looked) < lookEvery
+	r.mu.Unlock()
+	if fresh {
+		return cur
+	}
+	return r.current()
+}
+
+// clientCAs returns the client CA bundle in use, without reloading.
+func (r *tlsReloader) clientCAs() *x509.CertPool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.cur.ClientCAs
+}
+
+// current returns the configuration in use, reloading the files first if
+// they changed.
+func (r *tlsReloader) current() *tls.Config {
+	looked := time.Now()
 	st := r.stamps()
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	r.looked = looked
 	if st != r.stamp {
 		r.stamp = st
-		if c, err := r.load(time.Now()); err != nil {
+		if c, err := r.load(r.now()); err != nil {
 			r.log.Warn("mtls: certificate files changed but do not load; keeping the previous ones", "err", err.Error())
 		} else {
 			r.cur = c
 			r.log.Info("mtls: certificate files reloaded", "cert", r.cfg.CertFile, "client_ca", r.cfg.ClientCAFile)
 		}
 	}
-	return r.cur, nil
+	return r.cur
 }
 
 func (r *tlsReloader) load(now time.Time) (*tls.Config, error) {
@@ -216,7 +286,7 @@ func (r *tlsReloader) load(now time.Time) (*tls.Config, error) {
 	if err != nil {
 		return nil, err
 	}
-	return serverTLSConfig(cert, pool), nil
+	return serverTLSConfig(cert, pool, r.cfg.Now), nil
 }
 
 // loadCAs reads a PEM bundle strictly: every block must be a certificate
@@ -257,13 +327,18 @@ func loadCAs(path string) (*x509.CertPool, error) {
 // Caller.
 type mtlsCreds struct {
 	credentials.TransportCredentials
+	r *tlsReloader
 }
 
 func (c mtlsCreds) ServerHandshake(raw net.Conn) (net.Conn, credentials.AuthInfo, error) {
+	// The bundle before and after the handshake: when they are the same,
+	// it is the one the handshake verified the certificate against.
+	before := c.r.clientCAs()
 	conn, ai, err := c.TransportCredentials.ServerHandshake(raw)
 	if err != nil {
 		return nil, nil, err
 	}
+	after := c.r.current().ClientCAs
 	ti, ok := ai.(credentials.TLSInfo)
 	if !ok {
 		conn.Close()
@@ -274,7 +349,80 @@ func (c mtlsCreds) ServerHandshake(raw net.Conn) (net.Conn, credentials.AuthInfo
 		conn.Close()
 		return nil, nil, err
 	}
-	return conn, MTLSAuthInfo{TLSInfo: ti, Caller: caller}, nil
+	cert := &connCert{r: c.r, leaf: ti.State.PeerCertificates[0], intermediates: x509.NewCertPool()}
+	for _, ic := range ti.State.PeerCertificates[1:] {
+		cert.intermediates.AddCert(ic)
+	}
+	if before == after {
+		cert.verified.Store(newVerified(after, ti.State.VerifiedChains[0]))
+	} // else the bundle changed meanwhile: the first call verifies again
+	return conn, MTLSAuthInfo{TLSInfo: ti, Caller: caller, cert: cert}, nil
+}
+
+// connCert is the client certificate of one connection, checked again at
+// each call: a connection outlives its handshake by hours, and neither an
+// expired certificate nor a CA taken out of the bundle may go on
+// authenticating it.
+type connCert struct {
+	r             *tlsReloader
+	leaf          *x509.Certificate
+	intermediates *x509.CertPool // as the client sent them
+
+	// verified is the bundle the certificate last verified against and
+	// when that chain is valid; nil: not verified against any yet.
+	verified atomic.Pointer[verifiedChain]
+}
+
+type verifiedChain struct {
+	roots               *x509.CertPool
+	notBefore, notAfter time.Time
+}
+
+// newVerified records chain, verified against roots, and the time during
+// which every certificate of it is valid.
+func newVerified(roots *x509.CertPool, chain []*x509.Certificate) *verifiedChain {
+	v := &verifiedChain{roots: roots}
+	for i, c := range chain {
+		if i == 0 || c.NotBefore.After(v.notBefore) {
+			v.notBefore = c.NotBefore
+		}
+		if i == 0 || c.NotAfter.Before(v.notAfter) {
+			v.notAfter = c.NotAfter
+		}
+	}
+	return v
+}
+
+// check reports, wrapping ErrNoCredentials, why the certificate would not
+// pass the handshake now. While the bundle is the one it was verified
+// against and the chain is valid, that costs no signature check.
+func (c *connCert) check() error {
+	now := c.r.now()
+	roots := c.r.recent().ClientCAs
+	if v := c.verified.Load(); v != nil && v.roots == roots && !now.Before(v.notBefore) && !now.After(v.notAfter) {
+		return nil
+	}
+	chains, err := c.leaf.Verify(x509.VerifyOptions{
+		Roots:         roots,
+		Intermediates: c.intermediates,
+		CurrentTime:   now,
+		KeyUsages:     []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+	})
+	if err != nil {
+		return fmt.Errorf("%w: the connection's client certificate %s no longer verifies against %s (%w); reconnect with a current certificate",
+			ErrNoCredentials, certName(c.leaf), c.r.cfg.ClientCAFile, err)
+	}
+	c.verified.Store(newVerified(roots, chains[0]))
+	return nil
+}
+
+// certName names a certificate in messages: its first identity, else its
+// subject.
+func certName(c *x509.Certificate) string {
+	if ids := certIdentities(c); len(ids) > 0 {
+		return ids[0]
+	}
+	return strconv.Quote(c.Subject.String())
 }
 
 func (mtlsCreds) ClientHandshake(context.Context, string, net.Conn) (net.Conn, credentials.AuthInfo, error) {
@@ -282,7 +430,7 @@ func (mtlsCreds) ClientHandshake(context.Context, string, net.Conn) (net.Conn, c
 }
 
 func (c mtlsCreds) Clone() credentials.TransportCredentials {
-	return mtlsCreds{c.TransportCredentials.Clone()}
+	return mtlsCreds{TransportCredentials: c.TransportCredentials.Clone(), r: c.r}
 }
 
 // callerFromTLS builds the caller from a completed handshake. Only a

@@ -167,6 +167,12 @@ func writeFile(t *testing.T, path string, b []byte) {
 
 func startMTLS(t *testing.T, clientCA *testCA) *mtlsServer {
 	t.Helper()
+	return startMTLSAt(t, clientCA, nil)
+}
+
+// startMTLSAt is startMTLS with the server's clock now (nil: time.Now).
+func startMTLSAt(t *testing.T, clientCA *testCA, now func() time.Time) *mtlsServer {
+	t.Helper()
 	dir := t.TempDir()
 	s := &mtlsServer{
 		serverCA: newCA(t, "server CA"),
@@ -174,6 +180,7 @@ func startMTLS(t *testing.T, clientCA *testCA) *mtlsServer {
 			CertFile:     filepath.Join(dir, "server.pem"),
 			KeyFile:      filepath.Join(dir, "server.key"),
 			ClientCAFile: filepath.Join(dir, "clients.pem"),
+			Now:          now,
 		},
 		hsErrs:  make(chan error, 16),
 		callers: make(chan Caller, 16),
