@@ -4,13 +4,22 @@
 // socket, the uid, gid and pid that SO_PEERCRED reports for the connection,
 // captured once when the connection is accepted. Decisions use the uid and
 // gid only; the pid is recorded for the audit log and is not trusted (it may
-// be reused once the caller exits).
+// be reused once the caller exits, and is 0 for a caller in a pid namespace
+// keyd cannot see).
+//
+// The credentials belong to the connection, not to whoever holds it now: a
+// process that passes its connected socket to another (SCM_RIGHTS, or a
+// child inheriting it) lends it its uid for every later call. That is
+// inherent to SO_PEERCRED; a caller must not hand its keyd connection to
+// code it would not let sign as itself.
 package authz
 
 import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
+	"math"
 	"net"
 	"strconv"
 	"sync"
@@ -178,7 +187,28 @@ func ReadPeerCred(c net.Conn) (Caller, error) {
 	if credErr != nil {
 		return Caller{}, fmt.Errorf("%w: SO_PEERCRED: %v", ErrNoCredentials, credErr)
 	}
+	// A socket without a peer answers without an error, but with the
+	// kernel's "no credentials": uid and gid (uid_t)-1. That is nobody,
+	// not a uid to match.
+	if cred.Uid == math.MaxUint32 || cred.Gid == math.MaxUint32 {
+		return Caller{}, fmt.Errorf("%w: SO_PEERCRED reports no credentials (uid %d, gid %d): the socket has no peer", ErrNoCredentials, cred.Uid, cred.Gid)
+	}
 	return Caller{UID: cred.Uid, GID: cred.Gid, PID: cred.Pid, Transport: TransportUnix}, nil
+}
+
+// CallerLogAttrs name the caller of ctx in a log line: "uid" and "pid" for
+// a Unix caller, "identity" for an mTLS caller (whose uid and pid are zero),
+// "caller" "unauthenticated" for a call without credentials. A caller
+// without a uid is never logged as uid 0, which reads as root's.
+func CallerLogAttrs(ctx context.Context) []slog.Attr {
+	c, err := FromContext(ctx)
+	switch {
+	case err != nil:
+		return []slog.Attr{slog.String("caller", "unauthenticated")}
+	case c.Transport == TransportMTLS:
+		return []slog.Attr{slog.String("identity", mtlsString(c.Identities))}
+	}
+	return []slog.Attr{slog.Uint64("uid", uint64(c.UID)), slog.Int64("pid", int64(c.PID))}
 }
 
 // Who names the caller in messages: "uid 1001" for a local caller, its

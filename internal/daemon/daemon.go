@@ -741,11 +741,9 @@ func (d *Daemon) logRPC(ctx context.Context, method string, start time.Time, err
 	if !d.log.Enabled(ctx, level) {
 		return
 	}
-	c, _ := authz.FromContext(ctx)
 	st := status.Convert(err)
-	d.log.LogAttrs(ctx, level, "rpc",
-		slog.String("method", method),
-		slog.Uint64("uid", uint64(c.UID)), slog.Int64("pid", int64(c.PID)),
+	attrs := append([]slog.Attr{slog.String("method", method)}, authz.CallerLogAttrs(ctx)...)
+	d.log.LogAttrs(ctx, level, "rpc", append(attrs,
 		slog.String("code", st.Code().String()),
-		slog.Duration("took", time.Since(start)))
+		slog.Duration("took", time.Since(start)))...)
 }

@@ -278,12 +278,10 @@ func (s *Server) serveStreamItem(ctx context.Context, req *keydv1.SignStreamItem
 		// One line per refused request, as the unary interceptor writes
 		// for Sign (successes are in the audit log).
 		if s.log.Enabled(ctx, slog.LevelInfo) {
-			c, _ := authz.FromContext(ctx)
-			s.log.LogAttrs(ctx, slog.LevelInfo, "rpc",
-				slog.String("method", keydv1.KeyService_SignStream_FullMethodName),
-				slog.Uint64("uid", uint64(c.UID)), slog.Int64("pid", int64(c.PID)),
+			attrs := append([]slog.Attr{slog.String("method", keydv1.KeyService_SignStream_FullMethodName)}, authz.CallerLogAttrs(ctx)...)
+			s.log.LogAttrs(ctx, slog.LevelInfo, "rpc", append(attrs,
 				slog.String("code", st.Code().String()),
-				slog.Duration("took", time.Since(start)))
+				slog.Duration("took", time.Since(start)))...)
 		}
 		return out
 	}
