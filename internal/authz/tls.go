@@ -498,6 +498,10 @@ func (l *List) addIdentity(rule string) error {
 		return bad("a query or fragment is never part of an identity")
 	case wildcard && u.Host == "":
 		return bad("a wildcard needs an authority: spiffe://trust-domain/path/*")
+	case u.Scheme == "spiffe" && u.Host != strings.ToLower(u.Host):
+		// Identities are compared as written: a rule no SPIFFE ID
+		// can match would refuse its callers without saying why.
+		return bad("a SPIFFE trust domain is lower case (SPIFFE ID spec); write " + strings.ToLower(u.Host))
 	}
 	if wildcard {
 		l.idPrefixes = append(l.idPrefixes, u.String()+"/")

@@ -622,6 +622,10 @@ func TestIdentityRulesAreValidated(t *testing.T) {
 		"not a name",
 		"exa mple.org",
 		"://nothing",
+		// Compared as written, and no SPIFFE ID has an upper-case trust
+		// domain: a rule that could never match.
+		"spiffe://Example.org/x",
+		"spiffe://EXAMPLE.ORG/*",
 	}
 	for _, rule := range bad {
 		if _, err := NewList(Spec{Identities: []string{rule}}, nil); err == nil {

@@ -461,6 +461,10 @@ func (c *Config) Validate() error {
 		for _, e := range c.Admins.validate() {
 			add("admins", "%v", e)
 		}
+		if len(c.Admins.Identities) > 0 {
+			// The mutual-TLS listener serves KeyService only.
+			add("admins.identities", "admin calls (rotate, revoke) are served on the Unix socket (or admin_socket) only, never over tcp: list uids, gids, users or groups")
+		}
 	}
 	switch n := c.Backend.count(); {
 	case n == 0:

@@ -53,3 +53,12 @@ func TestSignBurstNeedsSignRate(t *testing.T) {
 		t.Errorf("sign_burst with sign_rate: %v", err)
 	}
 }
+
+// Admin calls are never served over the mutual-TLS listener, so admins
+// listing identities would admit nobody while reading as if it did.
+func TestAdminIdentitiesRefused(t *testing.T) {
+	cfg := strings.Replace(good, "admins: {uids: [0]}", "admins: {uids: [0], identities: [\"spiffe://example.org/ops\"]}", 1)
+	if _, err := Parse([]byte(cfg), "k.yaml"); err == nil || !strings.Contains(err.Error(), "admins.identities") {
+		t.Errorf("admins with identities: %v, want it refused", err)
+	}
+}
