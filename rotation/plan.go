@@ -70,7 +70,11 @@ type Action struct {
 //
 // Deadlines are read from the versions' recorded times, so a restart or a
 // clock that stood still resumes the schedule where it was:
-//   - next → active at ActivateAt;
+//   - next → active at ActivateAt, or at once when the key set has no
+//     active key and no lost one: that is a Revoke of the active key
+//     interrupted (a crash, a failed save) after it recorded the
+//     revocation and before it activated the next key in its place, and
+//     the key set must sign again as Revoke would have made it;
 //   - active → draining when a next key activates; a next key is created
 //     Prepublish before the active key's DeactivateAt (or at once, activating
 //     after Prepublish, when that moment has passed);
@@ -122,7 +126,7 @@ func Plan(now time.Time, s Schedule, versions []Version) []Action {
 
 	switch {
 	case next != nil:
-		if !now.Before(next.ActivateAt) {
+		if !now.Before(next.ActivateAt) || (active == nil && !lost) {
 			actions = append(actions, Action{Kind: Activate, Kid: next.Kid})
 		}
 	case active == nil:

@@ -156,3 +156,50 @@ func TestStartWithInsecureKeyFile(t *testing.T) {
 		t.Errorf("after fixing the mode the active key is %s (%v), want %s active", got.Kid, got.State, old.Kid)
 	}
 }
+
+// Killed while Revoke activates the pre-published next key in place of the
+// revoked active one (the revocation is recorded, the activation is not):
+// after the restart the key set signs with the next key, as Revoke would
+// have made it do, not with nothing until the next key's activation time.
+func TestCrashDuringRevokeActivationOfNext(t *testing.T) {
+	f := newFixture(t)
+	clock := newClock()
+	crash := false
+	m, err := rotation.New(context.Background(), rotation.Config{
+		Backend: f.backend, Store: f.store, Now: clock.Now, Monotonic: clock.Mono,
+		KeySets: []rotation.KeySet{{Name: "as", Purpose: "client_assertion", Spec: keystore.KeySpec{Algorithm: keystore.ES256}, Schedule: sched, Prepublish: true}},
+		Failpoint: func(name string) {
+			if crash && name == "activate.before_commit" {
+				panic("killed at " + name)
+			}
+		},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	first := active(t, m, "as")
+	res, err := m.Rotate(context.Background(), "as", false)
+	if err != nil || res.Next.Kid == "" {
+		t.Fatalf("rotate: %+v, %v; want a next key", res, err)
+	}
+	crash = true
+	func() {
+		defer func() { recover() }()
+		m.Revoke(context.Background(), first.Kid, "as")
+		t.Fatal("no crash")
+	}()
+	f.restart(t)
+	clock.Advance(time.Minute)
+	m = scheduled(t, f, clock, nil)
+	l, err := m.Acquire("as", "")
+	if err != nil {
+		t.Fatalf("after the restart (%v) the key set signs nothing until its next key activates at %v: %v", states(m), res.Next.ActivateAt, err)
+	}
+	l.Release()
+	if l.Version.Kid != res.Next.Kid {
+		t.Errorf("active %s, want the pre-published next key %s", l.Version.Kid, res.Next.Kid)
+	}
+	if _, err := m.Acquire("as", first.Kid); !errors.Is(err, rotation.ErrNotSignable) {
+		t.Errorf("the revoked key: %v, want ErrNotSignable", err)
+	}
+}
