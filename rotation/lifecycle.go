@@ -590,6 +590,13 @@ func (m *Manager) tickLocked(ctx context.Context) error {
 				m.log.Error("scheduled key change failed; the key set stays as it is and the change is retried",
 					"keyset", name, "action", a.Kind.String(), "kid", a.Kid, "err", err)
 				errs = append(errs, fmt.Errorf("key set %q: %s: %w", name, a.Kind, err))
+				if a.Kind == Destroy {
+					// Nothing later depends on a key leaving the backend,
+					// and a destroy that keeps failing (a read-only token)
+					// must not keep a draining key published and signing
+					// past its drain, nor hold up the rotation.
+					continue
+				}
 				break // later actions of this plan may depend on this one
 			}
 		}

@@ -492,3 +492,55 @@ func TestDestroyedRecordsPruned(t *testing.T) {
 		t.Errorf("%d destroyed records kept, want those of the last 30 days", destroyed)
 	}
 }
+
+// R4 with R2: a backend that signs but can neither generate nor destroy
+// (a token that went read-only) fails the destroy of an old retired key.
+// That must not keep a draining key past its drain: the retire needs no
+// backend, and a draining key still published and signable long after its
+// retire time is one verifiers were told is gone.
+func TestFailedDestroyDoesNotBlockRetire(t *testing.T) {
+	f := newFixture(t)
+	clock := newClock()
+	b := &flaky{Backend: f.backend, destroyDown: true}
+	m, err := rotation.New(context.Background(), rotation.Config{
+		Backend: b, Store: f.store, Now: clock.Now, Monotonic: clock.Mono,
+		KeySets: []rotation.KeySet{{Name: "as", Purpose: "dpop", Spec: keystore.KeySpec{Algorithm: keystore.ES256},
+			Schedule: rotation.Schedule{Drain: 2 * time.Hour, Retain: 24 * time.Hour}}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	first := active(t, m, "as")
+	if _, err := m.Rotate(context.Background(), "as", true); err != nil {
+		t.Fatal(err)
+	}
+	clock.Advance(2 * time.Hour) // the first key retires
+	if err := m.Tick(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	clock.Advance(23 * time.Hour)
+	res, err := m.Rotate(context.Background(), "as", true) // the second key drains until 27h
+	if err != nil {
+		t.Fatal(err)
+	}
+	second := res.Previous
+	b.setDown(true)
+	clock.Advance(2 * time.Hour) // 27h: the first key's destroy (due at 26h) and the second's retire
+	if err := m.Tick(context.Background()); !errors.Is(err, keystore.ErrUnavailable) {
+		t.Fatalf("tick: %v, want the failed destroy of %s", err, first.Kid)
+	}
+	if published(m)[second.Kid] {
+		t.Errorf("draining key %s still published after its drain, because the destroy of %s failed: %v", second.Kid, first.Kid, states(m))
+	}
+	if l, err := m.Acquire("as", second.Kid); err == nil {
+		l.Release()
+		t.Errorf("draining key %s still signs after its drain, because the destroy of %s failed", second.Kid, first.Kid)
+	}
+	b.setDown(false)
+	if err := m.Tick(context.Background()); err != nil {
+		t.Fatalf("tick once the backend is back: %v", err)
+	}
+	if s := states(m); len(s[rotation.Destroyed]) != 1 || s[rotation.Destroyed][0] != first.Kid {
+		t.Errorf("after recovery: %v, want %s destroyed", s, first.Kid)
+	}
+}
