@@ -501,11 +501,13 @@ func (m *Manager) sweepIntentsLocked(ctx context.Context) {
 // before it waits for any other lifecycle change in progress (a slow key
 // generation, a destroy waiting for its signatures): from then on the
 // version signs nothing in this process, even if recording the revocation
-// then fails. A signature in flight with it is discarded (see
-// Lease.Valid). When the revoked version was the active one, a new active
-// key is generated at once (or a published next key activated) so the key
-// set keeps working; so it is when the revoked version was the key set's
-// lost active key (see StaleKids) and no other lost active key is left.
+// then fails (each Tick then tries to record it, and holds the key set's
+// scheduled changes until it can). A signature in flight with it is
+// discarded (see Lease.Valid). When the revoked version was the active
+// one, a new active key is generated at once (or a published next key
+// activated) so the key set keeps working; so it is when the revoked
+// version was the key set's lost active key (see StaleKids) and no other
+// lost active key is left.
 // keyset, when not empty, must be the version's key set.
 func (m *Manager) Revoke(ctx context.Context, kid, keyset string) (Version, error) {
 	s, e := m.findKid(kid, keyset)
@@ -515,6 +517,14 @@ func (m *Manager) Revoke(ctx context.Context, kid, keyset string) (Version, erro
 	e.revoking.Store(true)
 	m.opMu.Lock()
 	defer m.opMu.Unlock()
+	return m.revokeLocked(ctx, s, e)
+}
+
+// revokeLocked records the revocation of e, a version of s being revoked,
+// and replaces it when it was the active key (see Revoke). Callers hold
+// opMu.
+func (m *Manager) revokeLocked(ctx context.Context, s *setState, e *entry) (Version, error) {
+	kid := e.v.Kid
 	if e.v.State == Revoked || e.v.State == Destroyed {
 		return e.v, nil
 	}
@@ -579,6 +589,16 @@ func (m *Manager) tickLocked(ctx context.Context) error {
 	var errs []error
 	for _, name := range m.order {
 		s := m.sets[name]
+		if err := m.finishRevokesLocked(ctx, s); err != nil {
+			m.failures.Add(1)
+			m.log.Error("a revocation is still not recorded; the key signs nothing, and the key set's scheduled changes wait for it",
+				"keyset", name, "err", err)
+			// The plan cannot see that a version is being revoked: it
+			// would activate a revoked next key, or keep a revoked active
+			// one.
+			errs = append(errs, fmt.Errorf("key set %q: %w", name, err))
+			continue
+		}
 		now := m.now()
 		for _, a := range Plan(now, s.cfg.Schedule, m.setVersions(s)) {
 			if err := m.execLocked(ctx, s, a, now); err != nil {
@@ -602,6 +622,29 @@ func (m *Manager) tickLocked(ctx context.Context) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// finishRevokesLocked records the revocations of versions of s that a
+// Revoke could not record (a failed save): they sign nothing already, and
+// until the record says so the schedule would treat them as it did before
+// (activate a revoked next key, say, leaving the key set without a key
+// that signs). Callers hold opMu.
+func (m *Manager) finishRevokesLocked(ctx context.Context, s *setState) error {
+	m.mu.RLock()
+	var unrecorded []*entry
+	for _, e := range m.all {
+		if e.v.KeySet == s.cfg.Name && e.revoking.Load() && e.v.State != Revoked && e.v.State != Destroyed && e.v.State != Pending {
+			unrecorded = append(unrecorded, e)
+		}
+	}
+	m.mu.RUnlock()
+	for _, e := range unrecorded {
+		if _, err := m.revokeLocked(ctx, s, e); err != nil {
+			return err
+		}
+		m.log.Warn("recorded a revocation that could not be recorded when it was made", "keyset", s.cfg.Name, "kid", e.v.Kid)
+	}
+	return nil
 }
 
 func (m *Manager) setVersions(s *setState) []Version {

@@ -544,3 +544,68 @@ func TestFailedDestroyDoesNotBlockRetire(t *testing.T) {
 		t.Errorf("after recovery: %v, want %s destroyed", s, first.Kid)
 	}
 }
+
+// breakSaves makes the store's saves fail (the state file's name is taken
+// by a directory, so the rename fails) until the returned func is called.
+func breakSaves(t *testing.T, f *fixture) (restore func()) {
+	t.Helper()
+	path := filepath.Join(f.dir, "state", "keys.json")
+	saved, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(path); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.MkdirAll(filepath.Join(path, "x"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	return func() {
+		t.Helper()
+		if err := os.RemoveAll(path); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(path, saved, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// R4 with a failing save: the revocation of a pre-published next key
+// cannot be recorded. The key signs nothing more (Revoke says so), so its
+// scheduled activation, once saves work again, must not make it the key
+// set's active key: every sign without a kid would fail. The tick records
+// the revocation instead, and the key set keeps a key that signs.
+func TestUnrecordedRevokeOfNextKeyNotActivated(t *testing.T) {
+	f := newFixture(t)
+	clock := newClock()
+	m := scheduled(t, f, clock, nil)
+	first := active(t, m, "as")
+	res, err := m.Rotate(context.Background(), "as", false)
+	if err != nil || res.Next.Kid == "" {
+		t.Fatalf("rotate: %+v, %v; want a next key", res, err)
+	}
+	restore := breakSaves(t, f)
+	if _, err := m.Revoke(context.Background(), res.Next.Kid, "as"); err == nil {
+		t.Fatal("revoke recorded with a state file that cannot be written")
+	}
+	restore()
+	clock.Advance(time.Hour) // the next key's activation time
+	if err := m.Tick(context.Background()); err != nil {
+		t.Fatalf("tick: %v", err)
+	}
+	l, err := m.Acquire("as", "")
+	if err != nil {
+		t.Fatalf("after the tick (%v) the key set signs nothing: %v", states(m), err)
+	}
+	l.Release()
+	if l.Version.Kid == res.Next.Kid {
+		t.Errorf("the key being revoked, %s, is the active key", res.Next.Kid)
+	}
+	if l.Version.Kid != first.Kid {
+		t.Errorf("active %s, want %s still", l.Version.Kid, first.Kid)
+	}
+	if s := states(m); len(s[rotation.Revoked]) != 1 || s[rotation.Revoked][0] != res.Next.Kid {
+		t.Errorf("states %v, want %s revoked", s, res.Next.Kid)
+	}
+}
