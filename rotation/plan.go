@@ -133,9 +133,10 @@ func Plan(now time.Time, s Schedule, versions []Version) []Action {
 		if !lost {
 			actions = append(actions, Action{Kind: CreateActive})
 		}
-	case s.Period > 0 && !active.DeactivateAt.IsZero():
-		if createAt := active.DeactivateAt.Add(-s.Prepublish); !now.Before(createAt) {
-			at := active.DeactivateAt
+	case s.Period > 0:
+		deactivate := deactivation(s, *active)
+		if createAt := deactivate.Add(-s.Prepublish); !now.Before(createAt) {
+			at := deactivate
 			if min := now.Add(s.Prepublish); at.Before(min) {
 				at = min
 			}
@@ -187,10 +188,21 @@ func NextDue(now time.Time, s Schedule, versions []Version) time.Time {
 	}
 	if !hasNext && s.Period > 0 {
 		for _, v := range versions {
-			if v.State == Active && !v.DeactivateAt.IsZero() {
-				consider(v.DeactivateAt.Add(-s.Prepublish))
+			if v.State == Active {
+				consider(deactivation(s, v).Add(-s.Prepublish))
 			}
 		}
 	}
 	return at
+}
+
+// deactivation is when active version v is due to be replaced under s,
+// which has a period: its DeactivateAt, or, for a key activated while its
+// key set had no period (a schedule added to the configuration later), a
+// period after its activation.
+func deactivation(s Schedule, v Version) time.Time {
+	if v.DeactivateAt.IsZero() {
+		return v.ActivatedAt.Add(s.Period)
+	}
+	return v.DeactivateAt
 }

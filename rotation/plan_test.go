@@ -40,6 +40,11 @@ func TestPlan(t *testing.T) {
 		{"active, prepublish missed (backend was down)", 25 * time.Hour, sched, []Version{active("a", 0)},
 			[]Action{{Kind: CreateNext, ActivateAt: at(26 * time.Hour)}}},
 		{"no schedule: active forever", 1000 * time.Hour, noSched, []Version{{Kid: "a", State: Active, ActivatedAt: t0}}, nil},
+		// Activated while the key set had no period: a period added to
+		// the configuration later counts from the activation.
+		{"period added later, not yet due", 10 * time.Hour, sched, []Version{{Kid: "a", State: Active, ActivatedAt: t0}}, nil},
+		{"period added later, due", 240 * time.Hour, sched, []Version{{Kid: "a", State: Active, ActivatedAt: t0}},
+			[]Action{{Kind: CreateNext, ActivateAt: at(241 * time.Hour)}}},
 		{"next published, before activation", 23*time.Hour + 30*time.Minute, sched, []Version{active("a", 0), next("b", 24*time.Hour)}, nil},
 		{"next published, just before activation", 24*time.Hour - time.Nanosecond, sched, []Version{active("a", 0), next("b", 24*time.Hour)}, nil},
 		{"next published, at activation", 24 * time.Hour, sched, []Version{active("a", 0), next("b", 24*time.Hour)}, []Action{{Kind: Activate, Kid: "b"}}},
@@ -160,5 +165,9 @@ func TestNextDue(t *testing.T) {
 	}
 	if got := NextDue(t0, Schedule{}, []Version{{State: Active}}); !got.IsZero() {
 		t.Errorf("nothing scheduled: %v", got)
+	}
+	// Activated without a period, which the configuration has now.
+	if got := NextDue(at(time.Hour), sched, []Version{{Kid: "a", State: Active, ActivatedAt: t0}}); !got.Equal(at(23 * time.Hour)) {
+		t.Errorf("NextDue of a key activated before its key set had a period = %v, want 23h", got.Sub(t0))
 	}
 }
