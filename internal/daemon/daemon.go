@@ -98,10 +98,7 @@ type Daemon struct {
 	// for them: Serve does, before it closes what they use. (Not a
 	// WaitGroup: a handler may still start while Serve waits.)
 	calls atomic.Int64
-	// signStreams counts the SignStream handlers among calls: a client
-	// keeps its stream open between signatures.
-	signStreams atomic.Int64
-	srv         *server.Server
+	srv   *server.Server
 }
 
 // New builds a daemon: it locks the state directory, opens the backend,
@@ -186,6 +183,7 @@ func New(ctx context.Context, cfg *config.Config, opts Options) (_ *Daemon, err 
 	d.srv, err = server.New(server.Config{
 		Manager: d.mgr, KeySets: policies, Admins: admins, Audit: sink, Logger: log,
 		Metrics: d.metrics, SignRate: cfg.Limits.SignRate, SignBurst: cfg.Limits.SignBurst,
+		Stop: d.stopping.Done(),
 		BackendFailed: func(error) {
 			select {
 			case d.kick <- struct{}{}:
@@ -466,27 +464,14 @@ const backgroundWait = 15 * time.Second
 const gracefulWait = 10 * time.Second
 
 // awaitStop waits for the graceful stop (stopped closed), at most
-// gracefulWait. It stops the servers at once when all that is left is
-// idle SignStreams, which clients keep open between signatures and would
-// otherwise hold every stop for gracefulWait: nothing is lost then.
+// gracefulWait; then it stops the servers, cutting off what still runs.
+// The SignStreams that clients keep open between signatures do not hold
+// it: each ends once the requests it took are answered (server.Config.Stop).
 func (d *Daemon) awaitStop(stopped <-chan struct{}) {
-	limit := time.NewTimer(gracefulWait)
-	defer limit.Stop()
-	poll := time.NewTicker(20 * time.Millisecond)
-	defer poll.Stop()
-	for {
-		select {
-		case <-stopped:
-			return
-		case <-limit.C:
-			d.eachServer((*grpc.Server).Stop)
-			return
-		case <-poll.C:
-			if d.calls.Load() == d.signStreams.Load() && d.srv.StreamItemsInFlight() == 0 {
-				d.eachServer((*grpc.Server).Stop)
-				return
-			}
-		}
+	select {
+	case <-stopped:
+	case <-time.After(gracefulWait):
+		d.eachServer((*grpc.Server).Stop)
 	}
 }
 
@@ -709,10 +694,6 @@ func (d *Daemon) streamInterceptor(srv any, ss grpc.ServerStream, info *grpc.Str
 		}
 		d.logRPC(ss.Context(), info.FullMethod, start, err)
 	}()
-	if info.FullMethod == keydv1.KeyService_SignStream_FullMethodName {
-		d.signStreams.Add(1)
-		defer d.signStreams.Add(-1)
-	}
 	if info.IsServerStream && !info.IsClientStream && d.stopping != nil {
 		// A watcher ends when the daemon stops.
 		ctx, cancel := context.WithCancel(ss.Context())

@@ -64,6 +64,11 @@ type Config struct {
 	// with bursts of SignBurst (default: one second's worth).
 	SignRate  float64
 	SignBurst int
+	// Stop, when set, is closed when the daemon begins to stop: each
+	// SignStream then takes no more requests and ends, UNAVAILABLE, once
+	// those it took are answered. Clients keep their stream open between
+	// signatures, so it would otherwise hold a graceful stop for good.
+	Stop <-chan struct{}
 }
 
 // Server implements keyd.v1.KeyService and keyd.v1.KeyAdminService.
@@ -85,6 +90,7 @@ type Server struct {
 
 	streamItems atomic.Int64 // see StreamItemsInFlight
 	callerSlots callerSlots
+	stop        <-chan struct{} // Config.Stop
 }
 
 // New returns a Server.
@@ -93,7 +99,7 @@ func New(cfg Config) (*Server, error) {
 		return nil, errors.New("server: Manager and Audit are required")
 	}
 	s := &Server{mgr: cfg.Manager, sets: cfg.KeySets, admins: cfg.Admins, audit: cfg.Audit, log: cfg.Logger, now: cfg.Now, rand: cfg.Rand, failed: cfg.BackendFailed,
-		metrics: cfg.Metrics, limit: newLimiter(cfg.SignRate, cfg.SignBurst)}
+		metrics: cfg.Metrics, limit: newLimiter(cfg.SignRate, cfg.SignBurst), stop: cfg.Stop}
 	if s.log == nil {
 		s.log = slog.New(slog.DiscardHandler)
 	}

@@ -111,6 +111,8 @@ type envOpts struct {
 	backend   keystore.Backend
 	// grpcOpts are added to the gRPC server's options.
 	grpcOpts []grpc.ServerOption
+	// stop is the server's Config.Stop.
+	stop <-chan struct{}
 }
 
 func newEnv(t testing.TB, sets []testKeySet, opts envOpts) *env {
@@ -168,7 +170,7 @@ func newEnv(t testing.TB, sets []testKeySet, opts envOpts) *env {
 		m = metrics.New(backend.Name(), mgr)
 	}
 	srv, err := server.New(server.Config{Manager: mgr, KeySets: policies, Admins: adminList, Audit: aud,
-		Metrics: m, SignRate: opts.signRate, SignBurst: opts.signBurst})
+		Metrics: m, SignRate: opts.signRate, SignBurst: opts.signBurst, Stop: opts.stop})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -62,6 +62,26 @@ func (s *Server) SignStream(stream grpc.BidiStreamingServer[keydv1.SignStreamReq
 	}
 	defer st.wg.Wait()
 	defer close(st.done)
+	if s.stop == nil {
+		return st.receive(stream)
+	}
+	// The requests are read on a goroutine of their own, so that the stop
+	// can end a stream whose client is not sending.
+	received := make(chan error, 1)
+	go func() { received <- st.receive(stream) }()
+	select {
+	case err := <-received:
+		return err
+	case <-s.stop:
+		return st.end()
+	}
+}
+
+// receive reads the stream's requests and hands them to workers until the
+// client ends the stream (nil), the stream fails, or the stream is ending
+// (see end).
+func (st *streamState) receive(stream grpc.BidiStreamingServer[keydv1.SignStreamRequest, keydv1.SignStreamResponse]) error {
+	ctx, s := st.ctx, st.srv
 	for {
 		msg, err := stream.Recv()
 		if errors.Is(err, io.EOF) {
@@ -93,10 +113,32 @@ func (s *Server) SignStream(stream grpc.BidiStreamingServer[keydv1.SignStreamReq
 					return nil
 				}
 			}
+			st.mu.Lock()
+			if st.ending {
+				// Not served: the stream's end (UNAVAILABLE) answers it.
+				st.mu.Unlock()
+				if st.out.caller != nil {
+					<-st.out.caller
+				}
+				<-st.sem
+				return nil
+			}
 			s.streamItems.Add(1)
 			st.dispatch(it)
+			st.mu.Unlock()
 		}
 	}
+}
+
+// end makes the stream take no more requests and returns the stream's
+// final status. The requests it took are answered before that status:
+// SignStream's deferred wait lets every worker finish its request and send
+// its result first.
+func (st *streamState) end() error {
+	st.mu.Lock()
+	st.ending = true
+	st.mu.Unlock()
+	return status.Error(codes.Unavailable, "keyd is stopping; reconnect and retry (a restarted keyd answers)")
 }
 
 // callerInFlight bounds the SignStream requests one caller (a local uid,
@@ -143,6 +185,9 @@ type streamState struct {
 	done chan struct{}               // closed when the stream ends
 	wg   sync.WaitGroup
 	out  outbox
+
+	mu     sync.Mutex // orders taking a request against ending
+	ending bool       // the daemon is stopping: no request is taken
 }
 
 // dispatch hands it to an idle worker, or starts one. The number of workers

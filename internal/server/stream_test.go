@@ -161,6 +161,52 @@ func TestLoneRequestDoesNotBlockTheStream(t *testing.T) {
 	}
 }
 
+// When the daemon stops (Config.Stop closed), a SignStream takes no more
+// requests and ends, UNAVAILABLE, once those it took are answered: a
+// request in flight gets its result before the end, and a client that
+// keeps its stream open does not hold the graceful stop. (The daemon used
+// to force the stop once no request was in flight, which could cut off a
+// result handed to gRPC but not yet written.)
+func TestStreamEndsAtStopAfterItsResults(t *testing.T) {
+	stop := make(chan struct{})
+	fb := &firstBlocks{entered: make(chan struct{}), release: make(chan struct{})}
+	e := newEnv(t, defaultSets[:1], envOpts{stop: stop, wrap: func(b keystore.Backend) keystore.Backend { fb.Backend = b; return fb }})
+	st := rawStream(t, e)
+	fb.armed.Store(true)
+	if err := st.Send(&keydv1.SignStreamRequest{Requests: []*keydv1.SignStreamItem{dpopItem(1)}}); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-fb.entered:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the request did not reach the backend within 10 s")
+	}
+	close(stop)
+	stopped := make(chan struct{})
+	go func() {
+		e.grpc.GracefulStop()
+		close(stopped)
+	}()
+	time.Sleep(50 * time.Millisecond) // the stop is under way, the request held
+	close(fb.release)
+
+	resp, err := st.Recv()
+	if err != nil {
+		t.Fatalf("the request in flight when the stop began got no result: %v", err)
+	}
+	if len(resp.Results) != 1 || resp.Results[0].Id != 1 || resp.Results[0].Code != int32(codes.OK) || resp.Results[0].Response == nil {
+		t.Fatalf("the request in flight when the stop began: %+v", resp.Results)
+	}
+	if _, err := st.Recv(); status.Code(err) != codes.Unavailable {
+		t.Errorf("after its results, the stream ended with %v; want UNAVAILABLE", err)
+	}
+	select {
+	case <-stopped:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the graceful stop did not finish within 10 s with a SignStream open")
+	}
+}
+
 // The stream is reopened after the daemon restarts.
 func TestStreamReconnects(t *testing.T) {
 	e := newEnv(t, defaultSets, envOpts{})
