@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"runtime"
 	"strings"
 	"sync"
@@ -114,8 +115,13 @@ func benchmark(ctx context.Context, o options) (_ *report, err error) {
 	defer ec.Close()
 	health := healthpb.NewHealthClient(ec.Conn())
 
-	// The same soft key directory keyd uses; only Sign is called on it.
-	be, err := soft.New(soft.Config{Dir: cfg.SoftDir()})
+	// The same keys keyd uses, in a copy of its key directory: keyd holds
+	// the directory's lock. Only Sign is called on them.
+	copyDir := filepath.Join(w.dir, "keys-copy")
+	if err := copyKeyFiles(cfg.SoftDir(), copyDir); err != nil {
+		return nil, err
+	}
+	be, err := soft.New(soft.Config{Dir: copyDir})
 	if err != nil {
 		return nil, err
 	}
@@ -353,4 +359,26 @@ func algStrings(as []keystore.Algorithm) []string {
 		out[i] = string(a)
 	}
 	return out
+}
+
+// copyKeyFiles copies the key files (*.key) of the soft key directory src
+// into dst (created 0700), as the soft keystore wants them: mode 0600.
+func copyKeyFiles(src, dst string) error {
+	if err := os.MkdirAll(dst, 0o700); err != nil {
+		return err
+	}
+	names, err := filepath.Glob(filepath.Join(src, "*.key"))
+	if err != nil {
+		return err
+	}
+	for _, name := range names {
+		b, err := os.ReadFile(name)
+		if err != nil {
+			return err
+		}
+		if err := os.WriteFile(filepath.Join(dst, filepath.Base(name)), b, 0o600); err != nil {
+			return err
+		}
+	}
+	return nil
 }

@@ -2,11 +2,14 @@ package main
 
 import (
 	"context"
+	"crypto/ecdsa"
+	"path/filepath"
 	"slices"
 	"testing"
 	"time"
 
 	"github.com/keyd-dev/keyd/keystore"
+	"github.com/keyd-dev/keyd/keystore/soft"
 )
 
 func TestPercentile(t *testing.T) {
@@ -96,5 +99,35 @@ func TestParseFlagsSlices(t *testing.T) {
 		if _, err := parseFlags(bad); err == nil {
 			t.Errorf("%q: no error", bad)
 		}
+	}
+}
+
+// The soft section signs with keyd's own keys while keyd holds its key
+// directory's lock: it opens a copy of the key files.
+func TestCopyKeyFilesWhileLocked(t *testing.T) {
+	src, dst := filepath.Join(t.TempDir(), "keys"), filepath.Join(t.TempDir(), "copy")
+	held, err := soft.New(soft.Config{Dir: src})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer held.Close()
+	pub, err := held.Generate(t.Context(), "k", keystore.KeySpec{Algorithm: keystore.ES256})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := copyKeyFiles(src, dst); err != nil {
+		t.Fatal(err)
+	}
+	be, err := soft.New(soft.Config{Dir: dst})
+	if err != nil {
+		t.Fatalf("the copy of a locked key directory: %v", err)
+	}
+	defer be.Close()
+	got, err := be.Public(t.Context(), "k")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !got.(*ecdsa.PublicKey).Equal(pub) {
+		t.Error("the copied key is not the key")
 	}
 }
