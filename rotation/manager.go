@@ -417,6 +417,10 @@ func (m *Manager) Acquire(keyset, kid string) (*Lease, error) {
 		return nil, fmt.Errorf("kid %s of key set %q is %s: %w", e.v.Kid, keyset, st, ErrNotSignable)
 	case e.revoking.Load():
 		return nil, fmt.Errorf("kid %s of key set %q is being revoked: %w", e.v.Kid, keyset, ErrNotSignable)
+	case st == Draining && !e.v.RetireAt.IsZero() && !m.now().Before(e.v.RetireAt):
+		// Its drain is over; the tick that unpublishes it is late (held
+		// by a slow backend call, say). Verifiers were told it is gone.
+		return nil, fmt.Errorf("kid %s of key set %q finished draining at %s: %w", e.v.Kid, keyset, e.v.RetireAt.UTC().Format(time.RFC3339), ErrNotSignable)
 	}
 	e.refs.Add(1)
 	return &Lease{m: m, e: e, Version: e.v}, nil

@@ -193,6 +193,35 @@ func TestScheduleTimeline(t *testing.T) {
 	}
 }
 
+// R2: a draining key stops signing at its retire time even when the tick
+// that unpublishes it is late (held up by a slow backend call, or a tick
+// interval longer than the remaining drain).
+func TestDrainingKeyStopsAtRetireTimeWithoutTick(t *testing.T) {
+	f := newFixture(t)
+	clock := newClock()
+	m := scheduled(t, f, clock, nil)
+	first := active(t, m, "as")
+	for _, d := range []time.Duration{23 * time.Hour, time.Hour} { // prepublish, activation
+		clock.Advance(d)
+		if err := m.Tick(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if s := states(m); len(s[rotation.Draining]) != 1 || s[rotation.Draining][0] != first.Kid {
+		t.Fatalf("after the rotation: %v", s)
+	}
+	clock.Advance(2*time.Hour - time.Second)
+	l, err := m.Acquire("as", first.Kid)
+	if err != nil {
+		t.Fatalf("draining key before its retire time: %v", err)
+	}
+	l.Release()
+	clock.Advance(time.Second) // its retire time; no tick
+	if _, err := m.Acquire("as", first.Kid); !errors.Is(err, rotation.ErrNotSignable) {
+		t.Errorf("draining key at its retire time, the tick not run yet: %v; want ErrNotSignable", err)
+	}
+}
+
 // R4: the backend is down when a rotation is due: it is deferred, the active
 // key is unchanged, no half state is left, and it happens once the backend
 // is back.
