@@ -193,3 +193,106 @@ func TestFaultCodesOverGRPC(t *testing.T) {
 		sameKey(t, cl, kid)
 	})
 }
+
+// The P rows SoftHSM produces for real, seen as a caller sees them: the
+// gRPC code of a DPoP proof while the fault lasts, what became of the key,
+// and goroutines and threads back to their baseline (checkGoroutines, at
+// the test's cleanup).
+func TestRealFaultsOverGRPC(t *testing.T) {
+	type fixture struct {
+		f       *faultModule
+		b       *Backend
+		tok     *testToken
+		cl      *client.Client
+		kid, id string
+	}
+	setup := func(t *testing.T, o options) fixture {
+		t.Helper()
+		checkGoroutines(t)
+		x := fixture{f: newFaultModule()}
+		x.b, x.tok = faultBackend(t, x.f, o)
+		x.cl = overGRPC(t, x.b)
+		k, err := x.cl.ActiveKey(t.Context(), "d")
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids, err := x.b.List(t.Context())
+		if err != nil || len(ids) != 1 {
+			t.Fatalf("List = %q, %v; want the key set's one key", ids, err)
+		}
+		x.kid, x.id = k.Kid, ids[0]
+		wantCode(t, x.cl, 10*time.Second, codes.OK, "before the fault")
+		return x
+	}
+
+	// P1: the token's directory removed under keyd: DATA_LOSS, and again
+	// (no key is made in its place); the version is recorded lost, not
+	// replaced.
+	t.Run("P1 token directory removed", func(t *testing.T) {
+		x := setup(t, options{recoverBackoff: time.Millisecond, recheck: 10 * time.Millisecond})
+		x.tok.wipe(t)
+		time.Sleep(20 * time.Millisecond) // past the session copy's recheck
+		for range 3 {
+			wantCode(t, x.cl, 10*time.Second, codes.DataLoss, "after the token's directory was removed")
+		}
+		keys, err := x.cl.ListKeys(t.Context(), "d")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(keys) != 1 || keys[0].Kid != x.kid || keys[0].State != "lost" {
+			t.Errorf("key versions %+v; want only %s, lost", keys, x.kid)
+		}
+	})
+
+	// P2: another part of the process finalizes and initializes the
+	// module again: the next call recovers within itself (one more login)
+	// and signs with the same key.
+	t.Run("P2 module re-initialized", func(t *testing.T) {
+		x := setup(t, options{})
+		raw := x.b.lib.ctx
+		if err := raw.Finalize(); err != nil {
+			t.Fatal(err)
+		}
+		if err := raw.Initialize(); err != nil {
+			t.Fatal(err)
+		}
+		wantCode(t, x.cl, 10*time.Second, codes.OK, "after the re-initialization")
+		sameKey(t, x.cl, x.kid)
+		if n := x.f.logins.Load(); n != 2 {
+			t.Errorf("%d C_Login calls; want 2 (start, one recovery)", n)
+		}
+	})
+
+	// P3: another application changes the user PIN (C_SetPIN) and the
+	// login is lost: FAILED_PRECONDITION, with exactly one more C_Login
+	// (no retry loop, which would lock a real HSM's PIN); the key stays on
+	// the token and active in keyd's records.
+	t.Run("P3 PIN changed", func(t *testing.T) {
+		x := setup(t, options{recoverBackoff: time.Millisecond})
+		const newPIN = "3333"
+		ctx := x.b.lib.ctx
+		h := rawSession(t, x.b)
+		defer ctx.CloseSession(h)
+		if err := ctx.SetPIN(h, testUserPIN, newPIN); err != nil {
+			t.Fatal(err)
+		}
+		if err := ctx.Logout(h); err != nil {
+			t.Fatal(err)
+		}
+		for range 5 {
+			wantCode(t, x.cl, 10*time.Second, codes.FailedPrecondition, "after the PIN changed")
+			time.Sleep(2 * time.Millisecond)
+		}
+		if n := x.f.logins.Load(); n != 2 {
+			t.Errorf("%d C_Login calls; want 2 (start, one attempt with the old PIN)", n)
+		}
+		sameKey(t, x.cl, x.kid)
+		if err := ctx.Login(h, p11.CKU_USER, newPIN); err != nil {
+			t.Fatal(err)
+		}
+		defer ctx.Logout(h)
+		if objs := rawFind(t, x.b, h, x.id, p11.CKO_PRIVATE_KEY); len(objs) != 1 {
+			t.Errorf("%d private key objects of %s on the token; want 1", len(objs), x.id)
+		}
+	})
+}
