@@ -3,6 +3,7 @@ package daemon
 import (
 	"context"
 	"fmt"
+	"math/rand/v2"
 	"os"
 	"runtime"
 	"strings"
@@ -16,6 +17,7 @@ import (
 	"github.com/keyd-dev/keyd/client"
 	"github.com/keyd-dev/keyd/internal/config"
 	"github.com/keyd-dev/keyd/internal/swtpmtest"
+	keydv1 "github.com/keyd-dev/keyd/proto/keyd/v1"
 )
 
 // proofCode asks for one DPoP proof and returns its gRPC code.
@@ -46,7 +48,7 @@ func awaitCode(t *testing.T, cl *client.Client, want codes.Code, limit time.Dura
 	}
 }
 
-// TestTPMFaultsOverGRPC (T1, T2, T3, T6, T7): keyd on a real swtpm, seen
+// TestTPMFaultsOverGRPC (T1, T2, T3, T4, T6, T7): keyd on a real swtpm, seen
 // through gRPC. A stopped TPM is UNAVAILABLE and recovers after SIGCONT; a
 // killed and restarted swtpm and a TPM reset are survived without
 // restarting keyd; 10 000 signatures and 100 rotations leave no transient
@@ -133,6 +135,16 @@ keysets:
 		t.Errorf("goroutines %d → %d after the faults", g0, g)
 	}
 
+	// T4: a fuzzed request stream: malformed and hostile requests on the
+	// SignStream and unary Sign (random key sets, kids, claims, headers,
+	// signing inputs, purposes), each answered with a refusal or a
+	// signature; none may reach the TPM as an authorization attempt (the
+	// lockout counter, read after keyd stops, stays 0).
+	fuzzRequests(t, cl, 2000)
+	if c, err := proofCode(cl, 10*time.Second); c != codes.OK {
+		t.Errorf("proof after the fuzzed requests = %v (%v), want OK", c, err)
+	}
+
 	// keyd's Close flushes only the objects it knows of: whatever leaked
 	// would still be in the TPM.
 	stop()
@@ -183,5 +195,67 @@ func serveTPM(t *testing.T, cfg *config.Config) (*Daemon, *client.Client, func()
 	return d, cl, func() {
 		cl.Close()
 		stop()
+	}
+}
+
+// fuzzRequests sends n requests built from random and hostile parts to
+// keyd over cl's connection, half on a SignStream and half as unary Sign
+// calls, and checks that each gets an answer, never an internal error.
+func fuzzRequests(t *testing.T, cl *client.Client, n int) {
+	t.Helper()
+	r := rand.New(rand.NewPCG(1, 2))
+	pick := func(xs ...string) string { return xs[r.IntN(len(xs))] }
+	junk := func(max int) []byte {
+		b := make([]byte, r.IntN(max))
+		for i := range b {
+			b[i] = byte(r.Uint32())
+		}
+		return b
+	}
+	// Protobuf strings are UTF-8: the client could not send others.
+	text := func(max int) string { return strings.ToValidUTF8(string(junk(max)), "\uFFFD") }
+	request := func() *keydv1.SignRequest {
+		return &keydv1.SignRequest{
+			Keyset:       pick("d", "", "D", "d\x00", "../d", strings.Repeat("d", 300)),
+			Kid:          pick("", "x", strings.Repeat("A", 43), text(64)),
+			Claims:       [][]byte{nil, junk(256), []byte(`{"htm":"GET","htu":"https://a.example/"}`), []byte(`{"htm":"GET","htu":"https://a.example/","nonce":"` + strings.Repeat("n", 5000) + `"}`), []byte(`{"htm":1}`)}[r.IntN(5)],
+			Header:       [][]byte{nil, junk(128), []byte(`{"alg":"none"}`), []byte(`{"jwk":{"kty":"oct"}}`)}[r.IntN(4)],
+			SigningInput: [][]byte{nil, junk(512)}[r.IntN(2)],
+			Purpose:      pick("", "dpop", "client_assertion", "jwt", "admin", text(16)),
+		}
+	}
+	keys := keydv1.NewKeyServiceClient(cl.Conn())
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	st, err := keys.SignStream(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range n / 2 {
+		if err := st.Send(&keydv1.SignStreamRequest{Requests: []*keydv1.SignStreamItem{{Id: uint64(i), Request: request()}}}); err != nil {
+			t.Fatalf("stream send %d: %v", i, err)
+		}
+	}
+	if err := st.CloseSend(); err != nil {
+		t.Fatal(err)
+	}
+	answered := 0
+	for answered < n/2 {
+		resp, err := st.Recv()
+		if err != nil {
+			t.Fatalf("stream after %d answers: %v", answered, err)
+		}
+		for _, res := range resp.Results {
+			if codes.Code(res.Code) == codes.Internal || codes.Code(res.Code) == codes.Unknown {
+				t.Errorf("fuzzed stream request answered %v: %s", codes.Code(res.Code), res.Message)
+			}
+			answered++
+		}
+	}
+	for i := range n - n/2 {
+		_, err := keys.Sign(ctx, request())
+		if c := status.Code(err); c == codes.Internal || c == codes.Unknown {
+			t.Errorf("fuzzed Sign %d answered %v", i, err)
+		}
 	}
 }
