@@ -88,6 +88,18 @@ keysets:
 	}
 	time.Sleep(100 * time.Millisecond)
 	g0 := runtime.NumGoroutine()
+	kid0 := active()
+	// sameKey: no key was lost or replaced by the fault.
+	sameKey := func(what string) {
+		t.Helper()
+		keys, err := cl.ListKeys(context.Background(), "d")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(keys) != 1 || keys[0].Kid != kid0 || keys[0].State != "active" {
+			t.Errorf("after %s: key versions %+v; want only %s, active", what, keys, kid0)
+		}
+	}
 
 	// T1: stopped, then continued.
 	s.Signal(t, syscall.SIGSTOP)
@@ -96,6 +108,7 @@ keysets:
 	}
 	s.Signal(t, syscall.SIGCONT)
 	awaitCode(t, cl, codes.OK, 15*time.Second)
+	sameKey("the TPM was stopped and continued")
 
 	// T2, T7: swtpm killed and restarted, three times; a TPM reset.
 	for range 3 {
@@ -106,6 +119,7 @@ keysets:
 	if c, err := proofCode(cl, 5*time.Second); c != codes.OK {
 		t.Errorf("proof after a TPM reset = %v (%v), want OK at once", c, err)
 	}
+	sameKey("swtpm restarts and a TPM reset")
 
 	// T3: 100 rotations and 10 000 signatures.
 	for i := range 100 {
@@ -181,6 +195,20 @@ keysets:
 		if k.State == "active" || (k.Kid == kid && k.State != "lost") {
 			t.Errorf("after TPM2_Clear: %s is %s; want the active key %s lost and none other active", k.Kid, k.State, kid)
 		}
+	}
+	// The refusals leave nothing running behind them.
+	stop()
+	for range 100 {
+		if g = runtime.NumGoroutine(); g <= g0 {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if g > g0 {
+		t.Errorf("goroutines %d → %d after TPM2_Clear and keyd's stop", g0, g)
+	}
+	if out := s.Tool(t, "tpm2_getcap", "handles-transient"); strings.TrimSpace(out) != "" {
+		t.Errorf("transient objects left in the cleared TPM after keyd stopped: %s", out)
 	}
 }
 
