@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -179,7 +180,10 @@ keysets:
 // TestCrashAtEveryRotationStep kills the daemon (SIGKILL, through
 // KEYD_FAILPOINT) at each step of a scheduled rotation, restarts it, and
 // checks that the key set has an active key that the JWK Set publishes,
-// that every published key is still in the backend, and that signing works.
+// that every published key is still in the backend (the restart's
+// reconcile marks a missing one lost), that the backend holds no key keyd
+// has no record of, and that signing works: on the soft keystore and on a
+// SoftHSM2 token (P10, P11).
 func TestCrashAtEveryRotationStep(t *testing.T) {
 	if testing.Short() {
 		t.Skip("runs for several seconds")
@@ -190,6 +194,37 @@ func TestCrashAtEveryRotationStep(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Run("soft", func(t *testing.T) {
+		crashAtEveryRotationStep(t, bin, func(t *testing.T, dir string) (string, []string) { return "{soft: {}}", nil })
+	})
+	t.Run("pkcs11", func(t *testing.T) {
+		script, err := filepath.Abs("../../softhsm-test/new-token.sh")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := exec.LookPath("softhsm2-util"); err != nil {
+			if requireHW() {
+				t.Fatalf("softhsm2-util not found and KEYD_REQUIRE_HW=1 (run softhsm-test/install-softhsm.sh): %v", err)
+			}
+			t.Skip("SoftHSM2 not installed")
+		}
+		crashAtEveryRotationStep(t, bin, func(t *testing.T, dir string) (string, []string) {
+			cmd := exec.Command(script, "keyd")
+			cmd.Env = append(os.Environ(), "SOFTHSM_TEST_DIR="+filepath.Join(dir, "hsm"))
+			out, err := cmd.Output()
+			if err != nil {
+				t.Fatalf("new-token.sh: %v", err)
+			}
+			vars := exports(out)
+			return fmt.Sprintf("{pkcs11: {module: %q, uri: %q, pin_file: %q}}", vars["KEYD_PKCS11_MODULE"], vars["KEYD_PKCS11_URI"], vars["KEYD_PKCS11_PIN_FILE"]),
+				[]string{"SOFTHSM2_CONF=" + vars["SOFTHSM2_CONF"]}
+		})
+	})
+}
+
+// crashAtEveryRotationStep is TestCrashAtEveryRotationStep on the backend
+// that backend gives for a test directory: its YAML and keyd's environment.
+func crashAtEveryRotationStep(t *testing.T, bin string, backend func(t *testing.T, dir string) (string, []string)) {
 	for _, point := range []string{
 		"rotate.after_intent", "rotate.after_generate", "rotate.after_commit",
 		"activate.before_commit", "retire.before_commit",
@@ -202,9 +237,10 @@ func TestCrashAtEveryRotationStep(t *testing.T) {
 				t.Fatal(err)
 			}
 			t.Cleanup(func() { os.RemoveAll(dir) })
+			be, env := backend(t, dir)
 			cfg := fmt.Sprintf(`socket: %[1]s/k.sock
 state_dir: %[1]s/state
-backend: {soft: {}}
+backend: %[3]s
 keysets:
   - name: d
     purpose: dpop
@@ -212,14 +248,14 @@ keysets:
     token_lifetime: 1s
     rotation: {period: 1s, drain: 1s, retain: 1s}
     allow: {uids: [%[2]d]}
-`, dir, os.Geteuid())
+`, dir, os.Geteuid(), be)
 			conf := filepath.Join(dir, "keyd.yaml")
 			if err := os.WriteFile(conf, []byte(cfg), 0o600); err != nil {
 				t.Fatal(err)
 			}
 			run := func(failpoint string) *exec.Cmd {
 				cmd := exec.Command(bin, "serve", "--config", conf)
-				cmd.Env = append(os.Environ(), "GORACE=atexit_sleep_ms=10", "KEYD_FAILPOINT="+failpoint)
+				cmd.Env = append(append(os.Environ(), env...), "GORACE=atexit_sleep_ms=10", "KEYD_FAILPOINT="+failpoint)
 				logf, _ := os.OpenFile(filepath.Join(dir, "keyd.log"), os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o600)
 				cmd.Stdout, cmd.Stderr = logf, logf
 				cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
@@ -313,12 +349,20 @@ keysets:
 			for _, v := range state.Versions {
 				switch v.State {
 				case "next", "active", "draining":
+					if be != "{soft: {}}" {
+						break // the restart's reconcile looked: else lost
+					}
 					if _, err := os.Stat(filepath.Join(dir, "state", "keys", v.ID+".key")); err != nil {
 						t.Errorf("published %s key %s missing from the backend: %v", v.State, v.Kid, err)
 					}
 				case "lost", "pending":
 					t.Errorf("version %s left %s", v.Kid, v.State)
 				}
+			}
+			// An orphan of the crash (a key made but never recorded) is
+			// removed at the restart, never left in the backend.
+			if log, _ := os.ReadFile(filepath.Join(dir, "keyd.log")); bytes.Contains(log, []byte("has no record of")) {
+				t.Errorf("the backend holds a key keyd has no record of after the restart:\n%s", log)
 			}
 		})
 	}
