@@ -23,19 +23,28 @@ var backendScripts = []string{"testdata/script/every-command.txtar"}
 // (KEYD_REQUIRE_HW=1, set by make test) rather than skip.
 func requireHW() bool { return os.Getenv("KEYD_REQUIRE_HW") == "1" }
 
-// TestScriptsOnTPM runs the backend scripts with keyd on a fresh swtpm
-// per script.
-func TestScriptsOnTPM(t *testing.T) {
-	script, err := filepath.Abs("../../softhsm-test/swtpm.sh")
+// harnessScript returns the absolute path of softhsm-test/script once tool
+// is installed; without tool the test fails under KEYD_REQUIRE_HW=1
+// (saying to run installer) and is skipped otherwise.
+func harnessScript(t *testing.T, tool, installer, script string) string {
+	t.Helper()
+	if _, err := exec.LookPath(tool); err != nil {
+		if requireHW() {
+			t.Fatalf("%s not found and KEYD_REQUIRE_HW=1 (run softhsm-test/%s): %v", tool, installer, err)
+		}
+		t.Skipf("%s not installed", tool)
+	}
+	path, err := filepath.Abs(filepath.Join("../../softhsm-test", script))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := exec.LookPath("swtpm"); err != nil {
-		if requireHW() {
-			t.Fatalf("swtpm not found and KEYD_REQUIRE_HW=1 (run softhsm-test/install-swtpm.sh): %v", err)
-		}
-		t.Skip("swtpm not installed")
-	}
+	return path
+}
+
+// TestScriptsOnTPM runs the backend scripts with keyd on a fresh swtpm
+// per script.
+func TestScriptsOnTPM(t *testing.T) {
+	script := harnessScript(t, "swtpm", "install-swtpm.sh", "swtpm.sh")
 	runBackendScripts(t, []string{"testdata/tpm/faults.txtar"}, func(env *testscript.Env) error {
 		state := filepath.Join(env.WorkDir, "swtpm")
 		cmd := exec.Command(script, "start", "-d", state)
@@ -101,16 +110,7 @@ func runBackendScripts(t *testing.T, extra []string, setup func(*testscript.Env)
 // TestScriptsOnPKCS11 runs the backend scripts with keyd on a fresh
 // SoftHSM2 token per script.
 func TestScriptsOnPKCS11(t *testing.T) {
-	script, err := filepath.Abs("../../softhsm-test/new-token.sh")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := exec.LookPath("softhsm2-util"); err != nil {
-		if requireHW() {
-			t.Fatalf("softhsm2-util not found and KEYD_REQUIRE_HW=1 (run softhsm-test/install-softhsm.sh): %v", err)
-		}
-		t.Skip("SoftHSM2 not installed")
-	}
+	script := harnessScript(t, "softhsm2-util", "install-softhsm.sh", "new-token.sh")
 	runBackendScripts(t, []string{"testdata/pkcs11/faults.txtar", "testdata/pkcs11/destroy.txtar"}, func(env *testscript.Env) error {
 		dir := filepath.Join(env.WorkDir, "softhsm")
 		cmd := exec.Command(script, "keyd")
@@ -190,13 +190,7 @@ func cmdWaitState(ts *testscript.TestScript, neg bool, args []string) {
 // TestWrongPINExitStatus: keyd serve with a wrong PIN exits 77, which the
 // shipped systemd unit does not restart into (each start costs a PIN try).
 func TestWrongPINExitStatus(t *testing.T) {
-	script, _ := filepath.Abs("../../softhsm-test/new-token.sh")
-	if _, err := exec.LookPath("softhsm2-util"); err != nil {
-		if requireHW() {
-			t.Fatalf("softhsm2-util not found and KEYD_REQUIRE_HW=1: %v", err)
-		}
-		t.Skip("SoftHSM2 not installed")
-	}
+	script := harnessScript(t, "softhsm2-util", "install-softhsm.sh", "new-token.sh")
 	bin, dir := binaryAndDir(t, "kp")
 	cmd := exec.Command(script, "keyd")
 	cmd.Env = append(os.Environ(), "SOFTHSM_TEST_DIR="+filepath.Join(dir, "hsm"))

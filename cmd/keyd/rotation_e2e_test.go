@@ -198,16 +198,7 @@ func TestCrashAtEveryRotationStep(t *testing.T) {
 		crashAtEveryRotationStep(t, bin, func(t *testing.T, dir string) (string, []string) { return "{soft: {}}", nil })
 	})
 	t.Run("pkcs11", func(t *testing.T) {
-		script, err := filepath.Abs("../../softhsm-test/new-token.sh")
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, err := exec.LookPath("softhsm2-util"); err != nil {
-			if requireHW() {
-				t.Fatalf("softhsm2-util not found and KEYD_REQUIRE_HW=1 (run softhsm-test/install-softhsm.sh): %v", err)
-			}
-			t.Skip("SoftHSM2 not installed")
-		}
+		script := harnessScript(t, "softhsm2-util", "install-softhsm.sh", "new-token.sh")
 		crashAtEveryRotationStep(t, bin, func(t *testing.T, dir string) (string, []string) {
 			cmd := exec.Command(script, "keyd")
 			cmd.Env = append(os.Environ(), "SOFTHSM_TEST_DIR="+filepath.Join(dir, "hsm"))
