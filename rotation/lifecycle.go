@@ -125,7 +125,9 @@ func (m *Manager) nextOf(s *setState) *entry {
 	defer m.mu.RUnlock()
 	var next *entry
 	for _, e := range s.byKid {
-		if e.v.State == Next && (next == nil || e.v.ActivateAt.Before(next.v.ActivateAt)) {
+		// One being revoked (its revocation not recorded yet) signs
+		// nothing: activating it would leave the key set without a key.
+		if e.v.State == Next && !e.revoking.Load() && (next == nil || e.v.ActivateAt.Before(next.v.ActivateAt)) {
 			next = e
 		}
 	}
@@ -591,7 +593,7 @@ func (m *Manager) tickLocked(ctx context.Context) error {
 		s := m.sets[name]
 		if err := m.finishRevokesLocked(ctx, s); err != nil {
 			m.failures.Add(1)
-			m.log.Error("a revocation is still not recorded; the key signs nothing, and the key set's scheduled changes wait for it",
+			m.log.Error("a revocation is still not recorded, or the revoked active key not replaced; the key signs nothing, and the key set's scheduled changes wait for it",
 				"keyset", name, "err", err)
 			// The plan cannot see that a version is being revoked: it
 			// would activate a revoked next key, or keep a revoked active

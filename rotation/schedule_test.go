@@ -638,3 +638,46 @@ func TestUnrecordedRevokeOfNextKeyNotActivated(t *testing.T) {
 		t.Errorf("states %v, want %s revoked", s, res.Next.Kid)
 	}
 }
+
+// The same unrecorded revocation of a next key, then a Revoke of the active
+// key (or an immediate rotation) before any tick: the replacement must not
+// be the next key being revoked, which signs nothing.
+func TestRevokingNextKeyNotTakenAsReplacement(t *testing.T) {
+	for name, replace := range map[string]func(m *rotation.Manager, activeKid string) error{
+		"revoke the active key": func(m *rotation.Manager, kid string) error {
+			_, err := m.Revoke(context.Background(), kid, "as")
+			return err
+		},
+		"immediate rotation": func(m *rotation.Manager, _ string) error {
+			_, err := m.Rotate(context.Background(), "as", true)
+			return err
+		},
+	} {
+		t.Run(name, func(t *testing.T) {
+			f := newFixture(t)
+			clock := newClock()
+			m := scheduled(t, f, clock, nil)
+			first := active(t, m, "as")
+			res, err := m.Rotate(context.Background(), "as", false)
+			if err != nil || res.Next.Kid == "" {
+				t.Fatalf("rotate: %+v, %v; want a next key", res, err)
+			}
+			restore := breakSaves(t, f)
+			if _, err := m.Revoke(context.Background(), res.Next.Kid, "as"); err == nil {
+				t.Fatal("revoke recorded with a state file that cannot be written")
+			}
+			restore()
+			if err := replace(m, first.Kid); err != nil {
+				t.Fatal(err)
+			}
+			l, err := m.Acquire("as", "")
+			if err != nil {
+				t.Fatalf("after the replacement (%v) the key set signs nothing: %v", states(m), err)
+			}
+			l.Release()
+			if l.Version.Kid == res.Next.Kid || l.Version.Kid == first.Kid {
+				t.Errorf("active %s; want a new key (not %s, being revoked, nor %s)", l.Version.Kid, res.Next.Kid, first.Kid)
+			}
+		})
+	}
+}
