@@ -348,9 +348,9 @@ func openBackend(ctx context.Context, cfg *config.Config, log *slog.Logger) (key
 func (d *Daemon) Manager() *rotation.Manager { return d.mgr }
 
 // Serve serves until ctx is done, then stops gracefully (in-flight calls
-// finish, for at most gracefulWait; SignStreams that have nothing in
-// flight do not hold the stop; the handlers of calls cut off then are waited
-// for, at most backgroundWait) and releases everything.
+// finish, for at most gracefulWait; each SignStream ends once the requests
+// it took are answered; the handlers of calls cut off then are waited for,
+// at most backgroundWait) and releases everything.
 func (d *Daemon) Serve(ctx context.Context) error {
 	// The health watch and the key lifecycle use the backend and the
 	// store: they stop, and are waited for, before those are closed.

@@ -173,7 +173,7 @@ func (c *callerSlots) of(key string) chan struct{} {
 
 // StreamItemsInFlight returns the number of SignStream requests being
 // served: taken from a stream and their results not yet sent (or
-// dropped). The daemon stops at once when only idle streams are left.
+// dropped).
 func (s *Server) StreamItemsInFlight() int64 { return s.streamItems.Load() }
 
 // streamState is one SignStream being served.
