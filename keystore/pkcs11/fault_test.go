@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto"
+	"crypto/ecdsa"
 	"encoding/asn1"
 	"errors"
 	"fmt"
@@ -20,6 +21,7 @@ import (
 
 	p11 "github.com/miekg/pkcs11"
 
+	"github.com/keyd-dev/keyd/internal/ecdsasig"
 	"github.com/keyd-dev/keyd/keystore"
 	"github.com/keyd-dev/keyd/keystore/keystoretest"
 	"github.com/keyd-dev/keyd/keystore/pkcs11/internal/cgoblock"
@@ -1202,7 +1204,9 @@ func TestMechanismProbe(t *testing.T) {
 
 // P12 through the token: ES256 and ES384 signatures from SoftHSM (raw r||s
 // converted to DER) verify, including those whose r or s has a leading zero
-// byte (about one in 128 of each size), with enough rounds to meet some.
+// byte (about one in 128 of each size), with enough rounds to be sure to
+// meet some; those are also converted back to a JWS's padded r‖s, which
+// must verify.
 func TestECDSAManySignatures(t *testing.T) {
 	checkGoroutines(t)
 	tok := newToken(t)
@@ -1213,7 +1217,9 @@ func TestECDSAManySignatures(t *testing.T) {
 			t.Fatal(err)
 		}
 		short := 0
-		for i := range 300 {
+		const rounds = 2000
+		size := alg.Hash().Size()
+		for i := range rounds {
 			d := keystoretest.Digest(alg, fmt.Appendf(nil, "m%d", i))
 			sig, err := b.Sign(t.Context(), "k-"+strings.ToLower(string(alg)), d, alg.SignerOpts())
 			if err != nil {
@@ -1226,11 +1232,26 @@ func TestECDSAManySignatures(t *testing.T) {
 			if _, err := asn1.Unmarshal(sig, &rs); err != nil {
 				t.Fatal(err)
 			}
-			if rs.R.BitLen() <= 8*(alg.Hash().Size()-1) || rs.S.BitLen() <= 8*(alg.Hash().Size()-1) {
+			if rs.R.BitLen() <= 8*(size-1) || rs.S.BitLen() <= 8*(size-1) {
 				short++
+				// What a JWS carries: r‖s, each left-padded to the
+				// curve's size, which must verify as such.
+				raw, err := ecdsasig.Raw(sig, size)
+				if err != nil || len(raw) != 2*size {
+					t.Fatalf("%s round %d: r‖s of %d bytes, %v; want %d", alg, i, len(raw), err, 2*size)
+				}
+				r, s := new(big.Int).SetBytes(raw[:size]), new(big.Int).SetBytes(raw[size:])
+				if !ecdsa.Verify(pub.(*ecdsa.PublicKey), d, r, s) {
+					t.Fatalf("%s round %d: the padded r‖s does not verify", alg, i)
+				}
 			}
 		}
-		t.Logf("%s: %d of 300 signatures had an r or s with a leading zero byte", alg, short)
+		t.Logf("%s: %d of %d signatures had an r or s with a leading zero byte", alg, short, rounds)
+		if short == 0 {
+			// About 16 expected (2 in 256 per signature): none means the
+			// test no longer sees them.
+			t.Errorf("%s: no r or s with a leading zero byte in %d signatures", alg, rounds)
+		}
 	}
 }
 
