@@ -600,12 +600,12 @@ func breakSaves(t *testing.T, f *fixture) (restore func()) {
 	}
 }
 
-// R4 with a failing save: the revocation of a pre-published next key
-// cannot be recorded. The key signs nothing more (Revoke says so), so its
-// scheduled activation, once saves work again, must not make it the key
-// set's active key: every sign without a kid would fail. The tick records
-// the revocation instead, and the key set keeps a key that signs.
-func TestUnrecordedRevokeOfNextKeyNotActivated(t *testing.T) {
+// unrecordedNextRevoke makes a scheduled key set with a pre-published next
+// key whose Revoke failed to save (it signs nothing, but is still Next in
+// the state); saves work again afterwards. It returns the clock, the
+// manager, the active version and the next one.
+func unrecordedNextRevoke(t *testing.T) (*fakeClock, *rotation.Manager, rotation.Version, rotation.Version) {
+	t.Helper()
 	f := newFixture(t)
 	clock := newClock()
 	m := scheduled(t, f, clock, nil)
@@ -619,6 +619,16 @@ func TestUnrecordedRevokeOfNextKeyNotActivated(t *testing.T) {
 		t.Fatal("revoke recorded with a state file that cannot be written")
 	}
 	restore()
+	return clock, m, first, res.Next
+}
+
+// R4 with a failing save: the revocation of a pre-published next key
+// cannot be recorded. The key signs nothing more (Revoke says so), so its
+// scheduled activation, once saves work again, must not make it the key
+// set's active key: every sign without a kid would fail. The tick records
+// the revocation instead, and the key set keeps a key that signs.
+func TestUnrecordedRevokeOfNextKeyNotActivated(t *testing.T) {
+	clock, m, first, next := unrecordedNextRevoke(t)
 	clock.Advance(time.Hour) // the next key's activation time
 	if err := m.Tick(context.Background()); err != nil {
 		t.Fatalf("tick: %v", err)
@@ -628,14 +638,14 @@ func TestUnrecordedRevokeOfNextKeyNotActivated(t *testing.T) {
 		t.Fatalf("after the tick (%v) the key set signs nothing: %v", states(m), err)
 	}
 	l.Release()
-	if l.Version.Kid == res.Next.Kid {
-		t.Errorf("the key being revoked, %s, is the active key", res.Next.Kid)
+	if l.Version.Kid == next.Kid {
+		t.Errorf("the key being revoked, %s, is the active key", next.Kid)
 	}
 	if l.Version.Kid != first.Kid {
 		t.Errorf("active %s, want %s still", l.Version.Kid, first.Kid)
 	}
-	if s := states(m); len(s[rotation.Revoked]) != 1 || s[rotation.Revoked][0] != res.Next.Kid {
-		t.Errorf("states %v, want %s revoked", s, res.Next.Kid)
+	if s := states(m); len(s[rotation.Revoked]) != 1 || s[rotation.Revoked][0] != next.Kid {
+		t.Errorf("states %v, want %s revoked", s, next.Kid)
 	}
 }
 
@@ -654,19 +664,7 @@ func TestRevokingNextKeyNotTakenAsReplacement(t *testing.T) {
 		},
 	} {
 		t.Run(name, func(t *testing.T) {
-			f := newFixture(t)
-			clock := newClock()
-			m := scheduled(t, f, clock, nil)
-			first := active(t, m, "as")
-			res, err := m.Rotate(context.Background(), "as", false)
-			if err != nil || res.Next.Kid == "" {
-				t.Fatalf("rotate: %+v, %v; want a next key", res, err)
-			}
-			restore := breakSaves(t, f)
-			if _, err := m.Revoke(context.Background(), res.Next.Kid, "as"); err == nil {
-				t.Fatal("revoke recorded with a state file that cannot be written")
-			}
-			restore()
+			_, m, first, next := unrecordedNextRevoke(t)
 			if err := replace(m, first.Kid); err != nil {
 				t.Fatal(err)
 			}
@@ -675,8 +673,8 @@ func TestRevokingNextKeyNotTakenAsReplacement(t *testing.T) {
 				t.Fatalf("after the replacement (%v) the key set signs nothing: %v", states(m), err)
 			}
 			l.Release()
-			if l.Version.Kid == res.Next.Kid || l.Version.Kid == first.Kid {
-				t.Errorf("active %s; want a new key (not %s, being revoked, nor %s)", l.Version.Kid, res.Next.Kid, first.Kid)
+			if l.Version.Kid == next.Kid || l.Version.Kid == first.Kid {
+				t.Errorf("active %s; want a new key (not %s, being revoked, nor %s)", l.Version.Kid, next.Kid, first.Kid)
 			}
 		})
 	}
