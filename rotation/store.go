@@ -146,10 +146,10 @@ func (s *Store) Save(vs []Version) error {
 	// would bring back the previous state, which is consistent too.
 	sync := s.syncDir
 	if sync == nil {
-		sync = syncDir
+		sync = keyfile.SyncDir
 	}
 	if err := sync(s.dir); err != nil {
-		return fmt.Errorf("%w: sync state directory: %w", ErrNotDurable, err)
+		return fmt.Errorf("%w: %w", ErrNotDurable, err)
 	}
 	return nil
 }
@@ -159,15 +159,6 @@ func (s *Store) Save(vs []Version) error {
 // treat the state as saved: undoing what it records (destroying a key it
 // names) would leave the file naming what is gone.
 var ErrNotDurable = errors.New("key metadata written but not synced to disk")
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
-}
 
 // Dir is the state directory.
 func (s *Store) Dir() string { return s.dir }
