@@ -355,9 +355,14 @@ func (f clientFlags) dial() (*client.Client, context.Context, context.CancelFunc
 	if err != nil {
 		return nil, nil, nil, err
 	}
-	ctx, cancel := context.WithCancel(context.Background())
+	var (
+		ctx    context.Context
+		cancel context.CancelFunc
+	)
 	if *f.timeout > 0 {
 		ctx, cancel = context.WithTimeout(context.Background(), *f.timeout)
+	} else {
+		ctx, cancel = context.WithCancel(context.Background())
 	}
 	return cl, ctx, func() { cancel(); cl.Close() }, nil
 }

@@ -141,7 +141,7 @@ func (c *cli) request(args []string) error {
 	fs := c.flags("request")
 	of := addOAuthFlags(fs, "request")
 	method := fs.String("X", "", "HTTP method (default GET, or POST with -d)")
-	data := fs.String("d", "", "request body; @FILE reads it from FILE, @- from stdin (at most 64 MiB) (default Content-Type: application/x-www-form-urlencoded)")
+	data := fs.String("d", "", "request body; @FILE reads it from FILE, @- from stdin, either at most 64 MiB (default Content-Type: application/x-www-form-urlencoded)")
 	var headers headerList
 	fs.Var(&headers, "H", "request header 'Name: value' (repeatable; not Authorization or DPoP, which keyd sets)")
 	pos, err := parse(fs, args, 1)
