@@ -46,6 +46,7 @@ import (
 	"encoding/base64"
 	"errors"
 	"fmt"
+	"strings"
 
 	"github.com/keyd-dev/keyd/keystore"
 )
@@ -196,11 +197,20 @@ func Digest(alg keystore.Algorithm, signingInput []byte) ([]byte, error) {
 // Compact returns the JWS Compact Serialization (RFC 7515 §7.1) of a signing
 // input, as built by SigningInput, and a signature in JWS form, as returned by
 // EncodeSignature: signingInput '.' BASE64URL(jwsSig).
+//
+// It allocates once, the string it returns: keyd builds one per signature.
 func Compact(signingInput, jwsSig []byte) string {
 	enc := base64.RawURLEncoding
-	out := make([]byte, len(signingInput)+1+enc.EncodedLen(len(jwsSig)))
-	n := copy(out, signingInput)
-	out[n] = '.'
-	enc.Encode(out[n+1:], jwsSig)
-	return string(out)
+	var b strings.Builder
+	b.Grow(len(signingInput) + 1 + enc.EncodedLen(len(jwsSig)))
+	b.Write(signingInput)
+	b.WriteByte('.')
+	// The signature's base64url through a buffer on the stack (JWS
+	// signatures are at most 512 bytes, RSA-4096; larger ones take a
+	// second allocation).
+	var buf [704]byte
+	sig := buf[:0]
+	sig = enc.AppendEncode(sig, jwsSig)
+	b.Write(sig)
+	return b.String()
 }
