@@ -388,42 +388,42 @@ type Lease struct {
 // Acquire returns a lease on the version of keyset that should sign: the
 // active one, or, when kid is not empty, the version with that kid if it is
 // active or draining. Release the lease when the signature is made.
-func (m *Manager) Acquire(keyset, kid string) (*Lease, error) {
+func (m *Manager) Acquire(keyset, kid string) (Lease, error) {
 	m.mu.RLock()
 	defer m.mu.RUnlock()
 	s, ok := m.sets[keyset]
 	if !ok {
-		return nil, fmt.Errorf("key set %q: %w", keyset, ErrUnknownKeySet)
+		return Lease{}, fmt.Errorf("key set %q: %w", keyset, ErrUnknownKeySet)
 	}
 	var e *entry
 	if kid == "" {
 		e = s.active
 		if e == nil {
 			if m.hasLost(keyset) {
-				return nil, fmt.Errorf("key set %q: %w: its active key is gone from the %s backend", keyset, ErrKeyLost, m.backend.Name())
+				return Lease{}, fmt.Errorf("key set %q: %w: its active key is gone from the %s backend", keyset, ErrKeyLost, m.backend.Name())
 			}
-			return nil, fmt.Errorf("key set %q: %w", keyset, ErrNoActiveKey)
+			return Lease{}, fmt.Errorf("key set %q: %w", keyset, ErrNoActiveKey)
 		}
 	} else {
 		e = s.byKid[kid]
 		if e == nil {
-			return nil, fmt.Errorf("kid %s: %w: not a key of key set %q", kid, ErrNotSignable, keyset)
+			return Lease{}, fmt.Errorf("kid %s: %w: not a key of key set %q", kid, ErrNotSignable, keyset)
 		}
 	}
 	switch st := State(e.state.Load()); {
 	case st == Lost:
-		return nil, fmt.Errorf("kid %s of key set %q: %w", e.v.Kid, keyset, ErrKeyLost)
+		return Lease{}, fmt.Errorf("kid %s of key set %q: %w", e.v.Kid, keyset, ErrKeyLost)
 	case st != Active && st != Draining:
-		return nil, fmt.Errorf("kid %s of key set %q is %s: %w", e.v.Kid, keyset, st, ErrNotSignable)
+		return Lease{}, fmt.Errorf("kid %s of key set %q is %s: %w", e.v.Kid, keyset, st, ErrNotSignable)
 	case e.revoking.Load():
-		return nil, fmt.Errorf("kid %s of key set %q is being revoked: %w", e.v.Kid, keyset, ErrNotSignable)
+		return Lease{}, fmt.Errorf("kid %s of key set %q is being revoked: %w", e.v.Kid, keyset, ErrNotSignable)
 	case st == Draining && !e.v.RetireAt.IsZero() && !m.now().Before(e.v.RetireAt):
 		// Its drain is over; the tick that unpublishes it is late (held
 		// by a slow backend call, say). Verifiers were told it is gone.
-		return nil, fmt.Errorf("kid %s of key set %q finished draining at %s: %w", e.v.Kid, keyset, e.v.RetireAt.UTC().Format(time.RFC3339), ErrNotSignable)
+		return Lease{}, fmt.Errorf("kid %s of key set %q finished draining at %s: %w", e.v.Kid, keyset, e.v.RetireAt.UTC().Format(time.RFC3339), ErrNotSignable)
 	}
 	e.refs.Add(1)
-	return &Lease{m: m, e: e, Version: e.v}, nil
+	return Lease{m: m, e: e, Version: e.v}, nil
 }
 
 // Sign signs with the leased key. A backend that no longer has a key it

@@ -473,3 +473,24 @@ func TestKeyLostAtSignTime(t *testing.T) {
 		}
 	}
 }
+
+// leaseKid keeps TestAcquireAllocatesNothing's lease alive past the call.
+var leaseKid string
+
+// TestAcquireAllocatesNothing: a lease is taken per signature; it is a value
+// (a copy of the version), not a heap object the daemon's garbage collector
+// has to reclaim under load.
+func TestAcquireAllocatesNothing(t *testing.T) {
+	m := newFixture(t).manager(t, nil)
+	a := testing.AllocsPerRun(100, func() {
+		l, err := m.Acquire("dpop", "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		leaseKid = l.Version.Kid
+		l.Release()
+	})
+	if a != 0 {
+		t.Errorf("Acquire and Release: %v allocations, want 0", a)
+	}
+}
