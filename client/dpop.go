@@ -10,7 +10,9 @@ import (
 	"strings"
 	"sync"
 
+	"github.com/keyd-dev/keyd/internal/jsonstr"
 	"github.com/keyd-dev/keyd/internal/policy"
+	keydv1 "github.com/keyd-dev/keyd/proto/keyd/v1"
 )
 
 // DPoP makes DPoP proofs (RFC 9449) with the keys of one dpop key set and
@@ -81,9 +83,9 @@ func (p *DPoP) Proof(ctx context.Context, method, rawURL string, opts ...ProofOp
 	if method == "" {
 		return Proof{}, fmt.Errorf("%w: htm: the HTTP method is required", ErrInvalidArgument)
 	}
-	claims := map[string]any{"htm": method, "htu": htu}
+	ath := ""
 	if o.accessToken != "" {
-		claims["ath"] = AccessTokenHash(o.accessToken)
+		ath = AccessTokenHash(o.accessToken)
 	}
 	nonce := ""
 	if o.nonce != nil {
@@ -91,14 +93,34 @@ func (p *DPoP) Proof(ctx context.Context, method, rawURL string, opts ...ProofOp
 	} else {
 		nonce = p.nonces.Get(rawURL)
 	}
-	if nonce != "" {
-		claims["nonce"] = nonce
-	}
-	s, err := p.c.Sign(ctx, SignRequest{KeySet: p.keyset, Kid: o.kid, Claims: claims, Purpose: "dpop"})
+	s, err := p.c.sign(ctx, &keydv1.SignRequest{Keyset: p.keyset, Kid: o.kid, Purpose: "dpop", Claims: dpopClaims(method, htu, ath, nonce)})
 	if err != nil {
 		return Proof{}, err
 	}
 	return Proof{JWT: s.JWT, Kid: s.Kid}, nil
+}
+
+// dpopClaims returns the claims of a proof as JSON, the bytes json.Marshal
+// writes for the map {"htm", "htu", and "ath" and "nonce" unless empty}
+// (keys in order, strings escaped as encoding/json does), without its
+// reflection: a service builds one per request it sends.
+func dpopClaims(htm, htu, ath, nonce string) []byte {
+	b := make([]byte, 0, 32+len(htm)+len(htu)+len(ath)+len(nonce))
+	if ath != "" {
+		b = append(b, `{"ath":`...)
+		b = jsonstr.Append(b, ath, true)
+		b = append(b, `,"htm":`...)
+	} else {
+		b = append(b, `{"htm":`...)
+	}
+	b = jsonstr.Append(b, htm, true)
+	b = append(b, `,"htu":`...)
+	b = jsonstr.Append(b, htu, true)
+	if nonce != "" {
+		b = append(b, `,"nonce":`...)
+		b = jsonstr.Append(b, nonce, true)
+	}
+	return append(b, '}')
 }
 
 // AccessTokenHash is the ath of a DPoP proof: base64url (no padding) of the
