@@ -5,7 +5,7 @@ import (
 	"testing"
 )
 
-// TestTuneGC: keyd serve collects at GOGC 400 unless the environment sets
+// TestTuneGC: keyd serve collects at GOGC 200 unless the environment sets
 // GOGC, which then wins (the runtime has applied it already).
 func TestTuneGC(t *testing.T) {
 	before := debug.SetGCPercent(100)
@@ -19,8 +19,8 @@ func TestTuneGC(t *testing.T) {
 		t.Errorf("tuneGC with GOGC set changed the GC percent to %d", p)
 	}
 
-	if got := tuneGC(func(string) string { return "" }); got != "400" {
-		t.Errorf("tuneGC without GOGC = %q, want 400", got)
+	if got := tuneGC(func(string) string { return "" }); got != "200" {
+		t.Errorf("tuneGC without GOGC = %q, want 200", got)
 	}
 	if p := debug.SetGCPercent(100); p != serveGCPercent {
 		t.Errorf("tuneGC without GOGC left the GC percent at %d, want %d", p, serveGCPercent)
