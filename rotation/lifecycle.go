@@ -67,8 +67,10 @@ type RotateResult struct {
 // active at once and the previous active key drains. A backend failure
 // leaves the active key unchanged.
 func (m *Manager) Rotate(ctx context.Context, keyset string, immediate bool) (RotateResult, error) {
-	m.opMu.Lock()
-	defer m.opMu.Unlock()
+	if err := m.lockOp(ctx); err != nil {
+		return RotateResult{}, fmt.Errorf("rotate %q: %w; nothing was changed", keyset, err)
+	}
+	defer m.unlockOp()
 	s, ok := m.sets[keyset]
 	if !ok {
 		return RotateResult{}, fmt.Errorf("rotate %q: %w", keyset, ErrUnknownKeySet)
@@ -433,7 +435,7 @@ func (m *Manager) abandonLocked(ctx context.Context, intent Version) {
 const DestroyedKeep = 30 * 24 * time.Hour
 
 // pruneLocked drops the records of keys destroyed more than DestroyedKeep
-// ago. Callers hold opMu.
+// ago. Callers hold the lifecycle token (lockOp).
 func (m *Manager) pruneLocked() {
 	cut := m.now().Add(-DestroyedKeep)
 	n, err := m.dropLocked(func(e *entry) bool { return e.v.State == Destroyed && e.v.ChangedAt.Before(cut) })
@@ -446,7 +448,7 @@ func (m *Manager) pruneLocked() {
 }
 
 // dropLocked removes the entries gone reports from the manager and, if it
-// removed any, records the versions left. Callers hold opMu.
+// removed any, records the versions left. Callers hold the lifecycle token (lockOp).
 func (m *Manager) dropLocked(gone func(*entry) bool) (int, error) {
 	m.mu.Lock()
 	n := len(m.all)
@@ -470,7 +472,7 @@ func (m *Manager) dropLocked(gone func(*entry) bool) (int, error) {
 // each tick's failed rotation keeps one; they go at the first tick the
 // backend destroys again, not only at the next start. It stops at the
 // first failure, so that a backend still down costs one wait. Callers hold
-// opMu.
+// the lifecycle token (lockOp).
 func (m *Manager) sweepIntentsLocked(ctx context.Context) {
 	m.mu.RLock()
 	var pending []*entry
@@ -517,14 +519,16 @@ func (m *Manager) Revoke(ctx context.Context, kid, keyset string) (Version, erro
 		return Version{}, fmt.Errorf("revoke %s: %w", kid, ErrUnknownKid)
 	}
 	e.revoking.Store(true)
-	m.opMu.Lock()
-	defer m.opMu.Unlock()
+	if err := m.lockOp(ctx); err != nil {
+		return Version{}, fmt.Errorf("revoke %s: %w; the key signs nothing from now on, and its revocation is recorded at the first scheduled step after that change", kid, err)
+	}
+	defer m.unlockOp()
 	return m.revokeLocked(ctx, s, e)
 }
 
 // revokeLocked records the revocation of e, a version of s being revoked,
 // and replaces it when it was the active key (see Revoke). Callers hold
-// opMu.
+// the lifecycle token (lockOp).
 func (m *Manager) revokeLocked(ctx context.Context, s *setState, e *entry) (Version, error) {
 	kid := e.v.Kid
 	if e.v.State == Revoked || e.v.State == Destroyed {
@@ -580,8 +584,10 @@ func (m *Manager) findKid(kid, keyset string) (*setState, *entry) {
 // A failing step (a backend outage, say) is logged and returned, leaves the
 // key set as it was, and is tried again at the next tick.
 func (m *Manager) Tick(ctx context.Context) error {
-	m.opMu.Lock()
-	defer m.opMu.Unlock()
+	if err := m.lockOp(ctx); err != nil {
+		return fmt.Errorf("rotation tick: %w", err)
+	}
+	defer m.unlockOp()
 	return m.tickLocked(ctx)
 }
 
@@ -630,7 +636,7 @@ func (m *Manager) tickLocked(ctx context.Context) error {
 // Revoke could not record (a failed save): they sign nothing already, and
 // until the record says so the schedule would treat them as it did before
 // (activate a revoked next key, say, leaving the key set without a key
-// that signs). Callers hold opMu.
+// that signs). Callers hold the lifecycle token (lockOp).
 func (m *Manager) finishRevokesLocked(ctx context.Context, s *setState) error {
 	m.mu.RLock()
 	var unrecorded []*entry

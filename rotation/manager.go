@@ -79,7 +79,11 @@ type Manager struct {
 	log       *slog.Logger
 	failpoint func(string)
 
-	opMu sync.Mutex // serializes lifecycle changes and store writes
+	// op serializes lifecycle changes and store writes: a token, taken
+	// with lockOp so that a caller waiting behind another change (a
+	// rotation whose backend hangs, a tick destroying keys) keeps its
+	// deadline, and gives up without leaving its change to run later.
+	op chan struct{}
 
 	mu    sync.RWMutex
 	sets  map[string]*setState
@@ -124,6 +128,7 @@ func New(ctx context.Context, cfg Config) (*Manager, error) {
 		failpoint: cfg.Failpoint,
 		sets:      map[string]*setState{},
 		subs:      map[*subscriber]struct{}{},
+		op:        make(chan struct{}, 1),
 	}
 	if m.wall == nil {
 		m.wall = time.Now
@@ -149,8 +154,10 @@ func New(ctx context.Context, cfg Config) (*Manager, error) {
 		m.sets[ks.Name] = &setState{cfg: ks, byKid: map[string]*entry{}}
 		m.order = append(m.order, ks.Name)
 	}
-	m.opMu.Lock()
-	defer m.opMu.Unlock()
+	if err := m.lockOp(ctx); err != nil {
+		return nil, fmt.Errorf("rotation: %w", err)
+	}
+	defer m.unlockOp()
 	if err := m.reconcile(ctx); err != nil {
 		return nil, err
 	}
@@ -331,7 +338,7 @@ func (m *Manager) reconcile(ctx context.Context) error {
 	return nil
 }
 
-// persist writes every version. Callers hold opMu.
+// persist writes every version. Callers hold the lifecycle token (lockOp).
 func (m *Manager) persist() error {
 	m.mu.RLock()
 	vs := make([]Version, 0, len(m.all))
@@ -343,7 +350,7 @@ func (m *Manager) persist() error {
 }
 
 // persistWith writes every version plus the changes, without making the
-// changes visible. Callers hold opMu.
+// changes visible. Callers hold the lifecycle token (lockOp).
 func (m *Manager) persistWith(changes map[*entry]Version, added ...Version) error {
 	m.mu.RLock()
 	vs := make([]Version, 0, len(m.all)+len(added))
@@ -432,7 +439,7 @@ func (l *Lease) Sign(ctx context.Context, digest []byte, opts crypto.SignerOpts)
 	sig, err := l.m.backend.Sign(ctx, l.Version.ID, digest, opts)
 	if err != nil {
 		if errors.Is(err, keystore.ErrNotFound) || errors.Is(err, keystore.ErrKeyLost) {
-			l.m.markLost(l.e)
+			l.m.markLost(ctx, l.e)
 			return nil, fmt.Errorf("kid %s: %w: %w", l.Version.Kid, ErrKeyLost, err)
 		}
 		return nil, err
@@ -463,9 +470,31 @@ func (m *Manager) InFlight(kid string) int64 {
 	return 0
 }
 
-func (m *Manager) markLost(e *entry) {
-	m.opMu.Lock()
-	defer m.opMu.Unlock()
+// lockOp takes the lifecycle token (see Manager.op), waiting until ctx
+// ends. Its error wraps ctx's.
+func (m *Manager) lockOp(ctx context.Context) error {
+	select {
+	case m.op <- struct{}{}:
+		return nil
+	default:
+	}
+	select {
+	case m.op <- struct{}{}:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("waited for another key lifecycle change (a rotation, a revocation or a scheduled step) to finish: %w", ctx.Err())
+	}
+}
+
+func (m *Manager) unlockOp() { <-m.op }
+
+// markLost records e lost, unless ctx (the signature's) ends first: the
+// version's next signature then finds it missing again.
+func (m *Manager) markLost(ctx context.Context, e *entry) {
+	if m.lockOp(ctx) != nil {
+		return
+	}
+	defer m.unlockOp()
 	if State(e.state.Load()) == Lost {
 		return
 	}

@@ -1,0 +1,108 @@
+package rotation_test
+
+import (
+	"context"
+	"crypto"
+	"errors"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/keyd-dev/keyd/keystore"
+	"github.com/keyd-dev/keyd/rotation"
+)
+
+// slowGenerate holds Generate, once armed, until release is closed or the
+// call's context ends: a slow or hung HSM during a rotation.
+type slowGenerate struct {
+	keystore.Backend
+	armed   atomic.Bool
+	entered chan struct{}
+	release chan struct{}
+}
+
+func (b *slowGenerate) Generate(ctx context.Context, id string, s keystore.KeySpec) (crypto.PublicKey, error) {
+	if b.armed.CompareAndSwap(true, false) {
+		b.entered <- struct{}{}
+		select {
+		case <-b.release:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+	return b.Backend.Generate(ctx, id, s)
+}
+
+// TestLifecycleCallsKeepTheirDeadline: a Rotate or Revoke that waits behind
+// another lifecycle change (here a rotation whose key generation hangs)
+// returns at its deadline, and what it asked for is not carried out later
+// behind the caller's back: an operator who retries a timed-out rotation
+// must not get two rotations. A revocation that timed out still takes the
+// key out of signing at once and is recorded once the other change ends,
+// as one that could not be saved is.
+func TestLifecycleCallsKeepTheirDeadline(t *testing.T) {
+	f := newFixture(t)
+	b := &slowGenerate{Backend: f.backend, entered: make(chan struct{}, 1), release: make(chan struct{})}
+	m, err := rotation.New(context.Background(), rotation.Config{Backend: b, Store: f.store, KeySets: sets})
+	if err != nil {
+		t.Fatal(err)
+	}
+	first := active(t, m, "dpop")
+	assertKid := active(t, m, "assert").Kid
+
+	b.armed.Store(true)
+	rotated := make(chan error, 1)
+	go func() {
+		_, err := m.Rotate(context.Background(), "dpop", true)
+		rotated <- err
+	}()
+	<-b.entered
+
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	start := time.Now()
+	_, err = m.Rotate(ctx, "dpop", true)
+	cancel()
+	if !errors.Is(err, context.DeadlineExceeded) || time.Since(start) > 2*time.Second {
+		t.Errorf("Rotate behind a hung rotation = %v after %v, want DeadlineExceeded at its 100ms deadline", err, time.Since(start))
+	}
+
+	ctx, cancel = context.WithTimeout(context.Background(), 100*time.Millisecond)
+	start = time.Now()
+	_, err = m.Revoke(ctx, assertKid, "assert")
+	cancel()
+	if !errors.Is(err, context.DeadlineExceeded) || time.Since(start) > 2*time.Second {
+		t.Errorf("Revoke behind a hung rotation = %v after %v, want DeadlineExceeded at its 100ms deadline", err, time.Since(start))
+	}
+	if _, err := m.Acquire("assert", assertKid); err == nil {
+		t.Error("the key whose revocation timed out still signs")
+	}
+
+	close(b.release)
+	if err := <-rotated; err != nil {
+		t.Fatalf("the first rotation: %v", err)
+	}
+	// Whatever a caller that timed out could have left running is done
+	// by now (it would run as soon as the first rotation let go).
+	if err := m.Tick(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	var dpop int
+	for _, v := range m.Versions("dpop") {
+		dpop++
+		if v.Kid != first.Kid && v.State != rotation.Active {
+			t.Errorf("dpop version %s is %s", v.Kid, v.State)
+		}
+	}
+	if dpop != 2 {
+		t.Errorf("dpop has %d versions after one rotation that went through and one that timed out, want 2: %+v", dpop, m.Versions("dpop"))
+	}
+	var revoked bool
+	for _, v := range m.Versions("assert") {
+		if v.Kid == assertKid {
+			revoked = v.State == rotation.Revoked
+		}
+	}
+	if !revoked {
+		t.Errorf("the revocation that timed out was not recorded after the rotation ended: %+v", m.Versions("assert"))
+	}
+}
