@@ -532,6 +532,13 @@ func (m *Manager) Revoke(ctx context.Context, kid, keyset string) (Version, erro
 func (m *Manager) revokeLocked(ctx context.Context, s *setState, e *entry) (Version, error) {
 	kid := e.v.Kid
 	if e.v.State == Revoked || e.v.State == Destroyed {
+		// Revoked already: perhaps by a call that could not make the
+		// replacement, which this one retries.
+		if s.active == nil && !m.hasLost(s.cfg.Name) {
+			if err := m.replaceLocked(ctx, s); err != nil {
+				return e.v, fmt.Errorf("%s is revoked, but making a new active key for key set %q failed (revoke again or rotate to retry): %w", kid, s.cfg.Name, err)
+			}
+		}
 		return e.v, nil
 	}
 	now := m.now()
@@ -551,17 +558,23 @@ func (m *Manager) revokeLocked(ctx context.Context, s *setState, e *entry) (Vers
 	// A lost active key (published stale) is replaced like an active one,
 	// unless the key set has another lost active key still to deal with.
 	if wasActive || (wasStale && !m.hasLost(s.cfg.Name)) {
-		var err error
-		if next := m.nextOf(s); next != nil {
-			_, err = m.activateLocked(s, next, m.now())
-		} else {
-			_, err = m.createLocked(ctx, s, Active, time.Time{})
-		}
-		if err != nil {
-			return v, fmt.Errorf("revoked %s, but making its replacement failed (rotate %q to retry): %w", kid, s.cfg.Name, err)
+		if err := m.replaceLocked(ctx, s); err != nil {
+			return v, fmt.Errorf("revoked %s, but making its replacement failed (revoke it again or rotate %q to retry): %w", kid, s.cfg.Name, err)
 		}
 	}
 	return v, nil
+}
+
+// replaceLocked gives s, whose active key was revoked, a new active key:
+// its published next key, or one made now. Callers hold the lifecycle
+// token (lockOp).
+func (m *Manager) replaceLocked(ctx context.Context, s *setState) error {
+	if next := m.nextOf(s); next != nil {
+		_, err := m.activateLocked(s, next, m.now())
+		return err
+	}
+	_, err := m.createLocked(ctx, s, Active, time.Time{})
+	return err
 }
 
 // findKid returns the version with kid and its key set, in keyset if not

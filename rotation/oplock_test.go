@@ -106,3 +106,38 @@ func TestLifecycleCallsKeepTheirDeadline(t *testing.T) {
 		t.Errorf("the revocation that timed out was not recorded after the rotation ended: %+v", m.Versions("assert"))
 	}
 }
+
+// TestRevokeAgainRetriesTheReplacement: the revocation of the active key is
+// recorded but its replacement cannot be made (the backend is down); the
+// caller is told so. Revoking the key again, once the backend is back, makes
+// the replacement, as a retry of the same request should, rather than
+// answer "revoked" and leave the key set without an active key.
+func TestRevokeAgainRetriesTheReplacement(t *testing.T) {
+	f := newFixture(t)
+	b := &flaky{Backend: f.backend}
+	m, err := rotation.New(context.Background(), rotation.Config{Backend: b, Store: f.store, KeySets: sets})
+	if err != nil {
+		t.Fatal(err)
+	}
+	old := active(t, m, "dpop")
+	b.setDown(true)
+	if _, err := m.Revoke(t.Context(), old.Kid, "dpop"); err == nil {
+		t.Fatal("Revoke with the backend down reported no failure to make the replacement")
+	}
+	if _, err := m.Acquire("dpop", ""); err == nil {
+		t.Fatal("a key set whose only key was revoked still signs")
+	}
+	b.setDown(false)
+	v, err := m.Revoke(t.Context(), old.Kid, "dpop")
+	if err != nil || v.State != rotation.Revoked {
+		t.Fatalf("Revoke again = %v, %v", v.State, err)
+	}
+	l, err := m.Acquire("dpop", "")
+	if err != nil {
+		t.Fatalf("no active key after revoking again with the backend back: %v", err)
+	}
+	defer l.Release()
+	if l.Version.Kid == old.Kid {
+		t.Error("the revoked key is active again")
+	}
+}
