@@ -236,7 +236,8 @@ func (c *cli) serve(args []string) error {
 	level := new(slog.LevelVar)
 	_ = level.UnmarshalText([]byte(cfg.LogLevel))
 	log := slog.New(slog.NewTextHandler(c.stderr, &slog.HandlerOptions{Level: level}))
-	log.Debug("garbage collector", "GOGC", tuneGC(os.Getenv))
+	gogc := tuneGC(os.Getenv)
+	log.Debug("garbage collector", "GOGC", gogc)
 	if err := keepOutOfCores(); err != nil {
 		log.Warn("cannot turn core dumps off: a crash may write keyd's memory (PIN, keys) to a core file", "err", err)
 	}
