@@ -520,7 +520,12 @@ func (m *Manager) Revoke(ctx context.Context, kid, keyset string) (Version, erro
 	}
 	e.revoking.Store(true)
 	if err := m.lockOp(ctx); err != nil {
-		return Version{}, fmt.Errorf("revoke %s: %w; the key signs nothing from now on, and its revocation is recorded at the first scheduled step after that change", kid, err)
+		// Run records it once the change in progress lets go.
+		select {
+		case m.kick <- struct{}{}:
+		default:
+		}
+		return Version{}, fmt.Errorf("revoke %s: %w; the key signs nothing from now on, and its revocation is recorded as soon as that change ends", kid, err)
 	}
 	defer m.unlockOp()
 	return m.revokeLocked(ctx, s, e)
@@ -750,6 +755,8 @@ func (m *Manager) Run(ctx context.Context, interval time.Duration) {
 		case <-ctx.Done():
 			t.Stop()
 			return
+		case <-m.kick:
+			t.Stop()
 		case <-t.C:
 		}
 	}

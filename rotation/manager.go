@@ -84,6 +84,11 @@ type Manager struct {
 	// rotation whose backend hangs, a tick destroying keys) keeps its
 	// deadline, and gives up without leaving its change to run later.
 	op chan struct{}
+	// kick wakes Run for a tick as soon as it can take the token: a
+	// Revoke that gave up waiting for it left its revocation for a tick
+	// to record, and until then the key stays published and the
+	// revocation is not durable.
+	kick chan struct{}
 
 	mu    sync.RWMutex
 	sets  map[string]*setState
@@ -129,6 +134,7 @@ func New(ctx context.Context, cfg Config) (*Manager, error) {
 		sets:      map[string]*setState{},
 		subs:      map[*subscriber]struct{}{},
 		op:        make(chan struct{}, 1),
+		kick:      make(chan struct{}, 1),
 	}
 	if m.wall == nil {
 		m.wall = time.Now
