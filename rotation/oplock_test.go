@@ -33,6 +33,20 @@ func (b *slowGenerate) Generate(ctx context.Context, id string, s keystore.KeySp
 	return b.Backend.Generate(ctx, id, s)
 }
 
+// hungRotation starts an immediate rotation of "dpop" on m and returns once
+// it is inside b's held Generate (holding the lifecycle lock); its outcome
+// comes on the channel after b.release is closed.
+func hungRotation(m *rotation.Manager, b *slowGenerate) <-chan error {
+	b.armed.Store(true)
+	rotated := make(chan error, 1)
+	go func() {
+		_, err := m.Rotate(context.Background(), "dpop", true)
+		rotated <- err
+	}()
+	<-b.entered
+	return rotated
+}
+
 // TestLifecycleCallsKeepTheirDeadline: a Rotate or Revoke that waits behind
 // another lifecycle change (here a rotation whose key generation hangs)
 // returns at its deadline, and what it asked for is not carried out later
@@ -50,13 +64,7 @@ func TestLifecycleCallsKeepTheirDeadline(t *testing.T) {
 	first := active(t, m, "dpop")
 	assertKid := active(t, m, "assert").Kid
 
-	b.armed.Store(true)
-	rotated := make(chan error, 1)
-	go func() {
-		_, err := m.Rotate(context.Background(), "dpop", true)
-		rotated <- err
-	}()
-	<-b.entered
+	rotated := hungRotation(m, b)
 
 	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
 	start := time.Now()

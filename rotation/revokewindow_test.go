@@ -32,13 +32,7 @@ func TestTimedOutRevokeRecordedWhenTheChangeEnds(t *testing.T) {
 	defer func() { stop(); <-ran }()
 	waitRunIdle(t)
 
-	b.armed.Store(true)
-	rotated := make(chan error, 1)
-	go func() {
-		_, err := m.Rotate(context.Background(), "dpop", true)
-		rotated <- err
-	}()
-	<-b.entered
+	rotated := hungRotation(m, b)
 	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
 	_, err = m.Revoke(ctx, assertKid, "assert")
 	cancel()
