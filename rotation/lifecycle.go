@@ -525,7 +525,7 @@ func (m *Manager) Revoke(ctx context.Context, kid, keyset string) (Version, erro
 		case m.kick <- struct{}{}:
 		default:
 		}
-		return Version{}, fmt.Errorf("revoke %s: %w; the key signs nothing from now on, and its revocation is recorded as soon as that change ends", kid, err)
+		return Version{}, fmt.Errorf("revoke %s: %w; the key signs nothing from now on, and keyd records its revocation as soon as no other key change is in progress", kid, err)
 	}
 	defer m.unlockOp()
 	return m.revokeLocked(ctx, s, e)

@@ -477,8 +477,12 @@ func (m *Manager) InFlight(kid string) int64 {
 }
 
 // lockOp takes the lifecycle token (see Manager.op), waiting until ctx
-// ends. Its error wraps ctx's.
+// ends; with ctx ended already it does not take it. Its error wraps ctx's.
 func (m *Manager) lockOp(ctx context.Context) error {
+	if err := ctx.Err(); err != nil {
+		// The caller has gone: whatever it asked for is not done.
+		return fmt.Errorf("the call ended before it began: %w", err)
+	}
 	select {
 	case m.op <- struct{}{}:
 		return nil

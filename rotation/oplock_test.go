@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto"
 	"errors"
+	"fmt"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -147,5 +148,30 @@ func TestRevokeAgainRetriesTheReplacement(t *testing.T) {
 	defer l.Release()
 	if l.Version.Kid == old.Kid {
 		t.Error("the revoked key is active again")
+	}
+}
+
+// TestRotateWithEndedContextChangesNothing: a Rotate whose caller has gone
+// (its context ended before the call got the lifecycle lock, free or not)
+// changes nothing, not even the activation of a published next key, which
+// calls no backend that would notice the context; the caller was told it
+// failed, and may retry.
+func TestRotateWithEndedContextChangesNothing(t *testing.T) {
+	f := newFixture(t)
+	m := scheduled(t, f, newClock(), nil)
+	if _, err := m.Rotate(t.Context(), "as", false); err != nil { // publishes a next key
+		t.Fatal(err)
+	}
+	before := states(m)
+	if len(before[rotation.Next]) != 1 {
+		t.Fatalf("no next key to activate: %v", before)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if _, err := m.Rotate(ctx, "as", true); !errors.Is(err, context.Canceled) {
+		t.Errorf("Rotate with an ended context = %v, want Canceled", err)
+	}
+	if after := states(m); fmt.Sprint(after) != fmt.Sprint(before) {
+		t.Errorf("Rotate with an ended context changed the key set: %v → %v", before, after)
 	}
 }
