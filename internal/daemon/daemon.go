@@ -194,6 +194,7 @@ func New(ctx context.Context, cfg *config.Config, opts Options) (_ *Daemon, err 
 	if err != nil {
 		return nil, err
 	}
+	d.metrics.StreamInFlight(d.srv.StreamItemsInFlight)
 
 	d.health = health.NewServer()
 	d.setHealth(healthpb.HealthCheckResponse_SERVING)

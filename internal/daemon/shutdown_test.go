@@ -2,7 +2,9 @@ package daemon
 
 import (
 	"context"
+	"net/http/httptest"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -261,6 +263,12 @@ func TestShutdownBoundedWhenAuditBlocked(t *testing.T) {
 	fullAuditFIFO(t, cfg)
 	d, cancel, done := run(t, cfg, Options{}, nil)
 	signed := proofInFlight(t, d)
+	// The metric of requests in flight counts it.
+	rec := httptest.NewRecorder()
+	d.metrics.Handler().ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
+	if !strings.Contains(rec.Body.String(), "\nkeyd_sign_stream_requests_in_flight 1\n") {
+		t.Error("/metrics does not count the SignStream request in flight (keyd_sign_stream_requests_in_flight 1)")
+	}
 	start := time.Now()
 	cancel()
 	select {

@@ -111,6 +111,19 @@ func (m *Metrics) BackendUp(up bool) {
 	}
 }
 
+// StreamInFlight reports, at scrape time, the number inFlight returns: the
+// SignStream requests taken from their streams and not yet answered (see
+// server.Server.StreamItemsInFlight). Call it once.
+func (m *Metrics) StreamInFlight(inFlight func() int64) {
+	if m == nil {
+		return
+	}
+	m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "keyd_sign_stream_requests_in_flight",
+		Help: "SignStream requests taken from their streams and not yet answered (being authorized, signed, audited, or their result being sent).",
+	}, func() float64 { return float64(inFlight()) }))
+}
+
 // keyCollector reports key states and ages at scrape time.
 type keyCollector struct{ keys Versions }
 
