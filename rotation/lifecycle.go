@@ -368,7 +368,8 @@ func (m *Manager) retireLocked(s *setState, e *entry, now time.Time) error {
 }
 
 // DestroyWait bounds how long a destroy waits for signatures in flight with
-// the key; past it the destroy is deferred to the next tick.
+// the key (past it the destroy is deferred to the next tick), and, unless
+// Config.DestroyTimeout says otherwise, the backend's Destroy itself.
 const DestroyWait = 10 * time.Second
 
 // errInFlight defers a destroy: signatures still hold the key.
@@ -389,7 +390,14 @@ func (m *Manager) destroyLocked(ctx context.Context, s *setState, e *entry, now 
 		case <-time.After(5 * time.Millisecond):
 		}
 	}
-	if err := m.backend.Destroy(ctx, e.v.ID); err != nil && !errors.Is(err, keystore.ErrNotFound) {
+	// Bounded: a device that does not answer must not hold the lifecycle
+	// lock (rotations, revocations, other key sets' steps) for as long as
+	// it hangs. A destroy cut off here that the device still carries out
+	// is found done by the next attempt (ErrNotFound).
+	dctx, cancel := context.WithTimeout(ctx, m.destroyTO)
+	err := m.backend.Destroy(dctx, e.v.ID)
+	cancel()
+	if err != nil && !errors.Is(err, keystore.ErrNotFound) {
 		return fmt.Errorf("destroy %s: %w", e.v.Kid, err)
 	}
 	m.failpoint("destroy.after_backend")
@@ -406,7 +414,7 @@ func (m *Manager) destroyLocked(ctx context.Context, s *setState, e *entry, now 
 // drops the intent; if that fails the intent stays recorded, so the next
 // start's reconcile removes the key instead of leaving an orphan.
 func (m *Manager) abandonLocked(ctx context.Context, intent Version) {
-	dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), DestroyWait)
+	dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), m.destroyTO)
 	defer cancel()
 	err := m.backend.Destroy(dctx, intent.ID)
 	if err == nil || errors.Is(err, keystore.ErrNotFound) {
@@ -484,7 +492,7 @@ func (m *Manager) sweepIntentsLocked(ctx context.Context) {
 	m.mu.RUnlock()
 	gone := map[*entry]bool{}
 	for _, e := range pending {
-		dctx, cancel := context.WithTimeout(ctx, DestroyWait)
+		dctx, cancel := context.WithTimeout(ctx, m.destroyTO)
 		err := m.backend.Destroy(dctx, e.v.ID)
 		cancel()
 		if err != nil && !errors.Is(err, keystore.ErrNotFound) {

@@ -55,6 +55,12 @@ type Config struct {
 	// "retire.before_commit", "destroy.after_backend"), so crash tests can
 	// kill the process there.
 	Failpoint func(name string)
+	// DestroyTimeout bounds each backend Destroy the manager makes (a
+	// scheduled destroy, the removal of what a failed generation left), so
+	// that a device that does not answer cannot hold the lifecycle lock;
+	// a destroy cut off is tried again at a later tick. 0 means
+	// DestroyWait.
+	DestroyTimeout time.Duration
 }
 
 // Event is one lifecycle transition.
@@ -89,6 +95,8 @@ type Manager struct {
 	// to record, and until then the key stays published and the
 	// revocation is not durable.
 	kick chan struct{}
+	// destroyTO bounds each backend Destroy (Config.DestroyTimeout).
+	destroyTO time.Duration
 
 	mu    sync.RWMutex
 	sets  map[string]*setState
@@ -135,6 +143,10 @@ func New(ctx context.Context, cfg Config) (*Manager, error) {
 		subs:      map[*subscriber]struct{}{},
 		op:        make(chan struct{}, 1),
 		kick:      make(chan struct{}, 1),
+		destroyTO: cfg.DestroyTimeout,
+	}
+	if m.destroyTO <= 0 {
+		m.destroyTO = DestroyWait
 	}
 	if m.wall == nil {
 		m.wall = time.Now

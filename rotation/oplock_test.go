@@ -175,3 +175,69 @@ func TestRotateWithEndedContextChangesNothing(t *testing.T) {
 		t.Errorf("Rotate with an ended context changed the key set: %v → %v", before, after)
 	}
 }
+
+// hungDestroy's Destroy, while hung, returns only when its context ends:
+// a token that stopped answering during a scheduled destroy.
+type hungDestroy struct {
+	keystore.Backend
+	hung atomic.Bool
+}
+
+func (b *hungDestroy) Destroy(ctx context.Context, id string) error {
+	if b.hung.Load() {
+		<-ctx.Done()
+		return ctx.Err()
+	}
+	return b.Backend.Destroy(ctx, id)
+}
+
+// TestHungScheduledDestroyFreesTheLock: a scheduled destroy that the device
+// does not answer ends at Config.DestroyTimeout, so the tick lets go of the
+// lifecycle lock and a rotation goes through; once the device answers, a
+// later tick destroys the key.
+func TestHungScheduledDestroyFreesTheLock(t *testing.T) {
+	f := newFixture(t)
+	clock := newClock()
+	b := &hungDestroy{Backend: f.backend}
+	m, err := rotation.New(context.Background(), rotation.Config{
+		Backend: b, Store: f.store, Now: clock.Now, Monotonic: clock.Mono, DestroyTimeout: 100 * time.Millisecond,
+		KeySets: []rotation.KeySet{{Name: "as", Purpose: "dpop", Spec: keystore.KeySpec{Algorithm: keystore.ES256},
+			Schedule: rotation.Schedule{Drain: 2 * time.Hour, Retain: time.Hour}}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	first := active(t, m, "as")
+	if _, err := m.Rotate(t.Context(), "as", true); err != nil {
+		t.Fatal(err)
+	}
+	clock.Advance(2 * time.Hour) // the first key retires
+	if err := m.Tick(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	clock.Advance(time.Hour) // its destroy is due
+	b.hung.Store(true)
+	ticked := make(chan error, 1)
+	go func() { ticked <- m.Tick(context.Background()) }()
+	select {
+	case err := <-ticked:
+		if !errors.Is(err, context.DeadlineExceeded) {
+			t.Errorf("tick with the destroy hung = %v, want DeadlineExceeded", err)
+		}
+	case <-time.After(5 * time.Second):
+		b.hung.Store(false)
+		t.Fatal("the tick still waits for a destroy the device does not answer, holding the lifecycle lock")
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
+	defer cancel()
+	if _, err := m.Rotate(ctx, "as", true); err != nil {
+		t.Errorf("rotation after the hung destroy gave up: %v", err)
+	}
+	b.hung.Store(false)
+	if err := m.Tick(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	if s := states(m); len(s[rotation.Destroyed]) != 1 || s[rotation.Destroyed][0] != first.Kid {
+		t.Errorf("after the device answered again: %v, want %s destroyed", s, first.Kid)
+	}
+}
