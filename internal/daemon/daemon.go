@@ -713,19 +713,7 @@ type ctxStream struct {
 
 func (s ctxStream) Context() context.Context { return s.ctx }
 
-// logRPC writes one line per RPC: at debug level when it succeeded (the
-// audit log already has every signature), at info level otherwise.
+// logRPC writes the RPC's log line (see server.LogRPC).
 func (d *Daemon) logRPC(ctx context.Context, method string, start time.Time, err error) {
-	level := slog.LevelDebug
-	if err != nil {
-		level = slog.LevelInfo
-	}
-	if !d.log.Enabled(ctx, level) {
-		return
-	}
-	st := status.Convert(err)
-	attrs := append([]slog.Attr{slog.String("method", method)}, authz.CallerLogAttrs(ctx)...)
-	d.log.LogAttrs(ctx, level, "rpc", append(attrs,
-		slog.String("code", st.Code().String()),
-		slog.Duration("took", time.Since(start)))...)
+	server.LogRPC(ctx, d.log, method, start, err)
 }

@@ -321,6 +321,24 @@ func (s *Server) sign(ctx context.Context, c authz.Caller, req *keydv1.SignReque
 	return &keydv1.SignResponse{Jwt: jws.Compact(input, sig), Kid: v.Kid, Alg: string(v.Alg)}, nil
 }
 
+// LogRPC writes one "rpc" line to log for a call to method that began at
+// start and ended with err: at debug level when it succeeded (the audit
+// log already has every signature), at info level otherwise; the caller is
+// named by authz.CallerLogAttrs.
+func LogRPC(ctx context.Context, log *slog.Logger, method string, start time.Time, err error) {
+	level := slog.LevelDebug
+	if err != nil {
+		level = slog.LevelInfo
+	}
+	if !log.Enabled(ctx, level) {
+		return
+	}
+	attrs := append([]slog.Attr{slog.String("method", method)}, authz.CallerLogAttrs(ctx)...)
+	log.LogAttrs(ctx, level, "rpc", append(attrs,
+		slog.String("code", status.Code(err).String()),
+		slog.Duration("took", time.Since(start)))...)
+}
+
 func fillAudit(rec *audit.Record, sum policy.Summary) {
 	rec.Htm, rec.Htu, rec.Ath = sum.Htm, sum.Htu, sum.Ath
 	rec.Iss, rec.Sub, rec.Aud = sum.Iss, sum.Sub, sum.Aud

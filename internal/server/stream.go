@@ -15,7 +15,6 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
-	"github.com/keyd-dev/keyd/internal/authz"
 	keydv1 "github.com/keyd-dev/keyd/proto/keyd/v1"
 )
 
@@ -320,14 +319,9 @@ func (s *Server) serveStreamItem(ctx context.Context, req *keydv1.SignStreamItem
 	if err != nil {
 		st := status.Convert(err)
 		out.Code, out.Message = int32(st.Code()), st.Message()
-		// One line per refused request, as the unary interceptor writes
-		// for Sign (successes are in the audit log).
-		if s.log.Enabled(ctx, slog.LevelInfo) {
-			attrs := append([]slog.Attr{slog.String("method", keydv1.KeyService_SignStream_FullMethodName)}, authz.CallerLogAttrs(ctx)...)
-			s.log.LogAttrs(ctx, slog.LevelInfo, "rpc", append(attrs,
-				slog.String("code", st.Code().String()),
-				slog.Duration("took", time.Since(start)))...)
-		}
+		// One line per refused request, as the daemon writes for a
+		// refused unary Sign (successes are in the audit log).
+		LogRPC(ctx, s.log, keydv1.KeyService_SignStream_FullMethodName, start, err)
 		return out
 	}
 	out.Response = resp
