@@ -121,6 +121,18 @@ func WriteTombstone(dir, name string) error {
 	return nil
 }
 
+// Remove removes dir/name, if it is there, and makes the removal durable.
+// A failure is keystore.ErrUnavailable.
+func Remove(dir, name string) error {
+	if err := os.Remove(filepath.Join(dir, name)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("%w: %v", keystore.ErrUnavailable, err)
+	}
+	if err := SyncDir(dir); err != nil {
+		return fmt.Errorf("%w: %v", keystore.ErrUnavailable, err)
+	}
+	return nil
+}
+
 // Tombstoned reports whether the key file at keyPath, of key id, has a
 // tombstone at tombPath: its Destroy wrote the tombstone, and a crash may
 // have cut it short before the key file was removed. If so, it finishes the

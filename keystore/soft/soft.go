@@ -411,11 +411,8 @@ func (b *Backend) Destroy(ctx context.Context, id string) error {
 	b.gone[id] = struct{}{}
 	b.mu.Unlock()
 
-	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return fmt.Errorf("destroy %s: %w: %v", id, keystore.ErrUnavailable, err)
-	}
-	if err := keyfile.SyncDir(b.dir); err != nil {
-		return fmt.Errorf("destroy %s: %w: %v", id, keystore.ErrUnavailable, err)
+	if err := keyfile.Remove(b.dir, filepath.Base(path)); err != nil {
+		return fmt.Errorf("destroy %s: %w", id, err)
 	}
 	b.log.Info("key destroyed", "id", id)
 	return nil

@@ -857,13 +857,7 @@ func (b *Backend) destroyFile(id string) error {
 	delete(b.blobs, id)
 	b.gone[id] = struct{}{}
 	b.mu.Unlock()
-	if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return fmt.Errorf("%w: %v", keystore.ErrUnavailable, err)
-	}
-	if err := keyfile.SyncDir(b.dir); err != nil {
-		return fmt.Errorf("%w: %v", keystore.ErrUnavailable, err)
-	}
-	return nil
+	return keyfile.Remove(b.dir, id+keySuffix)
 }
 
 // Health checks that the TPM answers and still has the pinned storage root
