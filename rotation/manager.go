@@ -498,11 +498,6 @@ func (m *Manager) lockOp(ctx context.Context) error {
 	select {
 	case m.op <- struct{}{}:
 		return nil
-	default:
-	}
-	select {
-	case m.op <- struct{}{}:
-		return nil
 	case <-ctx.Done():
 		return fmt.Errorf("waited for another key lifecycle change (a rotation, a revocation or a scheduled step) to finish: %w", ctx.Err())
 	}
