@@ -659,7 +659,8 @@ func (m *Manager) tickLocked(ctx context.Context) error {
 }
 
 // finishRevokesLocked records the revocations of versions of s that a
-// Revoke could not record (a failed save): they sign nothing already, and
+// Revoke could not record (a failed save, or a Revoke that gave up
+// waiting for the lifecycle token): they sign nothing already, and
 // until the record says so the schedule would treat them as it did before
 // (activate a revoked next key, say, leaving the key set without a key
 // that signs). Callers hold the lifecycle token (lockOp).
