@@ -34,6 +34,19 @@ func (b *slowGenerate) Generate(ctx context.Context, id string, s keystore.KeySp
 	return b.Backend.Generate(ctx, id, s)
 }
 
+// slowGenerateManager returns a manager of the key sets sets on a fresh
+// fixture whose backend is a slowGenerate, not armed yet.
+func slowGenerateManager(t *testing.T) (*rotation.Manager, *slowGenerate) {
+	t.Helper()
+	f := newFixture(t)
+	b := &slowGenerate{Backend: f.backend, entered: make(chan struct{}, 1), release: make(chan struct{})}
+	m, err := rotation.New(context.Background(), rotation.Config{Backend: b, Store: f.store, KeySets: sets})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m, b
+}
+
 // hungRotation starts an immediate rotation of "dpop" on m and returns once
 // it is inside b's held Generate (holding the lifecycle lock); its outcome
 // comes on the channel after b.release is closed.
@@ -56,12 +69,7 @@ func hungRotation(m *rotation.Manager, b *slowGenerate) <-chan error {
 // key out of signing at once and is recorded once the other change ends,
 // as one that could not be saved is.
 func TestLifecycleCallsKeepTheirDeadline(t *testing.T) {
-	f := newFixture(t)
-	b := &slowGenerate{Backend: f.backend, entered: make(chan struct{}, 1), release: make(chan struct{})}
-	m, err := rotation.New(context.Background(), rotation.Config{Backend: b, Store: f.store, KeySets: sets})
-	if err != nil {
-		t.Fatal(err)
-	}
+	m, b := slowGenerateManager(t)
 	first := active(t, m, "dpop")
 	assertKid := active(t, m, "assert").Kid
 
@@ -69,7 +77,7 @@ func TestLifecycleCallsKeepTheirDeadline(t *testing.T) {
 
 	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
 	start := time.Now()
-	_, err = m.Rotate(ctx, "dpop", true)
+	_, err := m.Rotate(ctx, "dpop", true)
 	cancel()
 	if !errors.Is(err, context.DeadlineExceeded) || time.Since(start) > 2*time.Second {
 		t.Errorf("Rotate behind a hung rotation = %v after %v, want DeadlineExceeded at its 100ms deadline", err, time.Since(start))

@@ -17,12 +17,7 @@ import (
 // periodic tick: until it is recorded the key stays in the JWK Set, and a
 // restart in between forgets the revocation (the key signs again).
 func TestTimedOutRevokeRecordedWhenTheChangeEnds(t *testing.T) {
-	f := newFixture(t)
-	b := &slowGenerate{Backend: f.backend, entered: make(chan struct{}, 1), release: make(chan struct{})}
-	m, err := rotation.New(context.Background(), rotation.Config{Backend: b, Store: f.store, KeySets: sets})
-	if err != nil {
-		t.Fatal(err)
-	}
+	m, b := slowGenerateManager(t)
 	assertKid := active(t, m, "assert").Kid
 
 	// The daemon's scheduler, with a long interval (keyd's is up to 30s).
@@ -34,7 +29,7 @@ func TestTimedOutRevokeRecordedWhenTheChangeEnds(t *testing.T) {
 
 	rotated := hungRotation(m, b)
 	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
-	_, err = m.Revoke(ctx, assertKid, "assert")
+	_, err := m.Revoke(ctx, assertKid, "assert")
 	cancel()
 	if !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("Revoke behind a hung rotation = %v, want DeadlineExceeded", err)
